@@ -1,0 +1,102 @@
+"""Ragged paged span attention: the semantics, in pure jnp (also the CPU path).
+
+Inputs (one layer):
+  q            [T, Hq, D]   queries of T tokens from S sequences, RoPE applied
+  k_pages      [N, P_s, Hkv, D]  paged keys, stored BEFORE RoPE
+  v_pages      [N, P_s, Hkv, D]  paged values
+  block_tables [S, M] int32  page ids each sequence may see (its visibility)
+  block_pos    [S, M] int32  logical position of the first token of each listed page
+  block_lens   [S, M] int32  valid tokens in each listed page (0 = unused entry)
+  cu_q_lens    [S + 1] int32 token offsets of each sequence's queries in q
+  q_pos        [T] int32     logical position of every query token
+  rope_inv_freq [D // 2] f32 RoPE frequencies applied to keys here
+  sm_scale     float         softmax scale (1/sqrt(D), or a model's multiplier)
+
+Rule (DESIGN 2.3): a query token of sequence s at position p sees the key in
+slot j of listed page i iff j < block_lens[s, i] and block_pos[s, i] + j <= p.
+Tokens past cu_q_lens[S] are padding and give zeros, as do rows that see no
+key at all. Padded sequences repeat the last cu_q_lens value (empty).
+
+The loop walks the block table `pages_per_step` pages at a time with an
+online softmax, so memory stays O(T * pages_per_step * page_size) and the same
+code serves as the CPU attention of the engine.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from kernels.rope import apply_rope
+
+
+def token_sequence_ids(cu_q_lens, num_tokens):
+    """Sequence index of every token and whether it belongs to any sequence."""
+    tok = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.searchsorted(cu_q_lens[1:], tok, side="right").astype(jnp.int32)
+    valid = tok < cu_q_lens[-1]
+    return jnp.minimum(seq, cu_q_lens.shape[0] - 2), valid
+
+
+def span_attention_reference(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    block_pos,
+    block_lens,
+    cu_q_lens,
+    q_pos,
+    *,
+    rope_inv_freq,
+    sm_scale,
+    pages_per_step=8,
+):
+    T, Hq, D = q.shape
+    _, page_size, Hkv, _ = k_pages.shape
+    S, M = block_tables.shape
+    G = Hq // Hkv
+    seq, tok_valid = token_sequence_ids(cu_q_lens, T)
+
+    step = max(1, min(pages_per_step, M))
+    num_steps = -(-M // step)
+    pad = num_steps * step - M
+    if pad:  # extra entries with block_lens 0 are never seen
+        block_tables = jnp.pad(block_tables, ((0, 0), (0, pad)))
+        block_pos = jnp.pad(block_pos, ((0, 0), (0, pad)))
+        block_lens = jnp.pad(block_lens, ((0, 0), (0, pad)))
+
+    # Each token's own row of the block table, gathered once.
+    tok_tables, tok_pos, tok_lens = block_tables[seq], block_pos[seq], block_lens[seq]
+    qg = q.astype(jnp.float32).reshape(T, Hkv, G, D) * sm_scale
+    slot = jnp.arange(page_size, dtype=jnp.int32)
+
+    def body(carry, i):
+        m, l, acc = carry
+        cols = i * step + jnp.arange(step)
+        pages = tok_tables[:, cols]  # [T, step]
+        starts = tok_pos[:, cols]
+        lens = tok_lens[:, cols]
+        kpos = starts[:, :, None] + slot  # [T, step, P_s]
+        seen = (slot < lens[:, :, None]) & (kpos <= q_pos[:, None, None]) & tok_valid[:, None, None]
+        k = k_pages[pages].astype(jnp.float32)  # [T, step, P_s, Hkv, D]
+        v = v_pages[pages].astype(jnp.float32)
+        k = apply_rope(k.reshape(T, step * page_size, Hkv, D), kpos.reshape(T, -1), rope_inv_freq)
+        v = v.reshape(T, step * page_size, Hkv, D)
+        seen = seen.reshape(T, 1, 1, step * page_size)
+        s = jnp.einsum("thgd,tkhd->thgk", qg, k)
+        s = jnp.where(seen, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.where(seen, jnp.exp(s - m_safe[..., None]), 0.0)
+        alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+        l = l * alpha + p.sum(axis=-1)
+        acc = acc * alpha[..., None] + jnp.einsum("thgk,tkhd->thgd", p, v)
+        return (m_new, l, acc), None
+
+    init = (
+        jnp.full((T, Hkv, G), -jnp.inf, jnp.float32),
+        jnp.zeros((T, Hkv, G), jnp.float32),
+        jnp.zeros((T, Hkv, G, D), jnp.float32),
+    )
+    (m, l, acc), _ = jax.lax.scan(body, init, jnp.arange(num_steps))
+    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    return out.reshape(T, Hq, D).astype(q.dtype)
