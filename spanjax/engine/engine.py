@@ -1,0 +1,172 @@
+"""The paged span engine: a long-lived object that executes span plans.
+
+    engine = Engine(load_model("smollm2-135m"), EngineConfig(num_pages=1024))
+    request = engine.submit(plan, SamplingParams(max_tokens=64))
+    engine.run_until_done()            # or call engine.step() from a serving loop
+    request.text, request.summary()
+
+`submit` / `step` are the serving interface (a server drives `step` from its
+own loop and reads finished requests); `generate` and `run_query`
+(spanjax/engine/executor.py) are conveniences on top. The engine owns the
+device KV pool, the host page table (pages.py) and the scheduler; it knows no
+CLI, HTTP or experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from spanjax.engine.pages import PagePool
+from spanjax.engine.runner import StepRunner
+from spanjax.engine.sampling import SamplingParams
+from spanjax.engine.scheduler import Request, Scheduler
+from spanjax.models import llama
+from spanjax.models.loading import LoadedModel
+from spanjax.query.plan import SpanPlan
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    num_pages: int = 1024  # KV pages in the pool (page 0 is reserved)
+    page_size: int = 16
+    max_tokens_per_step: int = 256  # token budget of one step (chunked prefill)
+    max_seqs_per_step: int = 32  # ragged sequences per step (spans being encoded + decodes)
+    max_running: int = 64  # requests admitted at once
+    attention: str = "auto"  # "reference" (jnp), "pallas", or "auto" (pallas on GPU/TPU)
+    cache_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.max_tokens_per_step < 16:
+            raise ValueError("max_tokens_per_step must be >= 16")
+        if self.max_seqs_per_step < 1 or self.max_running < 1:
+            raise ValueError("max_seqs_per_step and max_running must be >= 1")
+        if self.attention not in ("reference", "pallas", "auto"):
+            raise ValueError(f"attention must be reference|pallas|auto, got {self.attention!r}")
+
+
+def _attention_impl(kind: str):
+    if kind == "reference":
+        return None  # forward_paged's default: the jnp reference
+    try:
+        from kernels.span_attention import dispatch
+    except ImportError:
+        if kind == "pallas":
+            raise
+        return None
+    return dispatch.get_attention_impl(kind)
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig()):
+        self.model = model
+        self.config = config
+        self.pool = PagePool(config.num_pages, config.page_size)
+        self.scheduler = Scheduler(self.pool, config.max_tokens_per_step, config.max_seqs_per_step, config.max_running)
+        self.cache = llama.init_paged_cache(model.cfg, config.num_pages, config.page_size, jnp.dtype(config.cache_dtype))
+        self.runner = StepRunner(
+            model.cfg,
+            config.max_tokens_per_step,
+            config.max_seqs_per_step,
+            max_pages_per_seq=self.pool.capacity,
+            attention_impl=_attention_impl(config.attention),
+        )
+        self.steps = 0
+
+    # -- submission ---------------------------------------------------------------
+
+    def submit(self, plan: SpanPlan, sampling: SamplingParams = SamplingParams(), keep_logits: bool = False) -> Request:
+        """Queue one generation. Raises before any compute if it can never fit."""
+        from spanjax.query import lower as lowering
+
+        if plan.model != self.model.name:
+            raise ValueError(f"plan was lowered for model {plan.model!r}, engine runs {self.model.name!r}")
+        end = max(max(s.positions) for s in plan.spans) + sampling.max_tokens
+        if end >= self.model.cfg.max_position_embeddings:
+            raise ValueError(
+                f"prompt and max_tokens reach position {end}, past the model's context of "
+                f"{self.model.cfg.max_position_embeddings}"
+            )
+        req = Request(plan, sampling, lowering.chain_page_key)
+        req.keep_logits = keep_logits
+        self.scheduler.add(req)
+        return req
+
+    # -- stepping -------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Request]:
+        """Run one batch; returns the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        rows = {"temperature": [], "top_k": [], "top_p": [], "seed": [], "step": []}
+        for it in batch.items:
+            sp = it.request.sampling
+            rows["temperature"].append(sp.temperature)
+            rows["top_k"].append(sp.top_k)
+            rows["top_p"].append(sp.top_p)
+            rows["seed"].append(sp.seed)
+            rows["step"].append(len(it.request.generated))
+        next_ids, logits, self.cache = self.runner.run(self.model.params, self.cache, batch, rows)
+        self.scheduler.commit(batch)
+        self.steps += 1
+        now = time.perf_counter()
+        next_ids = np.asarray(next_ids)
+        finished = []
+        for s, it in enumerate(batch.items):
+            if not it.samples:
+                continue
+            req = it.request
+            if req.keep_logits and req.first_logits is None:
+                req.first_logits = np.asarray(logits[s])
+            if req.metrics.first_token_s is None:
+                req.metrics.first_token_s = now
+            self._append_token(req, int(next_ids[s]))
+            if req.finished:
+                req.metrics.finish_s = now
+                self.scheduler.finish(req)
+                finished.append(req)
+        return finished
+
+    def _append_token(self, req: Request, token: int) -> None:
+        tok = self.model.tokenizer
+        req.generated.append(token)
+        if token in tok.eos_token_ids:
+            req.finish_reason = "eos"
+        elif len(req.generated) >= req.sampling.max_tokens:
+            req.finish_reason = "length"
+        text = tok.decode(req.generated)
+        for stop in req.sampling.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, req.finish_reason = text[:cut], "stop"
+        req.text = text
+
+    def run_until_done(self, requests: list[Request] | None = None) -> None:
+        """Step until the given requests (default: all) have finished."""
+        while self.has_work() and (requests is None or not all(r.finished for r in requests)):
+            self.step()
+
+    def generate(self, plans: list[SpanPlan], sampling: SamplingParams | list[SamplingParams] = SamplingParams()) -> list[Request]:
+        samplings = sampling if isinstance(sampling, list) else [sampling] * len(plans)
+        reqs = [self.submit(p, s) for p, s in zip(plans, samplings)]
+        self.run_until_done(reqs)
+        return reqs
+
+    def stats(self) -> dict:
+        st = self.pool.stats
+        return {
+            "steps": self.steps,
+            "compilations": self.runner.compile_count,
+            "compile_bound": self.runner.compile_bound,
+            "cached_pages": self.pool.num_cached(),
+            "hit_tokens": st.hit_tokens,
+            "miss_tokens": st.miss_tokens,
+            "evictions": st.evictions,
+        }

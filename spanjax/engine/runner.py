@@ -1,0 +1,101 @@
+"""The jitted engine step: one forward over a flat ragged batch, then sampling.
+
+Shapes are bucketed so the step compiles a bounded number of times:
+
+- tokens T: powers of two from 16 up to the token budget (the budget itself is
+  the last bucket);
+- sequences S: always `max_seqs_per_step` (padded sequences are empty);
+- block-table width M: powers of two from 4 up to the widest sequence the pool
+  allows (`num_pages - 1`, rounded up to a power of two).
+
+So at most len(T buckets) x len(M buckets) compilations (`compile_bound`);
+`compile_count` counts the traces that actually happened.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spanjax.engine.sampling import sample_tokens
+from spanjax.engine.scheduler import StepBatch
+from spanjax.models import llama
+
+
+def power_of_two_buckets(lo: int, hi: int) -> list[int]:
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(max(hi, lo))
+    return out
+
+
+def _bucket(n: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+class StepRunner:
+    def __init__(self, cfg, max_tokens: int, max_seqs: int, max_pages_per_seq: int, attention_impl=None):
+        self.cfg = cfg
+        self.max_seqs = max_seqs
+        self.token_buckets = power_of_two_buckets(16, max_tokens)
+        self.page_buckets = power_of_two_buckets(4, 1 << max(2, (max_pages_per_seq - 1).bit_length()))
+        self.compile_count = 0
+        self._attention_impl = attention_impl
+        self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+
+    @property
+    def compile_bound(self) -> int:
+        return len(self.token_buckets) * len(self.page_buckets)
+
+    def _step_impl(self, params, cache, tokens, positions, meta, logits_indices, temperature, top_k, top_p, seeds, steps):
+        self.compile_count += 1  # runs once per trace, i.e. per compilation
+        hidden, cache = llama.forward_paged(params, self.cfg, tokens, positions, cache, meta, self._attention_impl)
+        logits = llama.compute_logits(params, self.cfg, hidden[logits_indices])
+        next_ids = sample_tokens(logits, temperature, top_k, top_p, seeds, steps)
+        return next_ids, logits, cache
+
+    def run(self, params, cache, batch: StepBatch, sampling_rows: dict):
+        """Pad `batch` to its bucket and run the step. Returns (next ids [S], logits [S, V], cache)."""
+        T = _bucket(len(batch.tokens), self.token_buckets)
+        S = self.max_seqs
+        s_real, m_real = batch.block_tables.shape
+        M = _bucket(m_real, self.page_buckets)
+
+        def pad1(x, n, fill=0):
+            return np.concatenate([x, np.full(n - len(x), fill, x.dtype)])
+
+        def pad2(x):
+            out = np.zeros((S, M), np.int32)
+            out[:s_real, :m_real] = x
+            return out
+
+        meta = llama.PagedAttentionMeta(
+            slot_mapping=pad1(batch.slot_mapping, T, -1),
+            block_tables=pad2(batch.block_tables),
+            block_pos=pad2(batch.block_pos),
+            block_lens=pad2(batch.block_lens),
+            cu_q_lens=pad1(batch.cu_q_lens, S + 1, batch.cu_q_lens[-1]),
+        )
+        rows = {k: pad1(np.asarray(v), S, 0 if k != "top_p" else 1.0) for k, v in sampling_rows.items()}
+        next_ids, logits, cache = self._step(
+            params,
+            cache,
+            pad1(batch.tokens, T),
+            pad1(batch.positions, T),
+            meta,
+            pad1(batch.logits_indices, S),
+            rows["temperature"].astype(np.float32),
+            rows["top_k"].astype(np.int32),
+            rows["top_p"].astype(np.float32),
+            rows["seed"].astype(np.uint32),
+            rows["step"].astype(np.int32),
+        )
+        return next_ids, logits, cache

@@ -1,0 +1,379 @@
+"""Continuous batching over span plans: which tokens run in the next step.
+
+A request is one `g`: a SpanPlan plus sampling parameters. Each of its spans is
+encoded as its own ragged sequence whose block table lists the pages of the
+spans it sees followed by its own pages (DESIGN 2.3). A span may run once every
+span it sees is fully written; plus siblings therefore run side by side. The
+final span carries on into decoding: every generated token is appended to it.
+
+Each step the scheduler
+  1. admits waiting requests (FIFO) and resolves their cache hits page by page,
+  2. schedules one token for every decoding request, then prefill chunks of
+     runnable spans until the token budget or the sequence limit is reached,
+  3. allocates pages for those tokens, preempting the most recently admitted
+     request when the pool is full (its pages are released, registered ones
+     stay cached, and it is recomputed later from its prompt and the tokens it
+     already generated, so outputs do not change).
+
+Everything here is host-side numpy/python; the device step lives in runner.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import time
+from typing import Callable
+
+import numpy as np
+
+from spanjax.engine.pages import PagePool, PoolExhausted
+from spanjax.engine.sampling import SamplingParams
+from spanjax.query.plan import SpanPlan
+
+
+class RequestTooLarge(ValueError):
+    """A request could never fit in the page pool, even alone."""
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    arrival_s: float = 0.0
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    preemptions: int = 0
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return None  # filled by Request.summary (needs the token count)
+
+
+class Request:
+    """One generation over a span plan; mutable scheduling state lives here."""
+
+    _ids = itertools.count()
+
+    def __init__(self, plan: SpanPlan, sampling: SamplingParams, chain_key: Callable[[str, tuple], str]):
+        for s in plan.spans:
+            if len(s) == 0:
+                raise ValueError(f"span {s.index} of the plan is empty")
+            if any(b - a != 1 for a, b in zip(s.positions, s.positions[1:])):
+                raise ValueError(f"span {s.index}: positions inside a span must be consecutive")
+        self.id = next(Request._ids)
+        self.plan = plan
+        self.sampling = sampling
+        self.chain_key = chain_key  # the planner's page-hash chaining (spanjax.query)
+        self.generated: list[int] = []
+        self.finish_reason: str | None = None
+        self.text = ""
+        self.metrics = RequestMetrics(prompt_tokens=plan.num_tokens, arrival_s=time.perf_counter())
+        self.keep_logits = False
+        self.first_logits: np.ndarray | None = None
+        self._reset()
+
+    def _reset(self):
+        n = len(self.plan.spans)
+        self.span_pages: list[list[int]] = [[] for _ in range(n)]
+        self.span_written = [0] * n
+        self.admitted = False
+
+    # -- token views --------------------------------------------------------
+
+    @property
+    def final(self) -> int:
+        return len(self.plan.spans) - 1
+
+    def span_tokens(self, j: int) -> tuple[int, ...]:
+        toks = self.plan.spans[j].token_ids
+        return toks + tuple(self.generated) if j == self.final else toks
+
+    def span_position(self, j: int, i: int) -> int:
+        pos = self.plan.spans[j].positions
+        return pos[i] if i < len(pos) else pos[-1] + 1 + (i - len(pos))
+
+    def span_remaining(self, j: int) -> int:
+        return len(self.span_tokens(j)) - self.span_written[j]
+
+    def span_complete(self, j: int) -> bool:
+        return self.span_remaining(j) == 0
+
+    def runnable_spans(self) -> list[int]:
+        spans = self.plan.spans
+        return [
+            s.index
+            for s in spans
+            if not self.span_complete(s.index) and all(self.span_complete(d) for d in s.sees)
+        ]
+
+    @property
+    def decoding(self) -> bool:
+        return bool(self.generated) and all(self.span_complete(j) for j in range(self.final)) and self.span_remaining(self.final) == 1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def page_key(self, j: int, k: int, n: int) -> str:
+        """Content key of page k of span j holding n tokens. Prompt pages use the
+        plan's keys; pages of the final span that hold generated tokens extend the
+        same chain, so a later plan that lowers this whole exchange computes them too."""
+        span, ps = self.plan.spans[j], self.plan.page_size
+        if j != self.final or (k + 1) * ps <= len(span) or (k * ps + n == len(span)):
+            return span.page_keys[k]
+        prev = span.page_keys[k - 1] if k > 0 and k * ps <= len(span) else (
+            self.page_key(j, k - 1, ps) if k > 0 else span.base_key)
+        return self.chain_key(prev, self.span_tokens(j)[k * ps : k * ps + n])
+
+    def pages_needed_alone(self) -> int:
+        ps = self.plan.page_size
+        pages = sum(-(-len(s) // ps) for s in self.plan.spans[:-1])
+        final = len(self.plan.spans[-1]) + self.sampling.max_tokens
+        return pages + -(-final // ps)
+
+    def summary(self) -> dict:
+        m = self.metrics
+        decode_s = None if m.first_token_s is None or m.finish_s is None else m.finish_s - m.first_token_s
+        n_dec = max(len(self.generated) - 1, 0)
+        return {
+            "prompt_tokens": m.prompt_tokens,
+            "cached_tokens": m.cached_tokens,
+            "generated_tokens": len(self.generated),
+            "ttft_s": m.ttft_s,
+            "decode_s": decode_s,
+            "decode_tokens_per_s": (n_dec / decode_s) if decode_s and n_dec else None,
+            "preemptions": m.preemptions,
+        }
+
+
+@dataclasses.dataclass
+class StepItem:
+    request: Request
+    span: int
+    start: int  # first token (index within the span) computed this step
+    count: int
+
+    @property
+    def samples(self) -> bool:
+        """This chunk ends the final span's known tokens: its last logits pick the next token."""
+        r = self.request
+        return self.span == r.final and self.start + self.count == len(r.span_tokens(r.final))
+
+
+@dataclasses.dataclass
+class StepBatch:
+    items: list[StepItem]
+    tokens: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    slot_mapping: np.ndarray  # [T]
+    block_tables: np.ndarray  # [S, M]
+    block_pos: np.ndarray  # [S, M]
+    block_lens: np.ndarray  # [S, M]
+    cu_q_lens: np.ndarray  # [S + 1]
+    logits_indices: np.ndarray  # [S] last token of each item (index into T)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.cu_q_lens[-1])
+
+
+class Scheduler:
+    def __init__(self, pool: PagePool, max_tokens_per_step: int, max_seqs_per_step: int, max_running: int = 64):
+        self.pool = pool
+        self.max_tokens = max_tokens_per_step
+        self.max_seqs = max_seqs_per_step
+        self.max_running = max_running
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+
+    # -- queue ----------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        if request.plan.page_size != self.pool.page_size:
+            raise ValueError(f"plan page size {request.plan.page_size} != pool page size {self.pool.page_size}")
+        need = request.pages_needed_alone()
+        if need > self.pool.capacity:
+            raise RequestTooLarge(
+                f"request needs up to {need} KV pages (prompt {request.plan.num_tokens} tokens + max_tokens "
+                f"{request.sampling.max_tokens}) but the pool has {self.pool.capacity}; raise engine num_pages"
+            )
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- admission and cache hits ---------------------------------------------
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_running:
+            req = self.waiting[0]
+            # Keep a margin so admitting does not immediately force preemption.
+            if self.running and self.pool.num_available() < req.pages_needed_alone():
+                break
+            self.waiting.popleft()
+            self._resolve_hits(req)
+            req.admitted = True
+            self.running.append(req)
+
+    def _resolve_hits(self, req: Request) -> None:
+        ps = self.pool.page_size
+        cached = 0
+        for span in req.plan.spans:
+            is_final = span.index == req.final
+            for k, key in enumerate(span.page_keys):
+                partial = (k + 1) * ps > len(span)
+                if is_final and partial:
+                    break  # decoding appends here, so the final span owns its last page
+                page = self.pool.lookup(key)
+                if page is None:
+                    break
+                req.span_pages[span.index].append(page)
+                n = min(ps, len(span) - k * ps)
+                req.span_written[span.index] += n
+                cached += n
+        if req.metrics.first_token_s is None:  # count hits of the first admission only
+            req.metrics.cached_tokens = cached
+            self.pool.stats.hit_tokens += cached
+            self.pool.stats.miss_tokens += req.plan.num_tokens - cached
+
+    # -- preemption -------------------------------------------------------------
+
+    def release(self, req: Request) -> None:
+        for pages in req.span_pages:
+            for p in pages:
+                self.pool.release(p)
+        req._reset()
+
+    def _preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        self.release(victim)
+        victim.metrics.preemptions += 1
+        self.waiting.appendleft(victim)
+
+    def finish(self, req: Request) -> None:
+        self._register_final(req)
+        self.running.remove(req)
+        self.release(req)
+
+    # -- building a step ------------------------------------------------------------
+
+    def _ensure_pages(self, req: Request, span: int, upto: int) -> None:
+        need = -(-upto // self.pool.page_size)
+        pages = req.span_pages[span]
+        while len(pages) < need:
+            pages.append(self.pool.allocate())
+
+    def schedule(self) -> StepBatch | None:
+        self._admit()
+        items: list[StepItem] = []
+        # Decodes first (one token each), then prefill chunks, oldest request first.
+        order = [r for r in self.running if r.decoding] + [r for r in self.running if not r.decoding]
+        for req in order:
+            for j in req.runnable_spans():
+                budget = self.max_tokens - sum(i.count for i in items)
+                if req not in self.running or budget == 0 or len(items) == self.max_seqs:
+                    break
+                item = StepItem(req, j, req.span_written[j], min(req.span_remaining(j), budget))
+                if self._allocate_or_preempt(item, items):
+                    items.append(item)
+        if not items:
+            if self.running:
+                raise RuntimeError("scheduler made no progress although requests are running")
+            return None
+        return self._build(items)
+
+    def _allocate_or_preempt(self, item: StepItem, items: list[StepItem]) -> bool:
+        """Give `item` its pages. When the pool is full, preempt the newest request
+        that has nothing in this batch; failing that, preempt the item's own request."""
+        req = item.request
+        while True:
+            try:
+                self._ensure_pages(req, item.span, item.start + item.count)
+                return True
+            except PoolExhausted:
+                in_batch = {id(i.request) for i in items}
+                victims = [r for r in reversed(self.running) if r is not req and id(r) not in in_batch]
+                if victims:
+                    self._preempt(victims[0])
+                    continue
+                if len(self.running) == 1:
+                    raise  # unreachable: add() checked that a lone request fits the pool
+                items[:] = [i for i in items if i.request is not req]
+                self._preempt(req)
+                return False
+
+    def _build(self, items: list[StepItem]) -> StepBatch:
+        ps = self.pool.page_size
+        tokens, positions, slots, cu = [], [], [], [0]
+        tables = []
+        for it in items:
+            req = it.request
+            span_toks = req.span_tokens(it.span)
+            own = req.span_pages[it.span]
+            for i in range(it.start, it.start + it.count):
+                tokens.append(span_toks[i])
+                positions.append(req.span_position(it.span, i))
+                slots.append(own[i // ps] * ps + i % ps)
+            cu.append(cu[-1] + it.count)
+            entries = []  # (page, start_pos, valid_len)
+            for d in req.plan.spans[it.span].sees + (it.span,):
+                n_tok = len(req.span_tokens(d)) if d != it.span else it.start + it.count
+                for k, page in enumerate(req.span_pages[d][: -(-n_tok // ps)]):
+                    entries.append((page, req.span_position(d, k * ps), min(ps, n_tok - k * ps)))
+            tables.append(entries)
+        S = len(items)
+        M = max(len(t) for t in tables)
+        bt = np.zeros((S, M), np.int32)
+        bp = np.zeros((S, M), np.int32)
+        bl = np.zeros((S, M), np.int32)
+        for s, entries in enumerate(tables):
+            for m, (page, pos, n) in enumerate(entries):
+                bt[s, m], bp[s, m], bl[s, m] = page, pos, n
+        cu_arr = np.asarray(cu, np.int32)
+        return StepBatch(
+            items=items,
+            tokens=np.asarray(tokens, np.int32),
+            positions=np.asarray(positions, np.int32),
+            slot_mapping=np.asarray(slots, np.int32),
+            block_tables=bt,
+            block_pos=bp,
+            block_lens=bl,
+            cu_q_lens=cu_arr,
+            logits_indices=cu_arr[1:] - 1,
+        )
+
+    # -- after the device step ---------------------------------------------------------
+
+    def commit(self, batch: StepBatch) -> None:
+        """Mark the batch's tokens written and publish pages that became full."""
+        ps = self.pool.page_size
+        for it in batch.items:
+            req = it.request
+            req.span_written[it.span] += it.count
+            span = req.plan.spans[it.span]
+            written = req.span_written[it.span]
+            first_page, last_full = it.start // ps, written // ps
+            for k in range(first_page, last_full):
+                self._register_page(req, it.span, k, ps)
+            if it.span != req.final and written == len(span) and written % ps:
+                self._register_page(req, it.span, written // ps, written % ps)
+
+    def _register_page(self, req: Request, j: int, k: int, n: int) -> None:
+        page = req.span_pages[j][k]
+        if self.pool.pages[page].key is not None:
+            return  # a cache hit, already published
+        self.pool.register(page, req.page_key(j, k, n), req.span_position(j, k * self.pool.page_size), n)
+
+    def _register_final(self, req: Request) -> None:
+        """Publish the final span's last partial page so a later query that
+        re-sends this exchange (a hoisted inner g) hits it too."""
+        j, ps = req.final, self.pool.page_size
+        written = req.span_written[j]
+        if written % ps and written // ps < len(req.span_pages[j]):
+            self._register_page(req, j, written // ps, written % ps)
