@@ -1,0 +1,52 @@
+"""Span-query language: AST, parsers/printers (JSON, YAML, s-expression),
+validation, optimizer passes, lowering to a span plan.
+
+Engine-facing API:
+    parse(text_or_bytes, fmt=None) -> Query         (syntax.py; SpanQueryError on any problem)
+    prepare(q) -> Query                             (passes.py: expand_repeat, flatten, dedup, hoist)
+    evaluation_order(q) -> list[list[G]]; ready(q) -> list[G]
+    substitute(q, {G: GenResult | str}) -> Query; value(q)
+    lower(g, tokenizer, *, page_size, model=None, adapter=None) -> SpanPlan   (lower.py)
+    SpanPlan.sequence_page_keys(generated_ids)      (plan.py)
+"""
+
+from spanjax.query.ast import (
+    G,
+    Cross,
+    Message,
+    Monad,
+    Par,
+    Plus,
+    Print,
+    Query,
+    Repeat,
+    Seq,
+    assistant,
+    system,
+    user,
+)
+from spanjax.query.errors import SpanQueryError
+from spanjax.query.lower import chain_page_key, chain_page_keys, lower, root_key
+from spanjax.query.passes import (
+    GenResult,
+    dedup,
+    evaluation_order,
+    expand_repeat,
+    flatten,
+    hoist,
+    prepare,
+    ready,
+    substitute,
+    value,
+)
+from spanjax.query.plan import Span, SpanPlan
+from spanjax.query.syntax import dump, parse, parse_json, parse_sexpr, parse_yaml, to_data, to_json, to_sexpr, to_yaml
+from spanjax.query.validate import MAX_DEPTH, from_data
+
+__all__ = [
+    "G", "Cross", "Message", "Monad", "Par", "Plus", "Print", "Query", "Repeat", "Seq",
+    "assistant", "system", "user", "SpanQueryError", "lower", "chain_page_key", "chain_page_keys", "root_key",
+    "GenResult", "dedup", "evaluation_order", "expand_repeat", "flatten", "hoist", "prepare",
+    "ready", "substitute", "value", "Span", "SpanPlan", "dump", "parse", "parse_json",
+    "parse_sexpr", "parse_yaml", "to_data", "to_json", "to_sexpr", "to_yaml", "MAX_DEPTH", "from_data",
+]

@@ -30,6 +30,8 @@ class Span:
     positions: tuple[int, ...]  # logical (RoPE) position of every token
     sees: tuple[int, ...]  # indices of the earlier spans this span attends to (not itself)
     page_keys: tuple[str, ...]  # content hash of every page of this span (chained; see lower.py)
+    context_key: str = ""  # hash of what the span sees (see lower.py)
+    base_key: str = ""  # key_{-1} of the page chain: hash(model, adapter, context_key)
 
     @property
     def cache_key(self) -> str:
@@ -52,6 +54,69 @@ class SpanPlan:
     @property
     def num_tokens(self) -> int:
         return sum(len(s) for s in self.spans)
+
+    @property
+    def padded_length(self) -> int:
+        """Length of the flattened sequence with every span padded to whole pages."""
+        last = self.spans[-1]
+        return last.start + -(-len(last) // self.page_size) * self.page_size
+
+    @property
+    def generation_position(self) -> int:
+        """Logical position of the first generated token (continues the last span)."""
+        return self.spans[-1].positions[-1] + 1
+
+    def padded_tokens(self, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token ids, positions, real mask) over the padded sequence; pads get position -1."""
+        n = self.padded_length
+        ids = np.full(n, pad_id, np.int32)
+        pos = np.full(n, -1, np.int32)
+        real = np.zeros(n, bool)
+        for s in self.spans:
+            ids[s.start : s.start + len(s)] = s.token_ids
+            pos[s.start : s.start + len(s)] = s.positions
+            real[s.start : s.start + len(s)] = True
+        return ids, pos, real
+
+    def sequence_page_keys(self, generated_ids=()) -> tuple[str, ...]:
+        """Page keys of the last span extended by generated ids: the keys under which
+        the engine stores this generation's sequence, and which an outer query that
+        re-sends the exchange (passes.hoist) looks up."""
+        from spanjax.query.lower import chain_page_keys
+
+        last = self.spans[-1]
+        return chain_page_keys(last.base_key, tuple(last.token_ids) + tuple(generated_ids), self.page_size)
+
+    def format(self, tokenizer=None, max_tokens_shown: int = 12) -> str:
+        """Readable dump: one line per span (kind, start, length, pages, positions,
+        visibility, key), with a token preview (decoded when a tokenizer with
+        `decode` is given)."""
+        lines = [
+            f"plan: model={self.model} adapter={self.adapter} attention={self.attention_policy} "
+            f"positions={self.position_policy} page_size={self.page_size}",
+            f"      {len(self.spans)} span(s), {self.num_tokens} tokens, {self.padded_length} padded; "
+            f"generation continues span {self.spans[-1].index} at position {self.generation_position}",
+        ]
+        for s in self.spans:
+            pages = -(-len(s) // self.page_size)
+            sees = ",".join(map(str, s.sees)) if s.sees else "-"
+            lines.append(
+                f"  span {s.index:>3} {s.kind:<5} start={s.start:<6} len={len(s):<5} pages={pages:<3} "
+                f"pos={s.positions[0]}..{s.positions[-1]}  sees=[{sees}]  key={s.cache_key[:12]}"
+            )
+            ids = list(s.token_ids[:max_tokens_shown])
+            more = " ..." if len(s) > max_tokens_shown else ""
+            text = None
+            if tokenizer is not None and hasattr(tokenizer, "decode"):
+                try:
+                    text = tokenizer.decode(list(s.token_ids))
+                except Exception:  # preview only
+                    text = None
+            if text is not None:
+                lines.append(f"        text: {text[:120]!r}{' ...' if len(text) > 120 else ''}")
+            else:
+                lines.append(f"        ids: {ids}{more}")
+        return "\n".join(lines)
 
     def dense_mask(self) -> np.ndarray:
         """[N, N] bool over the concatenated real tokens of all spans (in span order):

@@ -1,0 +1,242 @@
+"""Lowering of a g's prompt to a `SpanPlan` (DESIGN 2.3, 2.4).
+
+Spans
+-----
+The prompt tree is walked in order. Consecutive messages of one cross run
+(cross, seq and par all read as ordered content; monad and print contribute
+no tokens) pack densely into one span, each message via
+`tokenizer.encode_message(role, content)`; an assistant message that carries
+`token_ids` (an evaluated inner g, see passes.substitute) lowers to
+`generation_prefix_ids() + token_ids`. Each child of a plus lowers
+recursively, starting a new span; a child that is itself a cross containing a
+plus lowers to several spans. Children that produce no tokens (a monad, a
+print) are dropped. Messages with empty content are allowed: the chat
+template still produces tokens. The prompt's trailing run plus
+`generation_prefix_ids()` is always the final `cross` span; it sees every
+other span, and generated tokens continue it at the following positions.
+
+Every span starts on a page boundary: `start` is the offset in the padded
+sequence, the previous span padded with masked padding up to the next multiple
+of `page_size`.
+
+Visibility (`Span.sees`): a cross run sees every span before it in its scope;
+a plus child under `prefix` sees what the plus sees, under `isolated` nothing
+outside itself; inside a child, later runs also see the child's earlier spans.
+Siblings never see each other; what follows a plus sees all of its children.
+
+Positions: `sequential` gives each token its offset among the real tokens of
+the flattened prompt; `parallel` starts every child of a plus at the same
+position (the end of its prefix) and what follows the plus after the longest
+child. The policies come from the g (`attention`, `positions`; defaults
+prefix/sequential); a plus may override them for its own children (an
+extension; the override is not inherited by plus nodes nested inside).
+
+Cache keys
+----------
+All hashes are blake2b (16-byte digest, hex).
+
+    root          = H("spanjax-span-v1", model, adapter, context_key)
+    page_keys[0]  = H(root, tokens of page 0)          # root = Span.base_key
+    page_keys[j]  = H(page_keys[j-1], tokens of page j)   # last page may be partial
+    cache_key     = page_keys[-1]
+
+`context_key` = H(the ordered groups the span sees), where a group is a cross
+run's cache key, or a plus group = (its position policy, the *sorted* list of
+its non-empty children's descriptors); a child's descriptor = H(its own groups
+in order). Sorting makes any permutation of plus children leave every span's
+key unchanged. An isolated span's context is only what is inside its own
+child, so it keys identically wherever it appears.
+
+In a key: the tokens of the span (ids), the structure and tokens of everything
+it sees, the position policies of the plus groups it sees, the model and the
+adapter. Not in a key: absolute positions, the span's kind or index, the page
+size of the plan other than through page boundaries (keys of plans with
+different page sizes differ), sampling settings.
+
+Reuse is exact when the cached pre-RoPE KV depends only on what the key
+covers: for `isolated` spans (any position policy; only relative positions
+inside the span's own child matter) and for `prefix` spans under `parallel`
+positions (their offset from the prefix is fixed by the prefix). A `prefix`
+span under `sequential` positions is reused at a shifted offset: its offset
+depends on the lengths of unseen siblings before it, which the key ignores
+(an approximation, as in spnl's vLLM patch); likewise a span after a
+sequential plus whose children were permuted. The adapter is always in the
+key, which is conservative for aLoRA (tokens before its invocation carry base
+KV but are not shared with base-model entries).
+
+Inner generations (hoisting): the sequence an inner g runs as is its plan
+(its prompt lowered alone with the same model, adapter and page size), the
+last span extended by the generated ids; `SpanPlan.sequence_page_keys(ids)`
+gives that extended span's page keys, which equal the page keys of the
+exchange span an outer query re-sends (`cross[input..., assistant(ids)]`
+under an isolated plus) for every full page and for the last page when it
+covers exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from spanjax.query import ast as A
+from spanjax.query.errors import SpanQueryError
+from spanjax.query.plan import Span, SpanPlan
+from spanjax.query.validate import child_path
+
+
+def _h(*parts) -> str:
+    data = json.dumps(parts, separators=(",", ":"), ensure_ascii=True).encode()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def root_key(model: str, adapter: str | None, context_key: str) -> str:
+    return _h("spanjax-span-v1", model, adapter, context_key)
+
+
+def chain_page_key(prev: str, page_tokens) -> str:
+    """key_j = H(key_{j-1}, tokens of page j); the engine extends chains with it."""
+    return _h(prev, [int(t) for t in page_tokens])
+
+
+def chain_page_keys(root: str, tokens, page_size: int) -> tuple[str, ...]:
+    """Chained page keys of `tokens` (one per page; the last may be partial)."""
+    keys, k = [], root
+    toks = [int(t) for t in tokens]
+    for j in range(0, len(toks), page_size):
+        k = chain_page_key(k, toks[j : j + page_size])
+        keys.append(k)
+    return tuple(keys)
+
+
+def context_key(groups) -> str:
+    return _h("ctx", list(groups))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ctx:
+    groups: tuple  # what a new span in this scope sees, as hashable key groups
+    sees: tuple[int, ...]  # span indices behind those groups
+    pos: int  # next logical position
+
+
+class _Lowerer:
+    def __init__(self, tokenizer, model, adapter, page_size, attention, positions):
+        self.tok = tokenizer
+        self.model, self.adapter, self.page_size = model, adapter, page_size
+        self.attention, self.positions = attention, positions
+        self.spans: list[Span] = []
+        self.offset = 0  # padded offset of the next span
+
+    def emit(self, kind, tokens, ctx: _Ctx) -> _Ctx:
+        if not tokens:
+            return ctx
+        ckey = context_key(ctx.groups)
+        base = root_key(self.model, self.adapter, ckey)
+        keys = chain_page_keys(base, tokens, self.page_size)
+        span = Span(
+            index=len(self.spans),
+            kind=kind,
+            token_ids=tuple(tokens),
+            start=self.offset,
+            positions=tuple(range(ctx.pos, ctx.pos + len(tokens))),
+            sees=tuple(sorted(ctx.sees)),
+            page_keys=keys,
+            context_key=ckey,
+            base_key=base,
+        )
+        self.spans.append(span)
+        self.offset += -(-len(tokens) // self.page_size) * self.page_size
+        return _Ctx(ctx.groups + (("run", span.cache_key),), ctx.sees + (span.index,), ctx.pos + len(tokens))
+
+    def message_ids(self, m: A.Message, path) -> list[int]:
+        if m.token_ids is not None:
+            return list(self.tok.generation_prefix_ids()) + list(m.token_ids)
+        return list(self.tok.encode_message(m.role, m.content))
+
+    def items(self, node, path):
+        """Ordered content of a cross-like node: messages and plus nodes (with paths)."""
+        stack = [(node, path)]
+        while stack:
+            n, p = stack.pop()
+            if isinstance(n, (A.Message, A.Plus)):
+                yield n, p
+            elif isinstance(n, (A.Cross, A.Seq, A.Par)):
+                tag = type(n).__name__.lower()
+                stack.extend(reversed([(c, child_path(child_path(p, tag), i)) for i, c in enumerate(n.children)]))
+            elif isinstance(n, (A.Monad, A.Print)):
+                continue
+            elif isinstance(n, A.G):
+                raise SpanQueryError(p, "an unevaluated inner g", "its result substituted first (passes.ready/substitute)")
+            elif isinstance(n, A.Repeat):
+                raise SpanQueryError(p, "an unexpanded repeat", "passes.prepare/expand_repeat before lowering")
+            else:
+                raise SpanQueryError(p, type(n).__name__, "a query node")
+
+    def run(self, node, ctx: _Ctx, kind, path, suffix=None) -> _Ctx:
+        buf: list[int] = []
+        for item, p in self.items(node, path):
+            if isinstance(item, A.Message):
+                buf.extend(self.message_ids(item, p))
+            else:
+                ctx = self.emit(kind, buf, dataclasses.replace(ctx))
+                buf = []
+                ctx = self.plus(item, ctx, p)
+        if suffix is not None:
+            buf.extend(suffix)
+        return self.emit(kind, buf, ctx)
+
+    def plus(self, node: A.Plus, ctx: _Ctx, path) -> _Ctx:
+        att = node.attention or self.attention
+        par = (node.positions or self.positions) == "parallel"
+        base = ctx if att == "prefix" else _Ctx((), (), ctx.pos)
+        descs, sees, cur, end = [], [], ctx.pos, ctx.pos
+        ppath = child_path(path, "plus")
+        for i, child in enumerate(node.children):
+            start = ctx.pos if par else cur
+            n0 = len(self.spans)
+            out = self.run(child, _Ctx(base.groups, base.sees, start), "plus", child_path(ppath, i))
+            own = out.groups[len(base.groups):]
+            if not own:
+                continue  # a child with no tokens (monad, print)
+            descs.append(_h("child", list(own)))
+            sees.extend(range(n0, len(self.spans)))
+            cur, end = out.pos, max(end, out.pos)
+        if not descs:
+            return ctx
+        group = ("plus", "parallel" if par else "sequential", sorted(descs))
+        return _Ctx(ctx.groups + (group,), ctx.sees + tuple(sees), end if par else cur)
+
+
+def lower(g: A.G, tokenizer, *, model: str | None = None, page_size: int, adapter: str | None = None) -> SpanPlan:
+    """Lower the prompt of `g` (inner g's already substituted) to a SpanPlan.
+
+    `model` names the weights in every cache key (default: `g.model`); `adapter`
+    defaults to `g.adapter`. The tokenizer needs `encode_message(role, content)`,
+    `generation_prefix_ids()` and `encode(text)`.
+    """
+    if not isinstance(g, A.G):
+        raise SpanQueryError("$", type(g).__name__, "a g node to lower")
+    if page_size < 1:
+        raise ValueError("page_size must be >= 1")
+    model = g.model if model is None else model
+    adapter = g.adapter if adapter is None else adapter
+    low = _Lowerer(tokenizer, model, adapter, page_size, g.attention, g.positions)
+    gen = list(tokenizer.generation_prefix_ids())
+    if not gen:
+        gen = []
+    low.run(g.input, _Ctx((), (), 0), "cross", "$.g.input", suffix=gen)
+    spans = low.spans
+    last = spans[-1] if spans else None
+    if last is None or last.kind != "cross" or len(last.sees) != len(spans) - 1:
+        # Prompt ends in a plus and the tokenizer has no generation prefix: nothing
+        # would continue the plan; every real chat template has an assistant header.
+        raise SpanQueryError("$.g.input", "a prompt whose final cross span is empty", "a tokenizer with a generation prefix or a trailing message")
+    return SpanPlan(
+        spans=tuple(spans),
+        page_size=page_size,
+        model=model,
+        adapter=adapter,
+        attention_policy=g.attention,
+        position_policy=g.positions,
+    )

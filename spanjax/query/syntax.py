@@ -1,0 +1,599 @@
+"""Parsers and printers for the three text forms of a span query.
+
+- JSON (spnl-compatible): externally tagged nodes, see ast.py. g fields are
+  `model input max_tokens temperature top_p seed stop adapter attention
+  positions` (kebab aliases `max-tokens`, `top-p` accepted). `repeat` takes
+  `{"n": k, "g": {g body}}` or `{"n": k, "query": {"g": {...}}}` (printed with
+  `query`, as spnl's builtins write it).
+- YAML: the same tree (`yaml.safe_*` semantics; anchors allowed, bounded).
+- s-expression: `(head arg ...)` with `"strings"` (JSON escapes), numbers,
+  bare symbols (`isolated`, `true`, `false`, `nil`) and `:keyword value`
+  pairs; `;` starts a comment. Forms:
+      (g "model" INPUT [MAX_TOKENS [TEMPERATURE]] [:max-tokens N] [:temperature T]
+         [:top-p P] [:seed S] [:stop "s" | :stop ("a" "b")] [:adapter "a"]
+         [:attention prefix|isolated] [:positions sequential|parallel])
+      (cross Q ...) (seq Q ...) (par Q ...)
+      (plus [:attention A] [:positions P] Q ...)
+      (system "s") (user "s") (assistant "s" [:token-ids (1 2 3)])
+      (repeat N (g ...)) (monad Q) (print "s")
+
+Every parser turns text into generic JSON-shaped data plus a path -> (line,
+col) map and hands it to `validate.from_data`, so all forms share one set of
+checks and one error format. Printing then re-parsing gives the same AST.
+Inputs may be `str` or `bytes` (must be UTF-8).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+
+from spanjax.query import ast as A
+from spanjax.query.errors import SpanQueryError, describe
+from spanjax.query.validate import MAX_DEPTH, child_path, from_data
+
+MAX_TEXT_NESTING = 4 * MAX_DEPTH  # containers in the raw text (a node is ~2 of them)
+MAX_YAML_NODES = 200_000  # bounds alias ("billion laughs") expansion
+
+
+def _text(src, path="$") -> str:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(src).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SpanQueryError(path, f"invalid UTF-8 byte at offset {e.start}", "UTF-8 text", None, None) from None
+    if not isinstance(src, str):
+        raise SpanQueryError(path, describe(src), "query text (str or bytes)")
+    return src
+
+
+class _Lines:
+    def __init__(self, text):
+        self.starts = [0] + [m.end() for m in re.finditer("\n", text)]
+
+    def __call__(self, i):
+        line = bisect.bisect_right(self.starts, i)
+        return line, i - self.starts[line - 1] + 1
+
+
+# ---------------------------------------------------------------------------------- JSON
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+_WS = re.compile(r"[ \t\n\r]*")
+_scanstring = json.decoder.scanstring
+
+
+class _JsonParser:
+    """Small recursive-descent JSON parser that records where every value starts."""
+
+    def __init__(self, text):
+        self.s = text
+        self.lines = _Lines(text)
+        self.locs = {}
+
+    def fail(self, i, path, found, expected):
+        line, col = self.lines(i)
+        raise SpanQueryError(path, found, expected, line, col)
+
+    def found_at(self, i):
+        return "end of input" if i >= len(self.s) else repr(self.s[i])
+
+    def ws(self, i):
+        return _WS.match(self.s, i).end()
+
+    def value(self, i, path, nest):
+        i = self.ws(i)
+        self.locs[path] = self.lines(i)
+        s = self.s
+        c = s[i : i + 1]
+        if c in ("{", "["):
+            if nest >= MAX_TEXT_NESTING:
+                self.fail(i, path, f"nesting deeper than {MAX_TEXT_NESTING} containers", "a shallower document")
+            return (self.obj if c == "{" else self.arr)(i + 1, path, nest + 1)
+        if c == '"':
+            return self.string(i, path)
+        m = _NUMBER.match(s, i)
+        if m and m.end() > i:
+            txt = m.group()
+            try:
+                v = float(txt) if (m.group(1) or m.group(2)) else int(txt)
+            except ValueError:
+                self.fail(i, path, "a number too long", "a number")
+            return v, m.end()
+        for lit, v in (("true", True), ("false", False), ("null", None)):
+            if s.startswith(lit, i):
+                return v, i + len(lit)
+        self.fail(i, path, self.found_at(i), "a JSON value")
+
+    def string(self, i, path):
+        try:
+            return _scanstring(self.s, i + 1, True)
+        except ValueError as e:  # JSONDecodeError: unterminated string, bad escape, control char
+            pos = getattr(e, "pos", i)
+            self.fail(pos, path, getattr(e, "msg", "invalid string"), "a valid JSON string")
+
+    def obj(self, i, path, nest):
+        out = {}
+        i = self.ws(i)
+        if self.s[i : i + 1] == "}":
+            return out, i + 1
+        while True:
+            i = self.ws(i)
+            if self.s[i : i + 1] != '"':
+                self.fail(i, path, self.found_at(i), "an object key (string)")
+            key, i = self.string(i, path)
+            kpath = child_path(path, key)
+            if key in out:
+                self.fail(i, kpath, f"duplicate key {key!r}", "unique keys in an object")
+            i = self.ws(i)
+            if self.s[i : i + 1] != ":":
+                self.fail(i, kpath, self.found_at(i), "':' after an object key")
+            out[key], i = self.value(i + 1, kpath, nest)
+            i = self.ws(i)
+            c = self.s[i : i + 1]
+            if c == "}":
+                return out, i + 1
+            if c != ",":
+                self.fail(i, path, self.found_at(i), "',' or '}' in an object")
+            i += 1
+
+    def arr(self, i, path, nest):
+        out = []
+        i = self.ws(i)
+        if self.s[i : i + 1] == "]":
+            return out, i + 1
+        while True:
+            v, i = self.value(i, child_path(path, len(out)), nest)
+            out.append(v)
+            i = self.ws(i)
+            c = self.s[i : i + 1]
+            if c == "]":
+                return out, i + 1
+            if c != ",":
+                self.fail(i, path, self.found_at(i), "',' or ']' in a list")
+            i += 1
+
+    def parse(self):
+        v, i = self.value(0, "$", 0)
+        i = self.ws(i)
+        if i != len(self.s):
+            self.fail(i, "$", f"extra text {self.s[i:i + 20]!r}", "end of input after the query")
+        return v, self.locs
+
+
+def json_data(src) -> tuple[object, dict]:
+    """Parse JSON text into (data, locs) without validating it as a query."""
+    return _JsonParser(_text(src)).parse()
+
+
+def parse_json(src) -> A.Query:
+    """JSON text (str/bytes) -> AST. Also accepts already-decoded data (dict)."""
+    if isinstance(src, dict):
+        return from_data(src)
+    data, locs = json_data(src)
+    return from_data(data, locs)
+
+
+# ---------------------------------------------------------------------------------- YAML
+def yaml_data(src) -> tuple[object, dict]:
+    import yaml
+
+    text = _text(src)
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                raise SpanQueryError("$", "an empty document", "a query", 1, 1)
+            return _YamlWalk(loader).walk(node)
+        finally:
+            loader.dispose()
+    except SpanQueryError:
+        raise
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        raise SpanQueryError("$", f"YAML error: {e.problem or e.context}", "valid YAML", line, col) from None
+    except RecursionError:
+        raise SpanQueryError("$", "YAML nested too deeply", "a shallower document") from None
+    except Exception as e:  # PyYAML raises assorted errors on hostile input; report uniformly
+        raise SpanQueryError("$", f"YAML error: {type(e).__name__}: {str(e)[:80]}", "valid YAML") from None
+
+
+class _YamlWalk:
+    def __init__(self, loader):
+        self.loader = loader
+        self.locs = {}
+        self.count = 0
+
+    def walk(self, root):
+        import yaml
+
+        out_root = [None]
+        # Iterative walk: PyYAML documents may alias themselves (cycles) or nest deeply.
+        stack = [(root, "$", 0, out_root, 0)]
+        while stack:
+            node, path, nest, parent, slot = stack.pop()
+            self.count += 1
+            line, col = node.start_mark.line + 1, node.start_mark.column + 1
+            self.locs.setdefault(path, (line, col))
+            if nest > MAX_TEXT_NESTING or self.count > MAX_YAML_NODES:
+                raise SpanQueryError(path, "a document nested too deeply or too large (aliases?)", "a smaller query", line, col)
+            if isinstance(node, yaml.ScalarNode):
+                parent[slot] = self.loader.construct_object(node, deep=True)
+            elif isinstance(node, yaml.SequenceNode):
+                lst = [None] * len(node.value)
+                parent[slot] = lst
+                for i, child in enumerate(node.value):
+                    stack.append((child, child_path(path, i), nest + 1, lst, i))
+            elif isinstance(node, yaml.MappingNode):
+                self.loader.flatten_mapping(node)  # merge keys (<<)
+                d = {}
+                parent[slot] = d
+                for knode, vnode in node.value:
+                    if not isinstance(knode, yaml.ScalarNode):
+                        raise SpanQueryError(path, "a non-scalar mapping key", "string keys", line, col)
+                    key = self.loader.construct_object(knode, deep=True)
+                    if not isinstance(key, str):
+                        raise SpanQueryError(path, f"key {describe(key)}", "string keys", knode.start_mark.line + 1, knode.start_mark.column + 1)
+                    if key in d:
+                        kp = child_path(path, key)
+                        raise SpanQueryError(kp, f"duplicate key {key!r}", "unique keys", knode.start_mark.line + 1, knode.start_mark.column + 1)
+                    d[key] = None
+                    stack.append((vnode, child_path(path, key), nest + 1, d, key))
+        return out_root[0], self.locs
+
+
+def parse_yaml(src) -> A.Query:
+    data, locs = yaml_data(src)
+    return from_data(data, locs)
+
+
+# ---------------------------------------------------------------------------- s-expressions
+_SX_TOKEN = re.compile(r'\s+|;[^\n]*|\(|\)|"|[^\s()";]+')
+_SX_NUMBER = re.compile(r"[-+]?(?:[0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+
+
+class _Atom:
+    __slots__ = ("kind", "value", "at")
+
+    def __init__(self, kind, value, at):
+        self.kind, self.value, self.at = kind, value, at  # kind: str num sym kw
+
+
+class _List:
+    __slots__ = ("items", "at")
+
+    def __init__(self, items, at):
+        self.items, self.at = items, at
+
+
+class _SexprReader:
+    def __init__(self, text):
+        self.s = text
+        self.lines = _Lines(text)
+
+    def fail(self, i, found, expected, path="$"):
+        line, col = self.lines(i)
+        raise SpanQueryError(path, found, expected, line, col)
+
+    def read(self):
+        s, i = self.s, 0
+        stack = [[]]
+        opens = []
+        while i < len(s):
+            m = _SX_TOKEN.match(s, i)
+            tok = m.group()
+            if tok[0].isspace() or tok[0] == ";":
+                i = m.end()
+                continue
+            if tok == "(":
+                if len(stack) > MAX_TEXT_NESTING:
+                    self.fail(i, f"nesting deeper than {MAX_TEXT_NESTING} lists", "a shallower query")
+                stack.append([])
+                opens.append(i)
+            elif tok == ")":
+                if not opens:
+                    self.fail(i, "')' without a matching '('", "balanced parentheses")
+                items = stack.pop()
+                stack[-1].append(_List(items, opens.pop()))
+            elif tok == '"':
+                try:
+                    val, end = _scanstring(s, i + 1, True)
+                except ValueError as e:
+                    self.fail(getattr(e, "pos", i), getattr(e, "msg", "invalid string"), "a valid string")
+                stack[-1].append(_Atom("str", val, i))
+                i = end
+                continue
+            else:
+                stack[-1].append(self.atom(tok, i))
+            i = m.end()
+        if opens:
+            self.fail(opens[-1], "'(' never closed", "balanced parentheses")
+        top = stack[0]
+        if len(top) != 1:
+            self.fail(top[1].at if len(top) > 1 else 0, "end of input" if not top else "a second top-level form", "exactly one query form")
+        return top[0]
+
+    def atom(self, tok, i):
+        if _SX_NUMBER.match(tok):
+            try:
+                v = float(tok) if any(c in tok for c in ".eE") else int(tok)
+            except ValueError:
+                self.fail(i, f"number {tok[:20]!r}", "a number")
+            return _Atom("num", v, i)
+        if tok.startswith(":") and len(tok) > 1:
+            return _Atom("kw", tok[1:], i)
+        return _Atom("sym", tok, i)
+
+
+_SX_LITERALS = {"true": True, "false": False, "nil": None, "null": None}
+_SX_G_KEYS = {
+    "max-tokens": "max_tokens",
+    "max_tokens": "max_tokens",
+    "temperature": "temperature",
+    "top-p": "top_p",
+    "top_p": "top_p",
+    "seed": "seed",
+    "stop": "stop",
+    "adapter": "adapter",
+    "attention": "attention",
+    "positions": "positions",
+}
+
+
+class _SexprToData:
+    """s-expression tree -> generic JSON-shaped data with the JSON paths as loc keys."""
+
+    def __init__(self, reader):
+        self.r = reader
+        self.locs = {}
+
+    def fail(self, x, path, found, expected):
+        self.r.fail(x.at, found, expected, path)
+
+    def mark(self, x, path):
+        self.locs[path] = self.r.lines(x.at)
+
+    def value(self, x, path):
+        """A plain argument value (string, number, symbol, or a list of those)."""
+        self.mark(x, path)
+        if isinstance(x, _List):
+            return [self.value(y, child_path(path, i)) for i, y in enumerate(x.items)]
+        if x.kind == "kw":
+            self.fail(x, path, f"keyword :{x.value}", "a value")
+        if x.kind == "sym":
+            return _SX_LITERALS.get(x.value, x.value)
+        return x.value
+
+    def split(self, items, path, allowed: dict):
+        pos, kw = [], {}
+        it = iter(items)
+        for x in it:
+            if isinstance(x, _Atom) and x.kind == "kw":
+                name = allowed.get(x.value)
+                if name is None:
+                    exp = ("one of " + ", ".join(":" + k for k in allowed)) if allowed else "no keyword arguments here"
+                    self.fail(x, path, f"unknown keyword :{x.value}", exp)
+                if name in kw:
+                    self.fail(x, path, f":{x.value} given twice", "each keyword once")
+                val = next(it, None)
+                if val is None:
+                    self.fail(x, path, f"nothing after :{x.value}", "a value")
+                kw[name] = val
+            else:
+                pos.append(x)
+        return pos, kw
+
+    def query(self, x, path, depth):
+        self.mark(x, path)
+        if depth > MAX_DEPTH:
+            self.fail(x, path, f"nesting deeper than {MAX_DEPTH} levels", "a shallower query")
+        if not isinstance(x, _List):
+            self.fail(x, path, f"atom {x.value!r}", "a query form such as (user \"...\")")
+        if not x.items or not (isinstance(x.items[0], _Atom) and x.items[0].kind == "sym"):
+            self.fail(x, path, "a list without a head symbol", "(g ...), (cross ...), (plus ...), (user ...), ...")
+        head, args = x.items[0].value, x.items[1:]
+        p = child_path(path, head)
+        if head in ("cross", "seq", "par"):
+            pos, _ = self.split(args, p, {})
+            return {head: [self.query(c, child_path(p, i), depth + 1) for i, c in enumerate(pos)]}
+        if head == "plus":
+            pos, kw = self.split(args, p, {"attention": "attention", "positions": "positions"})
+            if not kw:
+                return {"plus": [self.query(c, child_path(p, i), depth + 1) for i, c in enumerate(pos)]}
+            ip = child_path(p, "items")
+            body = {"items": [self.query(c, child_path(ip, i), depth + 1) for i, c in enumerate(pos)]}
+            for k, v in kw.items():
+                body[k] = self.value(v, child_path(p, k))
+            return {"plus": body}
+        if head in ("system", "user", "assistant", "print"):
+            pos, kw = self.split(args, p, {"token-ids": "token_ids", "token_ids": "token_ids"} if head == "assistant" else {})
+            if len(pos) != 1:
+                self.fail(x, p, f"{len(pos)} positional arguments", f"exactly one string: ({head} \"...\")")
+            content = self.value(pos[0], p)
+            if kw:
+                return {head: {"content": content, "token_ids": self.value(kw["token_ids"], child_path(p, "token_ids"))}}
+            return {head: content}
+        if head == "monad":
+            pos, _ = self.split(args, p, {})
+            if len(pos) != 1:
+                self.fail(x, p, f"{len(pos)} arguments", "exactly one query: (monad Q)")
+            return {"monad": self.query(pos[0], p, depth + 1)}
+        if head == "repeat":
+            pos, _ = self.split(args, p, {})
+            if len(pos) != 2:
+                self.fail(x, p, f"{len(pos)} arguments", "(repeat N (g ...))")
+            return {"repeat": {"n": self.value(pos[0], child_path(p, "n")), "query": self.query(pos[1], child_path(p, "query"), depth + 1)}}
+        if head == "g":
+            pos, kw = self.split(args, p, _SX_G_KEYS)
+            if not 2 <= len(pos) <= 4:
+                self.fail(x, p, f"{len(pos)} positional arguments", '(g "model" INPUT [MAX_TOKENS [TEMPERATURE]] [:key value]...)')
+            body = {"model": self.value(pos[0], child_path(p, "model")), "input": self.query(pos[1], child_path(p, "input"), depth + 1)}
+            for name, y in zip(("max_tokens", "temperature"), pos[2:]):
+                if name in kw:
+                    self.fail(y, p, f"{name} given both positionally and as :{name}", "one of them")
+                body[name] = self.value(y, child_path(p, name))
+            for name, y in kw.items():
+                body[name] = self.value(y, child_path(p, name))
+            return {"g": body}
+        self.fail(x.items[0], path, f"unknown node {head!r}", "one of g, cross, plus, seq, par, system, user, assistant, repeat, monad, print")
+
+
+def sexpr_data(src) -> tuple[object, dict]:
+    reader = _SexprReader(_text(src))
+    conv = _SexprToData(reader)
+    return conv.query(reader.read(), "$", 1), conv.locs
+
+
+def parse_sexpr(src) -> A.Query:
+    data, locs = sexpr_data(src)
+    return from_data(data, locs)
+
+
+# ------------------------------------------------------------------------------ dispatch
+FORMATS = ("json", "yaml", "sexpr")
+_EXTENSIONS = {".json": "json", ".yaml": "yaml", ".yml": "yaml", ".sexp": "sexpr", ".sexpr": "sexpr", ".lisp": "sexpr", ".scm": "sexpr", ".spnl": "sexpr"}
+
+
+def sniff(text: str) -> str:
+    """Guess the form from the first meaningful character: '{' JSON, '(' s-expr, else YAML."""
+    for line in text.splitlines():
+        t = line.strip()
+        if not t or t.startswith(";") or t.startswith("#"):
+            continue
+        return {"{": "json", "(": "sexpr"}.get(t[0], "yaml")
+    return "yaml"
+
+
+def format_for_path(path: str) -> str | None:
+    import os
+
+    return _EXTENSIONS.get(os.path.splitext(str(path))[1].lower())
+
+
+def parse(src, fmt: str | None = None) -> A.Query:
+    """Parse a query in any form (`fmt` one of json/yaml/sexpr, or None to sniff)."""
+    text = _text(src)
+    fmt = fmt or sniff(text)
+    if fmt not in FORMATS:
+        raise SpanQueryError("$", f"format {fmt!r}", "one of " + ", ".join(FORMATS))
+    return {"json": parse_json, "yaml": parse_yaml, "sexpr": parse_sexpr}[fmt](text)
+
+
+# ------------------------------------------------------------------------------ printers
+def to_data(q: A.Query):
+    """AST -> generic JSON-shaped data (the canonical spnl-compatible form)."""
+    if isinstance(q, A.Message):
+        if q.token_ids is not None:
+            return {q.role: {"content": q.content, "token_ids": list(q.token_ids)}}
+        return {q.role: q.content}
+    if isinstance(q, A.Plus):
+        items = [to_data(c) for c in q.children]
+        if q.attention is None and q.positions is None:
+            return {"plus": items}
+        body = {"items": items}
+        if q.attention is not None:
+            body["attention"] = q.attention
+        if q.positions is not None:
+            body["positions"] = q.positions
+        return {"plus": body}
+    if isinstance(q, (A.Cross, A.Seq, A.Par)):
+        return {type(q).__name__.lower(): [to_data(c) for c in q.children]}
+    if isinstance(q, A.G):
+        return {"g": _g_body(q)}
+    if isinstance(q, A.Repeat):
+        return {"repeat": {"n": q.n, "query": to_data(q.query)}}
+    if isinstance(q, A.Monad):
+        return {"monad": to_data(q.query)}
+    if isinstance(q, A.Print):
+        return {"print": q.message}
+    raise TypeError(f"not a query node: {q!r}")
+
+
+def _g_body(q: A.G) -> dict:
+    body = {"model": q.model, "input": to_data(q.input)}
+    for name in ("max_tokens", "temperature", "top_p", "seed", "adapter"):
+        v = getattr(q, name)
+        if v is not None:
+            body[name] = v
+    if q.stop:
+        body["stop"] = list(q.stop)
+    if q.attention != "prefix":
+        body["attention"] = q.attention
+    if q.positions != "sequential":
+        body["positions"] = q.positions
+    return body
+
+
+def to_json(q: A.Query, indent: int | None = 2) -> str:
+    return json.dumps(to_data(q), indent=indent, ensure_ascii=False)
+
+
+def to_yaml(q: A.Query) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_data(q), sort_keys=False, allow_unicode=True, width=100)
+
+
+def _sx_str(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)
+
+
+def _sx_num(v) -> str:
+    return repr(v)
+
+
+def to_sexpr(q: A.Query, indent: int = 0) -> str:
+    pad = "\n" + "  " * (indent + 1)
+
+    def block(head, kws, kids):
+        parts = [head] + kws
+        if not kids:
+            return "(" + " ".join(parts) + ")"
+        return "(" + " ".join(parts) + "".join(pad + to_sexpr(k, indent + 1) for k in kids) + ")"
+
+    if isinstance(q, A.Message):
+        extra = "" if q.token_ids is None else " :token-ids (" + " ".join(map(str, q.token_ids)) + ")"
+        return f"({q.role} {_sx_str(q.content)}{extra})"
+    if isinstance(q, A.Plus):
+        kws = []
+        if q.attention is not None:
+            kws += [":attention", q.attention]
+        if q.positions is not None:
+            kws += [":positions", q.positions]
+        return block("plus", kws, q.children)
+    if isinstance(q, (A.Cross, A.Seq, A.Par)):
+        return block(type(q).__name__.lower(), [], q.children)
+    if isinstance(q, A.G):
+        tail = []
+        if q.max_tokens is not None:
+            tail.append(str(q.max_tokens))
+            if q.temperature is not None:
+                tail.append(_sx_num(q.temperature))
+        elif q.temperature is not None:
+            tail += [":temperature", _sx_num(q.temperature)]
+        if q.top_p is not None:
+            tail += [":top-p", _sx_num(q.top_p)]
+        if q.seed is not None:
+            tail += [":seed", str(q.seed)]
+        if q.stop:
+            tail += [":stop", "(" + " ".join(map(_sx_str, q.stop)) + ")"]
+        if q.adapter is not None:
+            tail += [":adapter", _sx_str(q.adapter)]
+        if q.attention != "prefix":
+            tail += [":attention", q.attention]
+        if q.positions != "sequential":
+            tail += [":positions", q.positions]
+        return f"(g {_sx_str(q.model)}{pad}{to_sexpr(q.input, indent + 1)}" + "".join(" " + t for t in tail) + ")"
+    if isinstance(q, A.Repeat):
+        return f"(repeat {q.n}{pad}{to_sexpr(q.query, indent + 1)})"
+    if isinstance(q, A.Monad):
+        return f"(monad{pad}{to_sexpr(q.query, indent + 1)})"
+    if isinstance(q, A.Print):
+        return f"(print {_sx_str(q.message)})"
+    raise TypeError(f"not a query node: {q!r}")
+
+
+def dump(q: A.Query, fmt: str = "json") -> str:
+    return {"json": to_json, "yaml": to_yaml, "sexpr": to_sexpr}[fmt](q)
