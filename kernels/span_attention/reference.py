@@ -82,6 +82,9 @@ def span_attention_reference(
         k = apply_rope(k.reshape(T, step * page_size, Hkv, D), kpos.reshape(T, -1), rope_inv_freq)
         v = v.reshape(T, step * page_size, Hkv, D)
         seen = seen.reshape(T, 1, 1, step * page_size)
+        # Pad/unseen slots may hold anything (stale or non-finite values): 0 * inf
+        # would poison the row, so unseen values are zeroed, not just weighted 0.
+        v = jnp.where(seen.reshape(T, step * page_size, 1, 1), v, 0.0)
         s = jnp.einsum("thgd,tkhd->thgk", qg, k)
         s = jnp.where(seen, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))

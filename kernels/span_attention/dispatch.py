@@ -1,0 +1,92 @@
+"""Pick the span-attention implementation the engine calls.
+
+    from kernels.span_attention import span_attention, get_attention_impl
+    out = span_attention(q, k_pages, v_pages, block_tables, block_pos, block_lens,
+                         cu_q_lens, q_pos, rope_inv_freq=..., sm_scale=...)
+    forward_paged(..., attention_impl=get_attention_impl())
+
+`impl`: "auto" (default; env SPANJAX_ATTENTION_IMPL overrides) -> "pallas_gpu" on
+GPU, "pallas_tpu" on TPU, "reference" elsewhere; "pallas" -> the Pallas variant
+of the current backend (the GPU variant, interpreted, on CPU). Block sizes come
+from the tuned table for (device kind, shape bucket), else a heuristic; pass
+`config=` to override. Shapes the GPU kernel cannot take (head_dim not a power of
+two or < 32, page_size < 16 with one page per block) fall back to the reference.
+"""
+
+import functools
+import os
+
+import jax
+
+from kernels.span_attention import tuning
+from kernels.span_attention.reference import span_attention_reference
+
+IMPLS = ("auto", "reference", "pallas", "pallas_gpu", "pallas_tpu")
+
+
+def resolve_impl(impl=None, backend=None) -> str:
+    impl = impl or os.environ.get("SPANJAX_ATTENTION_IMPL") or "auto"
+    if impl not in IMPLS:
+        raise ValueError(f"unknown span attention impl {impl!r}; choose from {IMPLS}")
+    backend = backend or jax.default_backend()
+    if impl == "auto":
+        return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "reference")
+    if impl == "pallas":
+        return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
+    return impl
+
+
+def _gpu_ok(q, k_pages):
+    D = q.shape[-1]
+    return D >= 32 and D == tuning.next_pow2(D) and k_pages.shape[1] >= 1
+
+
+def span_attention(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    block_pos,
+    block_lens,
+    cu_q_lens,
+    q_pos,
+    *,
+    rope_inv_freq,
+    sm_scale,
+    impl=None,
+    interpret=None,
+    config=None,
+):
+    """The engine's entry point; same contract as `span_attention_reference`."""
+    which = resolve_impl(impl)
+    if which == "reference" or (which == "pallas_gpu" and not _gpu_ok(q, k_pages)):
+        return span_attention_reference(
+            q, k_pages, v_pages, block_tables, block_pos, block_lens, cu_q_lens, q_pos,
+            rope_inv_freq=rope_inv_freq, sm_scale=sm_scale,
+        )
+    variant = "gpu" if which == "pallas_gpu" else "tpu"
+    if interpret is None:
+        interpret = jax.default_backend() not in (("tpu",) if variant == "tpu" else ("gpu", "cuda", "rocm"))
+    T, Hq, D = q.shape
+    _, P, Hkv, _ = k_pages.shape
+    S, M = block_tables.shape
+    cfg = tuning.get_config(variant, T, S, M, P, Hq, Hkv, D, q.dtype)
+    cfg.update(config or {})
+    args = (q, k_pages, v_pages, block_tables, block_pos, block_lens, cu_q_lens, q_pos)
+    if variant == "gpu":
+        from kernels.span_attention.kernel import span_attention_gpu
+
+        return span_attention_gpu(*args, rope_inv_freq=rope_inv_freq, sm_scale=float(sm_scale), interpret=interpret, **cfg)
+    from kernels.span_attention.kernel_tpu import span_attention_tpu
+
+    cfg = {k: cfg[k] for k in ("block_q", "pages_per_block", "num_splits") if k in cfg}
+    return span_attention_tpu(*args, rope_inv_freq=rope_inv_freq, sm_scale=float(sm_scale), interpret=interpret, **cfg)
+
+
+def get_attention_impl(impl=None, *, interpret=None, config=None):
+    """A callable with exactly span_attention_reference's signature, for
+    `forward_paged(..., attention_impl=...)`. The choice is made now (not per call)."""
+    which = resolve_impl(impl)
+    if which == "reference":
+        return span_attention_reference
+    return functools.partial(span_attention, impl=which, interpret=interpret, config=config)

@@ -1,0 +1,230 @@
+"""Ragged paged span attention: the GPU Pallas kernel (Triton lowering).
+
+Grid: (query tile, kv head, kv split). One program owns `block_q` tokens of one
+sequence times the `G` query heads of one KV head (rows = block_q * Gp, Gp = G
+padded to a power of two, >= 16 rows in all as Triton's dot requires) and walks
+that sequence's block-table entries `pages_per_block` at a time:
+
+  gather pages -> RoPE the keys from block_pos (fp32) -> q.k^T as two half-dim
+  dots (rotate-half never needs a register concatenate) -> mask by block_lens and
+  positions -> fp32 online softmax -> p.V.
+
+Page groups whose every entry is empty or starts after the tile's last query
+position are skipped. With `num_splits > 1` (split-KV, for long-context decode
+with few programs) each split walks a contiguous share of the page groups and
+writes normalized partials plus (m, l); `tiling.combine_splits` merges them.
+
+Only jax.experimental.pallas core APIs plus `triton.CompilerParams` are used, so
+the kernel body is backend-neutral; porting to Mosaic GPU means swapping the
+BlockSpecs/compiler params in `_pallas_call` (the page gather would become a
+TMA/async copy).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels.span_attention import tiling
+
+NEG = -1e30  # finite mask value: exp() of masked logits stays 0, never NaN
+
+
+def _triton_params(num_warps, num_stages):
+    try:
+        from jax.experimental.pallas import triton as plgpu
+
+        cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+        return cls(num_warps=num_warps, num_stages=num_stages)
+    except Exception:  # pragma: no cover - lowering absent in some jax builds
+        return None
+
+
+def _dot_nt(a, b, precision):
+    """a [M, K] . b [N, K]^T -> [M, N] in fp32."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
+def _dot_nn(a, b, precision):
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
+def _span_kernel(
+    seq_ref,  # [nt] int32 (whole array)
+    nblk_ref,  # [nt]
+    maxpos_ref,  # [nt]
+    bt_ref,  # [S, Mp]
+    bp_ref,  # [S, Mp]
+    bl_ref,  # [S, Mp]
+    invf_ref,  # [D/2] f32
+    rpos_ref,  # [R] row positions of this tile
+    q_ref,  # [R, D]
+    k_ref,  # [N, P, D] (this kv head)
+    v_ref,  # [N, P, D]
+    o_ref,  # [R, D]
+    *stat_refs,  # (m_ref [R], l_ref [R]) when split
+    pages_per_block: int,
+    num_splits: int,
+    sm_scale: float,
+    precision,
+):
+    t = pl.program_id(0)
+    split = pl.program_id(2)
+    R, D = q_ref.shape
+    D2 = D // 2
+    P = k_ref.shape[1]
+    pp = pages_per_block
+    K = pp * P
+
+    seq = seq_ref[t]
+    nblk = nblk_ref[t]
+    max_pos = maxpos_ref[t]
+    per = (nblk + num_splits - 1) // num_splits
+    lo = split * per
+    hi = jnp.minimum(nblk, lo + per)
+
+    q1 = q_ref[:, pl.ds(0, D2)]
+    q2 = q_ref[:, pl.ds(D2, D2)]
+    cdt = q1.dtype
+    rpos = rpos_ref[...]
+    inv_freq = invf_ref[...].astype(jnp.float32)
+    slot = lax.broadcasted_iota(jnp.int32, (pp, P), 1)
+
+    def compute(j, carry):
+        m, l, acc = carry
+        ents = pl.ds(j * pp, pp)
+        pages = bt_ref[seq, ents]  # [pp]
+        starts = bp_ref[seq, ents]
+        lens = bl_ref[seq, ents]
+        kpos = (starts[:, None] + slot).reshape(K)
+        kval = (slot < lens[:, None]).reshape(K)
+        k1 = k_ref[pages, :, pl.ds(0, D2)].reshape(K, D2).astype(jnp.float32)
+        k2 = k_ref[pages, :, pl.ds(D2, D2)].reshape(K, D2).astype(jnp.float32)
+        ang = kpos.astype(jnp.float32)[:, None] * inv_freq[None, :]
+        cos, sin = jnp.cos(ang), jnp.sin(ang)
+        k1r = (k1 * cos - k2 * sin).astype(cdt)
+        k2r = (k2 * cos + k1 * sin).astype(cdt)
+        s = (_dot_nt(q1, k1r, precision) + _dot_nt(q2, k2r, precision)) * sm_scale  # [R, K]
+        seen = kval[None, :] & (kpos[None, :] <= rpos[:, None])
+        s = jnp.where(seen, s, NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(seen, jnp.exp(s - m_new[:, None]), 0.0)
+        l = l * alpha + jnp.sum(p, axis=1)
+        vv = v_ref[pages].reshape(K, D)
+        vv = jnp.where(kval[:, None], vv, jnp.zeros_like(vv))  # masked slots may hold anything
+        acc = acc * alpha[:, None] + _dot_nn(p.astype(vv.dtype), vv, precision)
+        return m_new, l, acc
+
+    def body(j, carry):
+        lens = bl_ref[seq, pl.ds(j * pp, pp)]
+        starts = bp_ref[seq, pl.ds(j * pp, pp)]
+        visible = jnp.max(jnp.where((lens > 0) & (starts <= max_pos), 1, 0)) > 0
+        return lax.cond(visible, lambda c: compute(j, c), lambda c: c, carry)
+
+    init = (
+        jnp.full((R,), NEG, jnp.float32),
+        jnp.zeros((R,), jnp.float32),
+        jnp.zeros((R, D), jnp.float32),
+    )
+    m, l, acc = lax.fori_loop(lo, hi, body, init)
+    out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+    o_ref[...] = out.astype(o_ref.dtype)
+    if stat_refs:
+        m_ref, l_ref = stat_refs
+        m_ref[...] = m
+        l_ref[...] = l
+
+
+def default_rows(num_tokens: int, num_seqs: int, g_pad: int) -> int:
+    return 16 if num_tokens <= num_seqs else 64
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "block_q", "pages_per_block", "num_splits", "num_warps", "num_stages", "interpret"),
+)
+def span_attention_gpu(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    block_pos,
+    block_lens,
+    cu_q_lens,
+    q_pos,
+    *,
+    rope_inv_freq,
+    sm_scale,
+    block_q: int = 8,
+    pages_per_block: int = 4,
+    num_splits: int = 1,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+):
+    """Same contract as `span_attention_reference`; block sizes are static."""
+    T, Hq, D = q.shape
+    N, P, Hkv, _ = k_pages.shape
+    S, _ = block_tables.shape
+    G = Hq // Hkv
+    if D % 2 or Hq % Hkv:
+        raise ValueError(f"bad head shapes: Hq={Hq} Hkv={Hkv} D={D}")
+    g_pad = tiling.next_pow2(G)
+    bq = max(1, int(block_q))
+    if bq * g_pad < 16:  # Triton dots need >= 16 rows
+        bq = tiling.cdiv(16, g_pad)
+    bq = tiling.next_pow2(bq)
+    R = bq * g_pad
+    pp = tiling.next_pow2(pages_per_block)
+    nt = tiling.max_num_tiles(T, S, bq)
+
+    tables, pos, lens = tiling.pad_block_tables(block_tables, block_pos, block_lens, N, pp)
+    tiles, rpos = tiling.make_tiles(cu_q_lens, q_pos, lens, T, bq, pp, nt)
+    qt, row_pos = tiling.pack_queries(q, tiles, rpos, Hkv, bq, g_pad)
+    inv_freq = jnp.asarray(rope_inv_freq, jnp.float32).reshape(D // 2)
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
+
+    kernel = functools.partial(
+        _span_kernel, pages_per_block=pp, num_splits=num_splits, sm_scale=float(sm_scale), precision=precision
+    )
+    whole = lambda shape: pl.BlockSpec(shape, lambda t, h, k: (0,) * len(shape))  # noqa: E731
+    Mp = tables.shape[1]
+    in_specs = [
+        whole((nt,)),
+        whole((nt,)),
+        whole((nt,)),
+        whole((S, Mp)),
+        whole((S, Mp)),
+        whole((S, Mp)),
+        whole((D // 2,)),
+        pl.BlockSpec((None, R), lambda t, h, k: (t, 0)),
+        pl.BlockSpec((None, None, R, D), lambda t, h, k: (t, h, 0, 0)),
+        pl.BlockSpec((N, P, None, D), lambda t, h, k: (0, 0, h, 0)),
+        pl.BlockSpec((N, P, None, D), lambda t, h, k: (0, 0, h, 0)),
+    ]
+    split = num_splits > 1
+    o_dtype = jnp.float32 if split else q.dtype
+    out_shape = [jax.ShapeDtypeStruct((num_splits, nt, Hkv, R, D), o_dtype)]
+    out_specs = [pl.BlockSpec((None, None, None, R, D), lambda t, h, k: (k, t, h, 0, 0))]
+    if split:
+        for _ in range(2):
+            out_shape.append(jax.ShapeDtypeStruct((num_splits, nt, Hkv, R), jnp.float32))
+            out_specs.append(pl.BlockSpec((None, None, None, R), lambda t, h, k: (k, t, h, 0)))
+    outs = pl.pallas_call(
+        kernel,
+        grid=(nt, Hkv, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=None if interpret else _triton_params(num_warps, num_stages),
+        interpret=interpret,
+        name=f"span_attention_gpu_bq{bq}_g{g_pad}_pp{pp}_ks{num_splits}",
+    )(tiles.seq, tiles.num_blocks, tiles.max_pos, tables, pos, lens, inv_freq, row_pos, qt, k_pages, v_pages)
+    if split:
+        o = tiling.combine_splits(*outs)
+    else:
+        o = outs[0][0]
+    return tiling.unpack_output(o, tiles, Hq, bq, g_pad, q.dtype)

@@ -1,0 +1,116 @@
+"""Synthetic span-structured batches for tests, tuning and benchmarks (numpy).
+
+Each sequence is laid out the way the engine lays out a span query (DESIGN 2.3):
+a prefix span, optionally a `plus` of children spans (under `parallel` positions
+every child starts at the end of the prefix), then the query span whose tokens
+are the queries of this step (its keys are already in the cache, written by the
+engine before attention). Every span starts on a page boundary, so the last page
+of a span is partly filled (block_lens < page_size) and its pad slots hold junk.
+"""
+
+import numpy as np
+
+
+def make_batch(
+    rng,
+    seqs,
+    *,
+    num_q_heads,
+    num_kv_heads,
+    head_dim,
+    page_size,
+    dtype=np.float32,
+    extra_tokens=0,
+    extra_entries=0,
+    spare_pages=3,
+    rope_theta=10000.0,
+):
+    """seqs: list of dicts {prefix: int, children: [int], parallel: bool, q_len: int}.
+
+    `q_len` queries end the sequence: they are the last q_len tokens of its query
+    span (whose length is max(q_len, given `tail`)). Returns a dict of numpy
+    arrays matching span_attention_reference's arguments (+ rope_inv_freq, sm_scale).
+    """
+    P = page_size
+    entries = []  # per seq: list of (start_pos, length)
+    q_positions = []
+    for sd in seqs:
+        spans = []  # (start position, length)
+        pos = 0
+        if sd.get("prefix", 0):
+            spans.append((0, sd["prefix"]))
+            pos = sd["prefix"]
+        children = sd.get("children", [])
+        if children:
+            if sd.get("parallel", True):
+                for c in children:
+                    spans.append((pos, c))
+                pos += max(children)
+            else:
+                for c in children:
+                    spans.append((pos, c))
+                    pos += c
+        q_len = sd.get("q_len", 1)
+        tail = max(q_len, sd.get("tail", q_len))
+        if tail:
+            spans.append((pos, tail))
+        ents = []
+        for start, length in spans:
+            for off in range(0, length, P):
+                ents.append((start + off, min(P, length - off)))
+        entries.append(ents)
+        q_positions.append(np.arange(pos + tail - q_len, pos + tail))
+
+    S = len(seqs)
+    M = max(1, max(len(e) for e in entries) + extra_entries)
+    num_pages = sum(len(e) for e in entries) + spare_pages
+    perm = rng.permutation(num_pages)
+    tables = rng.integers(0, 10 * num_pages, size=(S, M)).astype(np.int32)  # junk in unused entries
+    bpos = rng.integers(0, 1000, size=(S, M)).astype(np.int32)
+    blens = np.zeros((S, M), np.int32)
+    k = rng.standard_normal((num_pages, P, num_kv_heads, head_dim)).astype(np.float32)
+    v = rng.standard_normal((num_pages, P, num_kv_heads, head_dim)).astype(np.float32)
+    nxt = 0
+    for s, ents in enumerate(entries):
+        # shuffle entry order: visibility is by listing, causality by positions
+        order = rng.permutation(len(ents))
+        for i, e in enumerate(order):
+            start, length = ents[e]
+            page = perm[nxt]
+            nxt += 1
+            tables[s, i], bpos[s, i], blens[s, i] = page, start, length
+            k[page, length:] = 1e4  # junk in pad slots: must be masked, not merely down-weighted
+            v[page, length:] = 1e4
+    q_lens = np.array([len(p) for p in q_positions])
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    T = int(cu[-1]) + extra_tokens
+    q_pos = np.concatenate(q_positions + [rng.integers(0, 50, size=extra_tokens)]).astype(np.int32)
+    q = rng.standard_normal((T, num_q_heads, head_dim)).astype(np.float32)
+    inv_freq = (1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float32)
+    return dict(
+        q=q.astype(dtype),
+        k_pages=k.astype(dtype),
+        v_pages=v.astype(dtype),
+        block_tables=tables,
+        block_pos=bpos,
+        block_lens=blens,
+        cu_q_lens=cu,
+        q_pos=q_pos,
+        rope_inv_freq=inv_freq,
+        sm_scale=float(head_dim) ** -0.5,
+    )
+
+
+def args_kwargs(batch, to_jnp=True):
+    import jax.numpy as jnp
+
+    conv = jnp.asarray if to_jnp else (lambda x: x)
+    names = ["q", "k_pages", "v_pages", "block_tables", "block_pos", "block_lens", "cu_q_lens", "q_pos"]
+    args = [conv(batch[n]) for n in names]
+    return args, dict(rope_inv_freq=conv(batch["rope_inv_freq"]), sm_scale=batch["sm_scale"])
+
+
+def uniform_batch(rng, num_seqs, q_len, ctx_len, **kw):
+    """num_seqs sequences, each with ctx_len tokens of context and q_len queries."""
+    seqs = [dict(prefix=ctx_len, q_len=q_len) for _ in range(num_seqs)]
+    return make_batch(rng, seqs, **kw)

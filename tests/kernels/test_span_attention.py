@@ -1,0 +1,158 @@
+"""Interpret-mode tests of the Pallas span-attention kernels against the jnp reference."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.span_attention import get_attention_impl, resolve_impl, span_attention, span_attention_reference
+from kernels.span_attention import tuning
+from kernels.span_attention.kernel import span_attention_gpu
+from kernels.span_attention.kernel_tpu import span_attention_tpu
+from kernels.span_attention.testing import args_kwargs, make_batch
+
+KERNELS = {"gpu": span_attention_gpu, "tpu": span_attention_tpu}
+TOL = {"float32": 1e-5, "bfloat16": 2e-2}
+
+# A ragged mixed batch: chunked prefill after a prefix, a `parallel` plus with
+# the question after it, a `sequential` plus, an empty sequence, decodes with
+# long-ish and short contexts, and padding tokens past cu_q_lens[S].
+MIXED = [
+    dict(prefix=21, q_len=5, tail=9),
+    dict(prefix=7, children=[12, 3, 20], parallel=True, q_len=4),
+    dict(prefix=0, q_len=0),
+    dict(prefix=40, children=[5, 9], parallel=False, q_len=1),
+    dict(prefix=0, q_len=3),
+    dict(prefix=33, q_len=1),
+]
+
+
+def _batch(seed, seqs, G, P, dtype=np.float32, Hkv=None):
+    Hkv = Hkv or (1 if G == 8 else 2)
+    rng = np.random.default_rng(seed)
+    return make_batch(
+        rng, seqs, num_q_heads=G * Hkv, num_kv_heads=Hkv, head_dim=32, page_size=P, dtype=dtype,
+        extra_tokens=3, extra_entries=2,
+    )
+
+
+def _diff(out, ref):
+    out = np.asarray(jnp.asarray(out, jnp.float32))
+    ref = np.asarray(jnp.asarray(ref, jnp.float32))
+    assert np.isfinite(out).all()
+    return float(np.max(np.abs(out - ref)))
+
+
+def _run(variant, batch, **cfg):
+    args, kw = args_kwargs(batch)
+    ref = span_attention_reference(*args, **kw)
+    out = KERNELS[variant](*args, **kw, interpret=True, **cfg)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    return out, ref
+
+
+@pytest.mark.parametrize("variant", ["gpu", "tpu"])
+@pytest.mark.parametrize("G", [1, 3, 8])
+@pytest.mark.parametrize("P", [16, 32])
+def test_mixed_batch_fp32(variant, G, P):
+    batch = _batch(G * 100 + P, MIXED, G, P)
+    cfg = dict(block_q=4, pages_per_block=2) if variant == "gpu" else dict(block_q=2, pages_per_block=2)
+    out, ref = _run(variant, batch, **cfg)
+    d = _diff(out, ref)
+    print(f"{variant} G={G} P={P} fp32 max|diff|={d:.2e}")
+    assert d <= TOL["float32"]
+    # padding tokens past cu_q_lens[S] give zeros
+    T_real = int(batch["cu_q_lens"][-1])
+    assert float(jnp.max(jnp.abs(out[T_real:]))) == 0.0
+
+
+@pytest.mark.parametrize("variant", ["gpu", "tpu"])
+@pytest.mark.parametrize("G", [3, 8])
+def test_mixed_batch_bf16(variant, G):
+    batch = _batch(7 + G, MIXED, G, 16, dtype=jnp.bfloat16)
+    out, ref = _run(variant, batch, block_q=4, pages_per_block=1)
+    d = _diff(out, ref)
+    print(f"{variant} G={G} bf16 max|diff|={d:.2e}")
+    assert d <= TOL["bfloat16"]
+
+
+@pytest.mark.parametrize("variant", ["gpu", "tpu"])
+@pytest.mark.parametrize("splits", [2, 4])
+def test_split_kv_decode(variant, splits):
+    seqs = [dict(prefix=150, q_len=1), dict(prefix=37, q_len=1), dict(prefix=0, q_len=0), dict(prefix=90, children=[30, 50], q_len=1)]
+    batch = _batch(splits, seqs, 3, 16)
+    out, ref = _run(variant, batch, block_q=1, pages_per_block=2, num_splits=splits)
+    d = _diff(out, ref)
+    print(f"{variant} split={splits} fp32 max|diff|={d:.2e}")
+    assert d <= TOL["float32"]
+
+
+@pytest.mark.parametrize("variant", ["gpu", "tpu"])
+def test_rows_that_see_nothing_are_zero(variant):
+    batch = _batch(3, [dict(prefix=10, q_len=3), dict(prefix=20, q_len=2)], 3, 16)
+    batch["block_lens"][1, :] = 0  # second sequence lists nothing
+    batch["block_pos"][0, :] += 1000  # first sequence: every key is in its future
+    out, ref = _run(variant, batch, block_q=2, pages_per_block=1)
+    assert _diff(out, ref) <= TOL["float32"]
+    assert float(jnp.max(jnp.abs(out))) == 0.0
+
+
+def test_reference_masks_nonfinite_pad_slots():
+    batch = _batch(5, [dict(prefix=10, q_len=3)], 1, 16)
+    clean = span_attention_reference(*args_kwargs(batch)[0], **args_kwargs(batch)[1])
+    for s in range(batch["block_tables"].shape[0]):
+        for i in range(batch["block_tables"].shape[1]):
+            n = batch["block_lens"][s, i]
+            if n:
+                batch["k_pages"][batch["block_tables"][s, i], n:] = np.nan
+                batch["v_pages"][batch["block_tables"][s, i], n:] = np.inf
+    args, kw = args_kwargs(batch)
+    ref = span_attention_reference(*args, **kw)
+    assert np.isfinite(np.asarray(ref)).all()
+    assert _diff(ref, clean) == 0.0
+    out = span_attention_gpu(*args, **kw, interpret=True, block_q=2, pages_per_block=1)
+    assert _diff(out, ref) <= TOL["float32"]
+
+
+def test_dispatcher(monkeypatch):
+    assert resolve_impl(None, backend="cpu") == "reference"
+    assert resolve_impl(None, backend="gpu") == "pallas_gpu"
+    assert resolve_impl(None, backend="tpu") == "pallas_tpu"
+    assert resolve_impl("pallas", backend="cpu") == "pallas_gpu"
+    monkeypatch.setenv("SPANJAX_ATTENTION_IMPL", "pallas_tpu")
+    assert resolve_impl(None, backend="gpu") == "pallas_tpu"
+    monkeypatch.delenv("SPANJAX_ATTENTION_IMPL")
+    with pytest.raises(ValueError):
+        resolve_impl("triton")
+    if jax.default_backend() == "cpu":
+        assert get_attention_impl() is span_attention_reference
+    batch = _batch(11, MIXED[:2], 3, 16)
+    args, kw = args_kwargs(batch)
+    ref = span_attention_reference(*args, **kw)
+    for impl in ("pallas_gpu", "pallas_tpu"):
+        fn = get_attention_impl(impl, interpret=True)
+        out = jax.jit(fn, static_argnames=("sm_scale",))(*args, **kw)
+        assert _diff(out, ref) <= TOL["float32"]
+    out = span_attention(*args, **kw, impl="pallas", config=dict(block_q=2, pages_per_block=1))
+    assert _diff(out, ref) <= TOL["float32"]
+
+
+def test_tuned_table_lookup(tmp_path):
+    key = tuning.bucket_key("gpu", 40, 6, 8, 16, 6, 2, 32, np.float32)
+    assert key == "gpu/d32/g3/p16/float32/t64/s8/c128"
+    heur = tuning.get_config("gpu", 40, 6, 8, 16, 6, 2, 32, np.float32, table={"entries": {}})
+    assert heur == tuning.heuristic("gpu", 40, 6, 8, 16, 6, 2, 32)
+    table = {"format": tuning.TABLE_FORMAT, "entries": {tuning.device_kind(): {key: {"block_q": 2, "pages_per_block": 1, "num_splits": 1, "us": 1.0}}}}
+    cfg = tuning.get_config("gpu", 40, 6, 8, 16, 6, 2, 32, np.float32, table=table)
+    assert cfg["block_q"] == 2 and cfg["pages_per_block"] == 1
+    path = tmp_path / "t.json"
+    tuning.save_table(table, path)
+    assert json.loads(path.read_text())["entries"] == table["entries"]
+    assert tuning.load_table(path)["entries"] == table["entries"]
+    # the shipped table parses and has the current format
+    assert tuning.load_table(tuning.TABLE_PATH)["format"] == tuning.TABLE_FORMAT
+    # long-context small-batch decode gets split-KV from the heuristic
+    assert tuning.heuristic("gpu", 2, 2, 512, 16, 32, 8, 128)["num_splits"] > 1
+    assert tuning.heuristic("gpu", 512, 4, 64, 16, 32, 8, 128)["num_splits"] == 1
