@@ -24,12 +24,15 @@ def make_batch(
     extra_entries=0,
     spare_pages=3,
     rope_theta=10000.0,
+    with_kv=True,
 ):
     """seqs: list of dicts {prefix: int, children: [int], parallel: bool, q_len: int}.
 
     `q_len` queries end the sequence: they are the last q_len tokens of its query
     span (whose length is max(q_len, given `tail`)). Returns a dict of numpy
     arrays matching span_attention_reference's arguments (+ rope_inv_freq, sm_scale).
+    with_kv=False skips the page pool (k_pages/v_pages are None; `num_pages` says
+    how many pages to allocate), for benchmarks that fill it on the device.
     """
     P = page_size
     entries = []  # per seq: list of (start_pos, length)
@@ -68,8 +71,9 @@ def make_batch(
     tables = rng.integers(0, 10 * num_pages, size=(S, M)).astype(np.int32)  # junk in unused entries
     bpos = rng.integers(0, 1000, size=(S, M)).astype(np.int32)
     blens = np.zeros((S, M), np.int32)
-    k = rng.standard_normal((num_pages, P, num_kv_heads, head_dim)).astype(np.float32)
-    v = rng.standard_normal((num_pages, P, num_kv_heads, head_dim)).astype(np.float32)
+    kv_shape = (num_pages, P, num_kv_heads, head_dim)
+    k = rng.standard_normal(kv_shape).astype(np.float32) if with_kv else None
+    v = rng.standard_normal(kv_shape).astype(np.float32) if with_kv else None
     nxt = 0
     for s, ents in enumerate(entries):
         # shuffle entry order: visibility is by listing, causality by positions
@@ -79,8 +83,9 @@ def make_batch(
             page = perm[nxt]
             nxt += 1
             tables[s, i], bpos[s, i], blens[s, i] = page, start, length
-            k[page, length:] = 1e4  # junk in pad slots: must be masked, not merely down-weighted
-            v[page, length:] = 1e4
+            if with_kv:
+                k[page, length:] = 1e4  # junk in pad slots: must be masked, not merely down-weighted
+                v[page, length:] = 1e4
     q_lens = np.array([len(p) for p in q_positions])
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     T = int(cu[-1]) + extra_tokens
@@ -89,8 +94,9 @@ def make_batch(
     inv_freq = (1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float32)
     return dict(
         q=q.astype(dtype),
-        k_pages=k.astype(dtype),
-        v_pages=v.astype(dtype),
+        k_pages=k.astype(dtype) if with_kv else None,
+        v_pages=v.astype(dtype) if with_kv else None,
+        num_pages=num_pages,
         block_tables=tables,
         block_pos=bpos,
         block_lens=blens,
