@@ -121,10 +121,11 @@ class _JsonParser:
             i = self.ws(i)
             if self.s[i : i + 1] != '"':
                 self.fail(i, path, self.found_at(i), "an object key (string)")
+            kstart = i
             key, i = self.string(i, path)
             kpath = child_path(path, key)
             if key in out:
-                self.fail(i, kpath, f"duplicate key {key!r}", "unique keys in an object")
+                self.fail(kstart, kpath, f"duplicate key {key!r}", "unique keys in an object")
             i = self.ws(i)
             if self.s[i : i + 1] != ":":
                 self.fail(i, kpath, self.found_at(i), "':' after an object key")
@@ -175,10 +176,28 @@ def parse_json(src) -> A.Query:
 
 
 # ---------------------------------------------------------------------------------- YAML
+_YAML_FLOW = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\']|\'\')*\'|[\[\]{}]')
+
+
+def _yaml_flow_depth_check(text: str) -> None:
+    """Reject deep flow nesting before PyYAML (whose parser is recursive and slow there)."""
+    depth = 0
+    for m in _YAML_FLOW.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > MAX_TEXT_NESTING:
+                line, col = _Lines(text)(m.start())
+                raise SpanQueryError("$", f"nesting deeper than {MAX_TEXT_NESTING} containers", "a shallower document", line, col)
+        elif c in "]}":
+            depth = max(0, depth - 1)
+
+
 def yaml_data(src) -> tuple[object, dict]:
     import yaml
 
     text = _text(src)
+    _yaml_flow_depth_check(text)
     try:
         loader = yaml.SafeLoader(text)
         try:
@@ -530,10 +549,29 @@ def to_json(q: A.Query, indent: int | None = 2) -> str:
     return json.dumps(to_data(q), indent=indent, ensure_ascii=False)
 
 
+_YAML_PLAIN_OK = re.compile(r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff]*$")
+
+
+def _yaml_dumper():
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def str_repr(dumper, s):
+        # PyYAML mangles line-break-like characters (NEL, LS, PS, CR) in plain and
+        # single-quoted scalars; double quotes escape them exactly.
+        style = None if _YAML_PLAIN_OK.match(s) else '"'
+        return dumper.represent_scalar("tag:yaml.org,2002:str", s, style=style)
+
+    Dumper.add_representer(str, str_repr)
+    return Dumper
+
+
 def to_yaml(q: A.Query) -> str:
     import yaml
 
-    return yaml.safe_dump(to_data(q), sort_keys=False, allow_unicode=True, width=100)
+    return yaml.dump(to_data(q), Dumper=_yaml_dumper(), sort_keys=False, allow_unicode=True, width=100)
 
 
 def _sx_str(s: str) -> str:

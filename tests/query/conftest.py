@@ -1,0 +1,8 @@
+import pytest
+
+from qstrategies import TinyTokenizer
+
+
+@pytest.fixture
+def tok():
+    return TinyTokenizer()
