@@ -6,7 +6,10 @@ Engine-facing API:
     prepare(q) -> Query                             (passes.py: expand_repeat, flatten, dedup, hoist)
     evaluation_order(q) -> list[list[G]]; ready(q) -> list[G]
     substitute(q, {G: GenResult | str}) -> Query; value(q)
-    lower(g, tokenizer, *, page_size, model=None, adapter=None) -> SpanPlan   (lower.py)
+    spanjax.query.lower.lower(g, tokenizer, *, page_size, model=None, adapter=None) -> SpanPlan
+    spanjax.query.lower.chain_page_key(prev_key, page_tokens) -> str
+(`spanjax.query.lower` stays the *module* here, so `from spanjax.query import
+lower` gives the module; the function is also exported as `lower_g`.)
     SpanPlan.sequence_page_keys(generated_ids)      (plan.py)
 """
 
@@ -26,7 +29,9 @@ from spanjax.query.ast import (
     user,
 )
 from spanjax.query.errors import SpanQueryError
-from spanjax.query.lower import chain_page_key, chain_page_keys, lower, root_key
+from spanjax.query import lower  # noqa: F401  (the module; see docstring)
+from spanjax.query.lower import chain_page_key, chain_page_keys, root_key
+from spanjax.query.lower import lower as lower_g
 from spanjax.query.passes import (
     GenResult,
     dedup,
@@ -45,7 +50,7 @@ from spanjax.query.validate import MAX_DEPTH, from_data
 
 __all__ = [
     "G", "Cross", "Message", "Monad", "Par", "Plus", "Print", "Query", "Repeat", "Seq",
-    "assistant", "system", "user", "SpanQueryError", "lower", "chain_page_key", "chain_page_keys", "root_key",
+    "assistant", "system", "user", "SpanQueryError", "lower", "lower_g", "chain_page_key", "chain_page_keys", "root_key",
     "GenResult", "dedup", "evaluation_order", "expand_repeat", "flatten", "hoist", "prepare",
     "ready", "substitute", "value", "Span", "SpanPlan", "dump", "parse", "parse_json",
     "parse_sexpr", "parse_yaml", "to_data", "to_json", "to_sexpr", "to_yaml", "MAX_DEPTH", "from_data",

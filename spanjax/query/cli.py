@@ -21,7 +21,7 @@ from spanjax.query.lower import lower
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="query file (.json, .yaml/.yml, .sexp/.sexpr; else sniffed), '-' for stdin")
     parser.add_argument("--format", choices=syntax.FORMATS, default=None, help="input form (default: by extension or sniffed)")
-    parser.add_argument("--model", default=None, help="model whose tokenizer lowers the prompts (default: each g's model)")
+    parser.add_argument("--model", default=None, help="model that runs every g: its tokenizer lowers the prompts and its name keys the cache (default: each g's model)")
     parser.add_argument("--fake-tokenizer", action="store_true", help="byte-level stand-in tokenizer (offline; structure only)")
     parser.add_argument("--page-size", type=int, default=16, help="KV page size (default 16)")
     parser.add_argument("--no-optimize", action="store_true", help="skip flatten/dedup/hoist (repeat is still expanded)")
@@ -54,7 +54,7 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def plan_query(q, *, tokenizer_for, page_size: int, optimize: bool = True):
+def plan_query(q, *, tokenizer_for, page_size: int, optimize: bool = True, model: str | None = None):
     """Yield (wave index, g, plan) for every g of `q` in evaluation order, with
     placeholder results substituted for inner g's."""
     q = passes.prepare(q) if optimize else passes.expand_repeat(q)
@@ -67,7 +67,7 @@ def plan_query(q, *, tokenizer_for, page_size: int, optimize: bool = True):
         results = {}
         for g in wave:
             tok = tokenizer_for(g.model)
-            plan = lower(g, tok, page_size=page_size)
+            plan = lower(g, tok, page_size=page_size, model=model)
             yield w, g, plan
             counter += 1
             text = f"<output of g {counter}>"
@@ -91,7 +91,7 @@ def run_plan(args) -> int:
             return _tokenizer(args.model or model, args.fake_tokenizer, cache)
 
         n = 0
-        for w, g, plan in plan_query(q, tokenizer_for=tokenizer_for, page_size=args.page_size, optimize=not args.no_optimize):
+        for w, g, plan in plan_query(q, tokenizer_for=tokenizer_for, page_size=args.page_size, optimize=not args.no_optimize, model=args.model):
             n += 1
             print(f"== g {n} (wave {w}): model={g.model} max_tokens={g.max_tokens} temperature={g.temperature} seed={g.seed}")
             print(plan.format(tokenizer_for(g.model)))
