@@ -10,7 +10,7 @@ GPU, "pallas_tpu" on TPU, "reference" elsewhere; "pallas" -> the Pallas variant
 of the current backend (the GPU variant, interpreted, on CPU). Block sizes come
 from the tuned table for (device kind, shape bucket), else a heuristic; pass
 `config=` to override. Shapes the GPU kernel cannot take (head_dim not a power of
-two or < 32, page_size < 16 with one page per block) fall back to the reference.
+two or < 32, page_size not a power of two) fall back to the reference.
 """
 
 import functools
@@ -37,8 +37,8 @@ def resolve_impl(impl=None, backend=None) -> str:
 
 
 def _gpu_ok(q, k_pages):
-    D = q.shape[-1]
-    return D >= 32 and D == tuning.next_pow2(D) and k_pages.shape[1] >= 1
+    D, P = q.shape[-1], k_pages.shape[1]  # Triton: power-of-two tensor sizes, dots >= 16
+    return D >= 32 and D == tuning.next_pow2(D) and P == tuning.next_pow2(P)
 
 
 def span_attention(
