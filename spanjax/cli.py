@@ -1,0 +1,155 @@
+"""The `spanjax` command line.
+
+Each subcommand is a pair in `COMMANDS`: a function that adds its arguments to
+an argparse subparser, and a function that runs it and returns an exit code.
+Add a subcommand (query, run, train, eval, ...) by writing the two functions
+and one `COMMANDS` entry; nothing else changes.
+
+User errors (bad arguments, missing model, bad input) print one line to stderr
+and exit 2; tracebacks are kept for bugs (set SPANJAX_DEBUG=1 to see them for
+user errors too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Callable
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """An error the user can fix; reported as one line, without a traceback."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    # Imported lazily so `spanjax --help` stays fast.
+    from spanjax.models.errors import WeightLoadError
+    from spanjax.tokenizer import ChatTemplateError
+
+    return (UserError, WeightLoadError, ChatTemplateError, FileNotFoundError)
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="registry name (smollm2-135m), HF directory or .gguf file")
+    p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn with the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop strings (the text is cut before them)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from spanjax.engine.dense_generate import complete
+    from spanjax.engine.sampling import SamplingParams
+    from spanjax.models.loading import load_model
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        sampling = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=tuple(args.stop),
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+    t0 = time.perf_counter()
+    model = load_model(args.model, dtype=getattr(jnp, args.dtype))
+    t1 = time.perf_counter()
+    try:
+        result = complete(model, prompt, sampling, chat=args.chat)
+    except ValueError as e:  # prompt too long, empty prompt, ...
+        raise UserError(str(e)) from e
+    t2 = time.perf_counter()
+
+    if not args.json:
+        print(result.text)
+        return 0
+    n = len(result.token_ids)
+    out = {
+        "model": model.name,
+        "text": result.text,
+        "token_ids": [int(t) for t in result.token_ids],
+        "prompt_tokens": int(result.prompt_tokens),
+        "completion_tokens": n,
+        "finish_reason": result.finish_reason,
+        "timings": {
+            "load_s": round(t1 - t0, 4),
+            "prefill_s": round(float(result.prefill_s), 4),
+            "decode_s": round(float(result.decode_s), 4),
+            "total_s": round(t2 - t1, 4),
+            "decode_tokens_per_s": round(n / result.decode_s, 2) if n > 1 and result.decode_s > 0 else None,
+        },
+        "sampling": dataclasses.asdict(sampling),
+    }
+    print(json.dumps(out, ensure_ascii=False))
+    return 0
+
+
+# ---------------------------------------------------------------------------- table + main
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {
+    "generate": Command("generate a completion of one prompt", _add_generate_args, _run_generate),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="spanjax", description="Span queries over a paged, content-addressed KV cache.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_args(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("spanjax: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not isinstance(e, _user_error_types()) or os.environ.get("SPANJAX_DEBUG"):
+            raise
+        message = " ".join(str(e).split())  # one line
+        print(f"spanjax {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
