@@ -82,7 +82,7 @@ class _Row:
     def push(self, token: int, eos_ids: frozenset[int], tokenizer) -> None:
         if self.finish is not None:
             return
-        if token in eos_ids:
+        if token in eos_ids and not self.sampling.ignore_eos:
             self.finish = "eos"
             return
         self.tokens.append(token)

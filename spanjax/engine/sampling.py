@@ -29,6 +29,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     seed: int = 0
     stop: tuple[str, ...] = ()  # generation ends when the text contains one; the text is cut before it
+    ignore_eos: bool = False  # keep going past eos ids (benchmarks that need a fixed length)
 
     def __post_init__(self):
         def is_int(v):
@@ -54,6 +55,8 @@ class SamplingParams:
             raise ValueError(f"stop must be a string or a sequence of strings, got {self.stop!r}") from None
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         object.__setattr__(self, "stop", stop)  # frozen: normalise list/str to a tuple once
 
     @property
