@@ -49,15 +49,11 @@ class EngineConfig:
 
 
 def _attention_impl(kind: str):
-    if kind == "reference":
-        return None  # forward_paged's default: the jnp reference
-    try:
-        from kernels.span_attention import dispatch
-    except ImportError:
-        if kind == "pallas":
-            raise
-        return None
-    return dispatch.get_attention_impl(kind)
+    """The span-attention implementation for the step: the dispatcher picks the
+    Pallas kernel on GPU/TPU and the jnp reference on CPU ("auto")."""
+    from kernels.span_attention import get_attention_impl
+
+    return get_attention_impl("reference" if kind == "reference" else kind)
 
 
 class Engine:
@@ -123,8 +119,8 @@ class Engine:
             if not it.samples:
                 continue
             req = it.request
-            if req.keep_logits and req.first_logits is None:
-                req.first_logits = np.asarray(logits[s])
+            if req.keep_logits:
+                req.logits.append(np.asarray(logits[s]))
             if req.metrics.first_token_s is None:
                 req.metrics.first_token_s = now
             self._append_token(req, int(next_ids[s]))
@@ -158,6 +154,10 @@ class Engine:
         reqs = [self.submit(p, s) for p, s in zip(plans, samplings)]
         self.run_until_done(reqs)
         return reqs
+
+    def clear_cache(self) -> int:
+        """Forget every cached page no running request uses (cold-start runs)."""
+        return self.pool.drop_cached()
 
     def stats(self) -> dict:
         st = self.pool.stats

@@ -123,6 +123,16 @@ class PagePool:
             del self._index[info.key]
             info.key = None
 
+    def drop_cached(self) -> int:
+        """Free every cached, unreferenced page; returns how many."""
+        n = len(self._lru)
+        while self._lru:
+            page, _ = self._lru.popitem(last=False)
+            del self._index[self.pages[page].key]
+            self.pages[page] = PageInfo()
+            self._free.append(page)
+        return n
+
     def is_shared(self, page: int) -> bool:
         info = self.pages[page]
         return info.refcount > 1 or info.key is not None

@@ -74,8 +74,8 @@ class Request:
         self.finish_reason: str | None = None
         self.text = ""
         self.metrics = RequestMetrics(prompt_tokens=plan.num_tokens, arrival_s=time.perf_counter())
-        self.keep_logits = False
-        self.first_logits: np.ndarray | None = None
+        self.keep_logits = False  # record the logits of every sampled token (tests, analysis)
+        self.logits: list[np.ndarray] = []
         self._reset()
 
     def _reset(self):

@@ -41,15 +41,18 @@ All hashes are blake2b (16-byte digest, hex).
     cache_key     = page_keys[-1]
 
 `context_key` = H(the ordered groups the span sees), where a group is a cross
-run's cache key, or a plus group = (its position policy, the *sorted* list of
-its non-empty children's descriptors); a child's descriptor = H(its own groups
-in order). Sorting makes any permutation of plus children leave every span's
-key unchanged. An isolated span's context is only what is inside its own
+run's cache key, or a plus group = (its position policy, its non-empty
+children's descriptors: *sorted* under `parallel`, in order under
+`sequential`); a child's descriptor = H(its own groups in order). A plus
+child never sees its siblings, so permuting a plus leaves every child's key
+unchanged; under `parallel` the spans after the plus keep their keys too
+(their KV is identical), under `sequential` they change (the children moved
+relative to them, so their KV differs). An isolated span's context is only what is inside its own
 child, so it keys identically wherever it appears.
 
 In a key: the tokens of the span (ids), the structure and tokens of everything
-it sees, the position policies of the plus groups it sees, the model and the
-adapter. Not in a key: absolute positions, the span's kind or index, the page
+it sees, the position policies of the plus groups it sees (and, for a `prefix`
+plus child, the position policy of its own plus), the model and the adapter. Not in a key: absolute positions, the span's kind or index, the page
 size of the plan other than through page boundaries (keys of plans with
 different page sizes differ), sampling settings.
 
@@ -59,8 +62,7 @@ inside the span's own child matter) and for `prefix` spans under `parallel`
 positions (their offset from the prefix is fixed by the prefix). A `prefix`
 span under `sequential` positions is reused at a shifted offset: its offset
 depends on the lengths of unseen siblings before it, which the key ignores
-(an approximation, as in spnl's vLLM patch); likewise a span after a
-sequential plus whose children were permuted. The adapter is always in the
+(an approximation, as in spnl's vLLM patch). The adapter is always in the
 key, which is conservative for aLoRA (tokens before its invocation carry base
 KV but are not shared with base-model entries).
 
@@ -189,7 +191,11 @@ class _Lowerer:
     def plus(self, node: A.Plus, ctx: _Ctx, path) -> _Ctx:
         att = node.attention or self.attention
         par = (node.positions or self.positions) == "parallel"
-        base = ctx if att == "prefix" else _Ctx((), (), ctx.pos)
+        # A prefix child's KV depends on its offset from the prefix, which the
+        # position policy decides: key the two policies apart so a parallel
+        # query never reuses (inexact) pages encoded under sequential positions.
+        policy = ("plus-child", "parallel" if par else "sequential")
+        base = _Ctx(ctx.groups + (policy,), ctx.sees, ctx.pos) if att == "prefix" else _Ctx((), (), ctx.pos)
         descs, sees, cur, end = [], [], ctx.pos, ctx.pos
         ppath = child_path(path, "plus")
         for i, child in enumerate(node.children):
@@ -204,7 +210,11 @@ class _Lowerer:
             cur, end = out.pos, max(end, out.pos)
         if not descs:
             return ctx
-        group = ("plus", "parallel" if par else "sequential", sorted(descs))
+        # Parallel: the children as a set, so what follows keys the same in any order
+        # (its KV is the same: every child sits at the same offset). Sequential: in
+        # order, since permuting moves the children's positions relative to what
+        # follows; the question after them is recomputed rather than reused inexactly.
+        group = ("plus", "parallel", sorted(descs)) if par else ("plus", "sequential", descs)
         return _Ctx(ctx.groups + (group,), ctx.sees + tuple(sees), end if par else cur)
 
 
