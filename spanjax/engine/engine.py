@@ -71,6 +71,8 @@ class Engine:
             attention_impl=_attention_impl(config.attention),
         )
         self.steps = 0
+        # End-of-sequence ids: the config's and the tokenizer's (chat end-of-turn included).
+        self.eos_token_ids = frozenset(model.cfg.eos_token_ids) | frozenset(getattr(model.tokenizer, "eos_token_ids", ()))
 
     # -- submission ---------------------------------------------------------------
 
@@ -133,7 +135,7 @@ class Engine:
     def _append_token(self, req: Request, token: int) -> None:
         tok = self.model.tokenizer
         req.generated.append(token)
-        if token in tok.eos_token_ids:
+        if token in self.eos_token_ids:
             req.finish_reason = "eos"
         elif len(req.generated) >= req.sampling.max_tokens:
             req.finish_reason = "length"
