@@ -98,6 +98,12 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="runs")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch intra-op threads; on an oversubscribed machine 1 can be far faster (OpenMP barriers spin)",
+    )
     args = ap.parse_args(argv)
 
     import jax
@@ -106,8 +112,7 @@ def main(argv=None):
 
     from spanjax.models.loading import load_model
 
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.torch_threads)
     print(f"loading spanjax smollm2-135m ...", flush=True)
     model = load_model("smollm2-135m")
     print(f"loading transformers {GGUF_NAME} (dequantized to fp32) ...", flush=True)
@@ -179,6 +184,7 @@ def main(argv=None):
         machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(), jax_devices=[str(d) for d in jax.devices()]),
         versions=dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__),
         torch_threads=torch.get_num_threads(),
+        load_average_at_end=os.getloadavg(),
         max_abs_logit_diff=gap,
         cases=cases,
     )
