@@ -30,9 +30,11 @@ class UserError(Exception):
 def _user_error_types() -> tuple[type[BaseException], ...]:
     # Imported lazily so `spanjax --help` stays fast.
     from spanjax.models.errors import WeightLoadError
+    from spanjax.engine.scheduler import RequestTooLarge
+    from spanjax.query.errors import SpanQueryError
     from spanjax.tokenizer import ChatTemplateError
 
-    return (UserError, WeightLoadError, ChatTemplateError, FileNotFoundError)
+    return (UserError, WeightLoadError, ChatTemplateError, FileNotFoundError, SpanQueryError, RequestTooLarge)
 
 
 # ---------------------------------------------------------------------------- generate
@@ -105,6 +107,114 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- query
+
+
+def _add_query_args(p: argparse.ArgumentParser) -> None:
+    from spanjax.query.cli import add_plan_arguments
+
+    p.usage = "spanjax query [plan] FILE [options]"
+    add_plan_arguments(p)  # FILE, --format, --model, --page-size, --fake-tokenizer, --no-optimize, --show-query, --mask
+    p.add_argument("plan_file", nargs="?", metavar="PLAN_FILE", help=argparse.SUPPRESS)  # `query plan FILE`
+    p.add_argument("--num-pages", type=int, default=2048, help="KV pages in the engine's pool (default 2048)")
+    p.add_argument("--max-tokens-per-step", type=int, default=256, help="token budget per engine step (default 256)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, prompt_tokens, cached_tokens, ttft_s, generations")
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    """`spanjax query FILE` runs the query; `spanjax query plan FILE` prints its span plans."""
+    if args.file == "plan":
+        if args.plan_file is None:
+            raise UserError("usage: spanjax query plan FILE")
+        from spanjax.query.cli import run_plan
+
+        args.file = args.plan_file
+        return run_plan(args)
+    if args.plan_file is not None:
+        raise UserError(f"unexpected argument {args.plan_file!r} (did you mean 'spanjax query plan FILE'?)")
+
+    from spanjax.engine.engine import Engine, EngineConfig
+    from spanjax.engine.executor import run_query
+    from spanjax.models.loading import load_model
+    from spanjax.query import syntax
+
+    try:
+        raw = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
+        query = syntax.parse(raw, args.format or (syntax.format_for_path(args.file) if args.file != "-" else None))
+    except OSError as e:
+        raise UserError(f"cannot read query file: {e}") from e
+    model = load_model(args.model or "smollm2-135m")
+    engine = Engine(model, EngineConfig(num_pages=args.num_pages, page_size=args.page_size, max_tokens_per_step=args.max_tokens_per_step))
+    try:
+        result = run_query(engine, query, optimize=not args.no_optimize)
+    except ValueError as e:  # too long for the context or the pool, model mismatch
+        raise UserError(str(e)) from e
+    if args.json:
+        out = result.to_json()
+        out["model"] = model.name
+        out["engine"] = engine.stats()
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        value = result.value
+        print(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------- run / eval
+
+# `spanjax eval NAME` = `spanjax run configs/<preset>`.
+EVAL_PRESETS = {
+    "locality": "locality_nq.yaml",
+    "locality-kv": "locality_kv.yaml",
+    "ttft-rag": "ttft_rag.yaml",
+    "ttft-nested": "ttft_nested.yaml",
+}
+
+
+def _configs_dir():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG", help="experiment YAML (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. eval.num_docs=10 model=smollm2-135m")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue runs/<dir>: finished items are skipped (the config must match)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("preset", choices=sorted(EVAL_PRESETS), help="which experiment (a preset in configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. eval.num_questions=20")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue runs/<dir>: finished items are skipped")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from eval.experiments import load_config, run
+    from spanjax.config import ConfigError, dump
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(dump(cfg), end="")
+            return 0
+        results, run_dir = run(cfg, resume=args.resume)
+    except ConfigError as e:
+        raise UserError(str(e)) from e
+    md = results.get("table_markdown")
+    if md:
+        print(md)
+    print(f"results: {run_dir.path}")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    args.config = str(_configs_dir() / EVAL_PRESETS[args.preset])
+    return _run_run(args)
+
+
 # ---------------------------------------------------------------------------- table + main
 
 
@@ -117,6 +227,9 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "generate": Command("generate a completion of one prompt", _add_generate_args, _run_generate),
+    "query": Command("run a span query file (JSON, YAML or s-expression), or print its plan: query plan FILE", _add_query_args, _run_query),
+    "run": Command("run an experiment config: run CONFIG [KEY=VALUE ...] [--resume RUN_DIR]", _add_run_args, _run_run),
+    "eval": Command("run an experiment preset: eval locality|locality-kv|ttft-rag|ttft-nested [KEY=VALUE ...]", _add_eval_args, _run_eval),
 }
 
 

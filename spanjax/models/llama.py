@@ -2,7 +2,7 @@
 
 Parameters are a pytree of registered dataclasses with the layers stacked on a
 leading axis, so the decoder is one `lax.scan` (compile time does not grow with
-depth). Attention is pluggable: `forward_dense` keeps a classic [B, T_max]
+depth); the KV cache rides in the scan carry and is updated in place. Attention is pluggable: `forward_dense` keeps a classic [B, T_max]
 cache of post-RoPE keys (the simple generator and a reference), while
 `forward_paged` writes pre-RoPE keys into a page pool and runs ragged paged
 span attention (the engine's path; see kernels/span_attention).
@@ -89,35 +89,38 @@ def mlp(layer: LayerParams, x):
     return (jax.nn.silu(x @ layer.w_gate) * (x @ layer.w_up)) @ layer.w_down
 
 
-# attention_fn(layer_index, layer_cache, q_roped, k_raw, v, positions) -> (out, new_layer_cache)
+# attention_fn(layer_index, cache, q_roped, k_raw, v, positions) -> (out, cache)
 AttentionFn = Callable
 
 
 def decoder(params: Params, cfg: ModelConfig, tokens, positions, cache, attention_fn: AttentionFn):
     """Embedding -> L layers -> final norm. Token axes are [..., T]; returns (hidden, cache).
 
-    `cache` is any pytree whose leaves have a leading [L] axis; each layer sees
-    its own slice and `attention_fn` returns the updated slice.
+    `cache` is any pytree whose leaves have a leading [L] axis. It rides in the
+    scan carry, whole, and `attention_fn` updates layer `layer_index` of it in
+    place: passing per-layer slices as scan inputs/outputs would make XLA copy
+    the entire KV pool every step.
     """
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
     x = params.embed[tokens] * jnp.asarray(cfg.embedding_multiplier, params.embed.dtype)
     lead = tokens.shape
 
-    def layer_step(x, inputs):
-        layer, layer_cache, idx = inputs
+    def layer_step(carry, inputs):
+        x, cache = carry
+        layer, idx = inputs
         h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
         q = (h @ layer.wq).reshape(*lead, cfg.num_heads, cfg.head_dim)
         k = (h @ layer.wk).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
         v = (h @ layer.wv).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
         q = apply_rope(q, positions, inv_freq)
-        attn, layer_cache = attention_fn(idx, layer_cache, q, k, v, positions)
+        attn, cache = attention_fn(idx, cache, q, k, v, positions)
         attn = attn.reshape(*lead, cfg.num_heads * cfg.head_dim)
         x = x + cfg.residual_multiplier * (attn @ layer.wo)
         h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
         x = x + cfg.residual_multiplier * mlp(layer, h)
-        return x, layer_cache
+        return (x, cache), None
 
-    x, cache = jax.lax.scan(layer_step, x, (params.layers, cache, jnp.arange(cfg.num_layers)))
+    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (params.layers, jnp.arange(cfg.num_layers)))
     return rms_norm(x, params.final_norm, cfg.rms_norm_eps), cache
 
 
@@ -142,15 +145,15 @@ def init_dense_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float
     return DenseKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
-def _dense_attention(cfg: ModelConfig, inv_freq, idx, layer_cache, q, k, v, positions):
-    del idx
-    k_cache, v_cache = layer_cache
+def _dense_attention(cfg: ModelConfig, inv_freq, idx, cache, q, k, v, positions):
+    k_all, v_all = cache
     B, T = positions.shape
     k = apply_rope(k, positions, inv_freq)
     rows = jnp.arange(B)[:, None]
     # Positions past the cache (right padding of short prompts) are dropped.
-    k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+    k_all = k_all.at[idx, rows, positions].set(k.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[idx, rows, positions].set(v.astype(v_all.dtype), mode="drop")
+    k_cache, v_cache = k_all[idx], v_all[idx]
     G = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim).astype(jnp.float32)
     s = jnp.einsum("bthgd,bkhd->bhgtk", qg, k_cache.astype(jnp.float32)) * cfg.sm_scale
@@ -159,7 +162,7 @@ def _dense_attention(cfg: ModelConfig, inv_freq, idx, layer_cache, q, k, v, posi
     s = jnp.where(mask, s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
     out = jnp.einsum("bhgtk,bkhd->bthgd", p, v_cache.astype(jnp.float32))
-    return out.reshape(B, T, cfg.num_heads, cfg.head_dim).astype(q.dtype), (k_cache, v_cache)
+    return out.reshape(B, T, cfg.num_heads, cfg.head_dim).astype(q.dtype), (k_all, v_all)
 
 
 def forward_dense(params: Params, cfg: ModelConfig, tokens, positions, cache: DenseKVCache):
@@ -208,17 +211,17 @@ class PagedAttentionMeta:
     cu_q_lens: jax.Array  # [S + 1]
 
 
-def _paged_attention(cfg: ModelConfig, inv_freq, attention_impl, meta: PagedAttentionMeta, idx, layer_cache, q, k, v, positions):
-    del idx
-    k_pages, v_pages = layer_cache
-    N, P = k_pages.shape[:2]
-    flat = jnp.where(meta.slot_mapping < 0, N * P, meta.slot_mapping)  # out of range -> dropped
-    k_pages = k_pages.reshape(N * P, *k_pages.shape[2:]).at[flat].set(k.astype(k_pages.dtype), mode="drop").reshape(k_pages.shape)
-    v_pages = v_pages.reshape(N * P, *v_pages.shape[2:]).at[flat].set(v.astype(v_pages.dtype), mode="drop").reshape(v_pages.shape)
+def _paged_attention(cfg: ModelConfig, inv_freq, attention_impl, meta: PagedAttentionMeta, idx, cache, q, k, v, positions):
+    k_all, v_all = cache
+    L, N, P = k_all.shape[:3]
+    pages = jnp.where(meta.slot_mapping < 0, N, meta.slot_mapping // P)  # page N is out of range -> dropped
+    slots = meta.slot_mapping % P
+    k_all = k_all.at[idx, pages, slots].set(k.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[idx, pages, slots].set(v.astype(v_all.dtype), mode="drop")
     out = attention_impl(
         q,
-        k_pages,
-        v_pages,
+        k_all[idx],
+        v_all[idx],
         meta.block_tables,
         meta.block_pos,
         meta.block_lens,
@@ -227,7 +230,7 @@ def _paged_attention(cfg: ModelConfig, inv_freq, attention_impl, meta: PagedAtte
         rope_inv_freq=inv_freq,
         sm_scale=cfg.sm_scale,
     )
-    return out, (k_pages, v_pages)
+    return out, (k_all, v_all)
 
 
 def forward_paged(params: Params, cfg: ModelConfig, tokens, positions, cache: PagedKVCache, meta: PagedAttentionMeta, attention_impl=None):
