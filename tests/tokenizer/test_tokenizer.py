@@ -178,7 +178,7 @@ def test_template_features_match_transformers(tok, hf_tok):
 
 def test_sandboxed(tok):
     evil = "{{ messages.__class__.__mro__ }}"
-    with pytest.raises(Exception):
+    with pytest.raises(ChatTemplateError):  # jinja's SecurityError, reported as a template error
         Tokenizer(tok.backend, evil).apply_chat_template([{"role": "user", "content": "x"}])
 
 
@@ -191,4 +191,18 @@ def test_from_hf_dir(tmp_path, hf_tok):
     for messages in CONVERSATIONS:
         assert t.apply_chat_template(messages) == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert t.bos_token_id == hf_tok.bos_token_id
+    assert t.encode("hi there", add_special_tokens=True) == hf_tok.encode("hi there")
     assert hf_tok.eos_token_id in t.eos_token_ids
+
+
+def test_gguf_add_bos_token(smollm2_gguf_path):
+    import dataclasses
+
+    import gguf
+
+    from spanjax.models.gguf import read_tokenizer_data
+
+    data = dataclasses.replace(read_tokenizer_data(gguf.GGUFReader(smollm2_gguf_path)), add_bos_token=True)
+    t = Tokenizer.from_gguf(data)
+    assert t.encode("hello", add_special_tokens=True) == [1, 28120]
+    assert t.encode("hello") == [28120]
