@@ -1,0 +1,395 @@
+"""Attention locality: multi-document QA accuracy against the gold document's
+position, stock prompts vs span queries (DESIGN 6).
+
+Tasks (`eval.dataset`):
+- `nq`: nq-open-oracle. K documents = the question's gold passage + K-1 gold
+  passages of other questions of the same split (seeded per question; passages
+  that contain one of the question's answers are skipped, so only the gold
+  document can answer). Metric: a normalized gold answer is a substring of the
+  normalized output.
+- `kv`: kv-retrieval-75_keys. The 75 key-value records split into K chunks
+  (documents); the chunk holding the key is moved to each position, the others
+  keep their order. Metric: the value string appears in the output.
+  Split: records 0..249 dev, 250..499 held out (the data has no official split).
+
+Variants: `stock` (one causal prompt), `span-sequential` / `span-parallel`
+(documents in a plus, prefix attention) and `-isolated` versions of both.
+The distractors keep one order and the gold document moves, so a span
+variant's document pages are reused across gold positions; only the gold
+document (its label changes), the distractors whose label shifts by one, and
+the question are recomputed. Work is submitted as one batch per gold position
+over a chunk of questions, so continuous batching fills the steps and the
+pages of position p are cached before position p+1 asks for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import string
+import time
+from typing import Literal
+
+import numpy as np
+
+from eval.data import DEV, HELD_OUT, kv_retrieval, nq_open_oracle
+from eval.experiment_config import EngineSection
+from eval.runs import RunDir, append_items, item_key, load_items, machine, progress, write_results
+from spanjax.query import ast as A
+
+VARIANTS = {
+    # name: (documents in a plus, attention policy, position policy)
+    "stock": (False, "prefix", "sequential"),
+    "span-sequential": (True, "prefix", "sequential"),
+    "span-parallel": (True, "prefix", "parallel"),
+    "span-sequential-isolated": (True, "isolated", "sequential"),
+    "span-parallel-isolated": (True, "isolated", "parallel"),
+}
+KV_DEV, KV_HELD_OUT = range(0, 250), range(250, 500)
+
+NQ_SYSTEM = (
+    "Write a high-quality answer for the given question using only the provided search results "
+    "(some of which might be irrelevant). Answer with a few words."
+)
+KV_SYSTEM = "Extract the value corresponding to the specified key in the JSON objects below. Answer with the value only."
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalityEval:
+    dataset: Literal["nq", "kv"] = "nq"
+    split: Literal["dev", "held_out"] = "held_out"  # reported numbers: held_out only
+    num_docs: int = 10  # K
+    num_questions: int = 200  # per gold position
+    first_question: int = 0  # offset into the split
+    positions: tuple[int, ...] | None = None  # gold positions; null = every 0..K-1
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    max_tokens: int = 24  # greedy decoding
+    max_doc_tokens: int = 0  # cut each document to this many tokens (0 = whole)
+    batch_questions: int = 16  # questions per engine batch (one gold position each)
+
+    def __post_init__(self):
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants:
+            raise ValueError(f"variants: unknown {bad}, expected some of {list(VARIANTS)}")
+        if self.num_docs < 1 or self.num_questions < 1 or self.max_tokens < 1 or self.batch_questions < 1:
+            raise ValueError("num_docs, num_questions, max_tokens and batch_questions must be >= 1")
+        if self.positions is not None and any(not 0 <= p < self.num_docs for p in self.positions):
+            raise ValueError(f"positions must lie in 0..{self.num_docs - 1} (num_docs={self.num_docs}), got {list(self.positions)}")
+        if self.dataset == "kv" and self.num_docs > 75:
+            raise ValueError("kv: num_docs must be <= 75 (there are 75 records to split)")
+
+    @property
+    def gold_positions(self) -> tuple[int, ...]:
+        return tuple(range(self.num_docs)) if self.positions is None else self.positions
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalityConfig:
+    task: Literal["locality"] = "locality"
+    name: str = "locality_nq"
+    model: str = "smollm2-135m"
+    seed: int = 0
+    out_dir: str = "runs"
+    engine: EngineSection = EngineSection()
+    eval: LocalityEval = LocalityEval()
+
+
+# ---------------------------------------------------------------------------- metric
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """Lowercase, drop punctuation and articles, collapse whitespace (SQuAD/NQ style)."""
+    s = s.lower().translate(_PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def nq_correct(output: str, answers) -> bool:
+    out = normalize_answer(output)
+    return any(normalize_answer(a) and normalize_answer(a) in out for a in answers)
+
+
+def kv_correct(output: str, value: str) -> bool:
+    return value in output
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sane at 0 and n)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+# ---------------------------------------------------------------------------- examples
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    index: int  # line in the data file
+    question: str  # the final user message
+    docs: tuple[str, ...]  # the K-1 distractor documents' bodies, in their fixed order
+    gold: str  # the gold document's body
+    answers: tuple[str, ...]
+    dataset: str
+
+    def documents(self, pos: int) -> list[str]:
+        bodies = list(self.docs[:pos]) + [self.gold] + list(self.docs[pos:])
+        if self.dataset == "kv":
+            return bodies
+        return [f"Document [{i + 1}]{b}" for i, b in enumerate(bodies)]
+
+    def correct(self, output: str) -> bool:
+        return kv_correct(output, self.answers[0]) if self.dataset == "kv" else nq_correct(output, self.answers)
+
+
+def _split_range(dataset: str, split: str) -> range:
+    if dataset == "kv":
+        return KV_HELD_OUT if split == "held_out" else KV_DEV
+    return HELD_OUT if split == "held_out" else DEV
+
+
+def _nq_body(record: dict) -> str:
+    ctx = record["ctxs"][0]
+    return f"(Title: {ctx['title']}) {ctx['text']}"
+
+
+def _cut(text: str, tokenizer, max_tokens: int) -> str:
+    if max_tokens <= 0:
+        return text
+    ids = tokenizer.encode(text)
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
+def nq_examples(ev: LocalityEval, seed: int, tokenizer=None) -> list[Example]:
+    records = nq_open_oracle()
+    pool = _split_range("nq", ev.split)
+    indices = list(pool[ev.first_question : ev.first_question + ev.num_questions])
+    if len(indices) < ev.num_questions:
+        raise ValueError(f"split {ev.split} has {len(pool)} questions; first_question + num_questions = {ev.first_question + ev.num_questions}")
+    out = []
+    for qi in indices:
+        rec = records[qi]
+        answers = tuple(rec["answers"])
+        norm_answers = [normalize_answer(a) for a in answers if normalize_answer(a)]
+        rng = np.random.default_rng([seed, qi])  # per question: adding questions leaves others unchanged
+        chosen: list[int] = []
+        for j in rng.permutation(len(pool)):
+            cand = pool[int(j)]
+            if cand == qi:
+                continue
+            body = normalize_answer(_nq_body(records[cand]))
+            if any(a in body for a in norm_answers):
+                continue  # a distractor that contains the answer would be a second gold
+            chosen.append(cand)
+            if len(chosen) == ev.num_docs - 1:
+                break
+        body = lambda r: _cut(_nq_body(r), tokenizer, ev.max_doc_tokens) if tokenizer else _nq_body(r)
+        out.append(
+            Example(
+                index=qi,
+                question=f"Question: {rec['question']}?\nAnswer:",
+                docs=tuple(body(records[c]) for c in chosen),
+                gold=body(rec),
+                answers=answers,
+                dataset="nq",
+            )
+        )
+    return out
+
+
+def kv_examples(ev: LocalityEval, seed: int, tokenizer=None) -> list[Example]:
+    del seed, tokenizer  # the records are fixed; chunks are contiguous runs of them
+    records = kv_retrieval()
+    pool = _split_range("kv", ev.split)
+    indices = list(pool[ev.first_question : ev.first_question + ev.num_questions])
+    if len(indices) < ev.num_questions:
+        raise ValueError(f"kv split {ev.split} has {len(pool)} cases; asked for {ev.first_question + ev.num_questions}")
+    out = []
+    for qi in indices:
+        rec = records[qi]
+        pairs = [tuple(p) for p in rec["ordered_kv_records"]]
+        chunks = [list(c) for c in np.array_split(np.arange(len(pairs)), ev.num_docs)]
+        gold_chunk = next(i for i, c in enumerate(chunks) if any(pairs[j][0] == rec["key"] for j in c))
+        bodies = [json.dumps({pairs[j][0]: pairs[j][1] for j in c}, indent=1) for c in chunks]
+        out.append(
+            Example(
+                index=qi,
+                question=f'Key: "{rec["key"]}"\nCorresponding value:',
+                docs=tuple(b for i, b in enumerate(bodies) if i != gold_chunk),
+                gold=bodies[gold_chunk],
+                answers=(rec["value"],),
+                dataset="kv",
+            )
+        )
+    return out
+
+
+def make_g(ex: Example, pos: int, variant: str, model_name: str, max_tokens: int) -> A.G:
+    span, attention, positions = VARIANTS[variant]
+    docs = tuple(A.Message("user", d) for d in ex.documents(pos))
+    body = (A.Plus(docs),) if span else docs
+    system = KV_SYSTEM if ex.dataset == "kv" else NQ_SYSTEM
+    prompt = A.Cross((A.Message("system", system),) + body + (A.Message("user", ex.question),))
+    return A.G(model_name, prompt, max_tokens=max_tokens, temperature=0.0, attention=attention, positions=positions)
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def work_order(cfg: LocalityConfig, examples: list[Example]) -> list[list[tuple[str, int, int]]]:
+    """Batches of item keys (variant, question index, gold position): per variant,
+    per chunk of questions, one batch per position (pages of position p are
+    cached by the time p+1 runs)."""
+    ev = cfg.eval
+    batches = []
+    for v in ev.variants:
+        for c in range(0, len(examples), ev.batch_questions):
+            chunk = examples[c : c + ev.batch_questions]
+            for p in ev.gold_positions:
+                batches.append([(v, ex.index, p) for ex in chunk])
+    return batches
+
+
+def aggregate(cfg: LocalityConfig, done: dict[tuple, dict]) -> dict:
+    """Accuracy and 95% Wilson intervals per variant and gold position."""
+    ev = cfg.eval
+    table = {}
+    for v in ev.variants:
+        rows, all_k, all_n = [], 0, 0
+        for p in ev.gold_positions:
+            recs = [r for key, r in done.items() if key[0] == v and key[2] == p]
+            k, n = sum(bool(r["correct"]) for r in recs), len(recs)
+            lo, hi = wilson(k, n)
+            rows.append({"position": p, "correct": k, "n": n, "accuracy": k / n if n else None, "ci95": [lo, hi]})
+            all_k, all_n = all_k + k, all_n + n
+        recs = [r for key, r in done.items() if key[0] == v]
+        table[v] = {
+            "per_position": rows,
+            "accuracy": all_k / all_n if all_n else None,
+            "ci95": list(wilson(all_k, all_n)),
+            "n": all_n,
+            "mean_prompt_tokens": float(np.mean([r["prompt_tokens"] for r in recs])) if recs else None,
+            "mean_cached_tokens": float(np.mean([r["cached_tokens"] for r in recs])) if recs else None,
+            "mean_item_s": float(np.mean([r["batch_s"] / r["batch_size"] for r in recs])) if recs else None,
+        }
+    return table
+
+
+def markdown_table(cfg: LocalityConfig, table: dict) -> str:
+    ps = cfg.eval.gold_positions
+    head = "| variant | " + " | ".join(f"pos {p}" for p in ps) + " | all | n/pos |"
+    sep = "|---" * (len(ps) + 3) + "|"
+    lines = [head, sep]
+    for v, t in table.items():
+        cells = [f"{r['accuracy']:.3f}" if r["accuracy"] is not None else "-" for r in t["per_position"]]
+        allc = f"{t['accuracy']:.3f}" if t["accuracy"] is not None else "-"
+        n = min(r["n"] for r in t["per_position"])
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {allc} | {n} |")
+    return "\n".join(lines)
+
+
+def plot(cfg: LocalityConfig, table: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (v, t) in enumerate(table.items()):
+        rows = [r for r in t["per_position"] if r["n"]]
+        if not rows:
+            continue
+        x = np.array([r["position"] for r in rows]) + (i - len(table) / 2) * 0.04  # dodge overlapping bars
+        y = np.array([r["accuracy"] for r in rows])
+        lo = y - np.array([r["ci95"][0] for r in rows])
+        hi = np.array([r["ci95"][1] for r in rows]) - y
+        ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=v)
+    ev = cfg.eval
+    ax.set_xlabel("gold document position (0 = first)")
+    ax.set_ylabel("accuracy (95% Wilson CI)")
+    ax.set_title(f"{cfg.model}, {ev.dataset}, K={ev.num_docs}, {ev.split}, n={ev.num_questions}/position")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
+    from spanjax.engine.engine import Engine
+    from spanjax.engine.sampling import SamplingParams
+    from spanjax.models.loading import load_model
+    from spanjax.query.lower import lower
+
+    log, ev = run_dir.log, cfg.eval
+    model = load_model(cfg.model) if model is None else model
+    tok = model.tokenizer
+    examples = (kv_examples if ev.dataset == "kv" else nq_examples)(ev, cfg.seed, tok)
+    by_index = {ex.index: ex for ex in examples}
+    done = load_items(run_dir)
+    batches = work_order(cfg, examples)
+    total = sum(len(b) for b in batches)
+    initial = sum(1 for b in batches for k in b if k in done)
+    if initial:
+        log.info("resume: %d/%d items already done, skipped", initial, total)
+    engine = Engine(model, cfg.engine.build())
+    sampling = SamplingParams(max_tokens=ev.max_tokens, temperature=0.0, seed=cfg.seed)
+    bar = progress(total, initial, f"{cfg.name}")
+    t_run = time.perf_counter()
+    try:
+        for batch in batches:
+            todo = [k for k in batch if k not in done]
+            if not todo:
+                continue
+            plans = [lower(make_g(by_index[q], p, v, model.name, ev.max_tokens), tok, model=model.name, page_size=cfg.engine.page_size) for v, q, p in todo]
+            t0 = time.perf_counter()
+            reqs = [engine.submit(plan, sampling) for plan in plans]
+            engine.run_until_done(reqs)
+            dt = time.perf_counter() - t0
+            recs = []
+            for (v, q, p), r in zip(todo, reqs):
+                s = r.summary()
+                recs.append({
+                    "key": [v, q, p], "variant": v, "question": q, "position": p,
+                    "output": r.text, "correct": by_index[q].correct(r.text),
+                    "prompt_tokens": s["prompt_tokens"], "cached_tokens": s["cached_tokens"],
+                    "ttft_s": s["ttft_s"], "batch_s": dt, "batch_size": len(todo),
+                })
+            append_items(run_dir, recs)  # durable before counting it done
+            for rec in recs:
+                done[item_key(rec)] = rec
+            bar.update(len(todo))
+            bar.set_postfix_str(f"{todo[0][0]} pos {todo[0][2]}: {sum(r['correct'] for r in recs)}/{len(recs)}")
+    finally:
+        bar.close()
+    table = aggregate(cfg, done)
+    md = markdown_table(cfg, table)
+    results = {
+        "task": "locality",
+        "name": cfg.name,
+        "model": model.name,
+        "dataset": ev.dataset,
+        "split": ev.split,
+        "num_docs": ev.num_docs,
+        "machine": machine(),
+        "wall_s_this_session": time.perf_counter() - t_run,
+        "engine": engine.stats(),
+        "accuracy": table,
+        "table_markdown": md,
+    }
+    write_results(run_dir, results)
+    (run_dir.path / "summary.md").write_text(md + "\n")
+    plot(cfg, table, run_dir.path / "accuracy.png")
+    log.info("accuracy by gold position:\n%s", md)
+    return results

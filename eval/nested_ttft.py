@@ -1,0 +1,200 @@
+"""Nested-generation TTFT (DESIGN 6, experiment 2): an outer g over a plus of n
+inner g's, against the same engine run stock.
+
+- span: `g(cross(system, plus(g_1 .. g_n), user(q)))` through the executor. The
+  inner g's run as one batch; the outer prompt holds their exchanges as
+  isolated plus children that hit the pages the inner generations left, so
+  only the question (and the system prompt, once) is encoded for the outer.
+- stock: the same inner g's run as one batch, then the outer prompt flat:
+  `cross(system, user_1, assistant_1, ..., user_n, assistant_n, user(q))` as
+  ordinary messages. Nothing beyond prefix caching is reused: the first
+  exchange's tokens follow the system prompt here but not in the inner
+  sequence, so the whole prompt is encoded.
+
+The measured number is the outer request's TTFT (submit to first token, the
+engine's own metric); the wall time of the whole query (inner + outer) is
+recorded too. The cache is cleared before every measurement so both variants
+start cold; each trial uses fresh inner prompts (dev questions). One warm-up
+trial per n compiles the shapes and is discarded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Literal
+
+from eval.data import DEV, nq_open_oracle
+from eval.experiment_config import EngineSection
+from eval.runs import RunDir, append_items, load_items, machine, progress, write_results
+from spanjax.query import ast as A
+
+SYSTEM = "You are given several short answers written by assistants. Use them to answer the final question."
+INNER_SYSTEM = "Answer in one short sentence."
+
+
+@dataclasses.dataclass(frozen=True)
+class NestedEval:
+    fan_in: tuple[int, ...] = (1, 4, 8, 16, 32)  # n inner g's
+    trials: int = 3  # measured trials per n (after one warm-up)
+    inner_max_tokens: int = 24
+    outer_max_tokens: int = 1  # TTFT only needs the first token
+    positions: Literal["sequential", "parallel"] = "parallel"
+    first_question: int = 1000  # dev questions used as inner prompts
+
+    def __post_init__(self):
+        if not self.fan_in or any(n < 1 for n in self.fan_in):
+            raise ValueError("fan_in must be a non-empty list of n >= 1")
+        if self.trials < 1 or self.inner_max_tokens < 1 or self.outer_max_tokens < 1:
+            raise ValueError("trials, inner_max_tokens and outer_max_tokens must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class NestedConfig:
+    task: Literal["ttft_nested"] = "ttft_nested"
+    name: str = "ttft_nested"
+    model: str = "smollm2-135m"
+    seed: int = 0
+    out_dir: str = "runs"
+    engine: EngineSection = EngineSection()
+    eval: NestedEval = NestedEval()
+
+
+def inner_prompts(ev: NestedEval, n: int, trial: int) -> list[str]:
+    """n distinct dev questions for (n, trial); trial -1 is the warm-up."""
+    records = nq_open_oracle()
+    # Trials of one n are 64 questions apart (n <= 64 keeps them disjoint); all stay in DEV.
+    start = DEV.start + ev.first_question + ((trial + 1) * 64 + n) % 800
+    if start + n > DEV.stop:
+        raise ValueError(f"first_question={ev.first_question} leaves too few dev questions for n={n}")
+    return [records[start + i]["question"] + "?" for i in range(n)]
+
+
+def inner_g(model: str, prompt: str, ev: NestedEval, seed: int) -> A.G:
+    return A.G(model, A.Cross((A.Message("system", INNER_SYSTEM), A.Message("user", prompt))), max_tokens=ev.inner_max_tokens, temperature=0.0, seed=seed)
+
+
+def outer_question(n: int) -> str:
+    return f"Which of the {n} answers above is the most surprising, and why?"
+
+
+def measure_span(engine, model: str, prompts: list[str], ev: NestedEval, seed: int) -> dict:
+    from spanjax.engine.executor import run_query
+
+    inner = tuple(inner_g(model, p, ev, seed) for p in prompts)
+    outer = A.G(model, A.Cross((A.Message("system", SYSTEM), A.Plus(inner), A.Message("user", outer_question(len(prompts))))),
+                max_tokens=ev.outer_max_tokens, temperature=0.0, positions=ev.positions)
+    res = run_query(engine, outer)
+    f = res.final
+    return {"ttft_s": f.ttft_s, "prompt_tokens": f.prompt_tokens, "cached_tokens": f.cached_tokens, "wall_s": res.wall_s}
+
+
+def measure_stock(engine, model: str, prompts: list[str], ev: NestedEval, seed: int) -> dict:
+    from spanjax.engine.executor import run_query
+
+    t0 = time.perf_counter()
+    inner = run_query(engine, A.Par(tuple(inner_g(model, p, ev, seed) for p in prompts)))
+    msgs = [A.Message("system", SYSTEM)]
+    for p, rec in zip(prompts, inner.generations):
+        msgs += [A.Message("user", p), A.Message("assistant", rec.text)]
+    msgs.append(A.Message("user", outer_question(len(prompts))))
+    res = run_query(engine, A.G(model, A.Cross(tuple(msgs)), max_tokens=ev.outer_max_tokens, temperature=0.0))
+    f = res.final
+    return {"ttft_s": f.ttft_s, "prompt_tokens": f.prompt_tokens, "cached_tokens": f.cached_tokens, "wall_s": time.perf_counter() - t0}
+
+
+def summarize(ev: NestedEval, done: dict) -> list[dict]:
+    rows = []
+    for n in ev.fan_in:
+        row = {"n": n}
+        for v in ("span", "stock"):
+            recs = [r for k, r in done.items() if k[0] == v and k[1] == n]
+            row[v] = {
+                "trials": len(recs),
+                "ttft_median_s": statistics.median(r["ttft_s"] for r in recs) if recs else None,
+                "wall_median_s": statistics.median(r["wall_s"] for r in recs) if recs else None,
+                "prompt_tokens": statistics.median(r["prompt_tokens"] for r in recs) if recs else None,
+                "cached_tokens": statistics.median(r["cached_tokens"] for r in recs) if recs else None,
+            }
+        s, t = row["span"]["ttft_median_s"], row["stock"]["ttft_median_s"]
+        row["ttft_ratio_stock_over_span"] = t / s if s and t else None
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| n | span TTFT ms | stock TTFT ms | stock/span | span cached/prompt | stock cached/prompt |", "|---|---|---|---|---|---|"]
+    f = lambda x: f"{x * 1000:.0f}" if x is not None else "-"
+    for r in rows:
+        ratio = r["ttft_ratio_stock_over_span"]
+        lines.append(
+            f"| {r['n']} | {f(r['span']['ttft_median_s'])} | {f(r['stock']['ttft_median_s'])} | "
+            f"{ratio:.2f}x | {r['span']['cached_tokens']}/{r['span']['prompt_tokens']} | {r['stock']['cached_tokens']}/{r['stock']['prompt_tokens']} |"
+            if ratio else f"| {r['n']} | - | - | - | - | - |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], title: str, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["ttft_ratio_stock_over_span"]]
+    if not rows:
+        return
+    ns = [r["n"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for v in ("span", "stock"):
+        ax.plot(ns, [r[v]["ttft_median_s"] * 1000 for r in rows], marker="o", label=v)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("inner generations n")
+    ax.set_ylabel("outer TTFT, median (ms)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: NestedConfig, run_dir: RunDir, model=None) -> dict:
+    from spanjax.engine.engine import Engine
+    from spanjax.models.loading import load_model
+
+    ev, log = cfg.eval, run_dir.log
+    model = load_model(cfg.model) if model is None else model
+    engine = Engine(model, cfg.engine.build())
+    done = {(r["key"][0], r["key"][1], r["key"][2]): r for r in load_items(run_dir).values()}
+    total = len(ev.fan_in) * ev.trials * 2
+    bar = progress(total, sum(1 for k in done if k[1] in ev.fan_in and k[2] < ev.trials), cfg.name)
+    try:
+        for n in ev.fan_in:
+            if all(("span", n, t) in done and ("stock", n, t) in done for t in range(ev.trials)):
+                continue
+            for v, fn in (("span", measure_span), ("stock", measure_stock)):  # warm-up: compile, discard
+                engine.clear_cache()
+                fn(engine, model.name, inner_prompts(ev, n, -1), ev, cfg.seed)
+            for t in range(ev.trials):
+                for v, fn in (("span", measure_span), ("stock", measure_stock)):
+                    if (v, n, t) in done:
+                        continue
+                    engine.clear_cache()  # both variants start cold: inner generations included
+                    rec = {"key": [v, n, t], **fn(engine, model.name, inner_prompts(ev, n, t), ev, cfg.seed)}
+                    append_items(run_dir, [rec])
+                    done[(v, n, t)] = rec
+                    bar.update(1)
+                    log.info("n=%d trial %d %s: ttft %.3fs (%d/%d cached)", n, t, v, rec["ttft_s"], rec["cached_tokens"], rec["prompt_tokens"])
+    finally:
+        bar.close()
+    rows = summarize(ev, done)
+    md = markdown_table(rows)
+    results = {"task": "ttft_nested", "name": cfg.name, "model": model.name, "positions": ev.positions, "machine": machine(),
+               "engine": engine.stats(), "rows": rows, "table_markdown": md}
+    write_results(run_dir, results)
+    (run_dir.path / "summary.md").write_text(md + "\n")
+    plot(rows, f"nested generation TTFT, {model.name}", run_dir.path / "ttft.png")
+    log.info("nested TTFT (median of %d):\n%s", ev.trials, md)
+    return results

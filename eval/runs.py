@@ -1,0 +1,132 @@
+"""Run directories: `runs/<name>-<timestamp>/` with the resolved config, a log,
+an append-only JSONL of per-item results (the resume journal), results JSON
+and plots.
+
+A run resumes from its directory: the stored config must equal the requested
+one (otherwise the numbers would mix two experiments), finished items are read
+back from `items.jsonl` and skipped. Each item is flushed and fsynced as soon
+as it is done, so an interrupt loses at most the batch in flight; a torn last
+line (killed mid-write) is ignored and recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+from spanjax import config as C
+
+CONFIG_FILE = "config.yaml"
+ITEMS_FILE = "items.jsonl"
+RESULTS_FILE = "results.json"
+LOG_FILE = "log.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    path: Path
+    log: logging.Logger
+    resumed: bool
+
+    @property
+    def items_path(self) -> Path:
+        return self.path / ITEMS_FILE
+
+
+def machine() -> str:
+    """A one-line description of where the numbers came from."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    proc = platform.processor() or platform.machine()
+    return f"{platform.system()} {proc}, {os.cpu_count()} cpus visible, load avg {load:.1f}"
+
+
+def _logger(path: Path) -> logging.Logger:
+    log = logging.getLogger(f"spanjax.run.{path.resolve()}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not log.handlers:
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+        fh = logging.FileHandler(path / LOG_FILE)
+        fh.setFormatter(fmt)
+        sh = logging.StreamHandler()
+        sh.setFormatter(fmt)
+        log.addHandler(fh)
+        log.addHandler(sh)
+    return log
+
+
+def open_run(cfg, resume: str | Path | None = None) -> RunDir:
+    """A fresh `out_dir/<name>-<timestamp>/`, or `resume` (which must hold the same config)."""
+    if resume is not None:
+        path = Path(resume)
+        stored = path / CONFIG_FILE
+        if not stored.exists():
+            raise C.ConfigError(f"cannot resume {str(path)!r}: no {CONFIG_FILE} there")
+        old = C.read_yaml(stored)
+        changed = C.diff(old, C.to_dict(cfg))
+        if changed:
+            raise C.ConfigError(f"cannot resume {str(path)!r}: its config differs ({'; '.join(changed)}); start a new run instead")
+        resumed = True
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(cfg.out_dir) / f"{cfg.name}-{stamp}"
+        n = 1
+        while path.exists():  # two runs in one second
+            path = Path(cfg.out_dir) / f"{cfg.name}-{stamp}-{n}"
+            n += 1
+        path.mkdir(parents=True)
+        (path / CONFIG_FILE).write_text(C.dump(cfg))
+        resumed = False
+    run = RunDir(path, _logger(path), resumed)
+    run.log.info("%s run %s", "resuming" if resumed else "starting", path)
+    return run
+
+
+def item_key(record: dict) -> tuple:
+    return tuple(record["key"])
+
+
+def load_items(run: RunDir) -> dict[tuple, dict]:
+    """Finished items by key; a torn last line from a kill is dropped (and redone)."""
+    done: dict[tuple, dict] = {}
+    if not run.items_path.exists():
+        return done
+    with open(run.items_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[item_key(rec)] = rec
+    return done
+
+
+def append_items(run: RunDir, records: list[dict]) -> None:
+    """Append finished items durably (flush + fsync) so an interrupt keeps them."""
+    if not records:
+        return
+    with open(run.items_path, "a", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_results(run: RunDir, results: dict) -> Path:
+    out = run.path / RESULTS_FILE
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    tmp.replace(out)  # atomic: a reader never sees half a file
+    return out
+
+
+def progress(total: int, initial: int, desc: str):
+    """A tqdm bar (stderr), disabled when SPANJAX_NO_PROGRESS is set (tests)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=bool(os.environ.get("SPANJAX_NO_PROGRESS")))
