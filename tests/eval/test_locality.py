@@ -1,0 +1,184 @@
+"""Attention-locality eval and the run machinery on a tiny random model
+(byte tokenizer): metric normalization, Wilson intervals, example building,
+determinism (same config + seed -> same numbers), resume after an interrupt,
+and the nested-TTFT run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import pytest
+
+from eval import locality as L
+from eval.experiments import load_config, run
+from eval.runs import ITEMS_FILE, load_items, open_run
+from spanjax.config import ConfigError
+from spanjax.models import llama
+from spanjax.models.config import ModelConfig
+from spanjax.models.loading import LoadedModel
+from spanjax.query.fake import SPECIAL, ByteTokenizer
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+class Tokenizer(ByteTokenizer):
+    eos_token_ids = (SPECIAL["end"],)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8, max_position_embeddings=4096, rope_theta=10000.0)
+    return LoadedModel("tiny", cfg, llama.init_params(cfg, jax.random.key(3), scale=0.2), Tokenizer())
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.setenv("SPANJAX_NO_PROGRESS", "1")
+
+
+def smoke_cfg(tmp_path, *extra):
+    # Byte tokens: 48-token documents, a small pool; "tiny" names the model in cache keys.
+    return load_config(CONFIGS / "locality_nq_smoke.yaml",
+                       [f"out_dir={tmp_path}", "model=tiny", "engine.page_size=8", "engine.attention=reference", *extra])
+
+
+# ---------------------------------------------------------------------------- metric
+
+
+@pytest.mark.parametrize("text, norm", [
+    ("The  Eiffel Tower!", "eiffel tower"),
+    ("an Apple, a day", "apple day"),
+    ("U.S.A.", "usa"),
+    ("Theatre of the Absurd", "theatre of absurd"),  # 'the' inside a word is kept
+    ("  \tNew\nYork ", "new york"),
+])
+def test_normalize_answer(text, norm):
+    assert L.normalize_answer(text) == norm
+
+
+def test_nq_and_kv_metrics():
+    assert L.nq_correct("I think it was the Eiffel tower.", ["Eiffel Tower"])
+    assert L.nq_correct("answer: 1,000 people", ["1000 people"])
+    assert not L.nq_correct("Paris", ["London", "Berlin"])
+    assert not L.nq_correct("anything", ["the"])  # an answer that normalizes to '' never counts
+    assert L.kv_correct('the value is "abc-123"', "abc-123") and not L.kv_correct("abc-12", "abc-123")
+
+
+def test_wilson_interval():
+    lo, hi = L.wilson(0, 10)
+    assert lo == 0 and 0.25 < hi < 0.35
+    lo, hi = L.wilson(50, 100)
+    assert abs((lo + hi) / 2 - 0.5) < 1e-9 and abs(lo - 0.4038) < 1e-3
+    assert L.wilson(0, 0) == (0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------- examples
+
+
+def test_nq_examples_are_deterministic_and_clean():
+    ev = L.LocalityEval(split="dev", num_docs=5, num_questions=3)
+    a, b = L.nq_examples(ev, 0), L.nq_examples(ev, 0)
+    assert a == b and [e.index for e in a] == [0, 1, 2]
+    assert L.nq_examples(ev, 1)[0].docs != a[0].docs  # the seed picks the distractors
+    for ex in a:
+        assert len(ex.docs) == 4
+        assert not any(L.nq_correct(d, ex.answers) for d in ex.docs)  # only the gold can answer
+        for p in range(5):
+            docs = ex.documents(p)
+            assert docs[p] == f"Document [{p + 1}]{ex.gold}" and len(docs) == 5
+    held = L.nq_examples(L.LocalityEval(split="held_out", num_docs=3, num_questions=2), 0)
+    assert [e.index for e in held] == [2000, 2001]
+    assert all(idx >= 2000 for e in held for idx in [e.index])
+
+
+def test_kv_examples_put_the_key_chunk_anywhere():
+    ev = L.LocalityEval(dataset="kv", split="dev", num_docs=4, num_questions=2)
+    for ex in L.kv_examples(ev, 0):
+        assert len(ex.docs) == 3 and ex.answers[0] in ex.gold and not any(ex.answers[0] in d for d in ex.docs)
+        for p in range(4):
+            assert ex.answers[0] in ex.documents(p)[p]
+
+
+def test_work_order_batches_one_position_per_chunk(tmp_path):
+    cfg = smoke_cfg(tmp_path)
+    exs = L.nq_examples(cfg.eval, cfg.seed)
+    batches = L.work_order(cfg, exs)
+    keys = [k for b in batches for k in b]
+    assert len(keys) == len(set(keys)) == len(cfg.eval.variants) * 2 * 3
+    assert all(len({(v, p) for v, _, p in b}) == 1 for b in batches)
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def test_same_config_same_numbers_and_outputs(tiny_model, tmp_path):
+    cfg = smoke_cfg(tmp_path)
+    r1, d1 = run(cfg, model=tiny_model)
+    r2, d2 = run(cfg, model=tiny_model)
+    assert d1.path != d2.path
+    assert r1["accuracy"] == r2["accuracy"] or _strip_timing(r1) == _strip_timing(r2)
+    out = lambda d: {tuple(r["key"]): r["output"] for r in map(json.loads, (d.path / ITEMS_FILE).read_text().splitlines())}
+    assert out(d1) == out(d2) and len(out(d1)) == 18
+    for name in ("config.yaml", "results.json", "log.txt", "accuracy.png", "summary.md"):
+        assert (d1.path / name).stat().st_size > 0
+    res = json.loads((d1.path / "results.json").read_text())
+    assert set(res["accuracy"]) == set(cfg.eval.variants)
+    row = res["accuracy"]["stock"]["per_position"][0]
+    assert row["n"] == 2 and len(row["ci95"]) == 2
+    assert load_config(d1.path / "config.yaml") == cfg  # the stored config is the resolved one
+    # Span variants reuse document pages across gold positions.
+    recs = [r for r in load_items(d1).values() if r["variant"] == "span-parallel-isolated" and r["position"] > 0]
+    assert all(r["cached_tokens"] > 0 for r in recs)
+
+
+def _strip_timing(r):
+    return {v: [(x["correct"], x["n"]) for x in t["per_position"]] for v, t in r["accuracy"].items()}
+
+
+def test_interrupt_then_resume_skips_finished_items(tiny_model, tmp_path, monkeypatch):
+    from spanjax.engine.engine import Engine
+
+    cfg = smoke_cfg(tmp_path)
+    calls = {"n": 0}
+    real = Engine.run_until_done
+
+    def flaky(self, reqs=None):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, reqs)
+
+    monkeypatch.setattr(Engine, "run_until_done", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, model=tiny_model)
+    run_dir = next(Path(tmp_path).iterdir())
+    lines = (run_dir / ITEMS_FILE).read_text().splitlines()
+    assert len(lines) == 6  # three batches of 2 finished before the interrupt
+    with open(run_dir / ITEMS_FILE, "a") as f:
+        f.write('{"key": ["stock", 0, ')  # a torn line from a kill mid-write is ignored
+
+    calls["n"] = -100
+    submitted = []
+    real_submit = Engine.submit
+    monkeypatch.setattr(Engine, "submit", lambda self, plan, *a, **k: submitted.append(plan) or real_submit(self, plan, *a, **k))
+    res, d = run(cfg, resume=run_dir, model=tiny_model)
+    assert d.path == run_dir and len(submitted) == 18 - 6
+    assert sum(t["n"] for t in res["accuracy"].values()) == 18
+    # A different config cannot resume that directory.
+    with pytest.raises(ConfigError, match="config differs.*eval.max_tokens"):
+        open_run(smoke_cfg(tmp_path, "eval.max_tokens=9"), resume=run_dir)
+
+
+def test_nested_ttft_smoke(tiny_model, tmp_path):
+    cfg = load_config(CONFIGS / "ttft_nested_smoke.yaml", [f"out_dir={tmp_path}", "model=tiny", "engine.page_size=8", "engine.attention=reference"])
+    res, d = run(cfg, model=tiny_model)
+    rows = {r["n"]: r for r in res["rows"]}
+    assert set(rows) == {1, 2}
+    for r in rows.values():
+        assert r["span"]["ttft_median_s"] > 0 and r["stock"]["ttft_median_s"] > 0
+        # The span outer query reuses the inner exchanges; the flat stock prompt does not.
+        assert r["span"]["cached_tokens"] > r["stock"]["cached_tokens"]
+    assert (d.path / "ttft.png").exists() and (d.path / "summary.md").exists()

@@ -1,0 +1,120 @@
+"""spanjax/config.py and the presets in configs/: every YAML loads, overrides
+apply with the right types, and bad keys / values fail naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import yaml
+
+from eval.experiments import TASKS, load_config
+from spanjax import config as C
+from spanjax.cli import EVAL_PRESETS, main
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+NQ = CONFIG_DIR / "locality_nq.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    rate: float = 0.5
+    mode: Literal["a", "b"] = "a"
+    sizes: tuple[int, ...] = (1, 2)
+    limit: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    name: str = "x"
+    flag: bool = False
+    inner: Inner = Inner()
+
+
+def test_library_types_and_overrides():
+    cfg = C.from_dict(Outer, {"inner": {"rate": 1}})
+    assert cfg.inner.rate == 1.0 and isinstance(cfg.inner.rate, float)  # int accepted for float
+    cfg = C.override(cfg, ["inner.sizes=[3, 4]", "inner.limit=7", "flag=true", "name=y", "inner.mode=b"])
+    assert cfg == Outer("y", True, Inner(1.0, "b", (3, 4), 7))
+    assert C.override(cfg, ["inner.limit=null"]).inner.limit is None
+    assert C.from_dict(Outer, yaml.safe_load(C.dump(cfg))) == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.name = "z"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("inner.rate=fast", "inner.rate: expected float, got 'fast'"),
+        ("inner.mode=c", "inner.mode: expected 'a' | 'b', got 'c'"),
+        ("flag=1", "flag: expected bool, got 1"),
+        ("inner.sizes=[1, x]", "inner.sizes[1]: expected int, got 'x'"),
+        ("inner.nope=1", "unknown key 'inner.nope'"),
+        ("nope=1", "unknown key 'nope'"),
+        ("inner=3", "inner: expected Inner"),
+        ("name.sub=1", "'name' is a value, not a section"),
+        ("noequals", "bad override 'noequals'"),
+        ("a..b=1", "bad override"),
+    ],
+)
+def test_library_errors_name_the_key(override, message):
+    with pytest.raises(C.ConfigError, match=__import__("re").escape(message)):
+        C.override(Outer(), [override])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_preset_loads_round_trips_and_overrides(path, tmp_path):
+    cfg = load_config(path)
+    assert cfg.task in TASKS and dataclasses.is_dataclass(cfg)
+    # The dumped config (what a run dir stores) loads back to the same value.
+    dumped = tmp_path / "c.yaml"
+    dumped.write_text(C.dump(cfg))
+    assert load_config(dumped) == cfg
+    # Valid overrides apply with the right types.
+    o = load_config(path, ["seed=7", "model=other", "engine.page_size=8", "name=renamed"])
+    assert (o.seed, o.model, o.engine.page_size, o.name) == (7, "other", 8, "renamed")
+    assert isinstance(o.seed, int)
+    for bad, msg in [("seed=abc", "seed: expected int"), ("eval.unknown=1", "unknown key 'eval.unknown'"),
+                     ("engine.page_size=1.5", "engine.page_size: expected int"), ("task=nope", "unknown task 'nope'")]:
+        with pytest.raises(C.ConfigError, match=msg):
+            load_config(path, [bad])
+
+
+def test_task_specific_overrides():
+    cfg = load_config(NQ, ["eval.num_docs=5", "eval.positions=[0, 4]", "eval.variants=[stock]", "eval.split=dev"])
+    assert (cfg.eval.num_docs, cfg.eval.positions, cfg.eval.variants, cfg.eval.split) == (5, (0, 4), ("stock",), "dev")
+    assert cfg.eval.gold_positions == (0, 4)
+    with pytest.raises(C.ConfigError, match="positions must lie in 0..4"):
+        load_config(NQ, ["eval.num_docs=5", "eval.positions=[5]"])
+    with pytest.raises(C.ConfigError, match="variants: unknown"):
+        load_config(NQ, ["eval.variants=[bogus]"])
+    with pytest.raises(C.ConfigError, match="eval.split: expected 'dev' | 'held_out'"):
+        load_config(NQ, ["eval.split=test"])
+    with pytest.raises(C.ConfigError, match="max_tokens_per_step must be >= 16"):
+        load_config(NQ, ["engine.max_tokens_per_step=8"])
+    n = load_config(CONFIG_DIR / "ttft_nested.yaml", ["eval.fan_in=[1, 2]"])
+    assert n.eval.fan_in == (1, 2)
+
+
+def test_missing_file_and_task(tmp_path):
+    with pytest.raises(C.ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "t.yaml"
+    p.write_text("name: x\n")
+    with pytest.raises(C.ConfigError, match="missing required key 'task'"):
+        load_config(p)
+
+
+def test_cli_print_config_and_one_line_errors(capsys):
+    assert main(["run", str(NQ), "eval.num_docs=4", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "num_docs: 4" in out and "task: locality" in out
+    assert main(["run", str(NQ), "eval.num_docs=four"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "eval.num_docs: expected int, got 'four'" in err
+    assert main(["eval", "locality", "eval.num_questions=3", "--print-config"]) == 0
+    assert "num_questions: 3" in capsys.readouterr().out
+    assert set(EVAL_PRESETS.values()) <= {p.name for p in CONFIGS}
