@@ -19,6 +19,13 @@ from spanjax.query.lower import lower
 
 from qstrategies import TinyTokenizer, gs, prompts
 
+
+@pytest.fixture
+def tok():
+    # Kept here, not in a tests/query/conftest.py: a second module named `conftest`
+    # would shadow tests/conftest.py, which other test modules import helpers from.
+    return TinyTokenizer()
+
 TOK = TinyTokenizer()
 
 

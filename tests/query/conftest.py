@@ -1,8 +1,0 @@
-import pytest
-
-from qstrategies import TinyTokenizer
-
-
-@pytest.fixture
-def tok():
-    return TinyTokenizer()
