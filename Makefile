@@ -30,8 +30,11 @@ $(TEST_STAMP): $(SETUP_STAMP)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
+# The main job: a RAG span query (documents in a plus, encoded independently and cached),
+# after a plain chat generation for comparison.
 demo: $(SETUP_STAMP)
 	JAX_PLATFORMS=cpu $(BIN)/spanjax generate --model smollm2-135m --chat --max-tokens 96 --prompt "$(DEMO_PROMPT)"
+	JAX_PLATFORMS=cpu $(BIN)/spanjax query examples/rag.json --model smollm2-135m
 
 # pytest's exit code is make's: any failure (or no tests collected, exit 5) fails the target.
 test: $(TEST_STAMP)
