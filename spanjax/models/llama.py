@@ -93,34 +93,49 @@ def mlp(layer: LayerParams, x):
 AttentionFn = Callable
 
 
-def decoder(params: Params, cfg: ModelConfig, tokens, positions, cache, attention_fn: AttentionFn):
+def decoder(params: Params, cfg: ModelConfig, tokens, positions, cache, attention_fn: AttentionFn, adapter=None, adapter_mask=None):
     """Embedding -> L layers -> final norm. Token axes are [..., T]; returns (hidden, cache).
 
     `cache` is any pytree whose leaves have a leading [L] axis. It rides in the
     scan carry, whole, and `attention_fn` updates layer `layer_index` of it in
     place: passing per-layer slices as scan inputs/outputs would make XLA copy
     the entire KV pool every step.
+
+    `adapter` (a spanjax.adapters.AdapterBank) adds LoRA deltas per token:
+    `adapter_mask` [..., T] is a bool mask (adapter 0) or an int adapter index
+    (-1 = base weights); None applies adapter 0 everywhere.
     """
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
     x = params.embed[tokens] * jnp.asarray(cfg.embedding_multiplier, params.embed.dtype)
     lead = tokens.shape
+    ids = None if adapter is None else adapter.token_ids(adapter_mask, lead)
 
     def layer_step(carry, inputs):
         x, cache = carry
-        layer, idx = inputs
+        layer, idx, lora = inputs
+
+        def proj(module, h, w):  # x W, plus the adapter's per-token delta when one is given
+            y = h @ w
+            return y if adapter is None else adapter.apply(module, lora, idx, h, y, ids)
+
         h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-        q = (h @ layer.wq).reshape(*lead, cfg.num_heads, cfg.head_dim)
-        k = (h @ layer.wk).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-        v = (h @ layer.wv).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+        q = proj("q_proj", h, layer.wq).reshape(*lead, cfg.num_heads, cfg.head_dim)
+        k = proj("k_proj", h, layer.wk).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+        v = proj("v_proj", h, layer.wv).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
         q = apply_rope(q, positions, inv_freq)
         attn, cache = attention_fn(idx, cache, q, k, v, positions)
         attn = attn.reshape(*lead, cfg.num_heads * cfg.head_dim)
-        x = x + cfg.residual_multiplier * (attn @ layer.wo)
+        x = x + cfg.residual_multiplier * proj("o_proj", attn, layer.wo)
         h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
-        x = x + cfg.residual_multiplier * mlp(layer, h)
+        if adapter is None:
+            m = mlp(layer, h)
+        else:
+            m = proj("down_proj", jax.nn.silu(proj("gate_proj", h, layer.w_gate)) * proj("up_proj", h, layer.w_up), layer.w_down)
+        x = x + cfg.residual_multiplier * m
         return (x, cache), None
 
-    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (params.layers, jnp.arange(cfg.num_layers)))
+    lora_layers = None if adapter is None else adapter.layers
+    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (params.layers, jnp.arange(cfg.num_layers), lora_layers))
     return rms_norm(x, params.final_norm, cfg.rms_norm_eps), cache
 
 
@@ -165,7 +180,7 @@ def _dense_attention(cfg: ModelConfig, inv_freq, idx, cache, q, k, v, positions)
     return out.reshape(B, T, cfg.num_heads, cfg.head_dim).astype(q.dtype), (k_all, v_all)
 
 
-def forward_dense(params: Params, cfg: ModelConfig, tokens, positions, cache: DenseKVCache):
+def forward_dense(params: Params, cfg: ModelConfig, tokens, positions, cache: DenseKVCache, adapter=None, adapter_mask=None):
     """tokens, positions [B, T] -> (final hidden [B, T, H], cache).
 
     Every row attends to cache slots 0..position, so rows of different lengths
@@ -173,7 +188,7 @@ def forward_dense(params: Params, cfg: ModelConfig, tokens, positions, cache: De
     """
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
     attention = functools.partial(_dense_attention, cfg, inv_freq)
-    hidden, (k, v) = decoder(params, cfg, tokens, positions, (cache.k, cache.v), attention)
+    hidden, (k, v) = decoder(params, cfg, tokens, positions, (cache.k, cache.v), attention, adapter, adapter_mask)
     return hidden, DenseKVCache(k=k, v=v)
 
 
@@ -233,7 +248,10 @@ def _paged_attention(cfg: ModelConfig, inv_freq, attention_impl, meta: PagedAtte
     return out, (k_all, v_all)
 
 
-def forward_paged(params: Params, cfg: ModelConfig, tokens, positions, cache: PagedKVCache, meta: PagedAttentionMeta, attention_impl=None):
+def forward_paged(
+    params: Params, cfg: ModelConfig, tokens, positions, cache: PagedKVCache, meta: PagedAttentionMeta, attention_impl=None,
+    adapter=None, adapter_mask=None,
+):
     """tokens, positions [T] (flat ragged batch) -> (final hidden [T, H], cache).
 
     Writes every token's pre-RoPE K/V to `meta.slot_mapping`, then attends over
@@ -244,5 +262,5 @@ def forward_paged(params: Params, cfg: ModelConfig, tokens, positions, cache: Pa
         from kernels.span_attention.reference import span_attention_reference as attention_impl
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
     attention = functools.partial(_paged_attention, cfg, inv_freq, attention_impl, meta)
-    hidden, (k, v) = decoder(params, cfg, tokens, positions, (cache.k, cache.v), attention)
+    hidden, (k, v) = decoder(params, cfg, tokens, positions, (cache.k, cache.v), attention, adapter, adapter_mask)
     return hidden, PagedKVCache(k=k, v=v)
