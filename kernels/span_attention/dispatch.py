@@ -6,7 +6,8 @@
     forward_paged(..., attention_impl=get_attention_impl())
 
 `impl`: "auto" (default; env SPANJAX_ATTENTION_IMPL overrides) -> "pallas_gpu" on
-GPU, "pallas_tpu" on TPU, "reference" elsewhere; "pallas" -> the Pallas variant
+GPU, "pallas_tpu" on TPU, "xla" (the tiled jnp path, xla.py) elsewhere;
+"reference" is the per-token jnp statement of the semantics; "pallas" -> the Pallas variant
 of the current backend (the GPU variant, interpreted, on CPU). Block sizes come
 from the tuned table for (device kind, shape bucket), else a heuristic; pass
 `config=` to override. Shapes the GPU kernel cannot take (head_dim not a power of
@@ -21,7 +22,7 @@ import jax
 from kernels.span_attention import tuning
 from kernels.span_attention.reference import span_attention_reference
 
-IMPLS = ("auto", "reference", "pallas", "pallas_gpu", "pallas_tpu")
+IMPLS = ("auto", "reference", "xla", "pallas", "pallas_gpu", "pallas_tpu")
 
 
 def resolve_impl(impl=None, backend=None) -> str:
@@ -30,7 +31,7 @@ def resolve_impl(impl=None, backend=None) -> str:
         raise ValueError(f"unknown span attention impl {impl!r}; choose from {IMPLS}")
     backend = backend or jax.default_backend()
     if impl == "auto":
-        return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "reference")
+        return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla")
     if impl == "pallas":
         return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
     return impl
@@ -59,6 +60,13 @@ def span_attention(
 ):
     """The engine's entry point; same contract as `span_attention_reference`."""
     which = resolve_impl(impl)
+    if which == "xla":
+        from kernels.span_attention.xla import span_attention_xla
+
+        return span_attention_xla(
+            q, k_pages, v_pages, block_tables, block_pos, block_lens, cu_q_lens, q_pos,
+            rope_inv_freq=rope_inv_freq, sm_scale=sm_scale,
+        )
     if which == "reference" or (which == "pallas_gpu" and not _gpu_ok(q, k_pages)):
         return span_attention_reference(
             q, k_pages, v_pages, block_tables, block_pos, block_lens, cu_q_lens, q_pos,

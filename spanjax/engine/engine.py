@@ -114,8 +114,8 @@ class Engine:
         next_ids, logits, self.cache = self.runner.run(self.model.params, self.cache, batch, rows)
         self.scheduler.commit(batch)
         self.steps += 1
+        next_ids = np.asarray(next_ids)  # blocks until the step is computed (dispatch is async)
         now = time.perf_counter()
-        next_ids = np.asarray(next_ids)
         finished = []
         for s, it in enumerate(batch.items):
             if not it.samples:
