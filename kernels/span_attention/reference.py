@@ -86,20 +86,38 @@ def span_attention_reference(
         # would poison the row, so unseen values are zeroed, not just weighted 0.
         v = jnp.where(seen.reshape(T, step * page_size, 1, 1), v, 0.0)
         s = jnp.einsum("thgd,tkhd->thgk", qg, k)
-        s = jnp.where(seen, s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.where(seen, jnp.exp(s - m_safe[..., None]), 0.0)
-        alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
-        l = l * alpha + p.sum(axis=-1)
-        acc = acc * alpha[..., None] + jnp.einsum("thgk,tkhd->thgd", p, v)
-        return (m_new, l, acc), None
+        p, carry = online_softmax_step((m, l, acc), s, seen)
+        m, l, acc = carry
+        return (m, l, acc + jnp.einsum("thgk,tkhd->thgd", p, v)), None
 
-    init = (
-        jnp.full((T, Hkv, G), -jnp.inf, jnp.float32),
-        jnp.zeros((T, Hkv, G), jnp.float32),
-        jnp.zeros((T, Hkv, G, D), jnp.float32),
+    (m, l, acc), _ = jax.lax.scan(body, online_softmax_init((T, Hkv, G), D), jnp.arange(num_steps))
+    return online_softmax_finish(l, acc).reshape(T, Hq, D).astype(q.dtype)
+
+
+def online_softmax_init(rows_shape, head_dim):
+    """(running max, running sum, accumulator) for rows of shape `rows_shape`."""
+    return (
+        jnp.full(rows_shape, -jnp.inf, jnp.float32),
+        jnp.zeros(rows_shape, jnp.float32),
+        jnp.zeros((*rows_shape, head_dim), jnp.float32),
     )
-    (m, l, acc), _ = jax.lax.scan(body, init, jnp.arange(num_steps))
-    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-    return out.reshape(T, Hq, D).astype(q.dtype)
+
+
+def online_softmax_step(carry, scores, seen):
+    """Fold one block of `scores` [..., K] (masked by `seen`) into the carry.
+
+    Returns the block's unnormalized probabilities and the carry with the
+    accumulator already rescaled; the caller adds `p @ v` to it. Rows that
+    have seen nothing keep max -inf and contribute exact zeros (no NaN)."""
+    m, l, acc = carry
+    s = jnp.where(seen, scores, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.where(seen, jnp.exp(s - m_safe[..., None]), 0.0)
+    alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+    return p, (m_new, l * alpha + p.sum(axis=-1), acc * alpha[..., None])
+
+
+def online_softmax_finish(l, acc):
+    """Normalize; rows that saw no key give zeros."""
+    return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)

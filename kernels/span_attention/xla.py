@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from kernels.rope import apply_rope
 from kernels.span_attention import tiling
+from kernels.span_attention.reference import online_softmax_finish, online_softmax_init, online_softmax_step
 
 
 def span_attention_xla(
@@ -64,20 +65,8 @@ def span_attention_xla(
         v = jnp.where(valid[:, :, None, None], v, 0.0)  # junk in unseen slots must not leak
         seen = valid[:, None, None, :] & (kpos[:, None, None, :] <= row_pos[:, None, :, None])  # [nt, 1, R, K]
         s = jnp.einsum("nhrd,nkhd->nhrk", qt, k)
-        s = jnp.where(seen, s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.where(seen, jnp.exp(s - m_safe[..., None]), 0.0)
-        alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
-        l = l * alpha + p.sum(axis=-1)
-        acc = acc * alpha[..., None] + jnp.einsum("nhrk,nkhd->nhrd", p, v)
-        return (m_new, l, acc), None
+        p, (m, l, acc) = online_softmax_step((m, l, acc), s, seen)
+        return (m, l, acc + jnp.einsum("nhrk,nkhd->nhrd", p, v)), None
 
-    init = (
-        jnp.full((nt, Hkv, R), -jnp.inf, jnp.float32),
-        jnp.zeros((nt, Hkv, R), jnp.float32),
-        jnp.zeros((nt, Hkv, R, D), jnp.float32),
-    )
-    (m, l, acc), _ = jax.lax.scan(body, init, jnp.arange(num_steps))
-    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-    return tiling.unpack_output(out, tiles, Hq, block_q, G, q.dtype)
+    (m, l, acc), _ = jax.lax.scan(body, online_softmax_init((nt, Hkv, R), D), jnp.arange(num_steps))
+    return tiling.unpack_output(online_softmax_finish(l, acc), tiles, Hq, block_q, G, q.dtype)
