@@ -30,7 +30,7 @@ class GenerationRecord:
 
     model: str
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # generated ids without the end-of-sequence token
     finish_reason: str
     prompt_tokens: int
     cached_tokens: int
@@ -96,7 +96,7 @@ def run_query(engine: Engine, query: A.Query | str | bytes, *, optimize: bool = 
                 GenerationRecord(
                     model=g.model,
                     text=r.text,
-                    token_ids=list(r.generated),
+                    token_ids=[t for t in r.generated if t not in engine.eos_token_ids],  # as `spanjax generate`
                     finish_reason=r.finish_reason,
                     prompt_tokens=s["prompt_tokens"],
                     cached_tokens=s["cached_tokens"],
