@@ -4,9 +4,12 @@ path for CPU (and any backend without a Pallas kernel).
 Same contract as `reference.py`, same tiling as the Pallas kernels
 (`tiling.py`): tokens are grouped into tiles of up to `block_q` tokens of ONE
 sequence, so each tile gathers its sequence's pages once per page group
-instead of once per token. The reference gathers per token, which is the
+instead of once per token, and all tiles advance together through the block
+table (one vectorized step per page group: few, large operations, which is
+what XLA on CPU runs well). The reference gathers per token, which is the
 clearest statement of the semantics but moves T times more KV through memory
-during a long prefill chunk.
+during a long prefill chunk. Unused tiles (sequences the caller padded) still
+cost work here, so callers bucket the sequence count (the engine does).
 """
 
 import jax
@@ -15,6 +18,14 @@ import jax.numpy as jnp
 from kernels.rope import apply_rope
 from kernels.span_attention import tiling
 from kernels.span_attention.reference import online_softmax_finish, online_softmax_init, online_softmax_step
+
+
+def default_block_q(num_tokens: int, num_seqs: int) -> int:
+    """Tokens per tile, about the tokens per sequence (decode tiles are one token,
+    prefill tiles large), a power of two in [1, 64]. Every sequence may end in a
+    partial tile, so the padding is at most num_seqs * block_q rows, about T."""
+    target = max(1, num_tokens // max(1, num_seqs))
+    return min(64, 1 << (target.bit_length() - 1))
 
 
 def span_attention_xla(
@@ -36,11 +47,7 @@ def span_attention_xla(
     N, page_size, Hkv, _ = k_pages.shape
     S = block_tables.shape[0]
     G = Hq // Hkv
-    if block_q is None:
-        # Tiles are padded to block_q rows and each of S sequences may end in a
-        # partial tile: keep the padding (about S * block_q rows) near T / 2.
-        target = max(1, T // (2 * S))
-        block_q = min(64, 1 << (target.bit_length() - 1))  # largest power of two <= target
+    block_q = block_q or default_block_q(T, S)
     block_q = max(1, min(block_q, tiling.next_pow2(T)))
     step = max(1, min(pages_per_step, block_tables.shape[1]))
     tables, pos, lens = tiling.pad_block_tables(block_tables, block_pos, block_lens, N, step)

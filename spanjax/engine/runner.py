@@ -4,12 +4,15 @@ Shapes are bucketed so the step compiles a bounded number of times:
 
 - tokens T: powers of two from 16 up to the token budget (the budget itself is
   the last bucket);
-- sequences S: always `max_seqs_per_step` (padded sequences are empty);
+- sequences S: powers of two from 1 up to `max_seqs_per_step` (padded
+  sequences are empty; bucketing them keeps the attention's per-sequence work
+  proportional to the real sequences);
 - block-table width M: powers of two from 4 up to the widest sequence the pool
   allows (`num_pages - 1`, rounded up to a power of two).
 
-So at most len(T buckets) x len(M buckets) compilations (`compile_bound`);
-`compile_count` counts the traces that actually happened.
+So at most len(T) x len(S) x len(M) compilations (`compile_bound`); in
+practice a workload touches a handful. `compile_count` counts the traces that
+actually happened.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class StepRunner:
         self.cfg = cfg
         self.max_seqs = max_seqs
         self.token_buckets = power_of_two_buckets(16, max_tokens)
+        self.seq_buckets = power_of_two_buckets(1, max_seqs)
         self.page_buckets = power_of_two_buckets(4, 1 << max(2, (max_pages_per_seq - 1).bit_length()))
         self.compile_count = 0
         self._attention_impl = attention_impl
@@ -53,20 +57,23 @@ class StepRunner:
 
     @property
     def compile_bound(self) -> int:
-        return len(self.token_buckets) * len(self.page_buckets)
+        return len(self.token_buckets) * len(self.seq_buckets) * len(self.page_buckets)
 
-    def _step_impl(self, params, cache, tokens, positions, meta, logits_indices, temperature, top_k, top_p, seeds, steps):
+    def _step_impl(self, params, cache, tokens, positions, meta, logits_indices, temperature, top_k, top_p, seeds, steps, adapter=None, adapter_ids=None):
         self.compile_count += 1  # runs once per trace, i.e. per compilation
-        hidden, cache = llama.forward_paged(params, self.cfg, tokens, positions, cache, meta, self._attention_impl)
+        hidden, cache = llama.forward_paged(params, self.cfg, tokens, positions, cache, meta, self._attention_impl, adapter, adapter_ids)
         logits = llama.compute_logits(params, self.cfg, hidden[logits_indices])
         next_ids = sample_tokens(logits, temperature, top_k, top_p, seeds, steps)
         return next_ids, logits, cache
 
-    def run(self, params, cache, batch: StepBatch, sampling_rows: dict):
-        """Pad `batch` to its bucket and run the step. Returns (next ids [S], logits [S, V], cache)."""
+    def run(self, params, cache, batch: StepBatch, sampling_rows: dict, adapter=None):
+        """Pad `batch` to its bucket and run the step. Returns (next ids [S], logits [S, V], cache).
+
+        `adapter` (an AdapterBank) applies per token by `batch.adapter_ids`; a
+        batch with no adapted token runs the plain step (a separate trace)."""
         T = _bucket(len(batch.tokens), self.token_buckets)
-        S = self.max_seqs
         s_real, m_real = batch.block_tables.shape
+        S = _bucket(s_real, self.seq_buckets)
         M = _bucket(m_real, self.page_buckets)
 
         def pad1(x, n, fill=0):
@@ -85,6 +92,9 @@ class StepRunner:
             cu_q_lens=pad1(batch.cu_q_lens, S + 1, batch.cu_q_lens[-1]),
         )
         rows = {k: pad1(np.asarray(v), S, 0 if k != "top_p" else 1.0) for k, v in sampling_rows.items()}
+        ids = batch.adapter_ids
+        if adapter is None or ids is None or not (ids >= 0).any():
+            ids = None
         next_ids, logits, cache = self._step(
             params,
             cache,
@@ -97,5 +107,6 @@ class StepRunner:
             rows["top_p"].astype(np.float32),
             rows["seed"].astype(np.uint32),
             rows["step"].astype(np.int32),
+            *(() if ids is None else (adapter, pad1(ids, T, -1))),
         )
         return next_ids, logits, cache

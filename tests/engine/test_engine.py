@@ -165,8 +165,9 @@ def test_compilations_stay_within_documented_bound(tiny_model):
     eng = Engine(tiny_model, EngineConfig(num_pages=128, page_size=PAGE, max_tokens_per_step=64, max_seqs_per_step=4, attention="reference"))
     runner = eng.runner
     assert runner.token_buckets == [16, 32, 64]
+    assert runner.seq_buckets == [1, 2, 4]
     assert runner.page_buckets == [4, 8, 16, 32, 64, 128]
-    assert runner.compile_bound == 18
+    assert runner.compile_bound == 3 * 3 * 6
     rng = np.random.default_rng(9)
     for wave in range(6):  # varied prompt lengths, concurrency and decode lengths
         plans = [
