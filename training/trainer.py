@@ -83,7 +83,10 @@ def batch_loss(weights, params, model_cfg, adapter_cfg: AdapterConfig, batch: Ba
     return jnp.sum(nll * batch.loss_mask) / jnp.maximum(n, 1.0), n
 
 
-def _train_step(params, state: TrainState, batch: Batch, *, model_cfg, adapter_cfg, optimizer, seed, schedule):
+@functools.partial(jax.jit, static_argnames=("model_cfg", "adapter_cfg", "optim", "steps", "seed"))
+def _train_step(params, state: TrainState, batch: Batch, *, model_cfg, adapter_cfg, optim, steps, seed):
+    # Module-level jit keyed by hashable configs: a resumed or repeated run reuses the compilation.
+    optimizer, schedule = make_optimizer(optim, steps), make_schedule(optim, steps)
     B, P = batch.prefix.shape
     cache = llama.init_dense_cache(model_cfg, B, P + batch.suffix.shape[1])
     if P:  # base-model prefix (aLoRA): no gradient flows here
@@ -101,16 +104,11 @@ def _train_step(params, state: TrainState, batch: Batch, *, model_cfg, adapter_c
 
 def make_train_step(params, model_cfg, adapter_cfg: AdapterConfig, optim, steps: int, seed: int):
     """`train_step(state, batch) -> (state, metrics)`, jitted, with the frozen base params bound."""
-    optimizer = make_optimizer(optim, steps)
-    fn = jax.jit(functools.partial(
-        _train_step, model_cfg=model_cfg, adapter_cfg=adapter_cfg, optimizer=optimizer, seed=seed,
-        schedule=make_schedule(optim, steps),
-    ))
 
     def train_step(state: TrainState, batch: Batch):
-        return fn(params, state, batch)
+        return _train_step(params, state, batch, model_cfg=model_cfg, adapter_cfg=adapter_cfg, optim=optim, steps=steps, seed=seed)
 
-    return train_step, optimizer
+    return train_step, make_optimizer(optim, steps)
 
 
 # ---------------------------------------------------------------------------- the run loop

@@ -71,6 +71,8 @@ class Engine:
             attention_impl=_attention_impl(config.attention),
         )
         self.steps = 0
+        self.adapters: dict = {}  # name -> spanjax.adapters.Adapter (register_adapter)
+        self._bank = None
         # End-of-sequence ids: the config's and the tokenizer's (chat end-of-turn included).
         self.eos_token_ids = frozenset(model.cfg.eos_token_ids) | frozenset(getattr(model.tokenizer, "eos_token_ids", ()))
 
@@ -88,7 +90,14 @@ class Engine:
                 f"prompt and max_tokens reach position {end}, past the model's context of "
                 f"{self.model.cfg.max_position_embeddings}"
             )
+        span_adapter = None
+        if plan.adapter is not None:  # aLoRA: only spans from the invocation on are adapted
+            from spanjax.engine.adapters import span_adapter_ids
+
+            names = list(self.adapters)
+            plan, span_adapter = span_adapter_ids(plan, self.adapters.get(plan.adapter), names.index(plan.adapter) if plan.adapter in names else -1)
         req = Request(plan, sampling, lowering.chain_page_key)
+        req.span_adapter = span_adapter
         req.keep_logits = keep_logits
         self.scheduler.add(req)
         return req
@@ -111,7 +120,7 @@ class Engine:
             rows["top_p"].append(sp.top_p)
             rows["seed"].append(sp.seed)
             rows["step"].append(len(it.request.generated))
-        next_ids, logits, self.cache = self.runner.run(self.model.params, self.cache, batch, rows)
+        next_ids, logits, self.cache = self.runner.run(self.model.params, self.cache, batch, rows, self._bank)
         self.scheduler.commit(batch)
         self.steps += 1
         next_ids = np.asarray(next_ids)  # blocks until the step is computed (dispatch is async)
@@ -156,6 +165,19 @@ class Engine:
         reqs = [self.submit(p, s) for p, s in zip(plans, samplings)]
         self.run_until_done(reqs)
         return reqs
+
+    def register_adapter(self, name: str, adapter) -> None:
+        """Make a LoRA / aLoRA adapter (spanjax.adapters.Adapter) available to plans and g's
+        naming it. Registering again under a name replaces it; pages cached under that
+        name are dropped first so no stale adapted KV is reused."""
+        from spanjax.adapters import make_bank
+
+        if name in self.adapters:
+            if self.scheduler.has_work():
+                raise RuntimeError(f"cannot replace adapter {name!r} while requests are running")
+            self.clear_cache()
+        self.adapters[name] = adapter
+        self._bank = make_bank(list(self.adapters.values()), self.model.cfg, self.model.params.embed.dtype)
 
     def clear_cache(self) -> int:
         """Forget every cached page no running request uses (cold-start runs)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from spanjax.engine.adapters import lower_for_engine
 from spanjax.engine.engine import Engine
 from spanjax.engine.sampling import SamplingParams
 from spanjax.query import ast as A
@@ -87,7 +88,7 @@ def run_query(engine: Engine, query: A.Query | str | bytes, *, optimize: bool = 
     tok, name, ps = engine.model.tokenizer, engine.model.name, engine.config.page_size
     while wave := ready(q):
         # Lower every g before submitting any, so a bad query fails before compute.
-        plans = [lower(g, tok, model=name, page_size=ps) for g in wave]
+        plans = [lower_for_engine(g, tok, model=name, page_size=ps, adapters=engine.adapters) for g in wave]
         reqs = [engine.submit(p, sampling_for(g)) for p, g in zip(plans, wave)]
         engine.run_until_done(reqs)
         for g, r in zip(wave, reqs):

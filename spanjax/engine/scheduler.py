@@ -75,6 +75,7 @@ class Request:
         self.text = ""
         self.metrics = RequestMetrics(prompt_tokens=plan.num_tokens, arrival_s=time.perf_counter())
         self.keep_logits = False  # record the logits of every sampled token (tests, analysis)
+        self.span_adapter: tuple[int, ...] | None = None  # adapter index per span (-1 = base); set by the engine
         self.logits: list[np.ndarray] = []
         self._reset()
 
@@ -177,6 +178,7 @@ class StepBatch:
     block_lens: np.ndarray  # [S, M]
     cu_q_lens: np.ndarray  # [S + 1]
     logits_indices: np.ndarray  # [S] last token of each item (index into T)
+    adapter_ids: np.ndarray | None = None  # [T] adapter index per token (-1 = base weights)
 
     @property
     def num_tokens(self) -> int:
@@ -227,9 +229,10 @@ class Scheduler:
         for span in req.plan.spans:
             is_final = span.index == req.final
             for k, key in enumerate(span.page_keys):
-                partial = (k + 1) * ps > len(span)
-                if is_final and partial:
-                    break  # decoding appends here, so the final span owns its last page
+                # The final span owns its last prompt page: decoding appends there, and its last
+                # token must be computed (its logits pick the first token) even when the page is full.
+                if is_final and (k + 1) * ps >= len(span):
+                    break
                 page = self.pool.lookup(key)
                 if page is None:
                     break
@@ -310,7 +313,7 @@ class Scheduler:
 
     def _build(self, items: list[StepItem]) -> StepBatch:
         ps = self.pool.page_size
-        tokens, positions, slots, cu = [], [], [], [0]
+        tokens, positions, slots, cu, adapter_ids = [], [], [], [0], []
         tables = []
         for it in items:
             req = it.request
@@ -321,6 +324,7 @@ class Scheduler:
                 positions.append(req.span_position(it.span, i))
                 slots.append(own[i // ps] * ps + i % ps)
             cu.append(cu[-1] + it.count)
+            adapter_ids.extend([req.span_adapter[it.span] if req.span_adapter else -1] * it.count)
             entries = []  # (page, start_pos, valid_len)
             for d in req.plan.spans[it.span].sees + (it.span,):
                 n_tok = len(req.span_tokens(d)) if d != it.span else it.start + it.count
@@ -346,6 +350,7 @@ class Scheduler:
             block_lens=bl,
             cu_q_lens=cu_arr,
             logits_indices=cu_arr[1:] - 1,
+            adapter_ids=np.asarray(adapter_ids, np.int32),
         )
 
     # -- after the device step ---------------------------------------------------------
