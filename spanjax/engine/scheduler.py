@@ -50,10 +50,6 @@ class RequestMetrics:
     def ttft_s(self) -> float | None:
         return None if self.first_token_s is None else self.first_token_s - self.arrival_s
 
-    @property
-    def decode_tokens_per_s(self) -> float | None:
-        return None  # filled by Request.summary (needs the token count)
-
 
 class Request:
     """One generation over a span plan; mutable scheduling state lives here."""
