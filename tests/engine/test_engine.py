@@ -176,3 +176,25 @@ def test_compilations_stay_within_documented_bound(tiny_model):
         ]
         eng.generate(plans, SamplingParams(max_tokens=int(rng.integers(1, 20))))
     assert 1 < runner.compile_count <= runner.compile_bound
+
+
+def test_repeated_prompt_ending_on_a_page_boundary_completes(tiny_model, engine):
+    """A prompt whose final span fills its last page exactly, sent twice: the second
+    time every page could hit, but the last prompt token must still be computed
+    (its logits pick the first token), so the request must not stall."""
+    tok = tiny_model.tokenizer
+    for n in range(1, 40):  # find a user text whose final span is a whole number of pages
+        g = A.G("tiny", A.Cross((A.Message("system", "s"), A.Message("user", "y" * n))))
+        plan = lower(g, tok, model="tiny", page_size=PAGE)
+        if len(plan.spans[-1]) % PAGE == 0:
+            break
+    assert len(plan.spans[-1]) % PAGE == 0
+    engine.clear_cache()
+    first = engine.generate([plan], SamplingParams(max_tokens=3))[0]
+    again = engine.submit(plan, SamplingParams(max_tokens=3))
+    for _ in range(50):  # bounded: a stalled request would never finish
+        if again.finished:
+            break
+        engine.step()
+    assert again.finished and again.generated == first.generated
+    assert again.metrics.cached_tokens == len(plan.spans[-1]) - PAGE
