@@ -198,3 +198,22 @@ def test_repeated_prompt_ending_on_a_page_boundary_completes(tiny_model, engine)
         engine.step()
     assert again.finished and again.generated == first.generated
     assert again.metrics.cached_tokens == len(plan.spans[-1]) - PAGE
+
+
+def test_executor_runs_seq_par_monad_and_repeat(tiny_model, engine):
+    def g(text, **kw):
+        return A.G("tiny", A.Cross((A.Message("system", "s"), A.Message("user", text))), max_tokens=3, **kw)
+
+    query = A.Seq((
+        A.Monad(g("warm the cache")),
+        A.Par((g("a"), A.Repeat(2, g("b", temperature=0.9, seed=5)))),
+        g("last"),
+    ))
+    res = run_query(engine, query)
+    # monad + par(a, b seed 5, b seed 6) + last, in evaluation order
+    assert len(res.generations) == 5
+    assert isinstance(res.value, str) and res.value == res.final.text
+    # The two repeat samples are distinct requests with distinct seeds.
+    again = run_query(engine, A.Repeat(2, g("b", temperature=0.9, seed=5)))
+    assert isinstance(again.value, list) and len(again.value) == 2
+    assert sorted(again.value) == sorted(r.text for r in res.generations[2:4])
