@@ -65,7 +65,32 @@ def test_library_errors_name_the_key(override, message):
         C.override(Outer(), [override])
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def _is_training_preset(path: Path) -> bool:
+    """Training presets (`spanjax train ...`) have an `adapter` section and no `task`."""
+    data = yaml.safe_load(path.read_text())
+    return "task" not in data and "adapter" in data
+
+
+EXPERIMENT_CONFIGS = [p for p in CONFIGS if not _is_training_preset(p)]
+TRAINING_CONFIGS = [p for p in CONFIGS if _is_training_preset(p)]
+
+
+@pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: p.name)
+def test_every_training_preset_loads_round_trips_and_overrides(path, tmp_path):
+    from training.config import TrainConfig
+
+    cfg = C.load(TrainConfig, path)
+    dumped = tmp_path / "c.yaml"
+    dumped.write_text(C.dump(cfg))
+    assert C.load(TrainConfig, dumped) == cfg
+    o = C.load(TrainConfig, path, ["steps=7", "adapter.r=4", "optim.lr=0.001", "name=renamed"])
+    assert (o.steps, o.adapter.r, o.optim.lr, o.name) == (7, 4, 0.001, "renamed")
+    for bad, msg in [("steps=abc", "steps: expected int"), ("adapter.unknown=1", "unknown key 'adapter.unknown'")]:
+        with pytest.raises(C.ConfigError, match=msg):
+            C.load(TrainConfig, path, [bad])
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: p.name)
 def test_every_preset_loads_round_trips_and_overrides(path, tmp_path):
     cfg = load_config(path)
     assert cfg.task in TASKS and dataclasses.is_dataclass(cfg)
