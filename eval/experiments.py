@@ -105,7 +105,8 @@ def load_config(path: str | Path, overrides=()):
 def run(cfg, resume: str | Path | None = None, model=None) -> tuple[dict, RunDir]:
     """Run a loaded config in a new run dir (or resume one); returns (results, run dir)."""
     _, fn = _task(cfg.task)
-    run_dir = open_run(cfg, resume)
+    scope = getattr(importlib.import_module(TASKS[cfg.task][0]), "RESUMABLE_SCOPE", ())
+    run_dir = open_run(cfg, resume, scope)
     try:
         results = fn(cfg, run_dir, model=model)
     except KeyboardInterrupt:

@@ -48,6 +48,9 @@ VARIANTS = {
     "span-parallel-isolated": (True, "isolated", "parallel"),
 }
 KV_DEV, KV_HELD_OUT = range(0, 250), range(250, 500)
+# Items are keyed (variant, question, position) and seeded per question, so a
+# run resumed with more (or fewer) questions keeps every finished item valid.
+RESUMABLE_SCOPE = ("eval.num_questions",)
 
 NQ_SYSTEM = (
     "Write a high-quality answer for the given question using only the provided search results "
@@ -247,14 +250,15 @@ def make_g(ex: Example, pos: int, variant: str, model_name: str, max_tokens: int
 
 
 def work_order(cfg: LocalityConfig, examples: list[Example]) -> list[list[tuple[str, int, int]]]:
-    """Batches of item keys (variant, question index, gold position): per variant,
-    per chunk of questions, one batch per position (pages of position p are
-    cached by the time p+1 runs)."""
+    """Batches of item keys (variant, question index, gold position): per chunk
+    of questions, per variant, one batch per position (pages of position p are
+    cached by the time p+1 runs). Chunk-major, so an interrupted run has every
+    variant on the same questions."""
     ev = cfg.eval
     batches = []
-    for v in ev.variants:
-        for c in range(0, len(examples), ev.batch_questions):
-            chunk = examples[c : c + ev.batch_questions]
+    for c in range(0, len(examples), ev.batch_questions):
+        chunk = examples[c : c + ev.batch_questions]
+        for v in ev.variants:
             for p in ev.gold_positions:
                 batches.append([(v, ex.index, p) for ex in chunk])
     return batches

@@ -3,8 +3,11 @@ an append-only JSONL of per-item results (the resume journal), results JSON
 and plots.
 
 A run resumes from its directory: the stored config must equal the requested
-one (otherwise the numbers would mix two experiments), finished items are read
-back from `items.jsonl` and skipped. Each item is flushed and fsynced as soon
+one (otherwise the numbers would mix two experiments) except for the fields a
+task declares as scope (`RESUMABLE_SCOPE`, e.g. how many questions: items are
+keyed and seeded per question, so growing or shrinking the count changes which
+items are asked for, never their values); the stored config is then updated.
+Finished items are read back from `items.jsonl` and skipped. Each item is flushed and fsynced as soon
 as it is done, so an interrupt loses at most the batch in flight; a torn last
 line (killed mid-write) is ignored and recomputed.
 """
@@ -60,18 +63,20 @@ def _logger(path: Path) -> logging.Logger:
     return log
 
 
-def open_run(cfg, resume: str | Path | None = None) -> RunDir:
-    """A fresh `out_dir/<name>-<timestamp>/`, or `resume` (which must hold the same config)."""
+def open_run(cfg, resume: str | Path | None = None, scope: tuple[str, ...] = ()) -> RunDir:
+    """A fresh `out_dir/<name>-<timestamp>/`, or `resume` (which must hold the same
+    config, up to the dotted keys in `scope`)."""
     if resume is not None:
         path = Path(resume)
         stored = path / CONFIG_FILE
         if not stored.exists():
             raise C.ConfigError(f"cannot resume {str(path)!r}: no {CONFIG_FILE} there")
         old = C.read_yaml(stored)
-        changed = C.diff(old, C.to_dict(cfg))
+        changed = [c for c in C.diff(old, C.to_dict(cfg)) if c.split(":")[0] not in scope]
         if changed:
             raise C.ConfigError(f"cannot resume {str(path)!r}: its config differs ({'; '.join(changed)}); start a new run instead")
         resumed = True
+        stored.write_text(C.dump(cfg))  # scope changes (if any) are now the run's config
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = Path(cfg.out_dir) / f"{cfg.name}-{stamp}"

@@ -172,6 +172,23 @@ def test_interrupt_then_resume_skips_finished_items(tiny_model, tmp_path, monkey
         open_run(smoke_cfg(tmp_path, "eval.max_tokens=9"), resume=run_dir)
 
 
+def test_resume_with_more_questions_keeps_finished_items(tiny_model, tmp_path, monkeypatch):
+    from spanjax.engine.engine import Engine
+
+    small = smoke_cfg(tmp_path, "eval.num_questions=1")
+    _, d = run(small, model=tiny_model)
+    first = {k: r["output"] for k, r in load_items(d).items()}
+    assert len(first) == 9 and {q for _, q, _ in first} == {0}
+    submitted = []
+    real_submit = Engine.submit
+    monkeypatch.setattr(Engine, "submit", lambda self, plan, *a, **k: submitted.append(plan) or real_submit(self, plan, *a, **k))
+    res, d2 = run(smoke_cfg(tmp_path), resume=d.path, model=tiny_model)  # num_questions=2: only question 1 is new
+    assert d2.path == d.path and len(submitted) == 9
+    assert all(r["n"] == 2 for t in res["accuracy"].values() for r in t["per_position"])
+    assert {k: r["output"] for k, r in load_items(d2).items() if k in first} == first
+    assert load_config(d.path / "config.yaml") == smoke_cfg(tmp_path)  # the run's config now says 2
+
+
 def test_nested_ttft_smoke(tiny_model, tmp_path):
     cfg = load_config(CONFIGS / "ttft_nested_smoke.yaml", [f"out_dir={tmp_path}", "model=tiny", "engine.page_size=8", "engine.attention=reference"])
     res, d = run(cfg, model=tiny_model)
