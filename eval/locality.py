@@ -13,7 +13,12 @@ Tasks (`eval.dataset`):
   Split: records 0..249 dev, 250..499 held out (the data has no official split).
 
 Variants: `stock` (one causal prompt), `span-sequential` / `span-parallel`
-(documents in a plus, prefix attention) and `-isolated` versions of both.
+(documents in a plus, prefix attention) and `-isolated` versions of both;
+with a block-attention adapter (training/block_adapter.py; directories in
+`eval.lora_adapter` / `eval.alora_adapter`): `stock+lora`,
+`span-sequential+lora`, `span-parallel+lora`, `span-sequential+alora`,
+`span-parallel+alora`. The aLoRA is invoked at the question, so its documents'
+pages are the base model's and hit what the base variants cached.
 The distractors keep one order and the gold document moves, so a span
 variant's document pages are reused across gold positions; only the gold
 document (its label changes), the distractors whose label shifts by one, and
@@ -46,7 +51,16 @@ VARIANTS = {
     "span-parallel": (True, "prefix", "parallel"),
     "span-sequential-isolated": (True, "isolated", "sequential"),
     "span-parallel-isolated": (True, "isolated", "parallel"),
+    # with a block-attention adapter (training/block_adapter.py), registered as "lora" / "alora"
+    "stock+lora": (False, "prefix", "sequential"),
+    "span-sequential+lora": (True, "prefix", "sequential"),
+    "span-parallel+lora": (True, "prefix", "parallel"),
+    "span-sequential+alora": (True, "prefix", "sequential"),
+    "span-parallel+alora": (True, "prefix", "parallel"),
 }
+# variant -> the adapter its g runs (engine name; its directory is eval.<name>_adapter)
+VARIANT_ADAPTER = {v: v.rsplit("+", 1)[1] for v in VARIANTS if "+" in v}
+BASE_VARIANTS = tuple(v for v in VARIANTS if v not in VARIANT_ADAPTER)
 KV_DEV, KV_HELD_OUT = range(0, 250), range(250, 500)
 # Items are keyed (variant, question, position) and seeded per question, so a
 # run resumed with more (or fewer) questions keeps every finished item valid.
@@ -67,10 +81,13 @@ class LocalityEval:
     num_questions: int = 200  # per gold position
     first_question: int = 0  # offset into the split
     positions: tuple[int, ...] | None = None  # gold positions; null = every 0..K-1
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: tuple[str, ...] = BASE_VARIANTS
     max_tokens: int = 24  # greedy decoding
     max_doc_tokens: int = 0  # cut each document to this many tokens (0 = whole)
     batch_questions: int = 16  # questions per engine batch (one gold position each)
+    # PEFT adapter directories for the +lora / +alora variants (`spanjax train block-adapter` writes runs/<name>/adapter)
+    lora_adapter: str | None = None
+    alora_adapter: str | None = None
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -80,6 +97,9 @@ class LocalityEval:
             raise ValueError("num_docs, num_questions, max_tokens and batch_questions must be >= 1")
         if self.positions is not None and any(not 0 <= p < self.num_docs for p in self.positions):
             raise ValueError(f"positions must lie in 0..{self.num_docs - 1} (num_docs={self.num_docs}), got {list(self.positions)}")
+        missing = sorted({a for v in self.variants for a in [VARIANT_ADAPTER.get(v)] if a and not getattr(self, f"{a}_adapter")})
+        if missing:
+            raise ValueError(f"variants with an adapter need its directory: set {', '.join(f'eval.{a}_adapter' for a in missing)}")
         if self.dataset == "kv" and self.num_docs > 75:
             raise ValueError("kv: num_docs must be <= 75 (there are 75 records to split)")
 
@@ -243,7 +263,19 @@ def make_g(ex: Example, pos: int, variant: str, model_name: str, max_tokens: int
     body = (A.Plus(docs),) if span else docs
     system = KV_SYSTEM if ex.dataset == "kv" else NQ_SYSTEM
     prompt = A.Cross((A.Message("system", system),) + body + (A.Message("user", ex.question),))
-    return A.G(model_name, prompt, max_tokens=max_tokens, temperature=0.0, attention=attention, positions=positions)
+    return A.G(model_name, prompt, max_tokens=max_tokens, temperature=0.0, attention=attention, positions=positions,
+               adapter=VARIANT_ADAPTER.get(variant))
+
+
+def register_adapters(engine, ev: LocalityEval) -> None:
+    """Load the PEFT adapters the variants name and register them as "lora" / "alora"."""
+    from spanjax.adapters import load_peft
+
+    for name in sorted({VARIANT_ADAPTER[v] for v in ev.variants if v in VARIANT_ADAPTER}):
+        adapter = load_peft(getattr(ev, f"{name}_adapter"), engine.model.cfg)
+        if adapter.config.kind != name:
+            raise ValueError(f"eval.{name}_adapter is a {adapter.config.kind} adapter, expected {name}")
+        engine.register_adapter(name, adapter)
 
 
 # ---------------------------------------------------------------------------- run
@@ -334,7 +366,7 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
     from spanjax.engine.engine import Engine
     from spanjax.engine.sampling import SamplingParams
     from spanjax.models.loading import load_model
-    from spanjax.query.lower import lower
+    from spanjax.engine.adapters import lower_for_engine
 
     log, ev = run_dir.log, cfg.eval
     model = load_model(cfg.model) if model is None else model
@@ -348,6 +380,7 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
     if initial:
         log.info("resume: %d/%d items already done, skipped", initial, total)
     engine = Engine(model, cfg.engine.build())
+    register_adapters(engine, ev)
     sampling = SamplingParams(max_tokens=ev.max_tokens, temperature=0.0, seed=cfg.seed)
     bar = progress(total, initial, f"{cfg.name}")
     t_run = time.perf_counter()
@@ -356,7 +389,9 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
             todo = [k for k in batch if k not in done]
             if not todo:
                 continue
-            plans = [lower(make_g(by_index[q], p, v, model.name, ev.max_tokens), tok, model=model.name, page_size=cfg.engine.page_size) for v, q, p in todo]
+            # An aLoRA g keys its pages before the invocation as base pages (shared with the base variants).
+            plans = [lower_for_engine(make_g(by_index[q], p, v, model.name, ev.max_tokens), tok, model=model.name,
+                                      page_size=cfg.engine.page_size, adapters=engine.adapters) for v, q, p in todo]
             t0 = time.perf_counter()
             reqs = [engine.submit(plan, sampling) for plan in plans]
             engine.run_until_done(reqs)
@@ -389,6 +424,7 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
         "machine": machine(),
         "wall_s_this_session": time.perf_counter() - t_run,
         "engine": engine.stats(),
+        "adapters": {name: getattr(ev, f"{name}_adapter") for name in sorted(engine.adapters)},
         "accuracy": table,
         "table_markdown": md,
     }

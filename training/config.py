@@ -18,7 +18,8 @@ class AdapterSection:
 @dataclasses.dataclass(frozen=True)
 class DataSection:
     # JSONL of {"messages": [{"role", "content"}, ..., {"role": "assistant", "content": target}]};
-    # "answerability" builds it from nq-open-oracle (training/answerability.py) into the run dir.
+    # "answerability" builds it from nq-open-oracle (training/answerability.py) into the run dir;
+    # "nq_blocks" builds block-attention examples (training/block_adapter.py, `spanjax train block-adapter`).
     source: str = "answerability"
     # The invocation, inserted as a message before the final assistant turn; its
     # tokens (encode_message(role, text)) are the aLoRA's invocation sequence.
@@ -30,6 +31,13 @@ class DataSection:
     num_docs: int = 3
     max_doc_words: int = 40
     num_train_questions: int = 2000  # questions 0..N-1 (DEV split)
+    # block-attention adapter (source "nq_blocks", training/block_adapter.py): eval/locality.py's
+    # examples (num_docs documents, gold at a random position) lowered as a span query; the
+    # invocation message's opening tokens (e.g. "Question:") are the aLoRA invocation.
+    max_doc_tokens: int = 0  # cut each document to this many tokens (0 = whole), as eval.max_doc_tokens
+    max_answer_tokens: int = 32  # assistant answer + end of turn; longer answers are dropped
+    position_policies: tuple[Literal["sequential", "parallel"], ...] = ("sequential", "parallel")  # sampled per example
+    page_size: int = 16  # the span planner's page size (as the engine's)
 
 
 @dataclasses.dataclass(frozen=True)

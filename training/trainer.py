@@ -72,34 +72,44 @@ def init_state(adapter_cfg: AdapterConfig, model_cfg, optimizer, key) -> TrainSt
     return TrainState(step=jnp.zeros((), jnp.int32), weights=weights, opt_state=optimizer.init(weights))
 
 
+def masked_nll(params, model_cfg, h, labels, loss_mask):
+    """Mean next-token NLL of hidden states `h` [..., H] against `labels` where `loss_mask`, and the token count."""
+    logits = llama.compute_logits(params, model_cfg, h)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    n = jnp.sum(loss_mask)
+    return jnp.sum(nll * loss_mask) / jnp.maximum(n, 1.0), n
+
+
 def batch_loss(weights, params, model_cfg, adapter_cfg: AdapterConfig, batch: Batch, cache, rng):
     """Mean next-token NLL over the loss-masked suffix tokens, and the token count."""
     bank = bank_from_weights(weights, adapter_cfg.scale, adapter_cfg.dropout, rng)
     h, _ = llama.forward_dense(params, model_cfg, batch.suffix, batch.suffix_pos, cache, bank, None)
-    logits = llama.compute_logits(params, model_cfg, h)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, batch.labels[..., None], axis=-1)[..., 0]
-    n = jnp.sum(batch.loss_mask)
-    return jnp.sum(nll * batch.loss_mask) / jnp.maximum(n, 1.0), n
+    return masked_nll(params, model_cfg, h, batch.labels, batch.loss_mask)
+
+
+def apply_update(state: TrainState, loss_fn, *, optim, steps, seed):
+    """One optimizer step on `loss_fn(weights, rng) -> (loss, n)` (call inside a jit). The dropout
+    key is fold_in(seed, step), so a resumed run replays the same step exactly."""
+    optimizer, schedule = make_optimizer(optim, steps), make_schedule(optim, steps)
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+    (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.weights, rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.weights)
+    weights = optax.apply_updates(state.weights, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), "loss_tokens": n}
+    return TrainState(step=state.step + 1, weights=weights, opt_state=opt_state), metrics
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "adapter_cfg", "optim", "steps", "seed"))
 def _train_step(params, state: TrainState, batch: Batch, *, model_cfg, adapter_cfg, optim, steps, seed):
     # Module-level jit keyed by hashable configs: a resumed or repeated run reuses the compilation.
-    optimizer, schedule = make_optimizer(optim, steps), make_schedule(optim, steps)
     B, P = batch.prefix.shape
     cache = llama.init_dense_cache(model_cfg, B, P + batch.suffix.shape[1])
     if P:  # base-model prefix (aLoRA): no gradient flows here
         _, cache = llama.forward_dense(params, model_cfg, batch.prefix, batch.prefix_pos, cache)
         cache = jax.lax.stop_gradient(cache)
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-    (loss, n), grads = jax.value_and_grad(batch_loss, has_aux=True)(
-        state.weights, params, model_cfg, adapter_cfg, batch, cache, rng
-    )
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.weights)
-    weights = optax.apply_updates(state.weights, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), "loss_tokens": n}
-    return TrainState(step=state.step + 1, weights=weights, opt_state=opt_state), metrics
+    loss_fn = lambda weights, rng: batch_loss(weights, params, model_cfg, adapter_cfg, batch, cache, rng)  # noqa: E731
+    return apply_update(state, loss_fn, optim=optim, steps=steps, seed=seed)
 
 
 def make_train_step(params, model_cfg, adapter_cfg: AdapterConfig, optim, steps: int, seed: int):
@@ -134,6 +144,25 @@ def load_records(cfg: TrainConfig, run_dir: Path) -> list[dict]:
             os.replace(tmp, path)
         return read_jsonl(path)
     return read_jsonl(cfg.data.source)
+
+
+def prepare_conversations(cfg: TrainConfig, model, run_dir: Path):
+    """(adapter config, batch_for_step(step) -> Batch, train_step, optimizer) for conversation data
+    (JSONL, or the answerability builder)."""
+    tok = model.tokenizer
+    inv_ids = list(tok.encode_message(cfg.data.invocation_role, cfg.data.invocation))
+    acfg = adapter_config(cfg, inv_ids)
+    records = load_records(cfg, run_dir)
+    examples = [encode_example(tok, r, inv_ids, cfg.data.max_prefix_tokens, cfg.data.max_suffix_tokens) for r in records]
+    lora = acfg.kind == "lora"
+    P, S = cfg.data.max_prefix_tokens, cfg.data.max_suffix_tokens + (cfg.data.max_prefix_tokens if lora else 0)
+
+    def batch_for_step(step: int) -> Batch:
+        idx = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)
+        return make_batch([examples[i] for i in idx], P, S, all_adapted=lora)
+
+    train_step, optimizer = make_train_step(model.params, model.cfg, acfg, cfg.optim, cfg.steps, cfg.seed)
+    return acfg, batch_for_step, train_step, optimizer
 
 
 def _truncate_metrics(path: Path, upto: int) -> None:
@@ -178,15 +207,11 @@ def train(cfg: TrainConfig, model=None, crash_after_step: int | None = None) -> 
         from spanjax.models.loading import load_model
 
         model = load_model(cfg.model)
-    tok = model.tokenizer
-    inv_ids = list(tok.encode_message(cfg.data.invocation_role, cfg.data.invocation))
-    acfg = adapter_config(cfg, inv_ids)
-    records = load_records(cfg, run_dir)
-    examples = [encode_example(tok, r, inv_ids, cfg.data.max_prefix_tokens, cfg.data.max_suffix_tokens) for r in records]
-    lora = acfg.kind == "lora"
-    P, S = cfg.data.max_prefix_tokens, cfg.data.max_suffix_tokens + (cfg.data.max_prefix_tokens if lora else 0)
-
-    train_step, optimizer = make_train_step(model.params, model.cfg, acfg, cfg.optim, cfg.steps, cfg.seed)
+    if cfg.data.source == "nq_blocks":  # block-attention adapter (training/block_adapter.py)
+        from training.block_adapter import prepare
+    else:
+        prepare = prepare_conversations
+    acfg, batch_for_step, train_step, optimizer = prepare(cfg, model, run_dir)
     state = init_state(acfg, model.cfg, optimizer, jax.random.PRNGKey(cfg.seed))
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint_every)
     start = ckpt.latest_step() or 0
@@ -200,9 +225,7 @@ def train(cfg: TrainConfig, model=None, crash_after_step: int | None = None) -> 
         with open(metrics_path, "a") as mf:
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
-                idx = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)
-                batch = make_batch([examples[i] for i in idx], P, S, all_adapted=lora)
-                state, m = train_step(state, batch)
+                state, m = train_step(state, batch_for_step(step))
                 m = {k: float(v) for k, v in m.items()}
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.steps:

@@ -168,16 +168,22 @@ def _dense_attention(cfg: ModelConfig, inv_freq, idx, cache, q, k, v, positions)
     # Positions past the cache (right padding of short prompts) are dropped.
     k_all = k_all.at[idx, rows, positions].set(k.astype(k_all.dtype), mode="drop")
     v_all = v_all.at[idx, rows, positions].set(v.astype(v_all.dtype), mode="drop")
-    k_cache, v_cache = k_all[idx], v_all[idx]
+    key_pos = jnp.arange(k_all.shape[2])
+    mask = key_pos[None, None, :] <= positions[:, :, None]
+    return masked_attention(cfg, q, k_all[idx], v_all[idx], mask), (k_all, v_all)
+
+
+def masked_attention(cfg: ModelConfig, q, k, v, mask):
+    """Dense attention with an explicit mask: q [B, T, Hq, D] (rotated), k [B, K, Hkv, D]
+    (rotated), v [B, K, Hkv, D], mask [B, T, K] bool (True = visible) -> [B, T, Hq, D]. fp32 softmax."""
+    B, T = q.shape[:2]
     G = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim).astype(jnp.float32)
-    s = jnp.einsum("bthgd,bkhd->bhgtk", qg, k_cache.astype(jnp.float32)) * cfg.sm_scale
-    key_pos = jnp.arange(k_cache.shape[1])
-    mask = key_pos[None, None, None, None, :] <= positions[:, None, None, :, None]
-    s = jnp.where(mask, s, -jnp.inf)
+    s = jnp.einsum("bthgd,bkhd->bhgtk", qg, k.astype(jnp.float32)) * cfg.sm_scale
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
-    out = jnp.einsum("bhgtk,bkhd->bthgd", p, v_cache.astype(jnp.float32))
-    return out.reshape(B, T, cfg.num_heads, cfg.head_dim).astype(q.dtype), (k_all, v_all)
+    out = jnp.einsum("bhgtk,bkhd->bthgd", p, v.astype(jnp.float32))
+    return out.reshape(B, T, cfg.num_heads, cfg.head_dim).astype(q.dtype)
 
 
 def forward_dense(params: Params, cfg: ModelConfig, tokens, positions, cache: DenseKVCache, adapter=None, adapter_mask=None):
