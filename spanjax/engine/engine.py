@@ -38,6 +38,10 @@ class EngineConfig:
     max_running: int = 64  # requests admitted at once
     attention: str = "auto"  # "reference" (jnp), "pallas", or "auto" (pallas on GPU/TPU)
     cache_dtype: str = "float32"
+    # Speculative decoding (spanjax/engine/speculative.py): a Hugging Face MLPSpeculator directory
+    # (or pass a loaded Speculator to Engine); None = off.
+    speculator: str | None = None
+    num_speculative_tokens: int = 0  # draft tokens per decode step (0 = the speculator's n_predict)
 
     def __post_init__(self):
         if self.max_tokens_per_step < 16:
@@ -46,6 +50,8 @@ class EngineConfig:
             raise ValueError("max_seqs_per_step and max_running must be >= 1")
         if self.attention not in ("reference", "pallas", "auto"):
             raise ValueError(f"attention must be reference|pallas|auto, got {self.attention!r}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError("num_speculative_tokens must be >= 0 (0 = the speculator's n_predict)")
 
 
 def _attention_impl(kind: str):
@@ -57,24 +63,46 @@ def _attention_impl(kind: str):
 
 
 class Engine:
-    def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig(), speculator=None):
         self.model = model
         self.config = config
         self.pool = PagePool(config.num_pages, config.page_size)
-        self.scheduler = Scheduler(self.pool, config.max_tokens_per_step, config.max_seqs_per_step, config.max_running)
         self.cache = llama.init_paged_cache(model.cfg, config.num_pages, config.page_size, jnp.dtype(config.cache_dtype))
-        self.runner = StepRunner(
-            model.cfg,
-            config.max_tokens_per_step,
-            config.max_seqs_per_step,
-            max_pages_per_seq=self.pool.capacity,
-            attention_impl=_attention_impl(config.attention),
-        )
+        if speculator is None and config.speculator is not None:
+            from spanjax.models.speculator import load_hf
+
+            speculator = load_hf(config.speculator, model.params.embed.dtype)
+        self.speculator = speculator  # spanjax.models.speculator.Speculator, or None
+        if speculator is None:
+            self.scheduler = Scheduler(self.pool, config.max_tokens_per_step, config.max_seqs_per_step, config.max_running)
+            self.runner = StepRunner(
+                model.cfg,
+                config.max_tokens_per_step,
+                config.max_seqs_per_step,
+                max_pages_per_seq=self.pool.capacity,
+                attention_impl=_attention_impl(config.attention),
+            )
+        else:
+            self._init_speculative(speculator)
         self.steps = 0
         self.adapters: dict = {}  # name -> spanjax.adapters.Adapter (register_adapter)
         self._bank = None
         # End-of-sequence ids: the config's and the tokenizer's (chat end-of-turn included).
         self.eos_token_ids = frozenset(model.cfg.eos_token_ids) | frozenset(getattr(model.tokenizer, "eos_token_ids", ()))
+
+    def _init_speculative(self, speculator) -> None:
+        from spanjax.engine.speculative import SpeculativeRunner, SpeculativeScheduler
+
+        sc, cfg, config = speculator.config, self.model.cfg, self.config
+        if (sc.emb_dim, sc.vocab_size) != (cfg.hidden_size, cfg.vocab_size):
+            raise ValueError(f"speculator has emb_dim {sc.emb_dim}, vocab {sc.vocab_size}; the model {cfg.hidden_size}, {cfg.vocab_size}")
+        k = min(config.num_speculative_tokens or sc.n_predict, sc.n_predict)
+        self.spec_stats = {"verify_forwards": 0, "emitted": 0, "drafted": 0, "accepted": 0}
+        self.scheduler = SpeculativeScheduler(
+            self.pool, config.max_tokens_per_step, config.max_seqs_per_step, config.max_running, num_draft=k)
+        self.runner = SpeculativeRunner(
+            cfg, sc, k, config.max_tokens_per_step, config.max_seqs_per_step,
+            max_pages_per_seq=self.pool.capacity, attention_impl=_attention_impl(config.attention))
 
     # -- submission ---------------------------------------------------------------
 
@@ -112,6 +140,10 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        if self.speculator is not None:
+            from spanjax.engine.speculative import speculative_step
+
+            return speculative_step(self, batch)
         rows = {"temperature": [], "top_k": [], "top_p": [], "seed": [], "step": []}
         for it in batch.items:
             sp = it.request.sampling
@@ -193,4 +225,5 @@ class Engine:
             "hit_tokens": st.hit_tokens,
             "miss_tokens": st.miss_tokens,
             "evictions": st.evictions,
+            **({"speculative": dict(self.spec_stats)} if self.speculator is not None else {}),
         }

@@ -71,6 +71,13 @@ class StepRunner:
 
         `adapter` (an AdapterBank) applies per token by `batch.adapter_ids`; a
         batch with no adapted token runs the plain step (a separate trace)."""
+        inputs, sampling, extra = self.padded_inputs(batch, sampling_rows, adapter)
+        next_ids, logits, cache = self._step(params, cache, *inputs, *sampling, *extra)
+        return next_ids, logits, cache
+
+    def padded_inputs(self, batch: StepBatch, sampling_rows: dict, adapter=None):
+        """Bucketed step inputs: ((tokens, positions, meta, logits_indices), (temperature, top_k,
+        top_p, seeds, steps), () or (adapter, adapter_ids))."""
         T = _bucket(len(batch.tokens), self.token_buckets)
         s_real, m_real = batch.block_tables.shape
         S = _bucket(s_real, self.seq_buckets)
@@ -95,18 +102,12 @@ class StepRunner:
         ids = batch.adapter_ids
         if adapter is None or ids is None or not (ids >= 0).any():
             ids = None
-        next_ids, logits, cache = self._step(
-            params,
-            cache,
-            pad1(batch.tokens, T),
-            pad1(batch.positions, T),
-            meta,
-            pad1(batch.logits_indices, S),
+        inputs = (pad1(batch.tokens, T), pad1(batch.positions, T), meta, pad1(batch.logits_indices, S))
+        sampling = (
             rows["temperature"].astype(np.float32),
             rows["top_k"].astype(np.int32),
             rows["top_p"].astype(np.float32),
             rows["seed"].astype(np.uint32),
             rows["step"].astype(np.int32),
-            *(() if ids is None else (adapter, pad1(ids, T, -1))),
         )
-        return next_ids, logits, cache
+        return inputs, sampling, (() if ids is None else (adapter, pad1(ids, T, -1)))

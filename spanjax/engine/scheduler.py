@@ -154,13 +154,14 @@ class StepItem:
     request: Request
     span: int
     start: int  # first token (index within the span) computed this step
-    count: int
+    count: int  # tokens computed this step, draft tokens included
+    draft: tuple[int, ...] = ()  # speculative tokens appended after the span's known tokens (engine/speculative.py)
 
     @property
     def samples(self) -> bool:
         """This chunk ends the final span's known tokens: its last logits pick the next token."""
         r = self.request
-        return self.span == r.final and self.start + self.count == len(r.span_tokens(r.final))
+        return self.span == r.final and self.start + self.count - len(self.draft) == len(r.span_tokens(r.final))
 
 
 @dataclasses.dataclass
@@ -278,7 +279,7 @@ class Scheduler:
                 budget = self.max_tokens - sum(i.count for i in items)
                 if req not in self.running or budget == 0 or len(items) == self.max_seqs:
                     break
-                item = StepItem(req, j, req.span_written[j], min(req.span_remaining(j), budget))
+                item = self._make_item(req, j, budget)
                 if self._allocate_or_preempt(item, items):
                     items.append(item)
         if not items:
@@ -286,6 +287,10 @@ class Scheduler:
                 raise RuntimeError("scheduler made no progress although requests are running")
             return None
         return self._build(items)
+
+    def _make_item(self, req: Request, span: int, budget: int) -> StepItem:
+        """The next chunk of `span` within `budget` tokens (a speculative scheduler adds drafts)."""
+        return StepItem(req, span, req.span_written[span], min(req.span_remaining(span), budget))
 
     def _allocate_or_preempt(self, item: StepItem, items: list[StepItem]) -> bool:
         """Give `item` its pages. When the pool is full, preempt the newest request
@@ -313,7 +318,7 @@ class Scheduler:
         tables = []
         for it in items:
             req = it.request
-            span_toks = req.span_tokens(it.span)
+            span_toks = req.span_tokens(it.span) + it.draft
             own = req.span_pages[it.span]
             for i in range(it.start, it.start + it.count):
                 tokens.append(span_toks[i])

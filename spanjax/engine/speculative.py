@@ -1,0 +1,157 @@
+"""Speculative decoding with an MLP speculator (spanjax/models/speculator.py).
+
+Every step that samples a token for a request also drafts the next k tokens
+with the speculator, inside the same jitted function: from the base model's
+final hidden state at the accepted position and the token just chosen. In the
+next step a decoding request is scheduled with 1 + k tokens (its pending last
+token, then the draft) as one ragged sequence among the others, prefill chunks
+included, so the base model verifies all of them in one forward:
+
+- logits are taken at all 1 + k positions and each is sampled exactly as a
+  plain step would (greedy argmax, or the request's seed folded with the
+  token's own step index), so the verifier's choice at position j is the token
+  the non-speculative engine would emit there;
+- the longest prefix of the draft that equals those choices is accepted, and
+  the verifier's token after it is emitted too (1 .. k + 1 tokens per forward);
+- the KV of rejected draft tokens stays in slots past the span's written
+  length (the next step overwrites them) and pages holding only rejected
+  tokens go back to the pool.
+
+Outputs therefore equal the non-speculative engine's token for token (greedy
+and seeded sampling alike, up to float rounding of the multi-token forward).
+Preemption drops the draft; the request's recompute samples a new one.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spanjax.engine.runner import StepRunner
+from spanjax.engine.sampling import sample_tokens
+from spanjax.engine.scheduler import Request, Scheduler, StepBatch, StepItem
+from spanjax.models import llama
+from spanjax.models import speculator as spec_model
+
+
+class SpeculativeScheduler(Scheduler):
+    def __init__(self, *args, num_draft: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_draft = num_draft
+
+    def _make_item(self, req: Request, span: int, budget: int) -> StepItem:
+        item = super()._make_item(req, span, budget)
+        draft = getattr(req, "draft", ())
+        if draft and span == req.final and req.decoding:
+            # Never draft past max_tokens: the request's pages were sized for prompt + max_tokens.
+            k = min(len(draft), self.num_draft, budget - 1, req.sampling.max_tokens - len(req.generated) - 1)
+            if k > 0:
+                return StepItem(req, span, item.start, 1 + k, tuple(int(t) for t in draft[:k]))
+        return item
+
+    def _preempt(self, victim: Request) -> None:
+        victim.draft = ()
+        super()._preempt(victim)
+
+    def release_unneeded(self, req: Request) -> None:
+        """Give back the final span's pages past its written tokens and the pending one."""
+        j = req.final
+        need = -(-(req.span_written[j] + 1) // self.pool.page_size)
+        pages = req.span_pages[j]
+        while len(pages) > need:
+            self.pool.release(pages.pop())
+
+
+class SpeculativeRunner(StepRunner):
+    """The engine step plus verification of drafts and the speculator's next proposal."""
+
+    def __init__(self, cfg, spec_cfg: spec_model.SpeculatorConfig, num_draft: int, *args, **kwargs):
+        super().__init__(cfg, *args, **kwargs)
+        self.spec_cfg = spec_cfg
+        self.num_draft = num_draft
+        self._spec_step = jax.jit(self._spec_step_impl, donate_argnums=(2,))
+
+    def _spec_step_impl(self, params, spec_params, cache, tokens, positions, meta, rows, drafts,
+                        temperature, top_k, top_p, seeds, steps, adapter=None, adapter_ids=None):
+        self.compile_count += 1
+        hidden, cache = llama.forward_paged(params, self.cfg, tokens, positions, cache, meta, self._attention_impl, adapter, adapter_ids)
+        S, K1 = rows.shape
+        h = hidden[rows]  # [S, K+1, H]: the states after the pending token and after each draft token
+        logits = llama.compute_logits(params, self.cfg, h)
+        rep = lambda x: jnp.repeat(x, K1)
+        step_of = (steps[:, None] + jnp.arange(K1, dtype=steps.dtype)[None, :]).reshape(-1)
+        chosen = sample_tokens(logits.reshape(S * K1, -1), rep(temperature), rep(top_k), rep(top_p), rep(seeds), step_of)
+        chosen = chosen.reshape(S, K1)
+        accepted = jnp.sum(jnp.cumprod(drafts == chosen[:, :-1], axis=1), axis=1)  # drafts padded with -1 never match
+        r = jnp.arange(S)
+        new_drafts = spec_model.propose(spec_params, self.spec_cfg, h[r, accepted], chosen[r, accepted], self.num_draft)
+        return chosen, accepted, new_drafts, logits, cache
+
+    def run_speculative(self, params, spec_params, cache, batch: StepBatch, sampling_rows: dict, adapter=None):
+        """Returns (chosen [S, K+1], accepted [S], next drafts [S, K], logits [S, K+1, V], cache)."""
+        inputs, sampling, extra = self.padded_inputs(batch, sampling_rows, adapter)
+        tokens, positions, meta, _ = inputs
+        S, K = len(sampling[0]), self.num_draft
+        rows = np.zeros((S, K + 1), np.int32)
+        drafts = np.full((S, K), -1, np.int32)
+        for s, it in enumerate(batch.items):
+            end, k = int(batch.cu_q_lens[s + 1]) - 1, len(it.draft)
+            rows[s] = np.minimum(end - k + np.arange(K + 1), end)
+            drafts[s, :k] = it.draft
+        return self._spec_step(params, spec_params, cache, tokens, positions, meta, rows, drafts, *sampling, *extra)
+
+
+def speculative_step(engine, batch: StepBatch) -> list[Request]:
+    """Engine.step's body when a speculator is set: verify, accept, emit, rewind, draft."""
+    rows = {"temperature": [], "top_k": [], "top_p": [], "seed": [], "step": []}
+    for it in batch.items:
+        sp = it.request.sampling
+        rows["temperature"].append(sp.temperature)
+        rows["top_k"].append(sp.top_k)
+        rows["top_p"].append(sp.top_p)
+        rows["seed"].append(sp.seed)
+        rows["step"].append(len(it.request.generated))
+    chosen, accepted, new_drafts, logits, engine.cache = engine.runner.run_speculative(
+        engine.model.params, engine.speculator.params, engine.cache, batch, rows, engine._bank)
+    chosen, accepted, new_drafts = np.asarray(chosen), np.asarray(accepted), np.asarray(new_drafts)
+    engine.steps += 1
+    now = time.perf_counter()
+    sampling = [s for s, it in enumerate(batch.items) if it.samples]  # before tokens are appended
+    done = []
+    for s in sampling:
+        it = batch.items[s]
+        req = it.request
+        decoding, k, a = bool(req.generated), len(it.draft), int(accepted[s])
+        emitted = 0
+        for j in range(a + 1):
+            if req.keep_logits:
+                req.logits.append(np.asarray(logits[s, j]))
+            engine._append_token(req, int(chosen[s, j]))
+            emitted += 1
+            if req.finished:
+                break
+        if req.metrics.first_token_s is None:
+            req.metrics.first_token_s = now
+        if k:  # KV stays valid for the pending token and the accepted drafts emitted before a finish
+            it.count, it.draft = emitted, it.draft[: emitted - 1]
+        req.draft = () if req.finished else tuple(int(t) for t in new_drafts[s])
+        if decoding:
+            for stats in (engine.spec_stats, req.__dict__.setdefault("spec", dict.fromkeys(engine.spec_stats, 0))):
+                stats["verify_forwards"] += 1
+                stats["emitted"] += emitted
+                stats["drafted"] += k
+                stats["accepted"] += a
+        if req.finished:
+            req.metrics.finish_s = now
+            done.append(req)
+    engine.scheduler.commit(batch)
+    for s in sampling:
+        req = batch.items[s].request
+        if req.finished:
+            engine.scheduler.finish(req)
+        else:
+            engine.scheduler.release_unneeded(req)
+    return done
