@@ -63,8 +63,9 @@ VARIANT_ADAPTER = {v: v.rsplit("+", 1)[1] for v in VARIANTS if "+" in v}
 BASE_VARIANTS = tuple(v for v in VARIANTS if v not in VARIANT_ADAPTER)
 KV_DEV, KV_HELD_OUT = range(0, 250), range(250, 500)
 # Items are keyed (variant, question, position) and seeded per question, so a
-# run resumed with more (or fewer) questions keeps every finished item valid.
-RESUMABLE_SCOPE = ("eval.num_questions",)
+# run resumed with more (or fewer) questions or variants keeps every finished
+# item valid; the results cover the variants and questions of the last config.
+RESUMABLE_SCOPE = ("eval.num_questions", "eval.variants")
 
 NQ_SYSTEM = (
     "Write a high-quality answer for the given question using only the provided search results "
@@ -412,7 +413,8 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
             bar.set_postfix_str(f"{todo[0][0]} pos {todo[0][2]}: {sum(r['correct'] for r in recs)}/{len(recs)}")
     finally:
         bar.close()
-    table = aggregate(cfg, done)
+    wanted = {k for b in batches for k in b}  # a resumed run may hold items outside this config's scope
+    table = aggregate(cfg, {k: r for k, r in done.items() if k in wanted})
     md = markdown_table(cfg, table)
     results = {
         "task": "locality",

@@ -187,6 +187,11 @@ def test_resume_with_more_questions_keeps_finished_items(tiny_model, tmp_path, m
     assert all(r["n"] == 2 for t in res["accuracy"].values() for r in t["per_position"])
     assert {k: r["output"] for k, r in load_items(d2).items() if k in first} == first
     assert load_config(d.path / "config.yaml") == smoke_cfg(tmp_path)  # the run's config now says 2
+    # Shrinking the scope again reports only the items inside it (nothing recomputed).
+    submitted.clear()
+    res, _ = run(smoke_cfg(tmp_path, "eval.num_questions=1", "eval.variants=[stock]"), resume=d.path, model=tiny_model)
+    assert not submitted and set(res["accuracy"]) == {"stock"}
+    assert all(r["n"] == 1 for r in res["accuracy"]["stock"]["per_position"])
 
 
 def test_nested_ttft_smoke(tiny_model, tmp_path):
