@@ -46,7 +46,7 @@ class SpeculatorConfig:
     n_predict: int = 3
     tie_weights: bool = False
     scale_input: bool = False
-    top_k_tokens_per_head: tuple[int, ...] = ()  # () = (1,) * n_predict; recorded in config.json
+    top_k_tokens_per_head: tuple[int, ...] = ()  # () = (1,) * n_predict (drafts are top-1); recorded in config.json
     n_candidates: int = 1
 
     def __post_init__(self):
@@ -56,7 +56,7 @@ class SpeculatorConfig:
             raise ValueError("tie_weights needs n_predict >= 2 (there is nothing to tie)")
         if self.top_k_tokens_per_head and len(self.top_k_tokens_per_head) != self.n_predict:
             raise ValueError(f"top_k_tokens_per_head needs {self.n_predict} entries, got {self.top_k_tokens_per_head}")
-        object.__setattr__(self, "top_k_tokens_per_head", tuple(self.top_k_tokens_per_head))
+        object.__setattr__(self, "top_k_tokens_per_head", tuple(self.top_k_tokens_per_head) or (1,) * self.n_predict)
 
     @property
     def dim(self) -> int:
@@ -161,7 +161,6 @@ def propose(params: SpeculatorParams, cfg: SpeculatorConfig, hidden, token, n: i
 
 
 def hf_config(cfg: SpeculatorConfig, **extra) -> dict:
-    top_k = list(cfg.top_k_tokens_per_head) or [1] * cfg.n_predict
     return {
         "architectures": ["MLPSpeculatorPreTrainedModel"],
         "model_type": "mlp_speculator",
@@ -169,7 +168,7 @@ def hf_config(cfg: SpeculatorConfig, **extra) -> dict:
         "inner_dim": cfg.inner_dim,
         "vocab_size": cfg.vocab_size,
         "n_predict": cfg.n_predict,
-        "top_k_tokens_per_head": top_k,
+        "top_k_tokens_per_head": list(cfg.top_k_tokens_per_head),
         "n_candidates": cfg.n_candidates,
         "tie_weights": cfg.tie_weights,
         "scale_input": cfg.scale_input,

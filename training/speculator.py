@@ -1,0 +1,284 @@
+"""MLP speculator training (DESIGN 5): a functional, jitted `train_step(state, batch)`.
+
+The base model is frozen, so its final hidden states are computed once per
+example and cached in the run directory (`cache/stage{1,2}.npz`); training
+steps then only run the speculator. Two stages share one step counter, one
+optimizer (AdamW, warmup + cosine, clipping) and one schedule:
+
+1. teacher forcing on text (`data.stage1_source`, by default the gold
+   passages of nq-open-oracle DEV questions): hidden[j] is the base state
+   that read text token j, tokens[j] the text token that follows;
+2. the base model's own continuations (`data.stage2_source` prompts, by
+   default chat prompts of DEV questions, generated once with
+   `data.temperature` and stored in `stage2.jsonl`): hidden[j] is the state
+   that chose generated token j.
+
+Head i at position j reads tokens[j + i] (head 0 also hidden[j]) and predicts
+tokens[j + i + 1]; the loss is the sum over heads of each head's mean
+cross-entropy. Exact resume as in training/trainer.py: batches are a function
+of the step, the Orbax checkpoint holds the whole state and the cached data
+is reread, so a killed run replays the same loss curve. The result is
+exported in the Hugging Face MLPSpeculator format (`speculator/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from spanjax.models import llama
+from spanjax.models import speculator as S
+from training.checkpoint import Checkpointer
+from training.data import batch_indices, prompt_ids
+from training.speculator_config import SpeculatorTrainConfig
+from training.trainer import CONFIG_FILE, METRICS_FILE, SimulatedCrash, _progress, _truncate_metrics, make_optimizer, make_schedule
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SpecTrainState:
+    step: jax.Array
+    params: S.SpeculatorParams
+    opt_state: object
+
+
+def speculator_config(cfg: SpeculatorTrainConfig, model_cfg) -> S.SpeculatorConfig:
+    s = cfg.speculator
+    return S.SpeculatorConfig(
+        emb_dim=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size, inner_dim=s.inner_dim, n_predict=s.n_predict,
+        tie_weights=s.tie_weights, scale_input=s.scale_input,
+    )
+
+
+# ---------------------------------------------------------------------------- loss and step
+
+
+def speculator_loss(params, spec_cfg: S.SpeculatorConfig, hidden, tokens, mask):
+    """hidden [B, L, H], tokens / mask [B, L + n_predict] -> (sum of per-head mean NLL, (per-head NLL, top-1 accuracy))."""
+    L = hidden.shape[1]
+    losses, accs = [], []
+    for i, logits in enumerate(S.teacher_forced_logits(params, spec_cfg, hidden, tokens)):
+        tgt, m = tokens[:, i + 1 : i + 1 + L], mask[:, i + 1 : i + 1 + L]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+        n = jnp.maximum(jnp.sum(m), 1.0)
+        losses.append(jnp.sum(nll * m) / n)
+        accs.append(jnp.sum((jnp.argmax(logits, axis=-1) == tgt) * m) / n)
+    return sum(losses), (jnp.stack(losses), jnp.stack(accs))
+
+
+@functools.partial(jax.jit, static_argnames=("spec_cfg", "optim", "steps"), donate_argnums=(0,))
+def _train_step(state: SpecTrainState, hidden, tokens, mask, *, spec_cfg, optim, steps):
+    optimizer, schedule = make_optimizer(optim, steps), make_schedule(optim, steps)
+    (loss, (per_head, acc)), grads = jax.value_and_grad(speculator_loss, has_aux=True)(state.params, spec_cfg, hidden, tokens, mask)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), "per_head": per_head, "acc": acc}
+    return SpecTrainState(state.step + 1, params, opt_state), metrics
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _nq_rows(n: int) -> list[dict]:
+    """nq-open-oracle records 0..n-1 (n <= 2000: the DEV split; the config checks it)."""
+    from eval.data import nq_open_oracle
+
+    return nq_open_oracle()[:n]
+
+
+def _jsonl(path) -> list[dict]:
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def stage1_sequences(cfg: SpeculatorTrainConfig, tokenizer) -> list[list[int]]:
+    d = cfg.data
+    if d.stage1_source == "nq_passages":
+        from eval.data import passage_text
+
+        texts = [passage_text(r) for r in _nq_rows(d.stage1_examples)]
+    else:
+        texts = [r["text"] for r in _jsonl(d.stage1_source)][: d.stage1_examples]
+    seqs = [list(tokenizer.encode(t))[: d.seq_len + 1] for t in texts]
+    return [s for s in seqs if len(s) >= 2]
+
+
+def chat_prompt(tokenizer, messages) -> list[int]:
+    """Messages + the assistant header, encoded as span-query lowering encodes them."""
+    return prompt_ids(tokenizer, messages) + list(tokenizer.generation_prefix_ids())
+
+
+def stage2_prompts(cfg: SpeculatorTrainConfig, tokenizer) -> list[list[int]]:
+    d = cfg.data
+    if d.stage2_source == "nq_questions":
+        msgs = [[{"role": "user", "content": r["question"]}] for r in _nq_rows(d.stage2_prompts)]
+    else:
+        msgs = [r["messages"] for r in _jsonl(d.stage2_source)][: d.stage2_prompts]
+    return [chat_prompt(tokenizer, m) for m in msgs]
+
+
+def generate_stage2(cfg: SpeculatorTrainConfig, model, path: Path) -> list[dict]:
+    """The base model's continuations of the stage-2 prompts (written once; a resumed run rereads them)."""
+    if path.exists():
+        return _jsonl(path)
+    from spanjax.engine.dense_generate import generate
+    from spanjax.engine.sampling import SamplingParams
+
+    d, eos = cfg.data, list(getattr(model.tokenizer, "eos_token_ids", ()) or model.cfg.eos_token_ids)
+    prompts = stage2_prompts(cfg, model.tokenizer)
+    rows = []
+    bar = _progress(len(prompts), 0, "stage 2: base model generates")
+    for b in range(0, len(prompts), d.gen_batch_size):
+        chunk = prompts[b : b + d.gen_batch_size]
+        sps = [SamplingParams(max_tokens=d.max_new_tokens, temperature=d.temperature, seed=cfg.seed * 100003 + b + i) for i in range(len(chunk))]
+        for p, r in zip(chunk, generate(model, chunk, sps)):
+            rows.append({"prompt": p, "completion": list(r.token_ids) + (eos[:1] if r.finish_reason == "eos" else [])})
+        bar.update(len(chunk))
+    bar.close()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return rows
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _hidden(params, cfg, tokens, positions):
+    cache = llama.init_dense_cache(cfg, tokens.shape[0], tokens.shape[1])
+    return llama.forward_dense(params, cfg, tokens, positions, cache)[0]
+
+
+def base_hidden(model, seqs: list[list[int]], batch: int = 16) -> list[np.ndarray]:
+    """The frozen base model's final hidden states [len(seq), H] of each sequence."""
+    out = []
+    for b in range(0, len(seqs), batch):
+        chunk = seqs[b : b + batch]
+        T = 1 << (max(map(len, chunk)) - 1).bit_length()
+        toks = np.zeros((batch, T), np.int32)
+        pos = np.full((batch, T), T, np.int32)  # padding writes past the cache: dropped
+        for i, s in enumerate(chunk):
+            toks[i, : len(s)], pos[i, : len(s)] = s, np.arange(len(s))
+        h = np.asarray(_hidden(model.params, model.cfg, toks, pos))
+        out.extend(h[i, : len(s)] for i, s in enumerate(chunk))
+    return out
+
+
+def build_examples(examples: list[tuple[np.ndarray, list[int]]], L: int, H: int):
+    """(hidden [n, H], tokens [n]) pairs -> padded arrays hidden [N, L, H], tokens [N, L], mask [N, L]."""
+    N = len(examples)
+    hid = np.zeros((N, L, H), np.float32)
+    tok = np.zeros((N, L), np.int32)
+    mask = np.zeros((N, L), np.float32)
+    for i, (h, t) in enumerate(examples):
+        n = min(len(t), L)
+        hid[i, :n], tok[i, :n], mask[i, :n] = h[:n], t[:n], 1.0
+    return {"hidden": hid, "tokens": tok, "mask": mask}
+
+
+def stage_data(cfg: SpeculatorTrainConfig, model, stage: int, run_dir: Path) -> dict:
+    """Cached arrays of stage 1 or 2 (computed once into run_dir/cache)."""
+    path = run_dir / "cache" / f"stage{stage}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    L, H = cfg.data.seq_len, model.cfg.hidden_size
+    if stage == 1:
+        seqs = stage1_sequences(cfg, model.tokenizer)
+        hs = base_hidden(model, seqs)
+        examples = [(h[:-1], s[1:]) for h, s in zip(hs, seqs)]
+    else:
+        rows = [r for r in generate_stage2(cfg, model, run_dir / "stage2.jsonl") if r["completion"]]
+        seqs = [r["prompt"] + r["completion"] for r in rows]
+        hs = base_hidden(model, seqs)
+        examples = [(h[len(r["prompt"]) - 1 : -1], r["completion"]) for h, r in zip(hs, rows)]
+    data = build_examples(examples, L, H)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **data)
+    os.replace(tmp, path)
+    return data
+
+
+def make_batch(data: dict, idx: list[int], n_predict: int):
+    pad = ((0, 0), (0, n_predict))
+    return data["hidden"][idx], np.pad(data["tokens"][idx], pad), np.pad(data["mask"][idx], pad)
+
+
+# ---------------------------------------------------------------------------- the run loop
+
+
+def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None = None) -> dict:
+    """Train (or resume) the speculator run in `cfg.out_dir/cfg.name`; returns a summary dict.
+
+    Outputs: config.yaml, stage2.jsonl (the base model's continuations), cache/ (hidden
+    states), metrics.jsonl, checkpoints/ (Orbax), speculator/ (HF MLPSpeculator)."""
+    from spanjax import config as C
+
+    run_dir = Path(cfg.out_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / CONFIG_FILE
+    if cfg_path.exists():
+        old = C.from_dict(SpeculatorTrainConfig, C.read_yaml(cfg_path))
+        if old != cfg:
+            raise C.ConfigError(f"{run_dir} holds a run of a different config ({'; '.join(C.diff(old, cfg))}); use another name")
+    else:
+        cfg_path.write_text(C.dump(cfg))
+    if model is None:
+        from spanjax.models.loading import load_model
+
+        model = load_model(cfg.model)
+    spec_cfg = speculator_config(cfg, model.cfg)
+    optimizer = make_optimizer(cfg.optim, cfg.steps)
+    params = S.init_speculator(spec_cfg, jax.random.PRNGKey(cfg.seed))
+    state = SpecTrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint_every)
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(start, state)
+    metrics_path = run_dir / METRICS_FILE
+    _truncate_metrics(metrics_path, start)
+    data: dict[int, dict] = {}
+    timings = {"data_s": 0.0, "train_s": 0.0}
+    bar = _progress(cfg.steps, start, f"train speculator {cfg.name}")
+    try:
+        with open(metrics_path, "a") as mf:
+            for step in range(start, cfg.steps):
+                stage = 1 if step < cfg.stage1_steps else 2
+                if stage not in data:
+                    t0 = time.perf_counter()
+                    data[stage] = stage_data(cfg, model, stage, run_dir)
+                    timings["data_s"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                d = data[stage]
+                local = step if stage == 1 else step - cfg.stage1_steps
+                idx = batch_indices(len(d["tokens"]), cfg.batch_size, local, cfg.seed + stage)
+                state, m = _train_step(state, *make_batch(d, idx, spec_cfg.n_predict), spec_cfg=spec_cfg, optim=cfg.optim, steps=cfg.steps)
+                m = jax.device_get(m)
+                dt = time.perf_counter() - t0
+                timings["train_s"] += dt
+                done = step + 1
+                line = {"step": done, "stage": stage, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])}
+                line.update({f"loss_{i}": float(v) for i, v in enumerate(m["per_head"])})
+                line.update({f"acc_{i}": float(v) for i, v in enumerate(m["acc"])})
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    mf.write(json.dumps({**line, "step_s": dt}) + "\n")
+                    mf.flush()
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    ckpt.save(done, state, force=True)
+                bar.update(1)
+                bar.set_postfix(stage=stage, loss=f"{line['loss']:.3f}", acc0=f"{line['acc_0']:.2f}")
+                if crash_after_step is not None and done == crash_after_step:
+                    raise SimulatedCrash(f"simulated kill after step {done}")
+    finally:
+        bar.close()
+        ckpt.close()
+    spec = S.Speculator(spec_cfg, jax.tree_util.tree_map(np.asarray, state.params))
+    S.export_hf(spec, str(run_dir / "speculator"), base_model_name_or_path=cfg.model)
+    return {"run_dir": str(run_dir), "steps": cfg.steps, "resumed_from": start, **timings}

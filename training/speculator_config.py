@@ -1,0 +1,70 @@
+"""Typed config of a speculator training run (`spanjax train speculator CONFIG [KEY=VALUE ...]`).
+
+A preset is recognised by its `speculator` section (and no `task`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from training.config import OptimSection
+
+DEV_QUESTIONS = 2000  # nq-open-oracle questions 0..1999; 2000..2654 are held out and never trained on
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculatorSection:
+    n_predict: int = 3
+    inner_dim: int = 256  # 0 = the base model's hidden size
+    tie_weights: bool = False
+    scale_input: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculatorDataSection:
+    # Stage 1 text: "nq_passages" = the gold passages of DEV questions 0..stage1_examples-1
+    # (Wikipedia, CC BY-SA), or a JSONL path of {"text": ...} lines.
+    stage1_source: str = "nq_passages"
+    stage1_examples: int = 512
+    # Stage 2 prompts: "nq_questions" = chat prompts "<question>" for DEV questions
+    # 0..stage2_prompts-1, or a JSONL path of {"messages": [...]} lines; the base model
+    # generates the continuations (training data = its own outputs).
+    stage2_source: str = "nq_questions"
+    stage2_prompts: int = 512
+    max_new_tokens: int = 96  # stage-2 continuation length
+    temperature: float = 0.0  # stage-2 sampling (0 = greedy, what the benchmark decodes with)
+    gen_batch_size: int = 64
+    seq_len: int = 128  # positions per training example (stage-1 text is cut to this)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculatorTrainConfig:
+    name: str = "speculator"
+    model: str = "smollm2-135m"
+    seed: int = 0
+    out_dir: str = "runs"
+    stage1_steps: int = 100  # teacher forcing on text
+    stage2_steps: int = 300  # on the base model's own continuations
+    batch_size: int = 8
+    checkpoint_every: int = 50
+    log_every: int = 1
+    speculator: SpeculatorSection = SpeculatorSection()
+    data: SpeculatorDataSection = SpeculatorDataSection()
+    optim: OptimSection = OptimSection(lr=1e-3, warmup_steps=20, weight_decay=0.0)
+
+    @property
+    def steps(self) -> int:
+        return self.stage1_steps + self.stage2_steps
+
+    def __post_init__(self):
+        for f in ("batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.stage1_steps < 0 or self.stage2_steps < 0 or self.steps < 1:
+            raise ValueError("stage1_steps and stage2_steps must be >= 0 with at least one step")
+        d = self.data
+        if d.stage1_source == "nq_passages" and not 0 < d.stage1_examples <= DEV_QUESTIONS:
+            raise ValueError(f"data.stage1_examples must lie in 1..{DEV_QUESTIONS} (DEV questions only)")
+        if d.stage2_source == "nq_questions" and not 0 < d.stage2_prompts <= DEV_QUESTIONS:
+            raise ValueError(f"data.stage2_prompts must lie in 1..{DEV_QUESTIONS} (DEV questions only)")
+        if d.seq_len < 2 or d.max_new_tokens < 1:
+            raise ValueError("data.seq_len must be >= 2 and data.max_new_tokens >= 1")
