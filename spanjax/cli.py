@@ -219,8 +219,9 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["alora", "lora", "block-adapter"],
-                   help="adapter kind (sets adapter.kind); block-adapter: the preset's adapter, block-attention data (configs/block_alora.yaml)")
+    p.add_argument("kind", choices=["alora", "lora", "block-adapter", "speculator"],
+                   help="adapter kind (sets adapter.kind); block-adapter: the preset's adapter, block-attention data (configs/block_alora.yaml); "
+                   "speculator: MLP speculator heads (configs/speculator_smollm2.yaml)")
     p.add_argument("config", metavar="CONFIG", help="training YAML (configs/alora_answerability.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. steps=50 adapter.r=4")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -232,11 +233,31 @@ def _run_train(args: argparse.Namespace) -> int:
     from training.config import TrainConfig
     from training.trainer import train
 
+    if args.kind == "speculator":
+        return _run_train_speculator(args)
     try:
         block = args.kind == "block-adapter"
         cfg = load(TrainConfig, args.config, list(args.overrides) if block else [*args.overrides, f"adapter.kind={args.kind}"])
         if block and cfg.data.source != "nq_blocks":
             raise UserError(f"train block-adapter: {args.config} has data.source={cfg.data.source!r}; expected nq_blocks (configs/block_alora.yaml)")
+        if args.print_config:
+            print(dump(cfg), end="")
+            return 0
+        summary = train(cfg)
+    except (ConfigError, ValueError) as e:
+        raise UserError(str(e)) from e
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _run_train_speculator(args: argparse.Namespace) -> int:
+    """Train (or resume) MLP speculator heads and export them in the HF MLPSpeculator format."""
+    from spanjax.config import ConfigError, dump, load
+    from training.speculator import train
+    from training.speculator_config import SpeculatorTrainConfig
+
+    try:
+        cfg = load(SpeculatorTrainConfig, args.config, args.overrides)
         if args.print_config:
             print(dump(cfg), end="")
             return 0
@@ -262,7 +283,7 @@ COMMANDS: dict[str, Command] = {
     "query": Command("run a span query file (JSON, YAML or s-expression), or print its plan: query plan FILE", _add_query_args, _run_query),
     "run": Command("run an experiment config: run CONFIG [KEY=VALUE ...] [--resume RUN_DIR]", _add_run_args, _run_run),
     "eval": Command("run an experiment preset: eval locality|locality-kv|ttft-rag|ttft-nested [KEY=VALUE ...]", _add_eval_args, _run_eval),
-    "train": Command("train a LoRA / aLoRA adapter: train alora|lora|block-adapter CONFIG [KEY=VALUE ...] (resumes its run dir)", _add_train_args, _run_train),
+    "train": Command("train a LoRA / aLoRA adapter or MLP speculator heads: train alora|lora|block-adapter|speculator CONFIG [KEY=VALUE ...] (resumes its run dir)", _add_train_args, _run_train),
 }
 
 

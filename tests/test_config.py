@@ -71,7 +71,14 @@ def _is_training_preset(path: Path) -> bool:
     return "task" not in data and "adapter" in data
 
 
-EXPERIMENT_CONFIGS = [p for p in CONFIGS if not _is_training_preset(p)]
+def _is_speculator_preset(path: Path) -> bool:
+    """Speculator presets (`spanjax train speculator ...`) have a `speculator` section and no `task`."""
+    data = yaml.safe_load(path.read_text())
+    return "task" not in data and "speculator" in data
+
+
+SPECULATOR_CONFIGS = [p for p in CONFIGS if _is_speculator_preset(p)]
+EXPERIMENT_CONFIGS = [p for p in CONFIGS if not _is_training_preset(p) and not _is_speculator_preset(p)]
 TRAINING_CONFIGS = [p for p in CONFIGS if _is_training_preset(p)]
 
 
@@ -88,6 +95,23 @@ def test_every_training_preset_loads_round_trips_and_overrides(path, tmp_path):
     for bad, msg in [("steps=abc", "steps: expected int"), ("adapter.unknown=1", "unknown key 'adapter.unknown'")]:
         with pytest.raises(C.ConfigError, match=msg):
             C.load(TrainConfig, path, [bad])
+
+
+@pytest.mark.parametrize("path", SPECULATOR_CONFIGS, ids=lambda p: p.name)
+def test_every_speculator_preset_loads_round_trips_and_overrides(path, tmp_path):
+    from training.speculator_config import SpeculatorTrainConfig
+
+    cfg = C.load(SpeculatorTrainConfig, path)
+    dumped = tmp_path / "c.yaml"
+    dumped.write_text(C.dump(cfg))
+    assert C.load(SpeculatorTrainConfig, dumped) == cfg
+    o = C.load(SpeculatorTrainConfig, path, ["stage2_steps=7", "speculator.inner_dim=64", "optim.lr=0.001", "name=renamed"])
+    assert (o.stage2_steps, o.speculator.inner_dim, o.optim.lr, o.name) == (7, 64, 0.001, "renamed")
+    for bad, msg in [("stage1_steps=abc", "stage1_steps: expected int"), ("speculator.unknown=1", "unknown key 'speculator.unknown'")]:
+        with pytest.raises(C.ConfigError, match=msg):
+            C.load(SpeculatorTrainConfig, path, [bad])
+    with pytest.raises(ValueError, match="DEV questions only"):  # the held-out questions 2000.. are never trained on
+        C.load(SpeculatorTrainConfig, path, ["data.stage2_prompts=2001"])
 
 
 @pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: p.name)
