@@ -307,3 +307,47 @@ def prepare(cfg, model, run_dir: Path):
                                  steps=cfg.steps, seed=cfg.seed)
 
     return acfg, batch_for_step, train_step, make_optimizer(cfg.optim, cfg.steps)
+
+
+# ---------------------------------------------------------------------------- answer loss (a quick check, not the locality eval)
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "adapter_cfg"))
+def _answer_loss(weights, params, batch: BlockBatch, *, model_cfg, adapter_cfg):
+    return block_loss(weights, None, params, model_cfg, adapter_cfg, batch, base_context(params, model_cfg, batch))
+
+
+def answer_loss(model, cfg, adapter=None, questions=range(0, 32), position: int | None = None, batch_size: int = 4) -> dict:
+    """Mean answer-token NLL over DEV `questions` (indices into the training examples of `cfg`),
+    gold at `position` (None: the last document), under each of `cfg.data.position_policies`;
+    `adapter` None = the base model (an adapter with B = 0). Forward only; for a loss-falls
+    check of a run. Accuracy is eval/locality.py's job."""
+    from spanjax.adapters import init_adapter
+    from training.trainer import adapter_config
+
+    d = cfg.data
+    tok = MemoTokenizer(model.tokenizer)
+    inv = opening_ids(tok, d.invocation_role, d.invocation)
+    if adapter is None:
+        adapter = init_adapter(adapter_config(cfg, inv), model.cfg, jax.random.PRNGKey(0))
+    acfg = adapter.config
+    alora = acfg.kind == "alora"
+    exs = source_examples(dataclasses.replace(d, num_train_questions=max(questions) + 1), cfg.seed, tok)
+    pos = d.num_docs - 1 if position is None else position
+    out = {}
+    for policy in d.position_policies:
+        items = [lower_example(exs[q], pos, policy, tok, model.name, d.page_size, answer_ids(tok, exs[q].answers[0])) for q in questions]
+        P = max(invocation_start(i.tokens[: i.answer_start], inv) for i in items) if alora else 0
+        S = max(len(i.tokens) for i in items) - P
+        P, S = -(-P // 64) * 64, -(-S // 64) * 64
+        total, count = 0.0, 0.0
+        for s in range(0, len(items), batch_size):
+            chunk = items[s : s + batch_size]
+            chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape; repeats are masked below
+            b = make_block_batch(chunk, P, S, d.max_answer_tokens, inv if alora else None)
+            real = min(batch_size, len(items) - s)
+            b = dataclasses.replace(b, loss_mask=b.loss_mask * (np.arange(batch_size) < real)[:, None])
+            loss, n = _answer_loss(adapter.weights, model.params, b, model_cfg=model.cfg, adapter_cfg=acfg)
+            total, count = total + float(loss) * float(n), count + float(n)
+        out[policy] = total / max(count, 1.0)
+    return {"questions": [min(questions), max(questions)], "position": pos, "nll": out, "tokens": count}

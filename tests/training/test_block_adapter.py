@@ -21,29 +21,24 @@ from spanjax.engine.adapters import lower_for_engine
 from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.engine.sampling import SamplingParams
 from spanjax.models import llama
-from spanjax.models.config import ModelConfig
-from spanjax.models.loading import LoadedModel
 from spanjax.query import ast as A
-from spanjax.query.fake import SPECIAL, ByteTokenizer
+from spanjax.query.fake import SPECIAL
 from spanjax.query.lower import lower
 from training import block_adapter as BA
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from dense_reference import masked_dense_logits, plan_arrays  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_byte import CFG, tiny_model  # noqa: E402
+
 PAGE = 4
-CFG = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=8, max_position_embeddings=2048, rope_theta=500.0)
-
-
-class Tokenizer(ByteTokenizer):
-    eos_token_ids = (SPECIAL["end"],)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = Tokenizer()
-    model = LoadedModel("tiny", CFG, llama.init_params(CFG, jax.random.key(11), scale=0.2), tok)
+    model = tiny_model()
+    tok = model.tokenizer
     inv = BA.opening_ids(tok, "user", "Question:")
     adapters = {
         "lora": init_adapter(AdapterConfig(kind="lora", r=2, alpha=4, target_modules=("q", "v", "up")), CFG, jax.random.key(2), b_scale=0.5),

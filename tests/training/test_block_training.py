@@ -6,35 +6,29 @@ questions only), and a run learns, resumes exactly after a kill and exports PEFT
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from eval import locality as L
 from spanjax.adapters import load_peft
-from spanjax.models import llama
-from spanjax.models.config import ModelConfig
-from spanjax.models.loading import LoadedModel
-from spanjax.query.fake import SPECIAL, ByteTokenizer
+from spanjax.query.fake import SPECIAL
 from spanjax.query.lower import lower
 from training import block_adapter as BA
 from training.config import AdapterSection, DataSection, OptimSection, TrainConfig
 from training.trainer import SimulatedCrash, read_metrics, train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_byte import CFG, tiny_model  # noqa: E402
+
 PAGE = 4
-CFG = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=8, max_position_embeddings=2048, rope_theta=500.0)
-
-
-class Tokenizer(ByteTokenizer):
-    eos_token_ids = (SPECIAL["end"],)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return LoadedModel("tiny", CFG, llama.init_params(CFG, jax.random.key(11), scale=0.2), Tokenizer())
+    return tiny_model()
 
 
 def test_training_examples_are_the_eval_queries_from_dev_only(model):
