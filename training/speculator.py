@@ -50,12 +50,34 @@ class SpecTrainState:
     opt_state: object
 
 
-def speculator_config(cfg: SpeculatorTrainConfig, model_cfg) -> S.SpeculatorConfig:
+def speculator_config(cfg: SpeculatorTrainConfig, model_cfg, vocab_size: int | None = None) -> S.SpeculatorConfig:
     s = cfg.speculator
     return S.SpeculatorConfig(
-        emb_dim=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size, inner_dim=s.inner_dim, n_predict=s.n_predict,
-        tie_weights=s.tie_weights, scale_input=s.scale_input,
+        emb_dim=model_cfg.hidden_size, vocab_size=vocab_size or model_cfg.vocab_size, inner_dim=s.inner_dim,
+        n_predict=s.n_predict, tie_weights=s.tie_weights, scale_input=s.scale_input,
     )
+
+
+def train_vocab_lut(datas: list[dict], limit: int, V: int) -> np.ndarray:
+    """Full id -> training id: the limit - 1 most frequent target tokens (ties by id) keep their
+    own row/column, every other token shares the last one. Identity when limit is 0 or >= V."""
+    if not limit or limit >= V:
+        return np.arange(V, dtype=np.int32)
+    counts = np.zeros(V, np.int64)
+    for d in datas:
+        np.add.at(counts, d["tokens"][d["mask"] > 0], 1)
+    order = np.lexsort((np.arange(V), -counts))[: limit - 1]
+    keep = np.sort(order[counts[order] > 0])
+    lut = np.full(V, len(keep), np.int32)
+    lut[keep] = np.arange(len(keep), dtype=np.int32)
+    return lut
+
+
+def expand_vocab(params: S.SpeculatorParams, lut: np.ndarray) -> S.SpeculatorParams:
+    """Training-vocabulary weights -> full-vocabulary weights (rare tokens share the last row/column)."""
+    return S.SpeculatorParams(emb=np.asarray(params.emb)[:, lut], proj0=np.asarray(params.proj0), proj=np.asarray(params.proj),
+                              ln_weight=np.asarray(params.ln_weight), ln_bias=np.asarray(params.ln_bias),
+                              head=np.asarray(params.head)[:, :, lut])
 
 
 # ---------------------------------------------------------------------------- loss and step
@@ -206,9 +228,10 @@ def stage_data(cfg: SpeculatorTrainConfig, model, stage: int, run_dir: Path) -> 
     return data
 
 
-def make_batch(data: dict, idx: list[int], n_predict: int):
+def make_batch(data: dict, idx: list[int], n_predict: int, lut: np.ndarray | None = None):
     pad = ((0, 0), (0, n_predict))
-    return data["hidden"][idx], np.pad(data["tokens"][idx], pad), np.pad(data["mask"][idx], pad)
+    tokens = data["tokens"][idx] if lut is None else lut[data["tokens"][idx]]
+    return data["hidden"][idx], np.pad(tokens, pad), np.pad(data["mask"][idx], pad)
 
 
 # ---------------------------------------------------------------------------- the run loop
@@ -234,7 +257,21 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
         from spanjax.models.loading import load_model
 
         model = load_model(cfg.model)
-    spec_cfg = speculator_config(cfg, model.cfg)
+    data: dict[int, dict] = {}
+    timings = {"data_s": 0.0, "train_s": 0.0}
+
+    def load_stage(stage):
+        if stage not in data:
+            t0 = time.perf_counter()
+            data[stage] = stage_data(cfg, model, stage, run_dir)
+            timings["data_s"] += time.perf_counter() - t0
+        return data[stage]
+
+    lut = None
+    if cfg.speculator.train_vocab:  # the training vocabulary depends on all the data: prepare it first
+        lut = train_vocab_lut([load_stage(s) for s, n in ((1, cfg.stage1_steps), (2, cfg.stage2_steps)) if n],
+                              cfg.speculator.train_vocab, model.cfg.vocab_size)
+    spec_cfg = speculator_config(cfg, model.cfg, None if lut is None else int(lut.max()) + 1)
     optimizer = make_optimizer(cfg.optim, cfg.steps)
     params = S.init_speculator(spec_cfg, jax.random.PRNGKey(cfg.seed))
     state = SpecTrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
@@ -244,22 +281,16 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
         state = ckpt.restore(start, state)
     metrics_path = run_dir / METRICS_FILE
     _truncate_metrics(metrics_path, start)
-    data: dict[int, dict] = {}
-    timings = {"data_s": 0.0, "train_s": 0.0}
     bar = _progress(cfg.steps, start, f"train speculator {cfg.name}")
     try:
         with open(metrics_path, "a") as mf:
             for step in range(start, cfg.steps):
                 stage = 1 if step < cfg.stage1_steps else 2
-                if stage not in data:
-                    t0 = time.perf_counter()
-                    data[stage] = stage_data(cfg, model, stage, run_dir)
-                    timings["data_s"] += time.perf_counter() - t0
+                d = load_stage(stage)
                 t0 = time.perf_counter()
-                d = data[stage]
                 local = step if stage == 1 else step - cfg.stage1_steps
                 idx = batch_indices(len(d["tokens"]), cfg.batch_size, local, cfg.seed + stage)
-                state, m = _train_step(state, *make_batch(d, idx, spec_cfg.n_predict), spec_cfg=spec_cfg, optim=cfg.optim, steps=cfg.steps)
+                state, m = _train_step(state, *make_batch(d, idx, spec_cfg.n_predict, lut), spec_cfg=spec_cfg, optim=cfg.optim, steps=cfg.steps)
                 m = jax.device_get(m)
                 dt = time.perf_counter() - t0
                 timings["train_s"] += dt
@@ -279,6 +310,9 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
     finally:
         bar.close()
         ckpt.close()
-    spec = S.Speculator(spec_cfg, jax.tree_util.tree_map(np.asarray, state.params))
+    params = jax.tree_util.tree_map(np.asarray, state.params)
+    if lut is not None:
+        params = expand_vocab(params, lut)
+    spec = S.Speculator(speculator_config(cfg, model.cfg), params)
     S.export_hf(spec, str(run_dir / "speculator"), base_model_name_or_path=cfg.model)
     return {"run_dir": str(run_dir), "steps": cfg.steps, "resumed_from": start, **timings}

@@ -17,6 +17,10 @@ class SpeculatorSection:
     inner_dim: int = 256  # 0 = the base model's hidden size
     tie_weights: bool = False
     scale_input: bool = True
+    # Train over the train_vocab - 1 most frequent target tokens of the training data plus one
+    # shared "rare token" row/column, expanded to the full vocabulary at export (CPU budget: the
+    # per-head vocab projection dominates a step). 0 = the full vocabulary.
+    train_vocab: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -105,3 +105,16 @@ def test_stage2_data_is_the_models_own_continuation(tmp_path, monkeypatch):
     pred = np.asarray(llama.compute_logits(model.params, model.cfg, hid)).argmax(-1)
     m = mask > 0
     assert m.sum() > 50 and (pred[m] == tok[m]).mean() > 0.99
+
+
+def test_training_vocabulary_is_expanded_at_export(tmp_path, monkeypatch):
+    """train_vocab: rare tokens share one trained row/column; the export has the full vocabulary."""
+    monkeypatch.setenv("SPANJAX_NO_PROGRESS", "1")
+    cfg = _cfg(tmp_path, name="vocab", stage1_steps=1, stage2_steps=2,
+               speculator=SpeculatorSection(n_predict=2, inner_dim=8, train_vocab=12))
+    run = train(cfg, model=_model())["run_dir"]
+    spec = S.load_hf(f"{run}/speculator")
+    assert spec.config.vocab_size == 64 and spec.params.emb.shape == (2, 64, 8)
+    head = np.asarray(spec.params.head[0]).T  # [V, D]
+    distinct = {tuple(np.round(r, 6)) for r in head}
+    assert len(distinct) == 12  # 11 frequent tokens + the shared rare-token column

@@ -1,0 +1,119 @@
+"""MLP speculator: the HF MLPSpeculator format round-trips, and the exported weights read
+by an independent torch transcription of vLLM's MLPSpeculator.generate_proposals give
+the same drafts and logits as spanjax's jitted proposal."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spanjax.models import speculator as S
+
+VLLM_NAMES = {"emb.{i}.weight", "proj.{i}.weight", "head.{i}.weight", "ln.{i}.weight", "ln.{i}.bias"}
+
+
+def _spec(tie, scale_input, n=3, inner=24, seed=0):
+    cfg = S.SpeculatorConfig(emb_dim=16, vocab_size=40, inner_dim=inner, n_predict=n, tie_weights=tie, scale_input=scale_input)
+    params = S.init_speculator(cfg, jax.random.PRNGKey(seed))
+    # non-trivial LN parameters so a transposed or swapped tensor cannot go unnoticed
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed + 1))
+    params.ln_weight = 1.0 + 0.3 * jax.random.normal(k1, params.ln_weight.shape)
+    params.ln_bias = 0.3 * jax.random.normal(k2, params.ln_bias.shape)
+    return S.Speculator(cfg, params)
+
+
+def torch_proposals(directory, hidden, tokens, n):
+    """vLLM's MLPSpeculator forward (greedy sampler), transcribed independently in torch,
+    reading config.json and the safetensors by name."""
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = json.load(open(f"{directory}/config.json"))
+    w = load_file(f"{directory}/model.safetensors")
+    inner = cfg["inner_dim"] or cfg["emb_dim"]
+    state_weight = 0.5 ** (0.5 / cfg["n_predict"])
+    emb_weight = math.sqrt((1 - state_weight**2) * (inner / 2))
+
+    def ln(x, weight=None, bias=None, eps=1e-6):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return x if weight is None else weight * x + bias
+
+    # vLLM with tie_weights repeats module 0 (proj: module 1 from stage 1 on).
+    idx = (lambda i: 0) if cfg["tie_weights"] else (lambda i: i)
+    pidx = (lambda i: min(i, 1)) if cfg["tie_weights"] else (lambda i: i)
+    state = torch.tensor(np.asarray(hidden))
+    if cfg["scale_input"]:
+        state = ln(state) / 2**0.5
+    last = torch.tensor(np.asarray(tokens), dtype=torch.long)
+    drafts, all_logits = [], []
+    for i in range(n):
+        z = torch.nn.functional.embedding(last, w[f"emb.{idx(i)}.weight"])
+        s = state @ w[f"proj.{pidx(i)}.weight"].T
+        s = s + z * (emb_weight / state_weight)
+        state = torch.nn.functional.gelu(ln(s, w[f"ln.{idx(i)}.weight"], w[f"ln.{idx(i)}.bias"]))
+        logits = state @ w[f"head.{idx(i)}.weight"].T
+        last = logits.argmax(-1)
+        drafts.append(last)
+        all_logits.append(logits)
+    return torch.stack(drafts, -1).numpy(), [l.numpy() for l in all_logits]
+
+
+@pytest.mark.parametrize("tie,scale_input", [(False, False), (False, True), (True, True)])
+def test_hf_format_round_trip_and_vllm_semantics(tmp_path, tie, scale_input):
+    spec = _spec(tie, scale_input)
+    d = tmp_path / "spec"
+    S.export_hf(spec, str(d), base_model_name_or_path="tiny")
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model_type"] == "mlp_speculator" and cfg["architectures"] == ["MLPSpeculatorPreTrainedModel"]
+    for k, v in dict(emb_dim=16, inner_dim=24, vocab_size=40, n_predict=3, tie_weights=tie, scale_input=scale_input,
+                     top_k_tokens_per_head=[1, 1, 1], n_candidates=1).items():
+        assert cfg[k] == v, k
+    from safetensors.numpy import load_file
+
+    w = load_file(str(d / "model.safetensors"))
+    assert set(w) == {n.format(i=i) for n in VLLM_NAMES for i in range(3)}
+    assert w["emb.1.weight"].shape == (40, 24) and w["head.2.weight"].shape == (40, 24)
+    assert w["proj.0.weight"].shape == (24, 16) and w["proj.1.weight"].shape == (24, 24)  # torch [out, in]
+
+    back = S.load_hf(str(d))
+    assert back.config == spec.config
+    for a, b in zip(jax.tree_util.tree_leaves(spec.params), jax.tree_util.tree_leaves(back.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(5, 16)).astype(np.float32) * 3
+    tokens = rng.integers(0, 40, 5)
+    want_drafts, want_logits = torch_proposals(str(d), hidden, tokens, 3)
+    got = np.asarray(jax.jit(lambda p, h, t: S.propose(p, spec.config, h, t))(back.params, hidden, tokens))
+    np.testing.assert_array_equal(got, want_drafts)
+    # teacher-forced training logits equal the proposal's when fed the drafted tokens
+    seq_tokens = np.concatenate([tokens[:, None], want_drafts], axis=1)  # [5, 1 + 3]
+    logits = S.teacher_forced_logits(back.params, spec.config, hidden[:, None, :], seq_tokens)
+    for i in range(3):
+        np.testing.assert_allclose(np.asarray(logits[i][:, 0]), want_logits[i], rtol=1e-4, atol=1e-4)
+
+
+def test_design_weights_and_config_checks():
+    cfg = S.SpeculatorConfig(emb_dim=576, vocab_size=10, inner_dim=256, n_predict=3)
+    assert cfg.state_weight == pytest.approx(0.5 ** (0.5 / 3))
+    assert cfg.emb_weight == pytest.approx(math.sqrt((1 - cfg.state_weight**2) * 128))
+    assert S.SpeculatorConfig(emb_dim=8, vocab_size=10).dim == 8  # inner_dim 0 = emb_dim
+    with pytest.raises(ValueError, match="tie_weights"):
+        S.SpeculatorConfig(emb_dim=8, vocab_size=10, n_predict=1, tie_weights=True)
+
+
+def test_load_reports_missing_weights(tmp_path):
+    spec = _spec(False, False)
+    S.export_hf(spec, str(tmp_path))
+    from safetensors.numpy import load_file, save_file
+
+    w = load_file(str(tmp_path / "model.safetensors"))
+    del w["head.1.weight"]
+    save_file(w, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="head.1.weight"):
+        S.load_hf(str(tmp_path))
