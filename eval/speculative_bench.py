@@ -81,8 +81,8 @@ def main(argv=None) -> dict:
         ec = EngineConfig(num_pages=64 * B + 64, page_size=16, max_tokens_per_step=256, max_seqs_per_step=max(B, 1), max_running=B,
                           num_speculative_tokens=args.num_speculative_tokens)
         engines = {"plain": Engine(model, ec), "speculative": Engine(model, ec, speculator=spec)}
-        for e in engines.values():
-            _run_batch(e, warm[:B], sampling)
+        for e in engines.values():  # compile every block-table width the measured batches can reach
+            _run_batch(e, warm[:B], SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
             e.clear_cache()
         engines["speculative"].spec_stats.update(dict.fromkeys(engines["speculative"].spec_stats, 0))  # warm-up not counted
         tot = {k: {"tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "outputs": []} for k in engines}

@@ -148,27 +148,30 @@ def stage2_prompts(cfg: SpeculatorTrainConfig, tokenizer) -> list[list[int]]:
 
 
 def generate_stage2(cfg: SpeculatorTrainConfig, model, path: Path) -> list[dict]:
-    """The base model's continuations of the stage-2 prompts (written once; a resumed run rereads them)."""
-    if path.exists():
-        return _jsonl(path)
+    """The base model's continuations of the stage-2 prompts, appended to `path` batch by batch
+    (a killed run, or a run with more prompts, continues after the rows already there)."""
     from spanjax.engine.dense_generate import generate
     from spanjax.engine.sampling import SamplingParams
 
     d, eos = cfg.data, list(getattr(model.tokenizer, "eos_token_ids", ()) or model.cfg.eos_token_ids)
     prompts = stage2_prompts(cfg, model.tokenizer)
-    rows = []
-    bar = _progress(len(prompts), 0, "stage 2: base model generates")
-    for b in range(0, len(prompts), d.gen_batch_size):
-        chunk = prompts[b : b + d.gen_batch_size]
-        sps = [SamplingParams(max_tokens=d.max_new_tokens, temperature=d.temperature, seed=cfg.seed * 100003 + b + i) for i in range(len(chunk))]
-        for p, r in zip(chunk, generate(model, chunk, sps)):
-            rows.append({"prompt": p, "completion": list(r.token_ids) + (eos[:1] if r.finish_reason == "eos" else [])})
-        bar.update(len(chunk))
+    rows = _jsonl(path) if path.exists() else []
+    if [r["prompt"] for r in rows] != prompts[: len(rows)]:
+        raise ValueError(f"{path} holds continuations of other prompts; remove it")
+    bar = _progress(len(prompts), len(rows), "stage 2: base model generates")
+    with open(path, "a") as f:
+        for b in range(len(rows), len(prompts), d.gen_batch_size):
+            chunk = prompts[b : b + d.gen_batch_size]
+            sps = [SamplingParams(max_tokens=d.max_new_tokens, temperature=d.temperature, seed=cfg.seed * 100003 + b + i) for i in range(len(chunk))]
+            new = [{"prompt": p, "completion": list(r.token_ids) + (eos[:1] if r.finish_reason == "eos" else [])}
+                   for p, r in zip(chunk, generate(model, chunk, sps))]
+            f.write("".join(json.dumps(r) + "\n" for r in new))
+            f.flush()
+            os.fsync(f.fileno())
+            rows.extend(new)
+            bar.update(len(chunk))
     bar.close()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-    return rows
+    return rows[: len(prompts)]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

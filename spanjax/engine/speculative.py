@@ -115,7 +115,7 @@ def speculative_step(engine, batch: StepBatch) -> list[Request]:
         rows["seed"].append(sp.seed)
         rows["step"].append(len(it.request.generated))
     chosen, accepted, new_drafts, logits, engine.cache = engine.runner.run_speculative(
-        engine.model.params, engine.speculator.params, engine.cache, batch, rows, engine._bank)
+        engine.model.params, engine._spec_params, engine.cache, batch, rows, engine._bank)
     chosen, accepted, new_drafts = np.asarray(chosen), np.asarray(accepted), np.asarray(new_drafts)
     engine.steps += 1
     now = time.perf_counter()

@@ -117,3 +117,12 @@ def test_load_reports_missing_weights(tmp_path):
     save_file(w, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="head.1.weight"):
         S.load_hf(str(tmp_path))
+
+
+def test_unstacked_params_propose_the_same():
+    spec = _spec(False, True)
+    h = np.random.default_rng(1).normal(size=(3, 16)).astype(np.float32)
+    t = np.array([1, 5, 7])
+    a = S.propose(spec.params, spec.config, h, t)
+    b = jax.jit(lambda p, h, t: S.propose(p, spec.config, h, t))(S.unstack(spec.params), h, t)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
