@@ -118,3 +118,22 @@ def test_training_vocabulary_is_expanded_at_export(tmp_path, monkeypatch):
     head = np.asarray(spec.params.head[0]).T  # [V, D]
     distinct = {tuple(np.round(r, 6)) for r in head}
     assert len(distinct) == 12  # 11 frequent tokens + the shared rare-token column
+
+
+@pytest.mark.slow
+def test_spanjax_train_speculator_smoke(tmp_path, capsys, monkeypatch, smollm2_gguf_path):
+    """`spanjax train speculator` on SmolLM2 (1 step per stage, tiny data): metrics, HF export, resume."""
+    from spanjax.cli import main
+
+    monkeypatch.setenv("SPANJAX_NO_PROGRESS", "1")
+    argv = ["train", "speculator", "configs/speculator_smollm2_smoke.yaml", f"out_dir={tmp_path}"]
+    assert main(argv) == 0
+    run = tmp_path / "speculator_smollm2_smoke"
+    assert json.loads(capsys.readouterr().out)["resumed_from"] == 0
+    lines = read_metrics(run)
+    assert [(m["step"], m["stage"]) for m in lines] == [(1, 1), (2, 2)] and all(m["loss"] > 0 for m in lines)
+    cfg = json.loads((run / "speculator" / "config.json").read_text())
+    assert cfg["model_type"] == "mlp_speculator" and cfg["vocab_size"] == 49152 and cfg["emb_dim"] == 576 and cfg["tie_weights"]
+    assert main(argv) == 0 and json.loads(capsys.readouterr().out)["resumed_from"] == 2
+    assert main(["train", "speculator", "configs/speculator_smollm2_smoke.yaml", "speculator.n_predict=zero"]) == 2
+    assert "speculator.n_predict" in capsys.readouterr().err
