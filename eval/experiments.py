@@ -6,68 +6,16 @@ apply dotted overrides, open a run directory and run the task.
     results, run_dir = run(cfg)
 
 Tasks: `locality` (eval/locality.py; nq and kv), `ttft_nested`
-(eval/nested_ttft.py) and `ttft_rag` (eval/rag_ttft.py, configured here).
+(eval/nested_ttft.py) and `ttft_rag` (eval/rag_ttft.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from pathlib import Path
-from typing import Literal
 
-from eval.runs import RunDir, open_run, write_results
+from eval.runs import RunDir, open_run
 from spanjax import config as C
-
-
-# ---------------------------------------------------------------------------- ttft_rag
-
-
-@dataclasses.dataclass(frozen=True)
-class RagEval:
-    docs: int = 16
-    doc_tokens: int = 256
-    trials: int = 5
-    positions: Literal["sequential", "parallel"] = "parallel"
-
-    def __post_init__(self):
-        if self.docs < 1 or self.doc_tokens < 1 or self.trials < 1:
-            raise ValueError("docs, doc_tokens and trials must be >= 1")
-
-
-@dataclasses.dataclass(frozen=True)
-class RagEngine:
-    """The two engine knobs eval/rag_ttft.py exposes (it sizes the pool itself)."""
-
-    page_size: int = 16
-    max_tokens_per_step: int = 512
-
-
-@dataclasses.dataclass(frozen=True)
-class RagConfig:
-    task: Literal["ttft_rag"] = "ttft_rag"
-    name: str = "ttft_rag"
-    model: str = "smollm2-135m"
-    seed: int = 0
-    out_dir: str = "runs"
-    engine: RagEngine = RagEngine()
-    eval: RagEval = RagEval()
-
-
-def run_rag(cfg: RagConfig, run_dir: RunDir, model=None) -> dict:
-    from eval import rag_ttft
-
-    if model is not None:
-        raise C.ConfigError("ttft_rag loads its model by name (cfg.model)")
-    ev = cfg.eval
-    # rag_ttft writes its per-trial JSON under the run directory (rag_ttft-<ts>/).
-    summary = rag_ttft.run(cfg.model, ev.docs, ev.doc_tokens, ev.trials, ev.positions, cfg.seed, str(run_dir.path),
-                           cfg.engine.page_size, cfg.engine.max_tokens_per_step)
-    results = {"task": "ttft_rag", "name": cfg.name, **summary}
-    write_results(run_dir, results)
-    run_dir.log.info("RAG TTFT: span %.1f ms, stock %.1f ms, ratio %.1fx", summary["span_ttft_median_s"] * 1e3,
-                     summary["stock_ttft_median_s"] * 1e3, summary["speedup"])
-    return results
 
 
 # ---------------------------------------------------------------------------- registry
@@ -76,7 +24,7 @@ def run_rag(cfg: RagConfig, run_dir: RunDir, model=None) -> dict:
 TASKS = {
     "locality": ("eval.locality", "LocalityConfig", "run"),
     "ttft_nested": ("eval.nested_ttft", "NestedConfig", "run"),
-    "ttft_rag": ("eval.experiments", "RagConfig", "run_rag"),
+    "ttft_rag": ("eval.rag_ttft", "RagConfig", "run"),
 }
 
 

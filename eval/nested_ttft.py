@@ -22,13 +22,13 @@ trial per n compiles the shapes and is discarded.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from typing import Literal
 
 from eval.data import DEV, nq_open_oracle
 from eval.experiment_config import EngineSection
-from eval.runs import RunDir, append_items, load_items, machine, progress, write_results
+from eval import ttft_report
+from eval.runs import RunDir, append_items, load_items, machine, progress
 from spanjax.query import ast as A
 
 SYSTEM = "You are given several short answers written by assistants. Use them to answer the final question."
@@ -130,62 +130,6 @@ def measure_stock(engine, model: str, prompts: list[str], ev: NestedEval, seed: 
     return _outer_record(waves, t0)
 
 
-def summarize(ev: NestedEval, done: dict) -> list[dict]:
-    rows = []
-    for n in ev.fan_in:
-        row = {"n": n}
-        for v in ("span", "stock"):
-            recs = [r for k, r in done.items() if k[0] == v and k[1] == n]
-            row[v] = {
-                "trials": len(recs),
-                "ttft_median_s": statistics.median(r["ttft_s"] for r in recs) if recs else None,
-                "wall_median_s": statistics.median(r["wall_s"] for r in recs) if recs else None,
-                "prompt_tokens": statistics.median(r["prompt_tokens"] for r in recs) if recs else None,
-                "cached_tokens": statistics.median(r["cached_tokens"] for r in recs) if recs else None,
-            }
-        s, t = row["span"]["ttft_median_s"], row["stock"]["ttft_median_s"]
-        row["ttft_ratio_stock_over_span"] = t / s if s and t else None
-        rows.append(row)
-    return rows
-
-
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| n | span TTFT ms | stock TTFT ms | stock/span | span cached/prompt | stock cached/prompt |", "|---|---|---|---|---|---|"]
-    f = lambda x: f"{x * 1000:.0f}" if x is not None else "-"
-    for r in rows:
-        ratio = r["ttft_ratio_stock_over_span"]
-        lines.append(
-            f"| {r['n']} | {f(r['span']['ttft_median_s'])} | {f(r['stock']['ttft_median_s'])} | "
-            f"{ratio:.2f}x | {r['span']['cached_tokens']}/{r['span']['prompt_tokens']} | {r['stock']['cached_tokens']}/{r['stock']['prompt_tokens']} |"
-            if ratio else f"| {r['n']} | - | - | - | - | - |"
-        )
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], title: str, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if r["ttft_ratio_stock_over_span"]]
-    if not rows:
-        return
-    ns = [r["n"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for v in ("span", "stock"):
-        ax.plot(ns, [r[v]["ttft_median_s"] * 1000 for r in rows], marker="o", label=v)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("inner generations n")
-    ax.set_ylabel("outer TTFT, median (ms)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run(cfg: NestedConfig, run_dir: RunDir, model=None) -> dict:
     from spanjax.engine.engine import Engine
     from spanjax.models.loading import load_model
@@ -215,12 +159,9 @@ def run(cfg: NestedConfig, run_dir: RunDir, model=None) -> dict:
                     log.info("n=%d trial %d %s: ttft %.3fs (%d/%d cached)", n, t, v, rec["ttft_s"], rec["cached_tokens"], rec["prompt_tokens"])
     finally:
         bar.close()
-    rows = summarize(ev, done)
-    md = markdown_table(rows)
+    rows = ttft_report.summarize(ev.fan_in, done, "n")
     results = {"task": "ttft_nested", "name": cfg.name, "model": model.name, "positions": ev.positions, "machine": machine(),
-               "engine": engine.stats(), "rows": rows, "table_markdown": md}
-    write_results(run_dir, results)
-    (run_dir.path / "summary.md").write_text(md + "\n")
-    plot(rows, f"nested generation TTFT, {model.name}", run_dir.path / "ttft.png")
-    log.info("nested TTFT (median of %d):\n%s", ev.trials, md)
+               "engine": engine.stats()}
+    results = ttft_report.write_report(run_dir, results, rows, "n", "inner generations n", f"nested generation TTFT, {model.name}")
+    log.info("nested TTFT (median of %d):\n%s", ev.trials, results["table_markdown"])
     return results

@@ -1,39 +1,58 @@
-"""RAG time-to-first-token: span query (documents in a `plus`, cached) vs the
-same engine run stock (one flat causal prompt, ordinary prefix caching).
+"""RAG time-to-first-token (DESIGN 6, experiment 1): span query (documents in a
+`plus`, cached) vs the same engine run stock (one flat causal prompt, ordinary
+prefix caching), for k = each of `eval.docs` documents.
 
-Both variants see the same system prompt, the same k documents (real
-Natural Questions passages from the development split, each cut to about
-`doc_tokens` tokens) and the same question. The documents are warmed by one
-earlier query of each variant; every measured trial then *reorders* them, so
-the span query still hits every document page while the stock prompt only
-shares the system prompt with what is cached. TTFT is measured end to end:
-lowering, scheduling and every engine step up to the first sampled token.
-Compilation is excluded by warm-up runs of the same shapes.
+Both variants see the same system prompt, the same k documents (real Natural
+Questions passages from the development split, each cut to about `doc_tokens`
+tokens) and the same question. For each k the cache is cleared and the
+documents are warmed by one earlier query of each variant; every measured trial
+then *reorders* them, so the span query still hits every document page while
+the stock prompt only shares the system prompt (and whatever document happens
+to stay first) with what is cached. TTFT is the request's wall time with
+max_tokens=1, end to end: lowering, scheduling, every engine step, the token on
+the host. Compilation is excluded by the warm-up queries of the same shapes.
 
-    python -m eval.rag_ttft --docs 16 --doc-tokens 256 --trials 5
-
-Writes runs/rag_ttft-<timestamp>/results.json and prints medians and the ratio.
+    spanjax run configs/ttft_rag.yaml eval.docs=[1,4,16] eval.trials=3
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
-import time
-from pathlib import Path
+import dataclasses
+from typing import Literal
 
 import numpy as np
 
+from eval import ttft_report
 from eval.data import DEV, nq_open_oracle, passage_text
-from spanjax.engine.engine import Engine, EngineConfig
-from spanjax.engine.sampling import SamplingParams
-from spanjax.models.loading import load_model
+from eval.experiment_config import EngineSection
+from eval.nested_ttft import run_waves
+from eval.runs import RunDir, append_items, load_items, machine, progress
 from spanjax.query import ast as A
-from spanjax.query.lower import lower
 
 SYSTEM = "Answer the question using only the documents below. Be brief."
+
+
+@dataclasses.dataclass(frozen=True)
+class RagEval:
+    docs: tuple[int, ...] = (1, 2, 4, 8, 16)  # k, one curve point each
+    doc_tokens: int = 256
+    trials: int = 3  # measured trials per k (after one warm-up query per variant)
+    positions: Literal["sequential", "parallel"] = "parallel"
+
+    def __post_init__(self):
+        if not self.docs or any(k < 1 for k in self.docs) or self.doc_tokens < 1 or self.trials < 1:
+            raise ValueError("docs (a non-empty list), doc_tokens and trials must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RagConfig:
+    task: Literal["ttft_rag"] = "ttft_rag"
+    name: str = "ttft_rag"
+    model: str = "smollm2-135m"
+    seed: int = 0
+    out_dir: str = "runs"
+    engine: EngineSection = EngineSection()
+    eval: RagEval = RagEval()
 
 
 def make_documents(tokenizer, k: int, doc_tokens: int, offset: int = 0) -> list[str]:
@@ -50,83 +69,64 @@ def make_documents(tokenizer, k: int, doc_tokens: int, offset: int = 0) -> list[
     return docs
 
 
+def questions(trials: int) -> list[str]:
+    """Warm-up question first, then one per trial (dev questions, disjoint from the documents)."""
+    return [r["question"] + "?" for r in nq_open_oracle()[DEV.start + 500 : DEV.start + 500 + trials + 1]]
+
+
 def rag_g(model_name: str, docs: list[str], question: str, span: bool, positions: str) -> A.G:
     doc_msgs = tuple(A.Message("user", d) for d in docs)
     body = (A.Plus(doc_msgs),) if span else doc_msgs
     prompt = A.Cross((A.Message("system", SYSTEM),) + body + (A.Message("user", question),))
-    return A.G(model_name, prompt, max_tokens=1, positions=positions)
+    return A.G(model_name, prompt, max_tokens=1, temperature=0.0, positions=positions)
 
 
-def time_to_first_token(engine: Engine, g: A.G) -> tuple[float, int, int]:
-    t0 = time.perf_counter()
-    plan = lower(g, engine.model.tokenizer, model=engine.model.name, page_size=engine.config.page_size)
-    req = engine.submit(plan, SamplingParams(max_tokens=1))
-    engine.run_until_done([req])
-    return req.metrics.first_token_s - t0, req.metrics.prompt_tokens, req.metrics.cached_tokens
+def measure(engine, g: A.G) -> dict:
+    ((wall, (req,)),) = run_waves(engine, g)
+    m = req.metrics
+    return {"ttft_s": wall, "wall_s": wall, "engine_ttft_s": m.ttft_s, "prompt_tokens": m.prompt_tokens, "cached_tokens": m.cached_tokens}
 
 
-def run(model_name="smollm2-135m", k=16, doc_tokens=256, trials=5, positions="parallel", seed=0, out_root="runs", page_size=16, max_tokens_per_step=512):
-    model = load_model(model_name)
-    tok = model.tokenizer
-    docs = make_documents(tok, k, doc_tokens)
-    questions = [r["question"] + "?" for r in nq_open_oracle()[DEV.start + 500 : DEV.start + 500 + trials + 1]]
-    need = (k * (doc_tokens + 32)) // page_size * 4 + 256
-    engine = Engine(model, EngineConfig(num_pages=need, page_size=page_size, max_tokens_per_step=max_tokens_per_step, max_seqs_per_step=k + 2))
-    rng = np.random.default_rng(seed)
+def run(cfg: RagConfig, run_dir: RunDir, model=None) -> dict:
+    from spanjax.engine.engine import Engine
+    from spanjax.models.loading import load_model
 
-    # Warm-up: compiles every shape bucket both variants use and caches the documents.
-    for span in (True, False):
-        time_to_first_token(engine, rag_g(model.name, list(rng.permutation(docs)), questions[0], span, positions))
-    print(f"warm-up done ({engine.runner.compile_count} compilations)", flush=True)
-
-    rows = []
-    for t, q in enumerate(questions[1 : trials + 1]):
-        order = [int(i) for i in rng.permutation(k)]
-        shuffled = [docs[i] for i in order]
-        row = {"trial": t, "order": order}
-        for name, span in (("span", True), ("stock", False)):
-            ttft, prompt, cached = time_to_first_token(engine, rag_g(model.name, shuffled, q, span, positions))
-            row[name] = {"ttft_s": ttft, "prompt_tokens": prompt, "cached_tokens": cached}
-        rows.append(row)
-        print(f"trial {t}: span {row['span']['ttft_s']:.3f}s ({row['span']['cached_tokens']}/{row['span']['prompt_tokens']} cached)  "
-              f"stock {row['stock']['ttft_s']:.3f}s ({row['stock']['cached_tokens']}/{row['stock']['prompt_tokens']} cached)", flush=True)
-
-    span_med = statistics.median(r["span"]["ttft_s"] for r in rows)
-    stock_med = statistics.median(r["stock"]["ttft_s"] for r in rows)
-    summary = {
-        "model": model.name,
-        "docs": k,
-        "doc_tokens": doc_tokens,
-        "positions": positions,
-        "trials": trials,
-        "span_ttft_median_s": span_med,
-        "stock_ttft_median_s": stock_med,
-        "speedup": stock_med / span_med,
-        "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}".strip(),
-        "engine": engine.stats(),
-    }
-    out = Path(out_root) / f"rag_ttft-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=2))
-    print(f"\nRAG TTFT, {k} docs x ~{doc_tokens} tokens, {positions} positions, median of {trials}:")
-    print(f"  span query : {span_med * 1000:8.1f} ms")
-    print(f"  stock      : {stock_med * 1000:8.1f} ms")
-    print(f"  ratio      : {stock_med / span_med:8.1f}x   -> {out / 'results.json'}")
-    return summary
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--docs", type=int, default=16)
-    p.add_argument("--doc-tokens", type=int, default=256)
-    p.add_argument("--trials", type=int, default=5)
-    p.add_argument("--positions", choices=["sequential", "parallel"], default="parallel")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs")
-    a = p.parse_args(argv)
-    run(a.model, a.docs, a.doc_tokens, a.trials, a.positions, a.seed, a.out)
-
-
-if __name__ == "__main__":
-    main()
+    ev, log = cfg.eval, run_dir.log
+    model = load_model(cfg.model) if model is None else model
+    engine = Engine(model, cfg.engine.build())
+    need = 2 * max(ev.docs) * (-(-(ev.doc_tokens + 32) // cfg.engine.page_size)) + 64  # both variants' pages, cached
+    if need > cfg.engine.num_pages:
+        raise ValueError(f"engine.num_pages={cfg.engine.num_pages} is too small for {max(ev.docs)} documents of "
+                         f"{ev.doc_tokens} tokens cached twice; need about {need}")
+    done = {tuple(r["key"]): r for r in load_items(run_dir).values()}
+    qs = questions(ev.trials)
+    bar = progress(len(ev.docs) * ev.trials * 2, sum(1 for k in done if k[1] in ev.docs and k[2] < ev.trials), cfg.name)
+    try:
+        for k in ev.docs:
+            if all((v, k, t) in done for v in ttft_report.VARIANTS for t in range(ev.trials)):
+                continue
+            docs = make_documents(model.tokenizer, k, ev.doc_tokens)
+            rng = np.random.default_rng([cfg.seed, k])
+            engine.clear_cache()
+            for span in (True, False):  # warm-up: compiles this k's shapes and caches the documents
+                measure(engine, rag_g(model.name, [docs[i] for i in rng.permutation(k)], qs[0], span, ev.positions))
+            for t in range(ev.trials):
+                order = [int(i) for i in rng.permutation(k)]  # drawn even when resuming: same orders
+                for v in ttft_report.VARIANTS:
+                    if (v, k, t) in done:
+                        continue
+                    rec = {"key": [v, k, t], "order": order,
+                           **measure(engine, rag_g(model.name, [docs[i] for i in order], qs[t + 1], v == "span", ev.positions))}
+                    append_items(run_dir, [rec])
+                    done[(v, k, t)] = rec
+                    bar.update(1)
+                    log.info("k=%d trial %d %s: ttft %.3fs (%d/%d cached)", k, t, v, rec["ttft_s"], rec["cached_tokens"], rec["prompt_tokens"])
+    finally:
+        bar.close()
+    rows = ttft_report.summarize(ev.docs, done, "k")
+    results = {"task": "ttft_rag", "name": cfg.name, "model": model.name, "doc_tokens": ev.doc_tokens, "positions": ev.positions,
+               "machine": machine(), "engine": engine.stats()}
+    results = ttft_report.write_report(run_dir, results, rows, "k", f"documents k (~{ev.doc_tokens} tokens each)",
+                                       f"RAG TTFT, reordered cached documents, {model.name}")
+    log.info("RAG TTFT (median of %d):\n%s", ev.trials, results["table_markdown"])
+    return results

@@ -146,6 +146,10 @@ def test_task_specific_overrides():
         load_config(NQ, ["engine.max_tokens_per_step=8"])
     n = load_config(CONFIG_DIR / "ttft_nested.yaml", ["eval.fan_in=[1, 2]"])
     assert n.eval.fan_in == (1, 2)
+    r = load_config(CONFIG_DIR / "ttft_rag.yaml", ["eval.docs=[2, 8]"])
+    assert r.eval.docs == (2, 8)
+    with pytest.raises(C.ConfigError, match="docs"):
+        load_config(CONFIG_DIR / "ttft_rag.yaml", ["eval.docs=[]"])
 
 
 def test_missing_file_and_task(tmp_path):

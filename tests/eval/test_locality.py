@@ -204,3 +204,20 @@ def test_nested_ttft_smoke(tiny_model, tmp_path):
         # The span outer query reuses the inner exchanges; the flat stock prompt does not.
         assert r["span"]["cached_tokens"] > r["stock"]["cached_tokens"]
     assert (d.path / "ttft.png").exists() and (d.path / "summary.md").exists()
+
+
+def test_rag_ttft_smoke(tiny_model, tmp_path):
+    cfg = load_config(CONFIGS / "ttft_rag_smoke.yaml", [f"out_dir={tmp_path}", "model=tiny", "engine.page_size=8", "engine.attention=reference"])
+    res, d = run(cfg, model=tiny_model)
+    rows = {r["k"]: r for r in res["rows"]}
+    assert set(rows) == {1, 2}
+    for k, r in rows.items():
+        assert r["span"]["ttft_median_s"] > 0 and r["stock"]["ttft_median_s"] > 0
+        assert r["span"]["prompt_tokens"] >= r["stock"]["prompt_tokens"]  # spans are page-aligned with padding
+    # Reordered documents: the span query hits every cached document page; with two documents the
+    # flat stock prompt shares at most the system prompt and the first document.
+    assert rows[2]["span"]["cached_tokens"] > rows[2]["stock"]["cached_tokens"]
+    assert (d.path / "ttft.png").exists() and (d.path / "summary.md").exists()
+    # Resuming a finished run measures nothing again.
+    res2, _ = run(cfg, resume=d.path, model=tiny_model)
+    assert res2["rows"] == res["rows"]
