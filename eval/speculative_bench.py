@@ -11,6 +11,8 @@ by batch so both see the same machine load:
   steps of a request (accepted draft tokens + the verifier's own token);
 - decode tokens/s = decode tokens (all but each request's first) / decode
   wall time (first token of the batch to its last token), summed over batches;
+- ms per decode step of each engine and their ratio (what a verification step
+  costs relative to a plain one: speedup = tokens per forward / that ratio);
 - outputs must be identical token for token (greedy); mismatches are counted.
 
   python -m eval.speculative_bench --speculator runs/speculator_smollm2/speculator
@@ -44,11 +46,13 @@ def _prompts(model, first: int, n: int):
 
 
 def _run_batch(engine, plans, sampling):
-    t0 = time.perf_counter()
+    """-> (requests, decode tokens, decode seconds, wall seconds, decode steps). The batch's
+    prompts fit one prefill step, which emits the first tokens; every later step decodes."""
+    t0, steps0 = time.perf_counter(), engine.steps
     reqs = engine.generate(plans, sampling)
     first = min(r.metrics.first_token_s for r in reqs)
     last = max(r.metrics.finish_s for r in reqs)
-    return reqs, sum(len(r.generated) - 1 for r in reqs), last - first, time.perf_counter() - t0
+    return reqs, sum(len(r.generated) - 1 for r in reqs), last - first, time.perf_counter() - t0, engine.steps - steps0 - 1
 
 
 def main(argv=None) -> dict:
@@ -85,15 +89,16 @@ def main(argv=None) -> dict:
             _run_batch(e, warm[:B], SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
             e.clear_cache()
         engines["speculative"].spec_stats.update(dict.fromkeys(engines["speculative"].spec_stats, 0))  # warm-up not counted
-        tot = {k: {"tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "outputs": []} for k in engines}
+        tot = {k: {"tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "steps": 0, "outputs": []} for k in engines}
         for b in range(0, len(plans), B):
             for name, e in engines.items():
-                reqs, n, dt, wall = _run_batch(e, plans[b : b + B], sampling)
+                reqs, n, dt, wall, steps = _run_batch(e, plans[b : b + B], sampling)
                 e.clear_cache()  # no cross-batch prefix reuse: both engines start cold each batch
                 t = tot[name]
                 t["tokens"] += n
                 t["decode_s"] += dt
                 t["wall_s"] += wall
+                t["steps"] += steps
                 t["outputs"].extend(r.generated for r in reqs)
         st = engines["speculative"].spec_stats
         case = {
@@ -106,8 +111,10 @@ def main(argv=None) -> dict:
         }
         for name, t in tot.items():
             case[name] = {"decode_tokens": t["tokens"], "decode_s": t["decode_s"], "decode_tokens_per_s": t["tokens"] / t["decode_s"],
-                          "wall_s": t["wall_s"]}
+                          "wall_s": t["wall_s"], "decode_steps": t["steps"], "ms_per_decode_step": 1e3 * t["decode_s"] / max(t["steps"], 1)}
         case["decode_speedup"] = case["speculative"]["decode_tokens_per_s"] / case["plain"]["decode_tokens_per_s"]
+        # speedup = tokens per forward / this ratio (the price of verifying k drafts and proposing the next)
+        case["verify_step_cost_ratio"] = case["speculative"]["ms_per_decode_step"] / case["plain"]["ms_per_decode_step"]
         results["cases"].append(case)
         print(json.dumps({k: v for k, v in case.items() if k != "speculative_stats"}))
     results["load_average_end"] = os.getloadavg()

@@ -185,7 +185,7 @@ def base_hidden(model, seqs: list[list[int]], batch: int = 16) -> list[np.ndarra
     out = []
     for b in range(0, len(seqs), batch):
         chunk = seqs[b : b + batch]
-        T = 1 << (max(map(len, chunk)) - 1).bit_length()
+        T = -(-max(map(len, chunk)) // 32) * 32  # multiples of 32: few compiled shapes, little padding
         toks = np.zeros((batch, T), np.int32)
         pos = np.full((batch, T), T, np.int32)  # padding writes past the cache: dropped
         for i, s in enumerate(chunk):

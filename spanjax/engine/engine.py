@@ -97,9 +97,9 @@ class Engine:
         if (sc.emb_dim, sc.vocab_size) != (cfg.hidden_size, cfg.vocab_size):
             raise ValueError(f"speculator has emb_dim {sc.emb_dim}, vocab {sc.vocab_size}; the model {cfg.hidden_size}, {cfg.vocab_size}")
         k = min(config.num_speculative_tokens or sc.n_predict, sc.n_predict)
-        from spanjax.models.speculator import unstack
+        from spanjax.models.speculator import draft_params
 
-        self._spec_params = unstack(speculator.params)
+        self._spec_params = draft_params(speculator.params)
         self.spec_stats = {"verify_forwards": 0, "emitted": 0, "drafted": 0, "accepted": 0}
         self.scheduler = SpeculativeScheduler(
             self.pool, config.max_tokens_per_step, config.max_seqs_per_step, config.max_running, num_draft=k)

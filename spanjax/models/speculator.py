@@ -103,6 +103,33 @@ def unstack(params: SpeculatorParams) -> SpeculatorParams:
                             ln_bias=split(params.ln_bias), head=split(params.head))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DraftParams(SpeculatorParams):
+    """Inference form (`draft_params`): per-stage arrays, and each head keeps only its distinct
+    vocabulary columns; head_ids[e][c] is the full token id of column c (the lowest id among
+    equal columns, which is the one a full-vocabulary argmax returns)."""
+
+    head_ids: tuple = ()  # per stage [U_e] int32
+
+
+def draft_params(params: SpeculatorParams) -> DraftParams:
+    """`unstack`, then drop repeated head columns. A speculator trained over a reduced vocabulary
+    (training/speculator.py `train_vocab`) is exported with every rare token sharing one column;
+    proposing over the distinct columns (8,192 instead of 49,152 for the SmolLM2 preset) gives
+    the same drafts for a sixth of the head's matmul, which on CPU is most of a proposal."""
+    p = unstack(params)
+    heads, ids = [], []
+    for h in p.head:
+        h = np.asarray(h)
+        _, first = np.unique(h.T, axis=0, return_index=True)
+        keep = np.sort(first).astype(np.int32)
+        heads.append(jnp.asarray(h[:, keep]) if len(keep) < h.shape[1] else p.head[len(heads)])
+        ids.append(jnp.asarray(keep) if len(keep) < h.shape[1] else jnp.arange(h.shape[1], dtype=jnp.int32))
+    return DraftParams(emb=p.emb, proj0=p.proj0, proj=p.proj, ln_weight=p.ln_weight, ln_bias=p.ln_bias,
+                       head=tuple(heads), head_ids=tuple(ids))
+
+
 def init_speculator(cfg: SpeculatorConfig, key, dtype=jnp.float32) -> SpeculatorParams:
     """fms-extras initialisation: emb, head ~ N(0, 1/sqrt(D)); proj ~ N(0, 1/sqrt(in)); ln = (1, 0)."""
     D, E, V, H = cfg.dim, cfg.num_stages, cfg.vocab_size, cfg.emb_dim
@@ -163,6 +190,8 @@ def propose(params: SpeculatorParams, cfg: SpeculatorConfig, hidden, token, n: i
     for i in range(n):
         state = stage(params, cfg, i, state, tok)
         tok = jnp.argmax(head_logits(params, cfg, i, state), axis=-1).astype(jnp.int32)
+        if isinstance(params, DraftParams):
+            tok = params.head_ids[min(i, cfg.num_stages - 1)][tok]
         out.append(tok)
     return jnp.stack(out, axis=-1)
 

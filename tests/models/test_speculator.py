@@ -126,3 +126,28 @@ def test_unstacked_params_propose_the_same():
     a = S.propose(spec.params, spec.config, h, t)
     b = jax.jit(lambda p, h, t: S.propose(p, spec.config, h, t))(S.unstack(spec.params), h, t)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_draft_params_propose_over_distinct_columns_only():
+    """A speculator trained over a reduced vocabulary is exported with all rare tokens sharing one
+    column; the inference form keeps the distinct columns and still returns the full-vocabulary
+    argmax (the lowest id among equal columns), whether a draft is a kept or a rare token."""
+    from training.speculator import expand_vocab
+
+    cfg = S.SpeculatorConfig(emb_dim=16, vocab_size=11, inner_dim=24, n_predict=3, scale_input=True)
+    small = S.init_speculator(cfg, jax.random.PRNGKey(3))
+    lut = np.full(40, 10, np.int32)
+    kept = np.array([3, 7, 12, 18, 21, 25, 30, 33, 36, 39])  # full ids of the 10 frequent tokens
+    lut[kept] = np.arange(10)
+    full_cfg = S.SpeculatorConfig(emb_dim=16, vocab_size=40, inner_dim=24, n_predict=3, scale_input=True)
+    full = jax.tree_util.tree_map(jnp.asarray, expand_vocab(small, lut))
+    rng = np.random.default_rng(2)
+    h = rng.normal(size=(64, 16)).astype(np.float32)
+    t = rng.integers(0, 40, size=64)
+    draft = S.draft_params(full)
+    assert [x.shape for x in draft.head] == [(24, 11)] * 3
+    assert [np.asarray(i).tolist() for i in draft.head_ids] == [sorted(kept.tolist() + [0])] * 3  # 0: first rare id
+    want = np.asarray(S.propose(full, full_cfg, h, t))
+    got = np.asarray(jax.jit(lambda p, h, t: S.propose(p, full_cfg, h, t))(draft, h, t))
+    np.testing.assert_array_equal(got, want)
+    assert (want == 0).any() and np.isin(want, kept).any()  # both kinds of draft occur
