@@ -10,7 +10,8 @@ optimizer (AdamW, warmup + cosine, clipping) and one schedule:
    that read text token j, tokens[j] the text token that follows;
 2. the base model's own continuations (`data.stage2_source` prompts, by
    default chat prompts of DEV questions, generated once with
-   `data.temperature` and stored in `stage2.jsonl`): hidden[j] is the state
+   `data.temperature`, optionally once more sampled for the first
+   `data.sampled_prompts`, and stored in `stage2.jsonl`): hidden[j] is the state
    that chose generated token j.
 
 Head i at position j reads tokens[j + i] (head 0 also hidden[j]) and predicts
@@ -148,30 +149,33 @@ def stage2_prompts(cfg: SpeculatorTrainConfig, tokenizer) -> list[list[int]]:
 
 
 def generate_stage2(cfg: SpeculatorTrainConfig, model, path: Path) -> list[dict]:
-    """The base model's continuations of the stage-2 prompts, appended to `path` batch by batch
-    (a killed run, or a run with more prompts, continues after the rows already there)."""
+    """The base model's continuations of the stage-2 prompts (each at `data.temperature`, then the
+    first `data.sampled_prompts` again at `data.sample_temperature`), appended to `path` batch by
+    batch (a killed run, or a run with more prompts or samples, continues after the rows there)."""
     from spanjax.engine.dense_generate import generate
     from spanjax.engine.sampling import SamplingParams
 
     d, eos = cfg.data, list(getattr(model.tokenizer, "eos_token_ids", ()) or model.cfg.eos_token_ids)
     prompts = stage2_prompts(cfg, model.tokenizer)
+    jobs = [(p, d.temperature) for p in prompts] + [(p, d.sample_temperature) for p in prompts[: d.sampled_prompts]]
     rows = _jsonl(path) if path.exists() else []
-    if [r["prompt"] for r in rows] != prompts[: len(rows)]:
-        raise ValueError(f"{path} holds continuations of other prompts; remove it")
-    bar = _progress(len(prompts), len(rows), "stage 2: base model generates")
+    if [(r["prompt"], r.get("temperature", d.temperature)) for r in rows] != jobs[: len(rows)]:
+        raise ValueError(f"{path} holds continuations of other prompts or temperatures; remove it")
+    bar = _progress(len(jobs), len(rows), "stage 2: base model generates")
     with open(path, "a") as f:
-        for b in range(len(rows), len(prompts), d.gen_batch_size):
-            chunk = prompts[b : b + d.gen_batch_size]
-            sps = [SamplingParams(max_tokens=d.max_new_tokens, temperature=d.temperature, seed=cfg.seed * 100003 + b + i) for i in range(len(chunk))]
-            new = [{"prompt": p, "completion": list(r.token_ids) + (eos[:1] if r.finish_reason == "eos" else [])}
-                   for p, r in zip(chunk, generate(model, chunk, sps))]
+        for b in range(len(rows), len(jobs), d.gen_batch_size):
+            chunk = [p for p, _ in jobs[b : b + d.gen_batch_size]]
+            sps = [SamplingParams(max_tokens=d.max_new_tokens, temperature=t, seed=cfg.seed * 100003 + b + i)
+                   for i, (_, t) in enumerate(jobs[b : b + d.gen_batch_size])]
+            new = [{"prompt": p, "temperature": sp.temperature, "completion": list(r.token_ids) + (eos[:1] if r.finish_reason == "eos" else [])}
+                   for p, sp, r in zip(chunk, sps, generate(model, chunk, sps))]
             f.write("".join(json.dumps(r) + "\n" for r in new))
             f.flush()
             os.fsync(f.fileno())
             rows.extend(new)
             bar.update(len(chunk))
     bar.close()
-    return rows[: len(prompts)]
+    return rows[: len(jobs)]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

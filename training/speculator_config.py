@@ -36,6 +36,10 @@ class SpeculatorDataSection:
     stage2_prompts: int = 512
     max_new_tokens: int = 96  # stage-2 continuation length
     temperature: float = 0.0  # stage-2 sampling (0 = greedy, what the benchmark decodes with)
+    # More varied stage-2 data: the first `sampled_prompts` prompts get one more continuation each,
+    # sampled at `sample_temperature` (generated after all the `temperature` ones).
+    sampled_prompts: int = 0
+    sample_temperature: float = 0.7
     gen_batch_size: int = 64
     seq_len: int = 128  # positions per training example (stage-1 text is cut to this)
 
@@ -70,5 +74,7 @@ class SpeculatorTrainConfig:
             raise ValueError(f"data.stage1_examples must lie in 1..{DEV_QUESTIONS} (DEV questions only)")
         if d.stage2_source == "nq_questions" and not 0 < d.stage2_prompts <= DEV_QUESTIONS:
             raise ValueError(f"data.stage2_prompts must lie in 1..{DEV_QUESTIONS} (DEV questions only)")
+        if not 0 <= d.sampled_prompts <= d.stage2_prompts or d.sample_temperature <= 0:
+            raise ValueError("data.sampled_prompts must lie in 0..data.stage2_prompts and data.sample_temperature be > 0")
         if d.seq_len < 2 or d.max_new_tokens < 1:
             raise ValueError("data.seq_len must be >= 2 and data.max_new_tokens >= 1")

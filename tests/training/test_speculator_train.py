@@ -137,3 +137,32 @@ def test_spanjax_train_speculator_smoke(tmp_path, capsys, monkeypatch, smollm2_g
     assert main(argv) == 0 and json.loads(capsys.readouterr().out)["resumed_from"] == 2
     assert main(["train", "speculator", "configs/speculator_smollm2_smoke.yaml", "speculator.n_predict=zero"]) == 2
     assert "speculator.n_predict" in capsys.readouterr().err
+
+
+def test_sampled_continuations_extend_the_greedy_ones(tmp_path, monkeypatch):
+    """data.sampled_prompts adds one sampled continuation for the first prompts after the greedy
+    ones; a run directory holding the greedy rows keeps them and generates only the new ones."""
+    monkeypatch.setenv("SPANJAX_NO_PROGRESS", "1")
+    model = _model()
+    greedy_data = dataclasses.replace(_cfg(tmp_path).data, temperature=0.0)
+    greedy = train(_cfg(tmp_path, name="greedy_only", stage1_steps=0, stage2_steps=1, data=greedy_data), model=model)["run_dir"]
+    rows = [json.loads(l) for l in open(f"{greedy}/stage2.jsonl")]
+    assert len(rows) == 10 and all(r["temperature"] == 0.0 for r in rows)
+
+    mixed = tmp_path / "runs" / "mixed"
+    mixed.mkdir()
+    rows[0]["completion"] = rows[0]["completion"][:3]  # marks the row: it must be kept, not regenerated
+    (mixed / "stage2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(tmp_path, name="mixed", stage1_steps=0, stage2_steps=1,
+               data=dataclasses.replace(greedy_data, sampled_prompts=4, sample_temperature=1.5))
+    train(cfg, model=model)
+    got = [json.loads(l) for l in open(mixed / "stage2.jsonl")]
+    assert got[:10] == rows
+    assert [r["prompt"] for r in got[10:]] == [r["prompt"] for r in rows[:4]]
+    assert all(r["temperature"] == 1.5 for r in got[10:])
+    assert any(a["completion"] != b["completion"] for a, b in zip(got[10:], rows[:4]))  # sampled, not greedy
+    with np.load(mixed / "cache" / "stage2.npz") as z:
+        assert z["tokens"].shape[0] == sum(bool(r["completion"]) for r in got) > 10  # the cached data holds both
+
+    with pytest.raises(ValueError, match="sampled_prompts"):
+        _cfg(tmp_path, data=dataclasses.replace(greedy_data, sampled_prompts=11))  # more than stage2_prompts
