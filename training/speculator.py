@@ -164,11 +164,10 @@ def generate_stage2(cfg: SpeculatorTrainConfig, model, path: Path) -> list[dict]
     bar = _progress(len(jobs), len(rows), "stage 2: base model generates")
     with open(path, "a") as f:
         for b in range(len(rows), len(jobs), d.gen_batch_size):
-            chunk = [p for p, _ in jobs[b : b + d.gen_batch_size]]
-            sps = [SamplingParams(max_tokens=d.max_new_tokens, temperature=t, seed=cfg.seed * 100003 + b + i)
-                   for i, (_, t) in enumerate(jobs[b : b + d.gen_batch_size])]
+            chunk, temps = zip(*jobs[b : b + d.gen_batch_size])
+            sps = [SamplingParams(max_tokens=d.max_new_tokens, temperature=t, seed=cfg.seed * 100003 + b + i) for i, t in enumerate(temps)]
             new = [{"prompt": p, "temperature": sp.temperature, "completion": list(r.token_ids) + (eos[:1] if r.finish_reason == "eos" else [])}
-                   for p, sp, r in zip(chunk, sps, generate(model, chunk, sps))]
+                   for p, sp, r in zip(chunk, sps, generate(model, list(chunk), sps))]
             f.write("".join(json.dumps(r) + "\n" for r in new))
             f.flush()
             os.fsync(f.fileno())
