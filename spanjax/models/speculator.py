@@ -119,15 +119,9 @@ def draft_params(params: SpeculatorParams) -> DraftParams:
     proposing over the distinct columns (8,192 instead of 49,152 for the SmolLM2 preset) gives
     the same drafts for a sixth of the head's matmul, which on CPU is most of a proposal."""
     p = unstack(params)
-    heads, ids = [], []
-    for h in p.head:
-        h = np.asarray(h)
-        _, first = np.unique(h.T, axis=0, return_index=True)
-        keep = np.sort(first).astype(np.int32)
-        heads.append(jnp.asarray(h[:, keep]) if len(keep) < h.shape[1] else p.head[len(heads)])
-        ids.append(jnp.asarray(keep) if len(keep) < h.shape[1] else jnp.arange(h.shape[1], dtype=jnp.int32))
+    keeps = [np.sort(np.unique(np.asarray(h).T, axis=0, return_index=True)[1]).astype(np.int32) for h in p.head]
     return DraftParams(emb=p.emb, proj0=p.proj0, proj=p.proj, ln_weight=p.ln_weight, ln_bias=p.ln_bias,
-                       head=tuple(heads), head_ids=tuple(ids))
+                       head=tuple(h[:, keep] for h, keep in zip(p.head, keeps)), head_ids=tuple(map(jnp.asarray, keeps)))
 
 
 def init_speculator(cfg: SpeculatorConfig, key, dtype=jnp.float32) -> SpeculatorParams:
