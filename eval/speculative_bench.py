@@ -5,7 +5,8 @@ Prompts are chat prompts of held-out nq-open-oracle questions (2000.., never
 trained on); the model answers them greedily (until its end of turn or
 `--max-tokens`). For each batch size the same prompts run through two engines
 over the same model, one plain and one with the speculator, alternating batch
-by batch so both see the same machine load:
+by batch so both see the same machine load (with several
+`--speculative-candidates`, one speculative engine per draft-tree size):
 
 - tokens per verification forward = tokens emitted in decode steps / decode
   steps of a request (accepted draft tokens + the verifier's own token);
@@ -17,6 +18,7 @@ by batch so both see the same machine load:
 
   python -m eval.speculative_bench --speculator runs/speculator_smollm2/speculator
   python -m eval.speculative_bench --batch-sizes 1 4 --num-prompts 16 --max-tokens 128
+  python -m eval.speculative_bench --speculative-candidates 1 3   # greedy draft and a 3-candidate tree, one run
 
 Writes runs/speculative_bench-<timestamp>/results.json. Compile time is excluded
 (one warm-up batch per engine and batch size).
@@ -64,6 +66,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--first-question", type=int, default=2000)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--num-speculative-tokens", type=int, default=0, help="0 = the speculator's n_predict")
+    ap.add_argument("--speculative-candidates", type=int, nargs="+", default=[1],
+                    help="draft-tree sizes to measure (one speculative engine each, 1 = the greedy draft)")
     ap.add_argument("--out-dir", default="runs")
     args = ap.parse_args(argv)
 
@@ -82,13 +86,17 @@ def main(argv=None) -> dict:
                "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.platform()}",
                "load_average_start": os.getloadavg(), "cases": []}
     for B in args.batch_sizes:
-        ec = EngineConfig(num_pages=64 * B + 64, page_size=16, max_tokens_per_step=256, max_seqs_per_step=max(B, 1), max_running=B,
-                          num_speculative_tokens=args.num_speculative_tokens)
-        engines = {"plain": Engine(model, ec), "speculative": Engine(model, ec, speculator=spec)}
+        # room for every candidate of every request in each step
+        ec = EngineConfig(num_pages=64 * B + 64, page_size=16, max_tokens_per_step=256, max_seqs_per_step=B * max(args.speculative_candidates),
+                          max_running=B, num_speculative_tokens=args.num_speculative_tokens)
+        engines = {"plain": Engine(model, ec)}
+        for c in args.speculative_candidates:
+            engines[f"speculative_{c}"] = Engine(model, dataclasses.replace(ec, speculative_candidates=c), speculator=spec)
         for e in engines.values():  # compile every block-table width the measured batches can reach
             _run_batch(e, warm[:B], SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
             e.clear_cache()
-        engines["speculative"].spec_stats.update(dict.fromkeys(engines["speculative"].spec_stats, 0))  # warm-up not counted
+            if e.speculator is not None:
+                e.spec_stats.update(dict.fromkeys(e.spec_stats, 0))  # warm-up not counted
         tot = {k: {"tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "steps": 0, "outputs": []} for k in engines}
         for b in range(0, len(plans), B):
             for name, e in engines.items():
@@ -100,23 +108,26 @@ def main(argv=None) -> dict:
                 t["wall_s"] += wall
                 t["steps"] += steps
                 t["outputs"].extend(r.generated for r in reqs)
-        st = engines["speculative"].spec_stats
-        case = {
-            "batch_size": B,
-            "tokens_per_verification_forward": st["emitted"] / max(st["verify_forwards"], 1),
-            "draft_acceptance": st["accepted"] / max(st["drafted"], 1),
-            "speculative_stats": dict(st),
-            "identical_outputs": sum(a == b for a, b in zip(tot["plain"]["outputs"], tot["speculative"]["outputs"])),
-            "num_prompts": len(plans),
-        }
-        for name, t in tot.items():
-            case[name] = {"decode_tokens": t["tokens"], "decode_s": t["decode_s"], "decode_tokens_per_s": t["tokens"] / t["decode_s"],
-                          "wall_s": t["wall_s"], "decode_steps": t["steps"], "ms_per_decode_step": 1e3 * t["decode_s"] / max(t["steps"], 1)}
-        case["decode_speedup"] = case["speculative"]["decode_tokens_per_s"] / case["plain"]["decode_tokens_per_s"]
-        # speedup = tokens per forward / this ratio (the price of verifying k drafts and proposing the next)
-        case["verify_step_cost_ratio"] = case["speculative"]["ms_per_decode_step"] / case["plain"]["ms_per_decode_step"]
-        results["cases"].append(case)
-        print(json.dumps({k: v for k, v in case.items() if k != "speculative_stats"}))
+        for c in args.speculative_candidates:
+            name = f"speculative_{c}"
+            st = engines[name].spec_stats
+            case = {
+                "batch_size": B,
+                "speculative_candidates": c,
+                "tokens_per_verification_forward": st["emitted"] / max(st["verify_forwards"], 1),
+                "draft_acceptance": st["accepted"] / max(st["drafted"], 1),
+                "speculative_stats": dict(st),
+                "identical_outputs": sum(a == b for a, b in zip(tot["plain"]["outputs"], tot[name]["outputs"])),
+                "num_prompts": len(plans),
+            }
+            for key, t in (("plain", tot["plain"]), ("speculative", tot[name])):
+                case[key] = {"decode_tokens": t["tokens"], "decode_s": t["decode_s"], "decode_tokens_per_s": t["tokens"] / t["decode_s"],
+                             "wall_s": t["wall_s"], "decode_steps": t["steps"], "ms_per_decode_step": 1e3 * t["decode_s"] / max(t["steps"], 1)}
+            case["decode_speedup"] = case["speculative"]["decode_tokens_per_s"] / case["plain"]["decode_tokens_per_s"]
+            # speedup = tokens per forward / this ratio (the price of verifying the drafts and proposing the next)
+            case["verify_step_cost_ratio"] = case["speculative"]["ms_per_decode_step"] / case["plain"]["ms_per_decode_step"]
+            results["cases"].append(case)
+            print(json.dumps({k: v for k, v in case.items() if k != "speculative_stats"}))
     results["load_average_end"] = os.getloadavg()
     out = Path(args.out_dir) / f"speculative_bench-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)

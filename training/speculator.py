@@ -16,8 +16,13 @@ optimizer (AdamW, warmup + cosine, clipping) and one schedule:
 
 Head i at position j reads tokens[j + i] (head 0 also hidden[j]) and predicts
 tokens[j + i + 1]; the loss is the sum over heads of each head's mean
-cross-entropy. Exact resume as in training/trainer.py: batches are a function
-of the step, the Orbax checkpoint holds the whole state and the cached data
+cross-entropy. With `data.val_prompts`, the continuations of the last stage-2
+prompts are held out of training and every `eval_every` steps the run logs
+each head's top-1 on them and the tokens per verification forward that greedy
+speculative decoding would emit there, with the greedy draft and with draft
+trees (`validate`).
+
+Exact resume as in training/trainer.py: batches are a function of the step, the Orbax checkpoint holds the whole state and the cached data
 is reread, so a killed run replays the same loss curve. The result is
 exported in the Hugging Face MLPSpeculator format (`speculator/`).
 """
@@ -96,6 +101,54 @@ def speculator_loss(params, spec_cfg: S.SpeculatorConfig, hidden, tokens, mask):
         losses.append(jnp.sum(nll * m) / n)
         accs.append(jnp.sum((jnp.argmax(logits, axis=-1) == tgt) * m) / n)
     return sum(losses), (jnp.stack(losses), jnp.stack(accs))
+
+
+@functools.partial(jax.jit, static_argnames=("spec_cfg",))
+def _target_ranks(params, spec_cfg: S.SpeculatorConfig, hidden, tokens, mask, rare):
+    """[B, L, n_predict] int: the rank of tokens[j + i + 1] among head i's logits at j (0 = the
+    head's top draft); -1 where there is no target or it is the shared rare class `rare`,
+    whose exported draft is one fixed rare token."""
+    L = hidden.shape[1]
+    out = []
+    for i, logits in enumerate(S.teacher_forced_logits(params, spec_cfg, hidden, tokens)):
+        tgt, m = tokens[:, i + 1 : i + 1 + L], mask[:, i + 1 : i + 1 + L]
+        rank = jnp.sum(logits > jnp.take_along_axis(logits, tgt[..., None], axis=-1), axis=-1)
+        out.append(jnp.where((m > 0) & (tgt != rare), rank, -1))
+    return jnp.stack(out, axis=-1)
+
+
+def simulated_tokens_per_forward(correct: np.ndarray, lengths: np.ndarray) -> float:
+    """Tokens per verification forward of greedy speculative decoding over continuations whose
+    draft correctness is `correct` [N, L, n_predict], lengths [N]. As in the engine: token 0
+    comes from the prefill; from the last emitted token j the draft's leading correct heads
+    are accepted and the verifier adds its own token, never past the end."""
+    lead = np.cumprod(correct, axis=2).sum(axis=2)
+    forwards = emitted = 0
+    for row, n in zip(lead, lengths):
+        j = 0
+        while j < n - 1:
+            e = min(int(row[j]) + 1, n - 1 - j)
+            forwards, emitted, j = forwards + 1, emitted + e, j + e
+    return emitted / max(forwards, 1)
+
+
+def validate(params, spec_cfg: S.SpeculatorConfig, data: dict, idx: np.ndarray, lut: np.ndarray | None, batch: int = 16) -> dict:
+    """On examples `idx` of `data`: per-head top-1 and the simulated tokens per verification
+    forward of the greedy draft, and of draft trees of 2 and 3 candidates (engine
+    `speculative_candidates`: head 0's top 2 or 3, each continued greedily)."""
+    rare = -1 if lut is None else int(lut.max())
+    ranks = np.concatenate([np.asarray(_target_ranks(params, spec_cfg, *make_batch(data, idx[b : b + batch], spec_cfg.n_predict, lut), rare))
+                            for b in range(0, len(idx), batch)])
+    mask = data["mask"][idx] > 0
+    top1 = ranks == 0
+    out = {f"val_acc_{i}": float(top1[..., i][mask].mean()) for i in range(spec_cfg.n_predict)}
+    lengths = mask.sum(axis=1)
+    out["val_tokens_per_forward"] = simulated_tokens_per_forward(top1, lengths)
+    for c in (2, 3):
+        tree = top1.copy()
+        tree[..., 0] = (ranks[..., 0] >= 0) & (ranks[..., 0] < c)
+        out[f"val_tokens_per_forward_{c}_candidates"] = simulated_tokens_per_forward(tree, lengths)
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("spec_cfg", "optim", "steps"), donate_argnums=(0,))
@@ -234,6 +287,14 @@ def stage_data(cfg: SpeculatorTrainConfig, model, stage: int, run_dir: Path) -> 
     return data
 
 
+def stage2_val_mask(cfg: SpeculatorTrainConfig, tokenizer, run_dir: Path) -> np.ndarray:
+    """Per cached stage-2 example: is it a continuation of one of the last `data.val_prompts` prompts?"""
+    prompts = stage2_prompts(cfg, tokenizer)
+    val = {tuple(p) for p in prompts[len(prompts) - cfg.data.val_prompts :]} if cfg.data.val_prompts else set()
+    rows = _jsonl(run_dir / "stage2.jsonl")[: len(prompts) + cfg.data.sampled_prompts]
+    return np.array([tuple(r["prompt"]) in val for r in rows if r["completion"]], bool)
+
+
 def make_batch(data: dict, idx: list[int], n_predict: int, lut: np.ndarray | None = None):
     pad = ((0, 0), (0, n_predict))
     tokens = data["tokens"][idx] if lut is None else lut[data["tokens"][idx]]
@@ -273,9 +334,17 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
             timings["data_s"] += time.perf_counter() - t0
         return data[stage]
 
+    # Example indices each stage trains on (stage 2 without its validation continuations).
+    train_idx = {1: None, 2: None}
+    val_idx = None
+    if cfg.data.val_prompts:
+        load_stage(2)  # generates stage2.jsonl, which the split reads
+        is_val = stage2_val_mask(cfg, model.tokenizer, run_dir)
+        train_idx[2], val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     lut = None
-    if cfg.speculator.train_vocab:  # the training vocabulary depends on all the data: prepare it first
-        lut = train_vocab_lut([load_stage(s) for s, n in ((1, cfg.stage1_steps), (2, cfg.stage2_steps)) if n],
+    if cfg.speculator.train_vocab:  # the training vocabulary depends on all the training data: prepare it first
+        seen = lambda d, idx: d if idx is None else {"tokens": d["tokens"][idx], "mask": d["mask"][idx]}
+        lut = train_vocab_lut([seen(load_stage(s), train_idx[s]) for s, n in ((1, cfg.stage1_steps), (2, cfg.stage2_steps)) if n],
                               cfg.speculator.train_vocab, model.cfg.vocab_size)
     spec_cfg = speculator_config(cfg, model.cfg, None if lut is None else int(lut.max()) + 1)
     optimizer = make_optimizer(cfg.optim, cfg.steps)
@@ -288,6 +357,7 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
     metrics_path = run_dir / METRICS_FILE
     _truncate_metrics(metrics_path, start)
     bar = _progress(cfg.steps, start, f"train speculator {cfg.name}")
+    val = {}
     try:
         with open(metrics_path, "a") as mf:
             for step in range(start, cfg.steps):
@@ -295,7 +365,9 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
                 d = load_stage(stage)
                 t0 = time.perf_counter()
                 local = step if stage == 1 else step - cfg.stage1_steps
-                idx = batch_indices(len(d["tokens"]), cfg.batch_size, local, cfg.seed + stage)
+                pool = train_idx[stage]
+                idx = batch_indices(len(d["tokens"]) if pool is None else len(pool), cfg.batch_size, local, cfg.seed + stage)
+                idx = idx if pool is None else pool[idx]
                 state, m = _train_step(state, *make_batch(d, idx, spec_cfg.n_predict, lut), spec_cfg=spec_cfg, optim=cfg.optim, steps=cfg.steps)
                 m = jax.device_get(m)
                 dt = time.perf_counter() - t0
@@ -304,13 +376,18 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
                 line = {"step": done, "stage": stage, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])}
                 line.update({f"loss_{i}": float(v) for i, v in enumerate(m["per_head"])})
                 line.update({f"acc_{i}": float(v) for i, v in enumerate(m["acc"])})
-                if done % cfg.log_every == 0 or done == cfg.steps:
+                validating = val_idx is not None and (done % cfg.eval_every == 0 or done == cfg.steps)
+                if validating:
+                    val = validate(state.params, spec_cfg, load_stage(2), val_idx, lut)
+                    line.update(val)
+                if validating or done % cfg.log_every == 0 or done == cfg.steps:
                     mf.write(json.dumps({**line, "step_s": dt}) + "\n")
                     mf.flush()
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     ckpt.save(done, state, force=True)
                 bar.update(1)
-                bar.set_postfix(stage=stage, loss=f"{line['loss']:.3f}", acc0=f"{line['acc_0']:.2f}")
+                bar.set_postfix(stage=stage, loss=f"{line['loss']:.3f}", acc0=f"{line['acc_0']:.2f}",
+                                **({"val_tpf": f"{val['val_tokens_per_forward']:.2f}"} if val else {}))
                 if crash_after_step is not None and done == crash_after_step:
                     raise SimulatedCrash(f"simulated kill after step {done}")
     finally:
@@ -321,4 +398,4 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
         params = expand_vocab(params, lut)
     spec = S.Speculator(speculator_config(cfg, model.cfg), params)
     S.export_hf(spec, str(run_dir / "speculator"), base_model_name_or_path=cfg.model)
-    return {"run_dir": str(run_dir), "steps": cfg.steps, "resumed_from": start, **timings}
+    return {"run_dir": str(run_dir), "steps": cfg.steps, "resumed_from": start, **timings, **val}

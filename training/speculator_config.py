@@ -40,6 +40,12 @@ class SpeculatorDataSection:
     # sampled at `sample_temperature` (generated after all the `temperature` ones).
     sampled_prompts: int = 0
     sample_temperature: float = 0.7
+    # Validation: the last `val_prompts` stage-2 prompts (with all their continuations) are left
+    # out of training; every `eval_every` steps the run logs each head's top-1 on them and the
+    # tokens per verification forward that greedy speculative decoding of those continuations
+    # would emit (exact for greedy data, up to float rounding), so epochs and sizes can be chosen
+    # without looking at the held-out eval questions.
+    val_prompts: int = 0
     gen_batch_size: int = 64
     seq_len: int = 128  # positions per training example (stage-1 text is cut to this)
 
@@ -55,6 +61,7 @@ class SpeculatorTrainConfig:
     batch_size: int = 8
     checkpoint_every: int = 50
     log_every: int = 1
+    eval_every: int = 50  # validation cadence (data.val_prompts > 0), and always after the last step
     speculator: SpeculatorSection = SpeculatorSection()
     data: SpeculatorDataSection = SpeculatorDataSection()
     optim: OptimSection = OptimSection(lr=1e-3, warmup_steps=20, weight_decay=0.0)
@@ -64,7 +71,7 @@ class SpeculatorTrainConfig:
         return self.stage1_steps + self.stage2_steps
 
     def __post_init__(self):
-        for f in ("batch_size", "checkpoint_every", "log_every"):
+        for f in ("batch_size", "checkpoint_every", "log_every", "eval_every"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
         if self.stage1_steps < 0 or self.stage2_steps < 0 or self.steps < 1:
@@ -76,5 +83,7 @@ class SpeculatorTrainConfig:
             raise ValueError(f"data.stage2_prompts must lie in 1..{DEV_QUESTIONS} (DEV questions only)")
         if not 0 <= d.sampled_prompts <= d.stage2_prompts or d.sample_temperature <= 0:
             raise ValueError("data.sampled_prompts must lie in 0..data.stage2_prompts and data.sample_temperature be > 0")
+        if d.val_prompts and not (self.stage2_steps and 0 < d.val_prompts < d.stage2_prompts):
+            raise ValueError("data.val_prompts needs stage-2 steps and must lie in 0..data.stage2_prompts - 1")
         if d.seq_len < 2 or d.max_new_tokens < 1:
             raise ValueError("data.seq_len must be >= 2 and data.max_new_tokens >= 1")

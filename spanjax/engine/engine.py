@@ -42,6 +42,12 @@ class EngineConfig:
     # (or pass a loaded Speculator to Engine); None = off.
     speculator: str | None = None
     num_speculative_tokens: int = 0  # draft tokens per decode step (0 = the speculator's n_predict)
+    # Draft tree: head 0's top candidates, each continued greedily, verified side by side in one
+    # forward (1 = the greedy draft alone). Extra candidates use free pages and leftover budget only:
+    # "padding" = only the padding of the step's token bucket (the forward gets no wider: what a
+    # compute-bound CPU wants), "budget" = up to max_tokens_per_step.
+    speculative_candidates: int = 1
+    speculative_tree_fill: str = "padding"
 
     def __post_init__(self):
         if self.max_tokens_per_step < 16:
@@ -52,6 +58,10 @@ class EngineConfig:
             raise ValueError(f"attention must be reference|pallas|auto, got {self.attention!r}")
         if self.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0 (0 = the speculator's n_predict)")
+        if self.speculative_candidates < 1:
+            raise ValueError("speculative_candidates must be >= 1")
+        if self.speculative_tree_fill not in ("padding", "budget"):
+            raise ValueError(f"speculative_tree_fill must be padding|budget, got {self.speculative_tree_fill!r}")
 
 
 def _attention_impl(kind: str):
@@ -100,12 +110,14 @@ class Engine:
         from spanjax.models.speculator import draft_params
 
         self._spec_params = draft_params(speculator.params)
-        self.spec_stats = {"verify_forwards": 0, "emitted": 0, "drafted": 0, "accepted": 0}
-        self.scheduler = SpeculativeScheduler(
-            self.pool, config.max_tokens_per_step, config.max_seqs_per_step, config.max_running, num_draft=k)
+        self.spec_stats = {"verify_forwards": 0, "emitted": 0, "drafted": 0, "accepted": 0, "other_candidate_won": 0}
+        c = min(config.speculative_candidates, sc.vocab_size)
         self.runner = SpeculativeRunner(
-            cfg, sc, k, config.max_tokens_per_step, config.max_seqs_per_step,
+            cfg, sc, k, c, config.max_tokens_per_step, config.max_seqs_per_step,
             max_pages_per_seq=self.pool.capacity, attention_impl=_attention_impl(config.attention))
+        self.scheduler = SpeculativeScheduler(
+            self.pool, config.max_tokens_per_step, config.max_seqs_per_step, config.max_running, num_draft=k,
+            token_buckets=self.runner.token_buckets if config.speculative_tree_fill == "padding" else None)
 
     # -- submission ---------------------------------------------------------------
 

@@ -61,6 +61,10 @@ class PagePool:
     def num_available(self) -> int:
         return len(self._free) + len(self._lru)
 
+    def num_free(self) -> int:
+        """Pages that can be allocated without evicting a cached one."""
+        return len(self._free)
+
     # -- allocation -------------------------------------------------------
 
     def allocate(self) -> int:

@@ -156,6 +156,9 @@ class StepItem:
     start: int  # first token (index within the span) computed this step
     count: int  # tokens computed this step, draft tokens included
     draft: tuple[int, ...] = ()  # speculative tokens appended after the span's known tokens (engine/speculative.py)
+    # Pages this item's K/V goes to instead of the span's own, and which it attends to after the
+    # span's written tokens; never committed (another candidate of a draft tree, speculative.py).
+    scratch: tuple[int, ...] = ()
 
     @property
     def samples(self) -> bool:
@@ -282,6 +285,7 @@ class Scheduler:
                 item = self._make_item(req, j, budget)
                 if self._allocate_or_preempt(item, items):
                     items.append(item)
+        self._extend(items)
         if not items:
             if self.running:
                 raise RuntimeError("scheduler made no progress although requests are running")
@@ -291,6 +295,10 @@ class Scheduler:
     def _make_item(self, req: Request, span: int, budget: int) -> StepItem:
         """The next chunk of `span` within `budget` tokens (a speculative scheduler adds drafts)."""
         return StepItem(req, span, req.span_written[span], min(req.span_remaining(span), budget))
+
+    def _extend(self, items: list[StepItem]) -> None:
+        """Add items once every request's next chunk is scheduled (the speculative scheduler's
+        other draft candidates); nothing here."""
 
     def _allocate_or_preempt(self, item: StepItem, items: list[StepItem]) -> bool:
         """Give `item` its pages. When the pool is full, preempt the newest request
@@ -320,17 +328,21 @@ class Scheduler:
             req = it.request
             span_toks = req.span_tokens(it.span) + it.draft
             own = req.span_pages[it.span]
+            # A scratch item writes its tokens to its scratch pages and sees its span's written tokens.
+            pages, first, own_len = (it.scratch, it.start, it.start) if it.scratch else (own, 0, it.start + it.count)
             for i in range(it.start, it.start + it.count):
                 tokens.append(span_toks[i])
                 positions.append(req.span_position(it.span, i))
-                slots.append(own[i // ps] * ps + i % ps)
+                slots.append(pages[(i - first) // ps] * ps + (i - first) % ps)
             cu.append(cu[-1] + it.count)
             adapter_ids.extend([req.span_adapter[it.span] if req.span_adapter else -1] * it.count)
             entries = []  # (page, start_pos, valid_len)
             for d in req.plan.spans[it.span].sees + (it.span,):
-                n_tok = len(req.span_tokens(d)) if d != it.span else it.start + it.count
+                n_tok = len(req.span_tokens(d)) if d != it.span else own_len
                 for k, page in enumerate(req.span_pages[d][: -(-n_tok // ps)]):
                     entries.append((page, req.span_position(d, k * ps), min(ps, n_tok - k * ps)))
+            for k, page in enumerate(it.scratch):
+                entries.append((page, req.span_position(it.span, it.start + k * ps), min(ps, it.count - k * ps)))
             tables.append(entries)
         S = len(items)
         M = max(len(t) for t in tables)
@@ -360,6 +372,8 @@ class Scheduler:
         """Mark the batch's tokens written and publish pages that became full."""
         ps = self.pool.page_size
         for it in batch.items:
+            if it.scratch:
+                continue
             req = it.request
             req.span_written[it.span] += it.count
             span = req.plan.spans[it.span]

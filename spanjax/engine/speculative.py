@@ -20,10 +20,23 @@ included, so the base model verifies all of them in one forward:
 Outputs therefore equal the non-speculative engine's token for token (greedy
 and seeded sampling alike, up to float rounding of the multi-token forward).
 Preemption drops the draft; the request's recompute samples a new one.
+
+Draft tree (`EngineConfig.speculative_candidates` = C > 1): the speculator
+proposes C candidates, head 0's C most likely tokens each continued greedily.
+Candidate 0 (the greedy draft) runs as above; each other candidate is one more
+ragged sequence of the same 1 + k tokens whose K/V goes to scratch pages and
+which sees the span's written tokens and its own, so all C branches are verified
+in the same forward. They share the verifier's choice at the pending token, so
+at most one branch accepts anything; when that is another candidate, its
+accepted drafts' K/V are copied into the span's slots (`copy_slots`). Other
+candidates only take free pages and the budget left after every request's
+chunk, so they never preempt or evict anything; by default only the padding of
+the step's token bucket, so the forward is no wider than without them.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 
 import jax
@@ -38,19 +51,38 @@ from spanjax.models import speculator as spec_model
 
 
 class SpeculativeScheduler(Scheduler):
-    def __init__(self, *args, num_draft: int, **kwargs):
+    def __init__(self, *args, num_draft: int, token_buckets: list[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.num_draft = num_draft
+        # Other draft candidates may only fill the step up to its padded token bucket (None: up to
+        # the token budget); see EngineConfig.speculative_tree_fill.
+        self.token_buckets = token_buckets
 
     def _make_item(self, req: Request, span: int, budget: int) -> StepItem:
         item = super()._make_item(req, span, budget)
-        draft = getattr(req, "draft", ())
-        if draft and span == req.final and req.decoding:
+        tree = getattr(req, "draft", ())  # candidates [C][k]; candidate 0 is the greedy draft
+        if tree and span == req.final and req.decoding:
             # Never draft past max_tokens: the request's pages were sized for prompt + max_tokens.
-            k = min(len(draft), self.num_draft, budget - 1, req.sampling.max_tokens - len(req.generated) - 1)
+            k = min(len(tree[0]), self.num_draft, budget - 1, req.sampling.max_tokens - len(req.generated) - 1)
             if k > 0:
-                return StepItem(req, span, item.start, 1 + k, tuple(int(t) for t in draft[:k]))
+                return StepItem(req, span, item.start, 1 + k, tree[0][:k])
         return item
+
+    def _extend(self, items: list[StepItem]) -> None:
+        """The other candidates of the draft trees, second-best of every request first, while
+        budget, sequences and free pages last."""
+        ps = self.pool.page_size
+        greedy = [i for i in items if i.draft]
+        tokens = sum(i.count for i in items)
+        cap = self.max_tokens if self.token_buckets is None else min(self.max_tokens, next((b for b in self.token_buckets if b >= tokens), tokens))
+        for c in range(1, max((len(i.request.draft) for i in greedy), default=0)):
+            for it in [i for i in greedy if c < len(i.request.draft)]:
+                need = -(-it.count // ps)
+                if tokens + it.count > cap or len(items) == self.max_seqs or self.pool.num_free() < need:
+                    return
+                scratch = tuple(self.pool.allocate() for _ in range(need))
+                items.append(StepItem(it.request, it.span, it.start, it.count, it.request.draft[c][: len(it.draft)], scratch))
+                tokens += it.count
 
     def _preempt(self, victim: Request) -> None:
         victim.draft = ()
@@ -68,11 +100,13 @@ class SpeculativeScheduler(Scheduler):
 class SpeculativeRunner(StepRunner):
     """The engine step plus verification of drafts and the speculator's next proposal."""
 
-    def __init__(self, cfg, spec_cfg: spec_model.SpeculatorConfig, num_draft: int, *args, **kwargs):
+    def __init__(self, cfg, spec_cfg: spec_model.SpeculatorConfig, num_draft: int, num_candidates: int, *args, **kwargs):
         super().__init__(cfg, *args, **kwargs)
         self.spec_cfg = spec_cfg
         self.num_draft = num_draft
+        self.num_candidates = num_candidates
         self._spec_step = jax.jit(self._spec_step_impl, donate_argnums=(2,))
+        self._copy_slots = jax.jit(_copy_slots, donate_argnums=(0,))
 
     def _spec_step_impl(self, params, spec_params, cache, tokens, positions, meta, rows, drafts,
                         temperature, top_k, top_p, seeds, steps, adapter=None, adapter_ids=None):
@@ -87,11 +121,17 @@ class SpeculativeRunner(StepRunner):
         chosen = chosen.reshape(S, K1)
         accepted = jnp.sum(jnp.cumprod(drafts == chosen[:, :-1], axis=1), axis=1)  # drafts padded with -1 never match
         r = jnp.arange(S)
-        new_drafts = spec_model.propose(spec_params, self.spec_cfg, h[r, accepted], chosen[r, accepted], self.num_draft)
+        new_drafts = spec_model.propose(spec_params, self.spec_cfg, h[r, accepted], chosen[r, accepted], self.num_draft, self.num_candidates)
         return chosen, accepted, new_drafts, logits, cache
 
+    def copy_slots(self, cache, src: list[int], dst: list[int]):
+        """K/V of cache slots `src` copied to slots `dst` (padded to one shape: one compilation)."""
+        n = self.max_seqs * self.num_draft
+        pad = lambda x: np.asarray(list(x) + [-1] * (n - len(x)), np.int32)
+        return self._copy_slots(cache, pad(src), pad(dst))
+
     def run_speculative(self, params, spec_params, cache, batch: StepBatch, sampling_rows: dict, adapter=None):
-        """Returns (chosen [S, K+1], accepted [S], next drafts [S, K], logits [S, K+1, V], cache)."""
+        """Returns (chosen [S, K+1], accepted [S], next draft trees [S, C, K], logits [S, K+1, V], cache)."""
         inputs, sampling, extra = self.padded_inputs(batch, sampling_rows, adapter)
         tokens, positions, meta, _ = inputs
         S, K = len(sampling[0]), self.num_draft
@@ -102,6 +142,16 @@ class SpeculativeRunner(StepRunner):
             rows[s] = np.minimum(end - k + np.arange(K + 1), end)
             drafts[s, :k] = it.draft
         return self._spec_step(params, spec_params, cache, tokens, positions, meta, rows, drafts, *sampling, *extra)
+
+
+def _copy_slots(cache: llama.PagedKVCache, src, dst) -> llama.PagedKVCache:
+    N, P = cache.k.shape[1:3]
+    page = jnp.where(dst < 0, N, dst // P)  # -1 = padding: out of range, dropped
+
+    def move(x):
+        return x.at[:, page, dst % P].set(x[:, jnp.maximum(src, 0) // P, src % P], mode="drop")
+
+    return llama.PagedKVCache(k=move(cache.k), v=move(cache.v))
 
 
 def speculative_step(engine, batch: StepBatch) -> list[Request]:
@@ -119,35 +169,53 @@ def speculative_step(engine, batch: StepBatch) -> list[Request]:
     chosen, accepted, new_drafts = np.asarray(chosen), np.asarray(accepted), np.asarray(new_drafts)
     engine.steps += 1
     now = time.perf_counter()
-    sampling = [s for s, it in enumerate(batch.items) if it.samples]  # before tokens are appended
-    done = []
+    ps = engine.pool.page_size
+    # Each sampling request's own item, and the items of its other draft candidates.
+    sampling = [s for s, it in enumerate(batch.items) if it.samples and not it.scratch]  # before tokens are appended
+    others = collections.defaultdict(list)
+    for s, it in enumerate(batch.items):
+        if it.scratch:
+            others[it.request.id].append(s)
+    src, dst, done = [], [], []
     for s in sampling:
         it = batch.items[s]
         req = it.request
-        decoding, k, a = bool(req.generated), len(it.draft), int(accepted[s])
+        decoding, k = bool(req.generated), len(it.draft)
+        w = max([s] + others[req.id], key=lambda c: int(accepted[c]))  # ties: the greedy draft
+        a = int(accepted[w])
         emitted = 0
         for j in range(a + 1):
             if req.keep_logits:
-                req.logits.append(np.asarray(logits[s, j]))
-            engine._append_token(req, int(chosen[s, j]))
+                req.logits.append(np.asarray(logits[w, j]))
+            engine._append_token(req, int(chosen[w, j]))
             emitted += 1
             if req.finished:
                 break
         if req.metrics.first_token_s is None:
             req.metrics.first_token_s = now
         if k:  # KV stays valid for the pending token and the accepted drafts emitted before a finish
-            it.count, it.draft = emitted, it.draft[: emitted - 1]
-        req.draft = () if req.finished else tuple(int(t) for t in new_drafts[s])
+            winner = batch.items[w]
+            it.count, it.draft = emitted, winner.draft[: emitted - 1]
+            for o in range(1, emitted if winner.scratch else 0):  # the pending token's K/V is the same in every branch
+                src.append(winner.scratch[o // ps] * ps + o % ps)
+                dst.append(req.span_pages[it.span][(it.start + o) // ps] * ps + (it.start + o) % ps)
+        req.draft = () if req.finished else tuple(tuple(int(t) for t in c) for c in new_drafts[w])
         if decoding:
             for stats in (engine.spec_stats, req.__dict__.setdefault("spec", dict.fromkeys(engine.spec_stats, 0))):
                 stats["verify_forwards"] += 1
                 stats["emitted"] += emitted
                 stats["drafted"] += k
                 stats["accepted"] += a
+                stats["other_candidate_won"] += int(w != s)
         if req.finished:
             req.metrics.finish_s = now
             done.append(req)
+    if src:
+        engine.cache = engine.runner.copy_slots(engine.cache, src, dst)
     engine.scheduler.commit(batch)
+    for it in batch.items:
+        for page in it.scratch:
+            engine.pool.release(page)
     for s in sampling:
         req = batch.items[s].request
         if req.finished:

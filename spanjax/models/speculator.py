@@ -176,14 +176,21 @@ def teacher_forced_logits(params: SpeculatorParams, cfg: SpeculatorConfig, hidde
     return out
 
 
-def propose(params: SpeculatorParams, cfg: SpeculatorConfig, hidden, token, n: int | None = None):
-    """Greedy (top-1 per head) draft: hidden [S, H] (the state that chose `token`), token [S]
-    -> draft ids [S, n], n <= n_predict."""
+def propose(params: SpeculatorParams, cfg: SpeculatorConfig, hidden, token, n: int | None = None, candidates: int = 1):
+    """Draft tree: hidden [S, H] (the state that chose `token`), token [S] -> draft ids
+    [S, candidates, n], n <= n_predict. Candidate c starts with head 0's c-th most likely token
+    and continues greedily (top-1 per later head); candidate 0 is the greedy draft."""
     n = cfg.n_predict if n is None else n
-    state, tok, out = input_state(params, cfg, hidden), token, []
+    state = input_state(params, cfg, hidden)[:, None]  # [S, 1, D] -> [S, C, D] after head 0
+    tok, out = token[:, None], []
     for i in range(n):
         state = stage(params, cfg, i, state, tok)
-        tok = jnp.argmax(head_logits(params, cfg, i, state), axis=-1).astype(jnp.int32)
+        logits = head_logits(params, cfg, i, state)
+        if i == 0:
+            tok = jax.lax.top_k(logits[:, 0], candidates)[1].astype(jnp.int32)  # [S, C]
+            state = jnp.broadcast_to(state, (state.shape[0], candidates, state.shape[-1]))
+        else:
+            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         if isinstance(params, DraftParams):
             tok = params.head_ids[min(i, cfg.num_stages - 1)][tok]
         out.append(tok)

@@ -8,6 +8,8 @@ rejection and KV rewind all happen. Batch sizes, token budgets, a pool small
 enough to preempt, max_tokens, eos and seeded sampling are varied.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,6 +110,53 @@ def test_outputs_identical_to_plain_engine_across_batches_and_preemption(model, 
         accepted, drafted = accepted + st["accepted"], drafted + st["drafted"]
         assert st["emitted"] / st["verify_forwards"] >= 1.0
     assert 0 < accepted < drafted  # drafts were both accepted and rejected
+
+
+@pytest.fixture(scope="module")
+def second_choice_speculator(model, bigram_speculator):
+    """The bigram speculator with head 0 ranking the bigram's token second (a decoy first): its
+    greedy draft always misses, the draft tree's second candidate is the bigram's."""
+    V = model.cfg.vocab_size
+    head = np.asarray(bigram_speculator.params.head).copy()  # [3, D = V, V]: row t one-hot at nxt[t]
+    nxt = head[0].argmax(-1)
+    head[0] = 0.5 * head[0] + np.eye(V, dtype=np.float32)[(nxt + 1) % V]
+    return S.Speculator(bigram_speculator.config, dataclasses.replace(bigram_speculator.params, head=jnp.asarray(head)))
+
+
+def test_draft_tree_candidates_are_verified_in_the_same_forward(model, second_choice_speculator, bigram_speculator, spec_engine,
+                                                               plain_engine):
+    """speculative_candidates = 2: the second candidate's drafts are accepted (their K/V copied
+    into the span), outputs stay identical, and as many tokens per forward are emitted as with
+    the bigram speculator's greedy draft; with one candidate nothing is accepted."""
+    greedy = plans_and_sampling(model, n=10, seed=3)
+    sampled = plans_and_sampling(model, n=6, seed=6, temperature=0.8)
+    want_greedy, want_sampled = run(plain_engine, *greedy), run(plain_engine, *sampled)
+    one = Engine(model, engine_config(), speculator=second_choice_speculator)
+    assert run(one, *greedy) == want_greedy
+    assert one.stats()["speculative"]["accepted"] == 0
+    spec_engine.spec_stats.update(dict.fromkeys(spec_engine.spec_stats, 0))
+    assert run(spec_engine, *greedy) == want_greedy
+    bigram = spec_engine.stats()["speculative"]
+    for kw in [dict(max_running=1),  # batch 1: every candidate fits the padding of every step
+               # 16 tokens of greedy drafts, 2 other candidates fit the budget (not the padding: bucket 16 is full)
+               dict(max_running=4, max_seqs_per_step=6, max_tokens_per_step=24, speculative_tree_fill="budget"),
+               dict(num_pages=17, max_running=2)]:  # preemption; few free pages for scratch
+        eng = Engine(model, engine_config(speculative_candidates=2, **kw), speculator=second_choice_speculator)
+        reqs = eng.generate(*greedy)
+        assert [r.generated for r in reqs] == want_greedy, kw
+        if "num_pages" in kw:
+            assert sum(r.metrics.preemptions for r in reqs) > 0
+        st = eng.stats()["speculative"]
+        assert st["other_candidate_won"] > 0 and st["accepted"] >= st["other_candidate_won"], kw
+        if len(kw) == 1 and "max_running" in kw:  # every other candidate fits: the tree finds exactly the bigram's drafts
+            assert (st["verify_forwards"], st["accepted"]) == (bigram["verify_forwards"], bigram["accepted"]) and bigram["accepted"] > 0
+        if "num_pages" in kw:
+            assert run(eng, *sampled) == want_sampled  # seeded sampling: every branch samples as a plain step would
+        assert all(info.refcount == 0 for info in eng.pool.pages[1:])  # scratch pages are back
+    with pytest.raises(ValueError, match="speculative_candidates"):
+        engine_config(speculative_candidates=0)
+    with pytest.raises(ValueError, match="speculative_tree_fill"):
+        engine_config(speculative_tree_fill="all")
 
 
 def test_logits_of_emitted_tokens_match_plain_engine(model, plain_engine, spec_engine):

@@ -90,7 +90,7 @@ def test_hf_format_round_trip_and_vllm_semantics(tmp_path, tie, scale_input):
     tokens = rng.integers(0, 40, 5)
     want_drafts, want_logits = torch_proposals(str(d), hidden, tokens, 3)
     got = np.asarray(jax.jit(lambda p, h, t: S.propose(p, spec.config, h, t))(back.params, hidden, tokens))
-    np.testing.assert_array_equal(got, want_drafts)
+    np.testing.assert_array_equal(got[:, 0], want_drafts)
     # teacher-forced training logits equal the proposal's when fed the drafted tokens
     seq_tokens = np.concatenate([tokens[:, None], want_drafts], axis=1)  # [5, 1 + 3]
     logits = S.teacher_forced_logits(back.params, spec.config, hidden[:, None, :], seq_tokens)
@@ -151,3 +151,25 @@ def test_draft_params_propose_over_distinct_columns_only():
     got = np.asarray(jax.jit(lambda p, h, t: S.propose(p, full_cfg, h, t))(draft, h, t))
     np.testing.assert_array_equal(got, want)
     assert (want == 0).any() and np.isin(want, kept).any()  # both kinds of draft occur
+    # A draft tree's candidates are distinct columns: at most one of them is the (first) rare token.
+    tree = np.asarray(S.propose(draft, full_cfg, h, t, candidates=3))
+    np.testing.assert_array_equal(tree[:, 0], got[:, 0])
+    assert all(len(set(row)) == 3 and set(row) <= set(kept.tolist()) | {0} for row in tree[:, :, 0].tolist())
+
+
+def test_draft_tree_branches_at_head_0_and_continues_greedily():
+    """Candidate c = head 0's c-th most likely token, then the greedy continuation: the argmax of
+    the teacher-forced logits fed that candidate's own tokens (an independent forward)."""
+    spec = _spec(False, True)
+    rng = np.random.default_rng(4)
+    h = rng.normal(size=(6, 16)).astype(np.float32) * 3
+    t = rng.integers(0, 40, 6)
+    tree = np.asarray(jax.jit(lambda p, h, t: S.propose(p, spec.config, h, t, candidates=4))(S.draft_params(spec.params), h, t))
+    assert tree.shape == (6, 4, 3)
+    order = np.argsort(-np.asarray(S.teacher_forced_logits(spec.params, spec.config, h[:, None], np.stack([t] * 4, 1))[0][:, 0]), axis=-1)
+    np.testing.assert_array_equal(tree[:, :, 0], order[:, :4])
+    for c in range(4):
+        seq = np.concatenate([t[:, None], tree[:, c]], axis=1)
+        logits = S.teacher_forced_logits(spec.params, spec.config, h[:, None], seq)
+        for i in (1, 2):
+            np.testing.assert_array_equal(tree[:, c, i], np.asarray(logits[i][:, 0]).argmax(-1))

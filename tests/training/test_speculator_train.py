@@ -166,3 +166,58 @@ def test_sampled_continuations_extend_the_greedy_ones(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match="sampled_prompts"):
         _cfg(tmp_path, data=dataclasses.replace(greedy_data, sampled_prompts=11))  # more than stage2_prompts
+
+
+def test_simulated_tokens_per_forward_walks_like_the_engine():
+    """From the last emitted token the leading correct heads are accepted plus the verifier's token."""
+    from training.speculator import simulated_tokens_per_forward
+
+    correct = np.zeros((1, 8, 2), bool)
+    correct[0, 0] = [True, True]  # tokens 1, 2 accepted, 3 from the verifier: 3 tokens, next draft at 3
+    correct[0, 1] = [True, True]  # never read: position 1 is skipped over
+    correct[0, 3] = [True, False]  # 4 accepted, 5 verifier's: next draft at 5
+    correct[0, 5] = [True, True]  # 6 accepted, 7 verifier's: the end (length 8)
+    assert simulated_tokens_per_forward(correct, np.array([8])) == 7 / 3
+    assert simulated_tokens_per_forward(correct, np.array([5])) == 4 / 2  # 1-3, then only 4 is left
+    assert simulated_tokens_per_forward(np.zeros((2, 8, 2), bool), np.array([8, 1])) == 1.0
+
+
+def test_validation_split_predicts_the_engines_tokens_per_forward(tmp_path, monkeypatch):
+    """data.val_prompts: the last prompts' continuations are never trained on, and the logged
+    tokens per forward on them is what the speculative engine decodes them with."""
+    from spanjax.engine.engine import Engine, EngineConfig
+    from spanjax.engine.sampling import SamplingParams
+    from spanjax.query import ast as A
+    from spanjax.query.lower import lower
+    from training.speculator import stage2_val_mask
+
+    monkeypatch.setenv("SPANJAX_NO_PROGRESS", "1")
+    model = _model()
+    data = dataclasses.replace(_cfg(tmp_path).data, temperature=0.0, val_prompts=4)
+    cfg = _cfg(tmp_path, name="val", stage1_steps=2, stage2_steps=30, eval_every=8, data=data)
+    summary = train(cfg, model=model)
+    lines = read_metrics(summary["run_dir"])
+    assert [m["step"] for m in lines if "val_tokens_per_forward" in m] == [8, 16, 24, 32]
+    assert summary["val_tokens_per_forward"] == lines[-1]["val_tokens_per_forward"] > 1.0
+
+    rows = [json.loads(l) for l in open(f"{summary['run_dir']}/stage2.jsonl")]
+    assert stage2_val_mask(cfg, model.tokenizer, tmp_path / "runs" / "val").tolist() == [i >= 6 for i in range(10)]
+    with np.load(f"{summary['run_dir']}/cache/stage2.npz") as z:
+        assert len(z["tokens"]) == 10
+
+    messages = [json.loads(l)["messages"] for l in open(tmp_path / "prompts.jsonl")][6:10]
+    plans = [lower(A.G("tiny", A.Cross(tuple(A.Message(m["role"], m["content"]) for m in msgs))), model.tokenizer, model="tiny", page_size=4)
+             for msgs in messages]
+    engine = Engine(model, EngineConfig(num_pages=128, page_size=4, max_tokens_per_step=64, attention="reference"),
+                    speculator=S.load_hf(f"{summary['run_dir']}/speculator"))
+    reqs = engine.generate(plans, [SamplingParams(max_tokens=cfg.data.max_new_tokens)] * 4)
+    assert [r.generated for r in reqs] == [r["completion"] for r in rows[6:]]
+    stats = engine.spec_stats
+    assert summary["val_tokens_per_forward"] == pytest.approx(stats["emitted"] / stats["verify_forwards"])
+    # A draft tree of 2 candidates, at batch 1 so that every candidate is verified.
+    tree = Engine(model, EngineConfig(num_pages=128, page_size=4, max_tokens_per_step=64, max_running=1, attention="reference",
+                                      speculative_candidates=2), speculator=S.load_hf(f"{summary['run_dir']}/speculator"))
+    assert [r.generated for r in tree.generate(plans, [SamplingParams(max_tokens=cfg.data.max_new_tokens)] * 4)] == [r.generated for r in reqs]
+    stats = tree.spec_stats
+    assert summary["val_tokens_per_forward_2_candidates"] == pytest.approx(stats["emitted"] / stats["verify_forwards"])
+    assert summary["val_tokens_per_forward_2_candidates"] > summary["val_tokens_per_forward"]
