@@ -32,3 +32,35 @@ def test_forward_paged_matches_reference(impl):
     ref, _ = fwd(params, cfg, toks, pos, cache, meta)
     out, _ = fwd(params, cfg, toks, pos, cache, meta, attention_impl=get_attention_impl(impl, interpret=True))
     assert float(jnp.max(jnp.abs(out[:25] - ref[:25]))) <= 1e-4
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_draft_tree_batch_matches_reference(impl):
+    """A speculative draft tree's step (spanjax/engine/speculative.py): the greedy branch writes
+    its 4 tokens after 21 written ones (page 2 holds 5 of them), another branch writes the same
+    positions to scratch page 5 and lists page 2 as partly valid *before* its scratch page,
+    whose first position (21) is not page aligned."""
+    cfg = config.ModelConfig(vocab_size=50, hidden_size=96, intermediate_size=128, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=32)
+    params = llama.init_params(cfg, jax.random.key(1), scale=0.2)
+    P = 16
+    rng = np.random.default_rng(1)
+    cache = llama.init_paged_cache(cfg, num_pages=7, page_size=P)
+    cache = llama.PagedKVCache(k=jnp.asarray(rng.normal(size=cache.k.shape), cache.k.dtype), v=jnp.asarray(rng.normal(size=cache.v.shape), cache.v.dtype))
+    toks = rng.integers(0, 50, size=8)
+    toks[4] = toks[0]  # both branches start with the pending token, then their own drafts
+    toks = jnp.asarray(toks, jnp.int32)
+    pos = jnp.asarray(list(range(21, 25)) * 2, jnp.int32)
+    slots = [2 * P + 5 + i for i in range(4)] + [5 * P + i for i in range(4)]
+    meta = llama.PagedAttentionMeta(
+        slot_mapping=jnp.asarray(slots, jnp.int32),
+        block_tables=jnp.asarray([[3, 2, 0], [3, 2, 5]], jnp.int32),
+        block_pos=jnp.asarray([[0, 16, 0], [0, 16, 21]], jnp.int32),
+        block_lens=jnp.asarray([[16, 9, 0], [16, 5, 4]], jnp.int32),
+        cu_q_lens=jnp.asarray([0, 4, 8], jnp.int32),
+    )
+    fwd = jax.jit(llama.forward_paged, static_argnames=("cfg", "attention_impl"))
+    ref, _ = fwd(params, cfg, toks, pos, cache, meta)
+    out, _ = fwd(params, cfg, toks, pos, cache, meta, attention_impl=get_attention_impl(impl, interpret=True))
+    assert float(jnp.max(jnp.abs(out - ref))) <= 1e-4
+    # The pending token sees the same context in both branches (and nothing of the other branch).
+    assert float(jnp.max(jnp.abs(ref[0] - ref[4]))) <= 1e-4 and float(jnp.max(jnp.abs(ref[1] - ref[5]))) > 1e-3
