@@ -22,8 +22,9 @@ each head's top-1 on them and the tokens per verification forward that greedy
 speculative decoding would emit there, with the greedy draft and with draft
 trees (`validate`).
 
-Exact resume as in training/trainer.py: batches are a function of the step, the Orbax checkpoint holds the whole state and the cached data
-is reread, so a killed run replays the same loss curve. The result is
+Exact resume as in training/trainer.py: batches are a function of the step,
+the Orbax checkpoint holds the whole state and the cached data is reread, so a
+killed run replays the same loss curve. The result is
 exported in the Hugging Face MLPSpeculator format (`speculator/`).
 """
 
@@ -89,12 +90,17 @@ def expand_vocab(params: S.SpeculatorParams, lut: np.ndarray) -> S.SpeculatorPar
 # ---------------------------------------------------------------------------- loss and step
 
 
+def _heads_and_targets(params, spec_cfg: S.SpeculatorConfig, hidden, tokens, mask):
+    """Per head i: (teacher-forced logits [B, L, V], targets tokens[j + i + 1] [B, L], their mask)."""
+    L = hidden.shape[1]
+    for i, logits in enumerate(S.teacher_forced_logits(params, spec_cfg, hidden, tokens)):
+        yield logits, tokens[:, i + 1 : i + 1 + L], mask[:, i + 1 : i + 1 + L]
+
+
 def speculator_loss(params, spec_cfg: S.SpeculatorConfig, hidden, tokens, mask):
     """hidden [B, L, H], tokens / mask [B, L + n_predict] -> (sum of per-head mean NLL, (per-head NLL, top-1 accuracy))."""
-    L = hidden.shape[1]
     losses, accs = [], []
-    for i, logits in enumerate(S.teacher_forced_logits(params, spec_cfg, hidden, tokens)):
-        tgt, m = tokens[:, i + 1 : i + 1 + L], mask[:, i + 1 : i + 1 + L]
+    for logits, tgt, m in _heads_and_targets(params, spec_cfg, hidden, tokens, mask):
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
         n = jnp.maximum(jnp.sum(m), 1.0)
@@ -108,10 +114,8 @@ def _target_ranks(params, spec_cfg: S.SpeculatorConfig, hidden, tokens, mask, ra
     """[B, L, n_predict] int: the rank of tokens[j + i + 1] among head i's logits at j (0 = the
     head's top draft); -1 where there is no target or it is the shared rare class `rare`,
     whose exported draft is one fixed rare token."""
-    L = hidden.shape[1]
     out = []
-    for i, logits in enumerate(S.teacher_forced_logits(params, spec_cfg, hidden, tokens)):
-        tgt, m = tokens[:, i + 1 : i + 1 + L], mask[:, i + 1 : i + 1 + L]
+    for logits, tgt, m in _heads_and_targets(params, spec_cfg, hidden, tokens, mask):
         rank = jnp.sum(logits > jnp.take_along_axis(logits, tgt[..., None], axis=-1), axis=-1)
         out.append(jnp.where((m > 0) & (tgt != rare), rank, -1))
     return jnp.stack(out, axis=-1)

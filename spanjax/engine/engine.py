@@ -111,7 +111,7 @@ class Engine:
 
         self._spec_params = draft_params(speculator.params)
         self.spec_stats = {"verify_forwards": 0, "emitted": 0, "drafted": 0, "accepted": 0, "other_candidate_won": 0}
-        c = min(config.speculative_candidates, sc.vocab_size)
+        c = min(config.speculative_candidates, len(self._spec_params.head_ids[0]))  # head 0 ranks its distinct columns
         self.runner = SpeculativeRunner(
             cfg, sc, k, c, config.max_tokens_per_step, config.max_seqs_per_step,
             max_pages_per_seq=self.pool.capacity, attention_impl=_attention_impl(config.attention))

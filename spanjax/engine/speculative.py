@@ -74,7 +74,9 @@ class SpeculativeScheduler(Scheduler):
         ps = self.pool.page_size
         greedy = [i for i in items if i.draft]
         tokens = sum(i.count for i in items)
-        cap = self.max_tokens if self.token_buckets is None else min(self.max_tokens, next((b for b in self.token_buckets if b >= tokens), tokens))
+        cap = self.max_tokens
+        if self.token_buckets is not None:
+            cap = min(cap, next((b for b in self.token_buckets if b >= tokens), tokens))
         for c in range(1, max((len(i.request.draft) for i in greedy), default=0)):
             for it in [i for i in greedy if c < len(i.request.draft)]:
                 need = -(-it.count // ps)
