@@ -56,24 +56,29 @@ def span_attention_xla(
     qt, row_pos = tiling.pack_queries(q, tiles, rpos, Hkv, block_q, G)  # [nt, Hkv, R, D], [nt, R]
     qt = qt.astype(jnp.float32) * sm_scale
     R = qt.shape[2]
-    t_tables, t_pos, t_lens = tables[tiles.seq], pos[tiles.seq], lens[tiles.seq]  # [nt, Mp]
     slot = jnp.arange(page_size, dtype=jnp.int32)
-    num_steps = tables.shape[1] // step
 
-    def body(carry, i):
+    def body(i, carry):
         m, l, acc = carry
+        # K/V of this page group are gathered and rotated once per *sequence* and then
+        # indexed by tile: a prefill sequence spans many tiles, and the sin/cos of RoPE
+        # are what a CPU step mostly spends its time on.
         cols = i * step + jnp.arange(step)
-        pages = t_tables[:, cols]  # [nt, step]
-        kpos = (t_pos[:, cols][:, :, None] + slot).reshape(nt, step * page_size)
-        valid = (slot < t_lens[:, cols][:, :, None]).reshape(nt, step * page_size)
-        k = k_pages[pages].astype(jnp.float32).reshape(nt, step * page_size, Hkv, D)
-        v = v_pages[pages].astype(jnp.float32).reshape(nt, step * page_size, Hkv, D)
-        k = apply_rope(k, kpos, rope_inv_freq)
-        v = jnp.where(valid[:, :, None, None], v, 0.0)  # junk in unseen slots must not leak
+        kpos = (pos[:, cols][:, :, None] + slot).reshape(S, step * page_size)
+        valid = (slot < lens[:, cols][:, :, None]).reshape(S, step * page_size)
+        pages = tables[:, cols]  # [S, step]
+        k = k_pages[pages].astype(jnp.float32).reshape(S, step * page_size, Hkv, D)
+        v = v_pages[pages].astype(jnp.float32).reshape(S, step * page_size, Hkv, D)
+        k = apply_rope(k, kpos, rope_inv_freq)[tiles.seq]
+        v = jnp.where(valid[:, :, None, None], v, 0.0)[tiles.seq]  # junk in unseen slots must not leak
+        kpos, valid = kpos[tiles.seq], valid[tiles.seq]
         seen = valid[:, None, None, :] & (kpos[:, None, None, :] <= row_pos[:, None, :, None])  # [nt, 1, R, K]
         s = jnp.einsum("nhrd,nkhd->nhrk", qt, k)
         p, (m, l, acc) = online_softmax_step((m, l, acc), s, seen)
-        return (m, l, acc + jnp.einsum("nhrk,nkhd->nhrd", p, v)), None
+        return m, l, acc + jnp.einsum("nhrk,nkhd->nhrd", p, v)
 
-    (m, l, acc), _ = jax.lax.scan(body, online_softmax_init((nt, Hkv, R), D), jnp.arange(num_steps))
+    # Walk only the page groups some tile needs (the block-table width is a bucket, often
+    # wider than every sequence); a forward-only loop, like the engine's use of it.
+    num_steps = jnp.max(tiles.num_blocks)
+    m, l, acc = jax.lax.fori_loop(0, num_steps, body, online_softmax_init((nt, Hkv, R), D))
     return tiling.unpack_output(online_softmax_finish(l, acc), tiles, Hq, block_q, G, q.dtype)

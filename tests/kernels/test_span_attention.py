@@ -132,6 +132,32 @@ def test_xla_tiled_path_fp32(G, P, block_q):
     assert float(jnp.max(jnp.abs(out[T_real:]))) == 0.0
 
 
+def test_xla_tiled_path_walks_only_needed_page_groups():
+    """The tiled path stops after the last page group any tile needs: a block-table bucket
+    far wider than every sequence (junk page ids and NaN in the pages it never lists)
+    changes nothing, and a batch with no query tokens walks no group and gives zeros."""
+    from kernels.span_attention.xla import span_attention_xla
+
+    batch = _batch(7, MIXED, 3, 16)
+    args, kw = args_kwargs(batch)
+    ref = span_attention_reference(*args, **kw)
+    q, k_pages, v_pages, tables, pos, lens, cu, q_pos = args
+    wide = 8 * tables.shape[1]
+    pad = ((0, 0), (0, wide - tables.shape[1]))
+    junk_tables = np.pad(np.asarray(tables), pad, constant_values=10**6)
+    listed = np.unique(np.asarray(tables)[np.asarray(lens) > 0])
+    nan_pages = np.setdiff1d(np.arange(k_pages.shape[0]), listed)
+    k_nan = np.asarray(k_pages).copy()
+    k_nan[nan_pages] = np.nan
+    wide_args = (q, k_nan, v_pages, junk_tables, np.pad(np.asarray(pos), pad), np.pad(np.asarray(lens), pad), cu, q_pos)
+    out = jax.jit(lambda *a: span_attention_xla(*a, **kw, pages_per_step=2))(*wide_args)
+    assert _diff(out, ref) <= TOL["float32"]
+
+    no_queries = (q, k_pages, v_pages, tables, pos, lens, np.zeros_like(np.asarray(cu)), q_pos)
+    out = span_attention_xla(*no_queries, **kw)
+    assert not np.isnan(np.asarray(out)).any() and float(jnp.max(jnp.abs(out))) == 0.0
+
+
 def test_xla_tiled_path_bf16():
     from kernels.span_attention.xla import span_attention_xla
 
