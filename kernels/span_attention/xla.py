@@ -3,12 +3,13 @@ path for CPU (and any backend without a Pallas kernel).
 
 Same contract as `reference.py`, same tiling as the Pallas kernels
 (`tiling.py`): tokens are grouped into tiles of up to `block_q` tokens of ONE
-sequence, so each tile gathers its sequence's pages once per page group
-instead of once per token, and all tiles advance together through the block
-table (one vectorized step per page group: few, large operations, which is
-what XLA on CPU runs well). The reference gathers per token, which is the
-clearest statement of the semantics but moves T times more KV through memory
-during a long prefill chunk. Unused tiles (sequences the caller padded) still
+sequence, and all tiles advance together through the block table (one
+vectorized step per page group: few, large operations, which is what XLA on
+CPU runs well). Each step gathers and rotates a page group once per sequence
+and hands it to that sequence's tiles, and the loop ends after the last group
+any tile needs, not at the bucketed block-table width. The reference gathers
+per token, which is the clearest statement of the semantics but moves T times
+more KV through memory during a long prefill chunk. Unused tiles (sequences the caller padded) still
 cost work here, so callers bucket the sequence count (the engine does).
 """
 
