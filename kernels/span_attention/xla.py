@@ -9,8 +9,9 @@ CPU runs well). Each step gathers and rotates a page group once per sequence
 and hands it to that sequence's tiles, and the loop ends after the last group
 any tile needs, not at the bucketed block-table width. The reference gathers
 per token, which is the clearest statement of the semantics but moves T times
-more KV through memory during a long prefill chunk. Unused tiles (sequences the caller padded) still
-cost work here, so callers bucket the sequence count (the engine does).
+more KV through memory during a long prefill chunk. Unused tiles (sequences
+the caller padded) still cost work here, so callers bucket the sequence count
+(the engine does).
 """
 
 import jax
