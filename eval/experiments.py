@@ -1,7 +1,7 @@
 """`spanjax run CONFIG [overrides]`: load a YAML preset by its `task` field,
 apply dotted overrides, open a run directory and run the task.
 
-    from eval.experiments import load_config, run
+    from spanjax.eval.experiments import load_config, run
     cfg = load_config("configs/locality_nq.yaml", ["eval.num_docs=10"])
     results, run_dir = run(cfg)
 
@@ -14,9 +14,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from eval.runs import RunDir, open_run
 from spanjax import config as C
-
+from spanjax.eval.runs import RunDir, open_run
 
 # ---------------------------------------------------------------------------- registry
 
@@ -58,7 +57,11 @@ def run(cfg, resume: str | Path | None = None, model=None) -> tuple[dict, RunDir
     try:
         results = fn(cfg, run_dir, model=model)
     except KeyboardInterrupt:
-        run_dir.log.warning("interrupted; finished items are kept. Resume with: spanjax run %s/config.yaml --resume %s", run_dir.path, run_dir.path)
+        run_dir.log.warning(
+            "interrupted; finished items are kept. Resume with: spanjax run %s/config.yaml --resume %s",
+            run_dir.path,
+            run_dir.path,
+        )
         raise
     run_dir.log.info("results: %s", run_dir.path / "results.json")
     return results, run_dir

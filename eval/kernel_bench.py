@@ -1,8 +1,8 @@
 """Benchmark ragged paged span attention on whatever accelerator is present.
 
-    python -m eval.kernel_bench                  # GPU/TPU: Llama-3-8B-like heads, bf16
-    python -m eval.kernel_bench --tiny           # CPU smoke: tiny shapes, interpret mode
-    python -m eval.kernel_bench --case decode:8:4096 --case mixed:32:512:2048
+    python -m spanjax.eval.kernel_bench                  # GPU/TPU: Llama-3-8B-like heads, bf16
+    python -m spanjax.eval.kernel_bench --tiny           # CPU smoke: tiny shapes, interpret mode
+    python -m spanjax.eval.kernel_bench --case decode:8:4096 --case mixed:32:512:2048
 
 Cases: `decode:<seqs>:<ctx>` (one query per sequence) and
 `mixed:<seqs>:<chunk>:<ctx>` (one prefill chunk of <chunk> tokens plus seqs-1
@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.span_attention import span_attention, span_attention_reference, tuning
-from kernels.span_attention.testing import make_batch
+from spanjax.kernels.span_attention import span_attention, span_attention_reference, tuning
+from spanjax.kernels.span_attention.testing import make_batch
 
 # Peak HBM bandwidth (bytes/s) by device-kind substring, most specific first.
 PEAK_HBM = [
@@ -81,12 +81,23 @@ def parse_case(spec):
 
 def build(spec, hq, hkv, d, page, dtype, seed=0):
     rng = np.random.default_rng(seed)
-    b = make_batch(rng, parse_case(spec), num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=page, spare_pages=0, with_kv=False)
+    b = make_batch(
+        rng,
+        parse_case(spec),
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=d,
+        page_size=page,
+        spare_pages=0,
+        with_kv=False,
+    )
     kk, kv = jax.random.split(jax.random.key(seed))
     shape = (b["num_pages"], page, hkv, d)
     k_pages = jax.random.normal(kk, shape, jnp.float32).astype(dtype)
     v_pages = jax.random.normal(kv, shape, jnp.float32).astype(dtype)
-    args = [jnp.asarray(b["q"], dtype), k_pages, v_pages] + [jnp.asarray(b[n]) for n in ("block_tables", "block_pos", "block_lens", "cu_q_lens", "q_pos")]
+    args = [jnp.asarray(b["q"], dtype), k_pages, v_pages] + [
+        jnp.asarray(b[n]) for n in ("block_tables", "block_pos", "block_lens", "cu_q_lens", "q_pos")
+    ]
     kw = dict(rope_inv_freq=jnp.asarray(b["rope_inv_freq"]), sm_scale=b["sm_scale"])
     return b, args, kw
 
@@ -134,7 +145,11 @@ def jax_paged_baseline(b, args, backend, interpret):
             if M % ks == 0 and (M // ks) % ppcb == 0:
                 k_splits = ks
                 break
-        fn = jax.jit(lambda q, kp, vp, l, t: gpu_pa(q, kp, vp, t, l, pages_per_compute_block=ppcb, k_splits=k_splits, interpret=interpret))
+        fn = jax.jit(
+            lambda q, kp, vp, l, t: gpu_pa(
+                q, kp, vp, t, l, pages_per_compute_block=ppcb, k_splits=k_splits, interpret=interpret
+            )
+        )
     tables, lengths = jnp.asarray(tables), jnp.asarray(lengths)
     return lambda: fn(q, kp, vp, lengths, tables)
 
@@ -162,7 +177,14 @@ def main(argv=None):
         a.reps = min(a.reps, 3)
         cases = a.case or ["decode:2:64", "mixed:3:8:48"]
     else:
-        cases = a.case or ["decode:1:32768", "decode:8:4096", "decode:64:2048", "decode:128:1024", "mixed:32:512:2048", "mixed:8:2048:8192"]
+        cases = a.case or [
+            "decode:1:32768",
+            "decode:8:4096",
+            "decode:64:2048",
+            "decode:128:1024",
+            "mixed:32:512:2048",
+            "mixed:8:2048:8192",
+        ]
     dtype = jnp.dtype(a.dtype)
     peak = peak_bandwidth(dev)
     itemsize = dtype.itemsize
@@ -171,7 +193,9 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     ref_jit = jax.jit(span_attention_reference, static_argnames=("sm_scale", "pages_per_step"))
 
-    print(f"device: {dev.platform} {getattr(dev, 'device_kind', '')}  peak HBM: {peak / 1e9 if peak else float('nan'):.0f} GB/s  interpret={interpret}")
+    print(
+        f"device: {dev.platform} {getattr(dev, 'device_kind', '')}  peak HBM: {peak / 1e9 if peak else float('nan'):.0f} GB/s  interpret={interpret}"
+    )
     print(f"heads q/kv {a.hq}/{a.hkv}  head_dim {a.head_dim}  page {a.page_size}  {dtype.name}")
     results = []
     for spec in cases:
@@ -179,13 +203,17 @@ def main(argv=None):
         T, S, M = args[0].shape[0], args[3].shape[0], args[3].shape[1]
         kv_bytes = int(b["block_lens"].sum()) * a.hkv * a.head_dim * itemsize * 2
         nbytes = kv_bytes + 2 * T * a.hq * a.head_dim * itemsize
-        cfg = tuning.get_config("tpu" if backend == "tpu" else "gpu", T, S, M, a.page_size, a.hq, a.hkv, a.head_dim, dtype)
+        cfg = tuning.get_config(
+            "tpu" if backend == "tpu" else "gpu", T, S, M, a.page_size, a.hq, a.hkv, a.head_dim, dtype
+        )
         impls = {
             "reference": lambda: ref_jit(*args, **kw),
             "pallas": lambda: span_attention(*args, **kw, impl="pallas", interpret=interpret),
         }
         if cfg.get("num_splits", 1) > 1:
-            impls["pallas_nosplit"] = lambda: span_attention(*args, **kw, impl="pallas", interpret=interpret, config=dict(num_splits=1))
+            impls["pallas_nosplit"] = lambda: span_attention(
+                *args, **kw, impl="pallas", interpret=interpret, config=dict(num_splits=1)
+            )
         try:
             base = jax_paged_baseline(b, args, backend, interpret)
             if base is not None:
@@ -211,7 +239,10 @@ def main(argv=None):
                 rec["max_abs_diff"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32))))
             row["impls"][name] = rec
             frac = f"{rec['frac_peak'] * 100:5.1f}% of peak" if peak else "   (no peak known)"
-            print(f"  {spec:24s} {name:15s} {sec * 1e6:10.1f} us {gbs:8.1f} GB/s {frac}" + (f"  diff {rec['max_abs_diff']:.1e}" if "max_abs_diff" in rec else ""))
+            print(
+                f"  {spec:24s} {name:15s} {sec * 1e6:10.1f} us {gbs:8.1f} GB/s {frac}"
+                + (f"  diff {rec['max_abs_diff']:.1e}" if "max_abs_diff" in rec else "")
+            )
         results.append(row)
     meta = dict(
         device=dict(platform=dev.platform, kind=getattr(dev, "device_kind", ""), peak_hbm_Bps=peak),

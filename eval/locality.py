@@ -39,9 +39,9 @@ from typing import Literal
 
 import numpy as np
 
-from eval.data import DEV, HELD_OUT, kv_retrieval, nq_open_oracle
-from eval.experiment_config import EngineSection
-from eval.runs import RunDir, append_items, item_key, load_items, machine, progress, write_results
+from spanjax.eval.data import DEV, HELD_OUT, kv_retrieval, nq_open_oracle
+from spanjax.eval.experiment_config import EngineSection
+from spanjax.eval.runs import RunDir, append_items, item_key, load_items, machine, progress, write_results
 from spanjax.query import ast as A
 
 VARIANTS = {
@@ -71,7 +71,9 @@ NQ_SYSTEM = (
     "Write a high-quality answer for the given question using only the provided search results "
     "(some of which might be irrelevant). Answer with a few words."
 )
-KV_SYSTEM = "Extract the value corresponding to the specified key in the JSON objects below. Answer with the value only."
+KV_SYSTEM = (
+    "Extract the value corresponding to the specified key in the JSON objects below. Answer with the value only."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +99,16 @@ class LocalityEval:
         if self.num_docs < 1 or self.num_questions < 1 or self.max_tokens < 1 or self.batch_questions < 1:
             raise ValueError("num_docs, num_questions, max_tokens and batch_questions must be >= 1")
         if self.positions is not None and any(not 0 <= p < self.num_docs for p in self.positions):
-            raise ValueError(f"positions must lie in 0..{self.num_docs - 1} (num_docs={self.num_docs}), got {list(self.positions)}")
-        missing = sorted({a for v in self.variants for a in [VARIANT_ADAPTER.get(v)] if a and not getattr(self, f"{a}_adapter")})
+            raise ValueError(
+                f"positions must lie in 0..{self.num_docs - 1} (num_docs={self.num_docs}), got {list(self.positions)}"
+            )
+        missing = sorted(
+            {a for v in self.variants for a in [VARIANT_ADAPTER.get(v)] if a and not getattr(self, f"{a}_adapter")}
+        )
         if missing:
-            raise ValueError(f"variants with an adapter need its directory: set {', '.join(f'eval.{a}_adapter' for a in missing)}")
+            raise ValueError(
+                f"variants with an adapter need its directory: set {', '.join(f'eval.{a}_adapter' for a in missing)}"
+            )
         if self.dataset == "kv" and self.num_docs > 75:
             raise ValueError("kv: num_docs must be <= 75 (there are 75 records to split)")
 
@@ -199,7 +207,9 @@ def nq_examples(ev: LocalityEval, seed: int, tokenizer=None) -> list[Example]:
     pool = _split_range("nq", ev.split)
     indices = list(pool[ev.first_question : ev.first_question + ev.num_questions])
     if len(indices) < ev.num_questions:
-        raise ValueError(f"split {ev.split} has {len(pool)} questions; first_question + num_questions = {ev.first_question + ev.num_questions}")
+        raise ValueError(
+            f"split {ev.split} has {len(pool)} questions; first_question + num_questions = {ev.first_question + ev.num_questions}"
+        )
     out = []
     for qi in indices:
         rec = records[qi]
@@ -264,8 +274,15 @@ def make_g(ex: Example, pos: int, variant: str, model_name: str, max_tokens: int
     body = (A.Plus(docs),) if span else docs
     system = KV_SYSTEM if ex.dataset == "kv" else NQ_SYSTEM
     prompt = A.Cross((A.Message("system", system),) + body + (A.Message("user", ex.question),))
-    return A.G(model_name, prompt, max_tokens=max_tokens, temperature=0.0, attention=attention, positions=positions,
-               adapter=VARIANT_ADAPTER.get(variant))
+    return A.G(
+        model_name,
+        prompt,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        attention=attention,
+        positions=positions,
+        adapter=VARIANT_ADAPTER.get(variant),
+    )
 
 
 def register_adapters(engine, ev: LocalityEval) -> None:
@@ -364,10 +381,10 @@ def plot(cfg: LocalityConfig, table: dict, path) -> None:
 
 
 def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
+    from spanjax.engine.adapters import lower_for_engine
     from spanjax.engine.engine import Engine
     from spanjax.engine.sampling import SamplingParams
     from spanjax.models.loading import load_model
-    from spanjax.engine.adapters import lower_for_engine
 
     log, ev = run_dir.log, cfg.eval
     model = load_model(cfg.model) if model is None else model
@@ -391,8 +408,16 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
             if not todo:
                 continue
             # An aLoRA g keys its pages before the invocation as base pages (shared with the base variants).
-            plans = [lower_for_engine(make_g(by_index[q], p, v, model.name, ev.max_tokens), tok, model=model.name,
-                                      page_size=cfg.engine.page_size, adapters=engine.adapters) for v, q, p in todo]
+            plans = [
+                lower_for_engine(
+                    make_g(by_index[q], p, v, model.name, ev.max_tokens),
+                    tok,
+                    model=model.name,
+                    page_size=cfg.engine.page_size,
+                    adapters=engine.adapters,
+                )
+                for v, q, p in todo
+            ]
             t0 = time.perf_counter()
             reqs = [engine.submit(plan, sampling) for plan in plans]
             engine.run_until_done(reqs)
@@ -400,12 +425,21 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
             recs = []
             for (v, q, p), r in zip(todo, reqs):
                 s = r.summary()
-                recs.append({
-                    "key": [v, q, p], "variant": v, "question": q, "position": p,
-                    "output": r.text, "correct": by_index[q].correct(r.text),
-                    "prompt_tokens": s["prompt_tokens"], "cached_tokens": s["cached_tokens"],
-                    "ttft_s": s["ttft_s"], "batch_s": dt, "batch_size": len(todo),
-                })
+                recs.append(
+                    {
+                        "key": [v, q, p],
+                        "variant": v,
+                        "question": q,
+                        "position": p,
+                        "output": r.text,
+                        "correct": by_index[q].correct(r.text),
+                        "prompt_tokens": s["prompt_tokens"],
+                        "cached_tokens": s["cached_tokens"],
+                        "ttft_s": s["ttft_s"],
+                        "batch_s": dt,
+                        "batch_size": len(todo),
+                    }
+                )
             append_items(run_dir, recs)  # durable before counting it done
             for rec in recs:
                 done[item_key(rec)] = rec

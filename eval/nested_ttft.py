@@ -25,10 +25,10 @@ import dataclasses
 import time
 from typing import Literal
 
-from eval.data import DEV, nq_open_oracle
-from eval.experiment_config import EngineSection
-from eval import ttft_report
-from eval.runs import RunDir, append_items, load_items, machine, progress
+from spanjax.eval import ttft_report
+from spanjax.eval.data import DEV, nq_open_oracle
+from spanjax.eval.experiment_config import EngineSection
+from spanjax.eval.runs import RunDir, append_items, load_items, machine, progress
 from spanjax.query import ast as A
 
 SYSTEM = "You are given several short answers written by assistants. Use them to answer the final question."
@@ -73,7 +73,13 @@ def inner_prompts(ev: NestedEval, n: int, trial: int) -> list[str]:
 
 
 def inner_g(model: str, prompt: str, ev: NestedEval, seed: int) -> A.G:
-    return A.G(model, A.Cross((A.Message("system", INNER_SYSTEM), A.Message("user", prompt))), max_tokens=ev.inner_max_tokens, temperature=0.0, seed=seed)
+    return A.G(
+        model,
+        A.Cross((A.Message("system", INNER_SYSTEM), A.Message("user", prompt))),
+        max_tokens=ev.inner_max_tokens,
+        temperature=0.0,
+        seed=seed,
+    )
 
 
 def outer_question(n: int) -> str:
@@ -105,15 +111,25 @@ def run_waves(engine, q: A.Query) -> list[tuple[float, list]]:
 def _outer_record(waves, t0: float) -> dict:
     wall, reqs = waves[-1]
     m = reqs[0].metrics
-    return {"ttft_s": wall, "engine_ttft_s": m.ttft_s, "prompt_tokens": m.prompt_tokens, "cached_tokens": m.cached_tokens,
-            "wall_s": time.perf_counter() - t0}
+    return {
+        "ttft_s": wall,
+        "engine_ttft_s": m.ttft_s,
+        "prompt_tokens": m.prompt_tokens,
+        "cached_tokens": m.cached_tokens,
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def measure_span(engine, model: str, prompts: list[str], ev: NestedEval, seed: int) -> dict:
     t0 = time.perf_counter()
     inner = tuple(inner_g(model, p, ev, seed) for p in prompts)
-    outer = A.G(model, A.Cross((A.Message("system", SYSTEM), A.Plus(inner), A.Message("user", outer_question(len(prompts))))),
-                max_tokens=ev.outer_max_tokens, temperature=0.0, positions=ev.positions)
+    outer = A.G(
+        model,
+        A.Cross((A.Message("system", SYSTEM), A.Plus(inner), A.Message("user", outer_question(len(prompts))))),
+        max_tokens=ev.outer_max_tokens,
+        temperature=0.0,
+        positions=ev.positions,
+    )
     waves = run_waves(engine, outer)
     assert len(waves) == 2, "inner wave then outer wave"
     return _outer_record(waves, t0)
@@ -121,7 +137,7 @@ def measure_span(engine, model: str, prompts: list[str], ev: NestedEval, seed: i
 
 def measure_stock(engine, model: str, prompts: list[str], ev: NestedEval, seed: int) -> dict:
     t0 = time.perf_counter()
-    (_, inner), = run_waves(engine, A.Par(tuple(inner_g(model, p, ev, seed) for p in prompts)))
+    ((_, inner),) = run_waves(engine, A.Par(tuple(inner_g(model, p, ev, seed) for p in prompts)))
     msgs = [A.Message("system", SYSTEM)]
     for p, r in zip(prompts, inner):
         msgs += [A.Message("user", p), A.Message("assistant", r.text)]  # re-tokenized text: ordinary messages
@@ -156,12 +172,28 @@ def run(cfg: NestedConfig, run_dir: RunDir, model=None) -> dict:
                     append_items(run_dir, [rec])
                     done[(v, n, t)] = rec
                     bar.update(1)
-                    log.info("n=%d trial %d %s: ttft %.3fs (%d/%d cached)", n, t, v, rec["ttft_s"], rec["cached_tokens"], rec["prompt_tokens"])
+                    log.info(
+                        "n=%d trial %d %s: ttft %.3fs (%d/%d cached)",
+                        n,
+                        t,
+                        v,
+                        rec["ttft_s"],
+                        rec["cached_tokens"],
+                        rec["prompt_tokens"],
+                    )
     finally:
         bar.close()
     rows = ttft_report.summarize(ev.fan_in, done, "n")
-    results = {"task": "ttft_nested", "name": cfg.name, "model": model.name, "positions": ev.positions, "machine": machine(),
-               "engine": engine.stats()}
-    results = ttft_report.write_report(run_dir, results, rows, "n", "inner generations n", f"nested generation TTFT, {model.name}")
+    results = {
+        "task": "ttft_nested",
+        "name": cfg.name,
+        "model": model.name,
+        "positions": ev.positions,
+        "machine": machine(),
+        "engine": engine.stats(),
+    }
+    results = ttft_report.write_report(
+        run_dir, results, rows, "n", "inner generations n", f"nested generation TTFT, {model.name}"
+    )
     log.info("nested TTFT (median of %d):\n%s", ev.trials, results["table_markdown"])
     return results

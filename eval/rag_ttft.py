@@ -22,11 +22,11 @@ from typing import Literal
 
 import numpy as np
 
-from eval import ttft_report
-from eval.data import DEV, nq_open_oracle, passage_text
-from eval.experiment_config import EngineSection
-from eval.nested_ttft import run_waves
-from eval.runs import RunDir, append_items, load_items, machine, progress
+from spanjax.eval import ttft_report
+from spanjax.eval.data import DEV, nq_open_oracle, passage_text
+from spanjax.eval.experiment_config import EngineSection
+from spanjax.eval.nested_ttft import run_waves
+from spanjax.eval.runs import RunDir, append_items, load_items, machine, progress
 from spanjax.query import ast as A
 
 SYSTEM = "Answer the question using only the documents below. Be brief."
@@ -84,7 +84,13 @@ def rag_g(model_name: str, docs: list[str], question: str, span: bool, positions
 def measure(engine, g: A.G) -> dict:
     ((wall, (req,)),) = run_waves(engine, g)
     m = req.metrics
-    return {"ttft_s": wall, "wall_s": wall, "engine_ttft_s": m.ttft_s, "prompt_tokens": m.prompt_tokens, "cached_tokens": m.cached_tokens}
+    return {
+        "ttft_s": wall,
+        "wall_s": wall,
+        "engine_ttft_s": m.ttft_s,
+        "prompt_tokens": m.prompt_tokens,
+        "cached_tokens": m.cached_tokens,
+    }
 
 
 def run(cfg: RagConfig, run_dir: RunDir, model=None) -> dict:
@@ -96,8 +102,10 @@ def run(cfg: RagConfig, run_dir: RunDir, model=None) -> dict:
     engine = Engine(model, cfg.engine.build())
     need = 2 * max(ev.docs) * (-(-(ev.doc_tokens + 32) // cfg.engine.page_size)) + 64  # both variants' pages, cached
     if need > cfg.engine.num_pages:
-        raise ValueError(f"engine.num_pages={cfg.engine.num_pages} is too small for {max(ev.docs)} documents of "
-                         f"{ev.doc_tokens} tokens cached twice; need about {need}")
+        raise ValueError(
+            f"engine.num_pages={cfg.engine.num_pages} is too small for {max(ev.docs)} documents of "
+            f"{ev.doc_tokens} tokens cached twice; need about {need}"
+        )
     done = {tuple(r["key"]): r for r in load_items(run_dir).values()}
     qs = questions(ev.trials)
     bar = progress(len(ev.docs) * ev.trials * 2, sum(1 for k in done if k[1] in ev.docs and k[2] < ev.trials), cfg.name)
@@ -115,18 +123,44 @@ def run(cfg: RagConfig, run_dir: RunDir, model=None) -> dict:
                 for v in ttft_report.VARIANTS:
                     if (v, k, t) in done:
                         continue
-                    rec = {"key": [v, k, t], "order": order,
-                           **measure(engine, rag_g(model.name, [docs[i] for i in order], qs[t + 1], v == "span", ev.positions))}
+                    rec = {
+                        "key": [v, k, t],
+                        "order": order,
+                        **measure(
+                            engine, rag_g(model.name, [docs[i] for i in order], qs[t + 1], v == "span", ev.positions)
+                        ),
+                    }
                     append_items(run_dir, [rec])
                     done[(v, k, t)] = rec
                     bar.update(1)
-                    log.info("k=%d trial %d %s: ttft %.3fs (%d/%d cached)", k, t, v, rec["ttft_s"], rec["cached_tokens"], rec["prompt_tokens"])
+                    log.info(
+                        "k=%d trial %d %s: ttft %.3fs (%d/%d cached)",
+                        k,
+                        t,
+                        v,
+                        rec["ttft_s"],
+                        rec["cached_tokens"],
+                        rec["prompt_tokens"],
+                    )
     finally:
         bar.close()
     rows = ttft_report.summarize(ev.docs, done, "k")
-    results = {"task": "ttft_rag", "name": cfg.name, "model": model.name, "doc_tokens": ev.doc_tokens, "positions": ev.positions,
-               "machine": machine(), "engine": engine.stats()}
-    results = ttft_report.write_report(run_dir, results, rows, "k", f"documents k (~{ev.doc_tokens} tokens each)",
-                                       f"RAG TTFT, reordered cached documents, {model.name}")
+    results = {
+        "task": "ttft_rag",
+        "name": cfg.name,
+        "model": model.name,
+        "doc_tokens": ev.doc_tokens,
+        "positions": ev.positions,
+        "machine": machine(),
+        "engine": engine.stats(),
+    }
+    results = ttft_report.write_report(
+        run_dir,
+        results,
+        rows,
+        "k",
+        f"documents k (~{ev.doc_tokens} tokens each)",
+        f"RAG TTFT, reordered cached documents, {model.name}",
+    )
     log.info("RAG TTFT (median of %d):\n%s", ev.trials, results["table_markdown"])
     return results

@@ -74,7 +74,9 @@ def open_run(cfg, resume: str | Path | None = None, scope: tuple[str, ...] = ())
         old = C.read_yaml(stored)
         changed = [c for c in C.diff(old, C.to_dict(cfg)) if c.split(":")[0] not in scope]
         if changed:
-            raise C.ConfigError(f"cannot resume {str(path)!r}: its config differs ({'; '.join(changed)}); start a new run instead")
+            raise C.ConfigError(
+                f"cannot resume {str(path)!r}: its config differs ({'; '.join(changed)}); start a new run instead"
+            )
         resumed = True
         stored.write_text(C.dump(cfg))  # scope changes (if any) are now the run's config
     else:
@@ -134,4 +136,6 @@ def progress(total: int, initial: int, desc: str):
     """A tqdm bar (stderr), disabled when SPANJAX_NO_PROGRESS is set (tests)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=bool(os.environ.get("SPANJAX_NO_PROGRESS")))
+    return tqdm(
+        total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=bool(os.environ.get("SPANJAX_NO_PROGRESS"))
+    )

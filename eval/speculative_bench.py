@@ -16,9 +16,9 @@ by batch so both see the same machine load (with several
   costs relative to a plain one: speedup = tokens per forward / that ratio);
 - outputs must be identical token for token (greedy); mismatches are counted.
 
-  python -m eval.speculative_bench --speculator runs/speculator_smollm2/speculator
-  python -m eval.speculative_bench --batch-sizes 1 4 --num-prompts 16 --max-tokens 128
-  python -m eval.speculative_bench --speculative-candidates 1 3   # greedy draft and a 3-candidate tree, one run
+  python -m spanjax.eval.speculative_bench --speculator runs/speculator_smollm2/speculator
+  python -m spanjax.eval.speculative_bench --batch-sizes 1 4 --num-prompts 16 --max-tokens 128
+  python -m spanjax.eval.speculative_bench --speculative-candidates 1 3   # greedy draft and a 3-candidate tree, one run
 
 Writes runs/speculative_bench-<timestamp>/results.json. Compile time is excluded
 (one warm-up batch per engine and batch size).
@@ -37,14 +37,22 @@ from pathlib import Path
 
 
 def _prompts(model, first: int, n: int):
-    from eval.data import HELD_OUT, nq_open_oracle
+    from spanjax.eval.data import HELD_OUT, nq_open_oracle
     from spanjax.query import ast as A
     from spanjax.query.lower import lower
 
     rows = nq_open_oracle()
     idx = [i for i in range(first, first + n)]
     assert all(i in HELD_OUT for i in idx), "the benchmark reads held-out questions only"
-    return [lower(A.G(model.name, A.Cross((A.Message("user", rows[i]["question"]),))), model.tokenizer, model=model.name, page_size=16) for i in idx]
+    return [
+        lower(
+            A.G(model.name, A.Cross((A.Message("user", rows[i]["question"]),))),
+            model.tokenizer,
+            model=model.name,
+            page_size=16,
+        )
+        for i in idx
+    ]
 
 
 def _run_batch(engine, plans, sampling):
@@ -54,7 +62,13 @@ def _run_batch(engine, plans, sampling):
     reqs = engine.generate(plans, sampling)
     first = min(r.metrics.first_token_s for r in reqs)
     last = max(r.metrics.finish_s for r in reqs)
-    return reqs, sum(len(r.generated) - 1 for r in reqs), last - first, time.perf_counter() - t0, engine.steps - steps0 - 1
+    return (
+        reqs,
+        sum(len(r.generated) - 1 for r in reqs),
+        last - first,
+        time.perf_counter() - t0,
+        engine.steps - steps0 - 1,
+    )
 
 
 def main(argv=None) -> dict:
@@ -66,8 +80,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--first-question", type=int, default=2000)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--num-speculative-tokens", type=int, default=0, help="0 = the speculator's n_predict")
-    ap.add_argument("--speculative-candidates", type=int, nargs="+", default=[1],
-                    help="draft-tree sizes to measure (one speculative engine each, 1 = the greedy draft)")
+    ap.add_argument(
+        "--speculative-candidates",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="draft-tree sizes to measure (one speculative engine each, 1 = the greedy draft)",
+    )
     ap.add_argument("--out-dir", default="runs")
     args = ap.parse_args(argv)
 
@@ -81,17 +100,31 @@ def main(argv=None) -> dict:
     sampling = SamplingParams(max_tokens=args.max_tokens)
     plans = _prompts(model, args.first_question, args.num_prompts)
     warm = _prompts(model, 2654 - max(args.batch_sizes), max(args.batch_sizes))  # warm-up prompts, not measured
-    results = {"model": args.model, "speculator": args.speculator, "speculator_config": dataclasses.asdict(spec.config),
-               "max_tokens": args.max_tokens, "questions": [args.first_question, args.first_question + args.num_prompts],
-               "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.platform()}",
-               "load_average_start": os.getloadavg(), "cases": []}
+    results = {
+        "model": args.model,
+        "speculator": args.speculator,
+        "speculator_config": dataclasses.asdict(spec.config),
+        "max_tokens": args.max_tokens,
+        "questions": [args.first_question, args.first_question + args.num_prompts],
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.platform()}",
+        "load_average_start": os.getloadavg(),
+        "cases": [],
+    }
     for B in args.batch_sizes:
         # room for every candidate of every request in each step
-        ec = EngineConfig(num_pages=64 * B + 64, page_size=16, max_tokens_per_step=256, max_seqs_per_step=B * max(args.speculative_candidates),
-                          max_running=B, num_speculative_tokens=args.num_speculative_tokens)
+        ec = EngineConfig(
+            num_pages=64 * B + 64,
+            page_size=16,
+            max_tokens_per_step=256,
+            max_seqs_per_step=B * max(args.speculative_candidates),
+            max_running=B,
+            num_speculative_tokens=args.num_speculative_tokens,
+        )
         engines = {"plain": Engine(model, ec)}
         for c in args.speculative_candidates:
-            engines[f"speculative_{c}"] = Engine(model, dataclasses.replace(ec, speculative_candidates=c), speculator=spec)
+            engines[f"speculative_{c}"] = Engine(
+                model, dataclasses.replace(ec, speculative_candidates=c), speculator=spec
+            )
         for e in engines.values():  # compile every block-table width the measured batches can reach
             _run_batch(e, warm[:B], SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
             e.clear_cache()
@@ -121,11 +154,19 @@ def main(argv=None) -> dict:
                 "num_prompts": len(plans),
             }
             for key, t in (("plain", tot["plain"]), ("speculative", tot[name])):
-                case[key] = {"decode_tokens": t["tokens"], "decode_s": t["decode_s"], "decode_tokens_per_s": t["tokens"] / t["decode_s"],
-                             "wall_s": t["wall_s"], "decode_steps": t["steps"], "ms_per_decode_step": 1e3 * t["decode_s"] / max(t["steps"], 1)}
+                case[key] = {
+                    "decode_tokens": t["tokens"],
+                    "decode_s": t["decode_s"],
+                    "decode_tokens_per_s": t["tokens"] / t["decode_s"],
+                    "wall_s": t["wall_s"],
+                    "decode_steps": t["steps"],
+                    "ms_per_decode_step": 1e3 * t["decode_s"] / max(t["steps"], 1),
+                }
             case["decode_speedup"] = case["speculative"]["decode_tokens_per_s"] / case["plain"]["decode_tokens_per_s"]
             # speedup = tokens per forward / this ratio (the price of verifying the drafts and proposing the next)
-            case["verify_step_cost_ratio"] = case["speculative"]["ms_per_decode_step"] / case["plain"]["ms_per_decode_step"]
+            case["verify_step_cost_ratio"] = (
+                case["speculative"]["ms_per_decode_step"] / case["plain"]["ms_per_decode_step"]
+            )
             results["cases"].append(case)
             print(json.dumps({k: v for k, v in case.items() if k != "speculative_stats"}))
     results["load_average_end"] = os.getloadavg()

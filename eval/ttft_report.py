@@ -17,8 +17,13 @@ def summarize(xs, done: dict, x_name: str) -> list[dict]:
         for v in VARIANTS:
             recs = [r for k, r in done.items() if k[0] == v and k[1] == x]
             med = lambda field: statistics.median(r[field] for r in recs) if recs else None
-            row[v] = {"trials": len(recs), "ttft_median_s": med("ttft_s"), "wall_median_s": med("wall_s"),
-                      "prompt_tokens": med("prompt_tokens"), "cached_tokens": med("cached_tokens")}
+            row[v] = {
+                "trials": len(recs),
+                "ttft_median_s": med("ttft_s"),
+                "wall_median_s": med("wall_s"),
+                "prompt_tokens": med("prompt_tokens"),
+                "cached_tokens": med("cached_tokens"),
+            }
         s, t = row["span"]["ttft_median_s"], row["stock"]["ttft_median_s"]
         row["ttft_ratio_stock_over_span"] = t / s if s and t else None
         rows.append(row)
@@ -26,16 +31,20 @@ def summarize(xs, done: dict, x_name: str) -> list[dict]:
 
 
 def markdown_table(rows: list[dict], x_name: str) -> str:
-    lines = [f"| {x_name} | span TTFT ms | stock TTFT ms | stock/span | span cached/prompt | stock cached/prompt |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| {x_name} | span TTFT ms | stock TTFT ms | stock/span | span cached/prompt | stock cached/prompt |",
+        "|---|---|---|---|---|---|",
+    ]
     ms = lambda x: f"{x * 1000:.0f}"
     for r in rows:
         ratio, s, t = r["ttft_ratio_stock_over_span"], r["span"], r["stock"]
         if ratio is None:
             lines.append(f"| {r[x_name]} | - | - | - | - | - |")
             continue
-        lines.append(f"| {r[x_name]} | {ms(s['ttft_median_s'])} | {ms(t['ttft_median_s'])} | {ratio:.2f}x | "
-                     f"{s['cached_tokens']:.0f}/{s['prompt_tokens']:.0f} | {t['cached_tokens']:.0f}/{t['prompt_tokens']:.0f} |")
+        lines.append(
+            f"| {r[x_name]} | {ms(s['ttft_median_s'])} | {ms(t['ttft_median_s'])} | {ratio:.2f}x | "
+            f"{s['cached_tokens']:.0f}/{s['prompt_tokens']:.0f} | {t['cached_tokens']:.0f}/{t['prompt_tokens']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -54,8 +63,14 @@ def plot(rows: list[dict], x_name: str, xlabel: str, title: str, path) -> None:
     for v in VARIANTS:
         ax.plot(xs, [r[v]["ttft_median_s"] * 1000 for r in rows], marker="o", label=v)
     for r in rows:
-        ax.annotate(f"{r['ttft_ratio_stock_over_span']:.1f}x", (r[x_name], r["stock"]["ttft_median_s"] * 1000),
-                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        ax.annotate(
+            f"{r['ttft_ratio_stock_over_span']:.1f}x",
+            (r[x_name], r["stock"]["ttft_median_s"] * 1000),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=8,
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -70,7 +85,7 @@ def plot(rows: list[dict], x_name: str, xlabel: str, title: str, path) -> None:
 
 def write_report(run_dir, results: dict, rows: list[dict], x_name: str, xlabel: str, title: str) -> dict:
     """results.json (with the rows and their table), summary.md and ttft.png; returns the results."""
-    from eval.runs import write_results
+    from spanjax.eval.runs import write_results
 
     md = markdown_table(rows, x_name)
     results = {**results, "rows": rows, "table_markdown": md}

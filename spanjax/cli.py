@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
 
@@ -29,8 +29,8 @@ class UserError(Exception):
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     # Imported lazily so `spanjax --help` stays fast.
-    from spanjax.models.errors import WeightLoadError
     from spanjax.engine.scheduler import RequestTooLarge
+    from spanjax.models.errors import WeightLoadError
     from spanjax.query.errors import SpanQueryError
     from spanjax.tokenizer import ChatTemplateError
 
@@ -43,7 +43,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="registry name (smollm2-135m), HF directory or .gguf file")
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn with the model's chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as one user turn with the model's chat template"
+    )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -118,7 +120,11 @@ def _add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan_file", nargs="?", metavar="PLAN_FILE", help=argparse.SUPPRESS)  # `query plan FILE`
     p.add_argument("--num-pages", type=int, default=2048, help="KV pages in the engine's pool (default 2048)")
     p.add_argument("--max-tokens-per-step", type=int, default=256, help="token budget per engine step (default 256)")
-    p.add_argument("--json", action="store_true", help="print one JSON object: text, prompt_tokens, cached_tokens, ttft_s, generations")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: text, prompt_tokens, cached_tokens, ttft_s, generations",
+    )
 
 
 def _run_query(args: argparse.Namespace) -> int:
@@ -144,7 +150,10 @@ def _run_query(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UserError(f"cannot read query file: {e}") from e
     model = load_model(args.model or "smollm2-135m")
-    engine = Engine(model, EngineConfig(num_pages=args.num_pages, page_size=args.page_size, max_tokens_per_step=args.max_tokens_per_step))
+    engine = Engine(
+        model,
+        EngineConfig(num_pages=args.num_pages, page_size=args.page_size, max_tokens_per_step=args.max_tokens_per_step),
+    )
     try:
         result = run_query(engine, query, optimize=not args.no_optimize)
     except ValueError as e:  # too long for the context or the pool, model mismatch
@@ -179,8 +188,12 @@ def _configs_dir():
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", metavar="CONFIG", help="experiment YAML (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. eval.num_docs=10 model=smollm2-135m")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue runs/<dir>: finished items are skipped (the config must match)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. eval.num_docs=10 model=smollm2-135m"
+    )
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue runs/<dir>: finished items are skipped (the config must match)"
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -192,8 +205,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> int:
-    from eval.experiments import load_config, run
     from spanjax.config import ConfigError, dump
+    from spanjax.eval.experiments import load_config, run
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -219,9 +232,12 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["alora", "lora", "block-adapter", "speculator"],
-                   help="adapter kind (sets adapter.kind); block-adapter: the preset's adapter, block-attention data (configs/block_alora.yaml); "
-                   "speculator: MLP speculator heads (configs/speculator_smollm2.yaml)")
+    p.add_argument(
+        "kind",
+        choices=["alora", "lora", "block-adapter", "speculator"],
+        help="adapter kind (sets adapter.kind); block-adapter: the preset's adapter, block-attention data (configs/block_alora.yaml); "
+        "speculator: MLP speculator heads (configs/speculator_smollm2.yaml)",
+    )
     p.add_argument("config", metavar="CONFIG", help="training YAML (configs/alora_answerability.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. steps=50 adapter.r=4")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -230,16 +246,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     """Train (resuming from the run directory's last checkpoint, if any) and export the adapter."""
     from spanjax.config import ConfigError, dump, load
-    from training.config import TrainConfig
-    from training.trainer import train
+    from spanjax.training.config import TrainConfig
+    from spanjax.training.trainer import train
 
     if args.kind == "speculator":
         return _run_train_speculator(args)
     try:
         block = args.kind == "block-adapter"
-        cfg = load(TrainConfig, args.config, list(args.overrides) if block else [*args.overrides, f"adapter.kind={args.kind}"])
+        cfg = load(
+            TrainConfig, args.config, list(args.overrides) if block else [*args.overrides, f"adapter.kind={args.kind}"]
+        )
         if block and cfg.data.source != "nq_blocks":
-            raise UserError(f"train block-adapter: {args.config} has data.source={cfg.data.source!r}; expected nq_blocks (configs/block_alora.yaml)")
+            raise UserError(
+                f"train block-adapter: {args.config} has data.source={cfg.data.source!r}; expected nq_blocks (configs/block_alora.yaml)"
+            )
         if args.print_config:
             print(dump(cfg), end="")
             return 0
@@ -253,8 +273,8 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_train_speculator(args: argparse.Namespace) -> int:
     """Train (or resume) MLP speculator heads and export them in the HF MLPSpeculator format."""
     from spanjax.config import ConfigError, dump, load
-    from training.speculator import train
-    from training.speculator_config import SpeculatorTrainConfig
+    from spanjax.training.speculator import train
+    from spanjax.training.speculator_config import SpeculatorTrainConfig
 
     try:
         cfg = load(SpeculatorTrainConfig, args.config, args.overrides)
@@ -280,10 +300,22 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "generate": Command("generate a completion of one prompt", _add_generate_args, _run_generate),
-    "query": Command("run a span query file (JSON, YAML or s-expression), or print its plan: query plan FILE", _add_query_args, _run_query),
+    "query": Command(
+        "run a span query file (JSON, YAML or s-expression), or print its plan: query plan FILE",
+        _add_query_args,
+        _run_query,
+    ),
     "run": Command("run an experiment config: run CONFIG [KEY=VALUE ...] [--resume RUN_DIR]", _add_run_args, _run_run),
-    "eval": Command("run an experiment preset: eval locality|locality-kv|ttft-rag|ttft-nested [KEY=VALUE ...]", _add_eval_args, _run_eval),
-    "train": Command("train a LoRA / aLoRA adapter or MLP speculator heads: train alora|lora|block-adapter|speculator CONFIG [KEY=VALUE ...] (resumes its run dir)", _add_train_args, _run_train),
+    "eval": Command(
+        "run an experiment preset: eval locality|locality-kv|ttft-rag|ttft-nested [KEY=VALUE ...]",
+        _add_eval_args,
+        _run_eval,
+    ),
+    "train": Command(
+        "train a LoRA / aLoRA adapter or MLP speculator heads: train alora|lora|block-adapter|speculator CONFIG [KEY=VALUE ...] (resumes its run dir)",
+        _add_train_args,
+        _run_train,
+    ),
 }
 
 

@@ -55,7 +55,9 @@ def _coerce(tp, value, key: str):
             raise bad(" (a mapping of fields)")
         return _build(tp, value, key)
     if origin is Literal:
-        if value not in typing.get_args(tp) or isinstance(value, bool) != any(isinstance(a, bool) for a in typing.get_args(tp)):
+        if value not in typing.get_args(tp) or isinstance(value, bool) != any(
+            isinstance(a, bool) for a in typing.get_args(tp)
+        ):
             raise bad()
         return value
     if origin in (Union, types.UnionType):

@@ -29,7 +29,13 @@ TINY_CONFIGS = {
     "llama3": dict(
         arch="llama",
         rope_theta=500000.0,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64),
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
         tie_word_embeddings=False,
     ),
     "llama_tied": dict(arch="llama", tie_word_embeddings=True, eos_token_id=[2, 3]),

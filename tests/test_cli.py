@@ -23,8 +23,17 @@ def _run(*args, timeout=300):
 
 
 def test_generate_json_on_real_model(smollm2_gguf_path):
-    proc = _run("generate", "--model", "smollm2-135m", "--chat", "--prompt", "What is the capital of France?",
-                "--max-tokens", "24", "--json")
+    proc = _run(
+        "generate",
+        "--model",
+        "smollm2-135m",
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "24",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) == 1  # exactly one JSON object on stdout
@@ -46,8 +55,18 @@ def test_generate_json_matches_library(smollm2, monkeypatch):
 
     # Reuse the session's model instead of loading it again (the CLI imports load_model at call time).
     monkeypatch.setattr(loading, "load_model", lambda name, dtype=None: smollm2)
-    args = ["generate", "--model", "smollm2-135m", "--prompt", "The three primary colors are", "--max-tokens", "12",
-            "--stop", "\n\n", "--json"]
+    args = [
+        "generate",
+        "--model",
+        "smollm2-135m",
+        "--prompt",
+        "The three primary colors are",
+        "--max-tokens",
+        "12",
+        "--stop",
+        "\n\n",
+        "--json",
+    ]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main(args) == 0

@@ -10,9 +10,9 @@ from typing import Literal
 import pytest
 import yaml
 
-from eval.experiments import TASKS, load_config
 from spanjax import config as C
 from spanjax.cli import EVAL_PRESETS, main
+from spanjax.eval.experiments import TASKS, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -84,7 +84,7 @@ TRAINING_CONFIGS = [p for p in CONFIGS if _is_training_preset(p)]
 
 @pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: p.name)
 def test_every_training_preset_loads_round_trips_and_overrides(path, tmp_path):
-    from training.config import TrainConfig
+    from spanjax.training.config import TrainConfig
 
     cfg = C.load(TrainConfig, path)
     dumped = tmp_path / "c.yaml"
@@ -99,15 +99,20 @@ def test_every_training_preset_loads_round_trips_and_overrides(path, tmp_path):
 
 @pytest.mark.parametrize("path", SPECULATOR_CONFIGS, ids=lambda p: p.name)
 def test_every_speculator_preset_loads_round_trips_and_overrides(path, tmp_path):
-    from training.speculator_config import SpeculatorTrainConfig
+    from spanjax.training.speculator_config import SpeculatorTrainConfig
 
     cfg = C.load(SpeculatorTrainConfig, path)
     dumped = tmp_path / "c.yaml"
     dumped.write_text(C.dump(cfg))
     assert C.load(SpeculatorTrainConfig, dumped) == cfg
-    o = C.load(SpeculatorTrainConfig, path, ["stage2_steps=7", "speculator.inner_dim=64", "optim.lr=0.001", "name=renamed"])
+    o = C.load(
+        SpeculatorTrainConfig, path, ["stage2_steps=7", "speculator.inner_dim=64", "optim.lr=0.001", "name=renamed"]
+    )
     assert (o.stage2_steps, o.speculator.inner_dim, o.optim.lr, o.name) == (7, 64, 0.001, "renamed")
-    for bad, msg in [("stage1_steps=abc", "stage1_steps: expected int"), ("speculator.unknown=1", "unknown key 'speculator.unknown'")]:
+    for bad, msg in [
+        ("stage1_steps=abc", "stage1_steps: expected int"),
+        ("speculator.unknown=1", "unknown key 'speculator.unknown'"),
+    ]:
         with pytest.raises(C.ConfigError, match=msg):
             C.load(SpeculatorTrainConfig, path, [bad])
     with pytest.raises(ValueError, match="DEV questions only"):  # the held-out questions 2000.. are never trained on
@@ -126,8 +131,12 @@ def test_every_preset_loads_round_trips_and_overrides(path, tmp_path):
     o = load_config(path, ["seed=7", "model=other", "engine.page_size=8", "name=renamed"])
     assert (o.seed, o.model, o.engine.page_size, o.name) == (7, "other", 8, "renamed")
     assert isinstance(o.seed, int)
-    for bad, msg in [("seed=abc", "seed: expected int"), ("eval.unknown=1", "unknown key 'eval.unknown'"),
-                     ("engine.page_size=1.5", "engine.page_size: expected int"), ("task=nope", "unknown task 'nope'")]:
+    for bad, msg in [
+        ("seed=abc", "seed: expected int"),
+        ("eval.unknown=1", "unknown key 'eval.unknown'"),
+        ("engine.page_size=1.5", "engine.page_size: expected int"),
+        ("task=nope", "unknown task 'nope'"),
+    ]:
         with pytest.raises(C.ConfigError, match=msg):
             load_config(path, [bad])
 

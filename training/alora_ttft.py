@@ -1,6 +1,6 @@
 """TTFT of invoking an intrinsic after a cached long context: aLoRA (base cache reused) vs LoRA.
 
-    python -m training.alora_ttft [--alora runs/alora_answerability/adapter] [--lora runs/lora_answerability/adapter]
+    python -m spanjax.training.alora_ttft [--alora runs/alora_answerability/adapter] [--lora runs/lora_answerability/adapter]
                                   [--docs 14] [--reps 3] [--out runs/alora_ttft.json]
 
 For each repetition a fresh ~2k-token context (held-out nq-open-oracle passages
@@ -21,7 +21,7 @@ import time
 
 
 def _context(data, start: int, docs: int) -> tuple[str, str]:
-    from eval.data import passage_text
+    from spanjax.eval.data import passage_text
 
     body = "\n".join(f"Document {k + 1}: {passage_text(data[start + k])}" for k in range(docs))
     return body, data[start]["question"]
@@ -37,15 +37,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/alora_ttft.json")
     args = ap.parse_args(argv)
 
-    from eval.data import HELD_OUT, nq_open_oracle
-    from eval.runs import machine
     from spanjax import config as C
     from spanjax.adapters import load_peft
     from spanjax.engine.engine import Engine, EngineConfig
     from spanjax.engine.executor import run_query
+    from spanjax.eval.data import HELD_OUT, nq_open_oracle
+    from spanjax.eval.runs import machine
     from spanjax.models.loading import load_model
     from spanjax.query import ast as A
-    from training.config import TrainConfig
+    from spanjax.training.config import TrainConfig
 
     cfg = C.load(TrainConfig, args.config)
     model = load_model(cfg.model)
@@ -68,7 +68,12 @@ def main(argv=None) -> dict:
         ):
             g = A.G(model.name, A.Cross(msgs), max_tokens=2, temperature=0.0, adapter=adapter)
             r = run_query(eng, g).final
-            out[name] = {"ttft_s": r.ttft_s, "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens, "text": r.text}
+            out[name] = {
+                "ttft_s": r.ttft_s,
+                "prompt_tokens": r.prompt_tokens,
+                "cached_tokens": r.cached_tokens,
+                "text": r.text,
+            }
         return out
 
     base_q = HELD_OUT.start
@@ -78,7 +83,19 @@ def main(argv=None) -> dict:
     for rep in range(args.reps):
         t0 = time.perf_counter()
         rows.append(one(base_q + rep * args.docs))
-        print(json.dumps({"rep": rep, **{k: {kk: v[kk] for kk in ("ttft_s", "prompt_tokens", "cached_tokens")} for k, v in rows[-1].items()}, "wall_s": time.perf_counter() - t0}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "rep": rep,
+                    **{
+                        k: {kk: v[kk] for kk in ("ttft_s", "prompt_tokens", "cached_tokens")}
+                        for k, v in rows[-1].items()
+                    },
+                    "wall_s": time.perf_counter() - t0,
+                }
+            ),
+            flush=True,
+        )
     med = {k: statistics.median(r[k]["ttft_s"] for r in rows) for k in ("base", "alora", "lora")}
     result = {
         "machine": machine(),
@@ -94,7 +111,11 @@ def main(argv=None) -> dict:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-    print(json.dumps({k: result[k] for k in ("prompt_tokens", "alora_cached_tokens", "median_ttft_s", "speedup_lora_over_alora")}))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("prompt_tokens", "alora_cached_tokens", "median_ttft_s", "speedup_lora_over_alora")}
+        )
+    )
     return result
 
 

@@ -16,13 +16,13 @@ LABELS = ("answerable", "unanswerable")
 
 
 def train_indices(n: int) -> range:
-    from eval.data import DEV
+    from spanjax.eval.data import DEV
 
     return range(DEV.start, DEV.start + min(n, len(DEV)))
 
 
 def heldout_indices(n: int | None = None) -> range:
-    from eval.data import HELD_OUT
+    from spanjax.eval.data import HELD_OUT
 
     return HELD_OUT if n is None else range(HELD_OUT.start, HELD_OUT.start + min(n, len(HELD_OUT)))
 
@@ -35,7 +35,7 @@ def _doc(ctx: dict, max_words: int) -> str:
 def build_records(indices, num_docs: int, max_doc_words: int, seed: int, data=None) -> list[dict]:
     """Conversation records (JSONL rows) for questions `indices`; distractors come from the same range.
     The label and document order of question i depend only on (seed, i)."""
-    from eval.data import nq_open_oracle
+    from spanjax.eval.data import nq_open_oracle
 
     data = nq_open_oracle() if data is None else data
     idx = list(indices)
@@ -48,20 +48,22 @@ def build_records(indices, num_docs: int, max_doc_words: int, seed: int, data=No
         if answerable:
             docs[int(rng.integers(num_docs))] = data[i]["ctxs"][0]
         body = "\n".join(f"Document {k + 1}: {_doc(d, max_doc_words)}" for k, d in enumerate(docs))
-        out.append({
-            "id": i,
-            "label": LABELS[0] if answerable else LABELS[1],
-            "messages": [
-                {"role": "user", "content": f"{body}\n\nQuestion: {data[i]['question']}?"},
-                {"role": "assistant", "content": LABELS[0] if answerable else LABELS[1]},
-            ],
-        })
+        out.append(
+            {
+                "id": i,
+                "label": LABELS[0] if answerable else LABELS[1],
+                "messages": [
+                    {"role": "user", "content": f"{body}\n\nQuestion: {data[i]['question']}?"},
+                    {"role": "assistant", "content": LABELS[0] if answerable else LABELS[1]},
+                ],
+            }
+        )
     return out
 
 
 def label_token_ids(tokenizer) -> tuple[int, int]:
     """First token of each label's completion after the generation prefix (they must differ)."""
-    from training.data import completion_ids
+    from spanjax.training.data import completion_ids
 
     gen = len(tokenizer.generation_prefix_ids())
     first = tuple(completion_ids(tokenizer, lab)[gen] for lab in LABELS)
@@ -71,13 +73,15 @@ def label_token_ids(tokenizer) -> tuple[int, int]:
 
 
 def prompt_tokens(tokenizer, record: dict, invocation_ids, max_prefix: int) -> list[int]:
-    from training.data import prompt_ids
+    from spanjax.training.data import prompt_ids
 
     prefix = prompt_ids(tokenizer, record["messages"][:-1])[-max_prefix:]
     return prefix + list(invocation_ids) + list(tokenizer.generation_prefix_ids())
 
 
-def evaluate_answerability(model, adapter, cfg, num_questions: int | None = None, batch_size: int = 8, progress: bool = True) -> dict:
+def evaluate_answerability(
+    model, adapter, cfg, num_questions: int | None = None, batch_size: int = 8, progress: bool = True
+) -> dict:
     """Accuracy of `adapter` (None = base model) on held-out questions, by comparing the
     logits of the two labels' first tokens after the prompt; plus the majority-class baseline."""
     import jax
@@ -104,8 +108,9 @@ def evaluate_answerability(model, adapter, cfg, num_questions: int | None = None
         return lg[:, pos_id] - lg[:, neg_id]
 
     preds = []
-    from tqdm import tqdm
     import os
+
+    from tqdm import tqdm
 
     it = range(0, len(prompts), batch_size)
     for s in tqdm(it, desc="eval answerability", disable=not progress or bool(os.environ.get("SPANJAX_NO_PROGRESS"))):
@@ -126,7 +131,10 @@ def evaluate_answerability(model, adapter, cfg, num_questions: int | None = None
     gold = [r["label"] for r in recs]
     correct = [p == g for p, g in zip(preds, gold)]
     n_pos = sum(g == LABELS[0] for g in gold)
-    per = {lab: float(np.mean([c for c, g in zip(correct, gold) if g == lab])) if any(g == lab for g in gold) else None for lab in LABELS}
+    per = {
+        lab: float(np.mean([c for c, g in zip(correct, gold) if g == lab])) if any(g == lab for g in gold) else None
+        for lab in LABELS
+    }
     return {
         "questions": f"{recs[0]['id']}..{recs[-1]['id']}",
         "n": len(recs),

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.rope import apply_rope
 from spanjax.adapters import bank_from_weights, invocation_start
+from spanjax.kernels.rope import apply_rope
 from spanjax.models import llama
 
 SOURCE = "nq_blocks"
@@ -47,8 +47,19 @@ SOURCE = "nq_blocks"
 # ---------------------------------------------------------------------------- the masked forward
 
 
-def forward_masked(params, cfg, tokens, positions, mask, *, context=None, adapter=None, adapter_mask=None,
-                   collect_kv: bool = False, remat: bool = False):
+def forward_masked(
+    params,
+    cfg,
+    tokens,
+    positions,
+    mask,
+    *,
+    context=None,
+    adapter=None,
+    adapter_mask=None,
+    collect_kv: bool = False,
+    remat: bool = False,
+):
     """Decoder over tokens/positions [B, T] whose attention is `mask` [B, T, C + T] over
     `context` keys (C of them) followed by the tokens' own keys.
 
@@ -78,7 +89,9 @@ def forward_masked(params, cfg, tokens, positions, mask, *, context=None, adapte
         cache = (jnp.zeros(shape, params.embed.dtype), jnp.zeros(shape, params.embed.dtype))
     else:
         cache = jnp.zeros((cfg.num_layers,))
-    hidden, cache = llama.decoder(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache, attention, adapter, adapter_mask)
+    hidden, cache = llama.decoder(
+        params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache, attention, adapter, adapter_mask
+    )
     return hidden, (cache if collect_kv else None)
 
 
@@ -115,9 +128,9 @@ def opening_ids(tokenizer, role: str, text: str) -> tuple[int, ...]:
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
     """What the engine generates for `answer`: the assistant text and the end of turn (the first eos)."""
-    from training.data import completion_ids
+    from spanjax.training.data import completion_ids
 
-    ids = completion_ids(tokenizer, answer)[len(tokenizer.generation_prefix_ids()):]
+    ids = completion_ids(tokenizer, answer)[len(tokenizer.generation_prefix_ids()) :]
     eos = set(getattr(tokenizer, "eos_token_ids", ()))
     cut = next((i for i, t in enumerate(ids) if t in eos), len(ids) - 1)
     return list(ids[: cut + 1])
@@ -138,7 +151,9 @@ def with_continuation(plan, ids):
     engine places generated tokens (they see what the final span sees, and it)."""
     last = plan.spans[-1]
     pos = tuple(range(last.positions[-1] + 1, last.positions[-1] + 1 + len(ids)))
-    ext = dataclasses.replace(last, token_ids=tuple(last.token_ids) + tuple(int(t) for t in ids), positions=tuple(last.positions) + pos)
+    ext = dataclasses.replace(
+        last, token_ids=tuple(last.token_ids) + tuple(int(t) for t in ids), positions=tuple(last.positions) + pos
+    )
     return dataclasses.replace(plan, spans=plan.spans[:-1] + (ext,))
 
 
@@ -152,7 +167,7 @@ def lower_plan(plan, answer=()) -> Lowered:
 def lower_example(ex, pos: int, policy: str, tokenizer, model_name: str, page_size: int, answer) -> Lowered:
     """eval/locality.py's span query for (example, gold position, position policy), lowered
     as the engine lowers it, with `answer` ids continuing it."""
-    from eval.locality import make_g
+    from spanjax.eval.locality import make_g
     from spanjax.query.lower import lower
 
     g = make_g(ex, pos, f"span-{policy}", model_name, max_tokens=max(len(answer), 1))
@@ -161,11 +176,13 @@ def lower_example(ex, pos: int, policy: str, tokenizer, model_name: str, page_si
 
 def source_examples(data, seed: int, tokenizer):
     """eval/locality.py Examples for DEV questions 0..num_train_questions-1 (K = data.num_docs)."""
-    from eval.data import DEV
-    from eval.locality import LocalityEval, nq_examples
+    from spanjax.eval.data import DEV
+    from spanjax.eval.locality import LocalityEval, nq_examples
 
     n = min(data.num_train_questions, len(DEV))
-    ev = LocalityEval(split="dev", num_docs=data.num_docs, num_questions=n, max_doc_tokens=data.max_doc_tokens, variants=("stock",))
+    ev = LocalityEval(
+        split="dev", num_docs=data.num_docs, num_questions=n, max_doc_tokens=data.max_doc_tokens, variants=("stock",)
+    )
     exs = nq_examples(ev, seed, tokenizer)
     assert all(ex.index in DEV for ex in exs), "block-adapter data must come from the DEV split only"
     return exs
@@ -187,7 +204,9 @@ class BlockBatch:
     loss_mask: np.ndarray  # [B, A] float
 
 
-jax.tree_util.register_dataclass(BlockBatch, data_fields=[f.name for f in dataclasses.fields(BlockBatch)], meta_fields=[])
+jax.tree_util.register_dataclass(
+    BlockBatch, data_fields=[f.name for f in dataclasses.fields(BlockBatch)], meta_fields=[]
+)
 
 
 def make_block_batch(items: list[Lowered], P: int, S: int, A: int, invocation=None) -> BlockBatch:
@@ -198,7 +217,11 @@ def make_block_batch(items: list[Lowered], P: int, S: int, A: int, invocation=No
     pre, pre_pos, pre_mask = np.zeros((B, P), np.int32), np.zeros((B, P), np.int32), eye(P)
     suf, suf_pos = np.zeros((B, S), np.int32), np.zeros((B, S), np.int32)
     suf_mask = np.concatenate([np.zeros((B, S, P), bool), eye(S)], axis=2)
-    label_index, labels, loss_mask = np.zeros((B, A), np.int32), np.zeros((B, A), np.int32), np.zeros((B, A), np.float32)
+    label_index, labels, loss_mask = (
+        np.zeros((B, A), np.int32),
+        np.zeros((B, A), np.int32),
+        np.zeros((B, A), np.float32),
+    )
     for b, it in enumerate(items):
         n = len(it.tokens)
         k = 0
@@ -208,7 +231,9 @@ def make_block_batch(items: list[Lowered], P: int, S: int, A: int, invocation=No
                 raise ValueError("a training prompt lacks the aLoRA invocation (the question message's opening)")
         na = n - it.answer_start
         if k > P or n - k > S or na > A:
-            raise ValueError(f"sequence of {k} prefix / {n - k} suffix / {na} answer tokens exceeds the batch shape {P}/{S}/{A}")
+            raise ValueError(
+                f"sequence of {k} prefix / {n - k} suffix / {na} answer tokens exceeds the batch shape {P}/{S}/{A}"
+            )
         pre[b, :k], pre_pos[b, :k] = it.tokens[:k], it.positions[:k]
         pre_mask[b, :k, :k] = it.mask[:k, :k]
         suf[b, : n - k], suf_pos[b, : n - k] = it.tokens[k:], it.positions[k:]
@@ -225,10 +250,12 @@ def make_block_batch(items: list[Lowered], P: int, S: int, A: int, invocation=No
 
 def block_loss(weights, rng, params, model_cfg, adapter_cfg, batch: BlockBatch, context):
     """Mean NLL of the answer tokens (adapter on every suffix token), and their count."""
-    from training.trainer import masked_nll
+    from spanjax.training.trainer import masked_nll
 
     bank = bank_from_weights(weights, adapter_cfg.scale, adapter_cfg.dropout, rng)
-    h, _ = forward_masked(params, model_cfg, batch.suffix, batch.suffix_pos, batch.suffix_mask, context=context, adapter=bank, remat=True)
+    h, _ = forward_masked(
+        params, model_cfg, batch.suffix, batch.suffix_pos, batch.suffix_mask, context=context, adapter=bank, remat=True
+    )
     h = jnp.take_along_axis(h, batch.label_index[..., None], axis=1)
     return masked_nll(params, model_cfg, h, batch.labels, batch.loss_mask)
 
@@ -243,7 +270,7 @@ def base_context(params, model_cfg, batch: BlockBatch):
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "adapter_cfg", "optim", "steps", "seed"))
 def _block_train_step(params, state, batch: BlockBatch, *, model_cfg, adapter_cfg, optim, steps, seed):
-    from training.trainer import apply_update
+    from spanjax.training.trainer import apply_update
 
     context = base_context(params, model_cfg, batch)
     loss_fn = lambda weights, rng: block_loss(weights, rng, params, model_cfg, adapter_cfg, batch, context)  # noqa: E731
@@ -256,13 +283,15 @@ def _block_train_step(params, state, batch: BlockBatch, *, model_cfg, adapter_cf
 def prepare(cfg, model, run_dir: Path):
     """training/trainer.py's setup for `data.source: nq_blocks`: (adapter config,
     batch_for_step, train_step, optimizer). Writes run_dir/data.json (what was used)."""
-    from training.data import batch_indices
-    from training.trainer import adapter_config, make_optimizer
+    from spanjax.training.data import batch_indices
+    from spanjax.training.trainer import adapter_config, make_optimizer
 
     d = cfg.data
     if cfg.eval.num_questions:
-        raise ValueError("eval.num_questions: a block adapter is evaluated by the locality variants "
-                         "(eval/locality.py, e.g. span-parallel+alora); set eval.num_questions=0")
+        raise ValueError(
+            "eval.num_questions: a block adapter is evaluated by the locality variants "
+            "(eval/locality.py, e.g. span-parallel+alora); set eval.num_questions=0"
+        )
     if not d.position_policies or d.num_docs < 1:
         raise ValueError("data.position_policies must be non-empty and data.num_docs >= 1")
     tok = MemoTokenizer(model.tokenizer)
@@ -278,7 +307,9 @@ def prepare(cfg, model, run_dir: Path):
         low = lower_example(ex, 0, d.position_policies[0], tok, model.name, d.page_size, ans)
         k = invocation_start(low.tokens[: low.answer_start], inv)
         if k is None:
-            raise ValueError(f"question {ex.index}: the prompt lacks the invocation {d.invocation!r} (data.invocation must open the question message)")
+            raise ValueError(
+                f"question {ex.index}: the prompt lacks the invocation {d.invocation!r} (data.invocation must open the question message)"
+            )
         n = len(low.tokens)
         if len(ans) > A or (alora and (k > P or n - k > S)) or (not alora and n > S):
             dropped.append(ex.index)
@@ -287,11 +318,21 @@ def prepare(cfg, model, run_dir: Path):
         answers.append(ans)
     if not kept:
         raise ValueError("no training example fits data.max_prefix_tokens / max_suffix_tokens / max_answer_tokens")
-    (run_dir / "data.json").write_text(json.dumps({
-        "source": SOURCE, "questions": [kept[0].index, kept[-1].index], "num_examples": len(kept),
-        "dropped_too_long": dropped, "num_docs": d.num_docs, "position_policies": list(d.position_policies),
-        "invocation_ids": list(inv) if alora else None, "shape": {"prefix": P, "suffix": S, "answer": A},
-    }, indent=1))
+    (run_dir / "data.json").write_text(
+        json.dumps(
+            {
+                "source": SOURCE,
+                "questions": [kept[0].index, kept[-1].index],
+                "num_examples": len(kept),
+                "dropped_too_long": dropped,
+                "num_docs": d.num_docs,
+                "position_policies": list(d.position_policies),
+                "invocation_ids": list(inv) if alora else None,
+                "shape": {"prefix": P, "suffix": S, "answer": A},
+            },
+            indent=1,
+        )
+    )
 
     def batch_for_step(step: int) -> BlockBatch:
         items = []
@@ -303,8 +344,16 @@ def prepare(cfg, model, run_dir: Path):
         return make_block_batch(items, P, S, A, inv if alora else None)
 
     def train_step(state, batch):
-        return _block_train_step(model.params, state, batch, model_cfg=model.cfg, adapter_cfg=acfg, optim=cfg.optim,
-                                 steps=cfg.steps, seed=cfg.seed)
+        return _block_train_step(
+            model.params,
+            state,
+            batch,
+            model_cfg=model.cfg,
+            adapter_cfg=acfg,
+            optim=cfg.optim,
+            steps=cfg.steps,
+            seed=cfg.seed,
+        )
 
     return acfg, batch_for_step, train_step, make_optimizer(cfg.optim, cfg.steps)
 
@@ -317,13 +366,15 @@ def _answer_loss(weights, params, batch: BlockBatch, *, model_cfg, adapter_cfg):
     return block_loss(weights, None, params, model_cfg, adapter_cfg, batch, base_context(params, model_cfg, batch))
 
 
-def answer_loss(model, cfg, adapter=None, questions=range(0, 32), position: int | None = None, batch_size: int = 4) -> dict:
+def answer_loss(
+    model, cfg, adapter=None, questions=range(0, 32), position: int | None = None, batch_size: int = 4
+) -> dict:
     """Mean answer-token NLL over DEV `questions` (indices into the training examples of `cfg`),
     gold at `position` (None: the last document), under each of `cfg.data.position_policies`;
     `adapter` None = the base model (an adapter with B = 0). Forward only; for a loss-falls
     check of a run. Accuracy is eval/locality.py's job."""
     from spanjax.adapters import init_adapter
-    from training.trainer import adapter_config
+    from spanjax.training.trainer import adapter_config
 
     d = cfg.data
     tok = MemoTokenizer(model.tokenizer)
@@ -336,7 +387,10 @@ def answer_loss(model, cfg, adapter=None, questions=range(0, 32), position: int 
     pos = d.num_docs - 1 if position is None else position
     out = {}
     for policy in d.position_policies:
-        items = [lower_example(exs[q], pos, policy, tok, model.name, d.page_size, answer_ids(tok, exs[q].answers[0])) for q in questions]
+        items = [
+            lower_example(exs[q], pos, policy, tok, model.name, d.page_size, answer_ids(tok, exs[q].answers[0]))
+            for q in questions
+        ]
         P = max(invocation_start(i.tokens[: i.answer_start], inv) for i in items) if alora else 0
         S = max(len(i.tokens) for i in items) - P
         P, S = -(-P // 64) * 64, -(-S // 64) * 64

@@ -50,7 +50,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
             msgs = rec.get("messages") if isinstance(rec, dict) else None
             if not msgs or not isinstance(msgs, list) or msgs[-1].get("role") != "assistant":
-                raise ValueError(f"{path}:{n}: expected {{\"messages\": [..., {{\"role\": \"assistant\", ...}}]}}")
+                raise ValueError(f'{path}:{n}: expected {{"messages": [..., {{"role": "assistant", ...}}]}}')
             out.append(rec)
     if not out:
         raise ValueError(f"{path}: no examples")

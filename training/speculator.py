@@ -44,10 +44,19 @@ import optax
 
 from spanjax.models import llama
 from spanjax.models import speculator as S
-from training.checkpoint import Checkpointer
-from training.data import batch_indices, prompt_ids
-from training.speculator_config import SpeculatorTrainConfig
-from training.trainer import CONFIG_FILE, METRICS_FILE, SimulatedCrash, _progress, _truncate_metrics, make_optimizer, make_schedule
+from spanjax.training.checkpoint import Checkpointer
+from spanjax.training.data import batch_indices, prompt_ids
+from spanjax.training.speculator_config import SpeculatorTrainConfig
+from spanjax.training.trainer import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SimulatedCrash,
+    _progress,
+    _truncate_metrics,
+    make_optimizer,
+    make_schedule,
+)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -60,8 +69,12 @@ class SpecTrainState:
 def speculator_config(cfg: SpeculatorTrainConfig, model_cfg, vocab_size: int | None = None) -> S.SpeculatorConfig:
     s = cfg.speculator
     return S.SpeculatorConfig(
-        emb_dim=model_cfg.hidden_size, vocab_size=vocab_size or model_cfg.vocab_size, inner_dim=s.inner_dim,
-        n_predict=s.n_predict, tie_weights=s.tie_weights, scale_input=s.scale_input,
+        emb_dim=model_cfg.hidden_size,
+        vocab_size=vocab_size or model_cfg.vocab_size,
+        inner_dim=s.inner_dim,
+        n_predict=s.n_predict,
+        tie_weights=s.tie_weights,
+        scale_input=s.scale_input,
     )
 
 
@@ -82,9 +95,14 @@ def train_vocab_lut(datas: list[dict], limit: int, V: int) -> np.ndarray:
 
 def expand_vocab(params: S.SpeculatorParams, lut: np.ndarray) -> S.SpeculatorParams:
     """Training-vocabulary weights -> full-vocabulary weights (rare tokens share the last row/column)."""
-    return S.SpeculatorParams(emb=np.asarray(params.emb)[:, lut], proj0=np.asarray(params.proj0), proj=np.asarray(params.proj),
-                              ln_weight=np.asarray(params.ln_weight), ln_bias=np.asarray(params.ln_bias),
-                              head=np.asarray(params.head)[:, :, lut])
+    return S.SpeculatorParams(
+        emb=np.asarray(params.emb)[:, lut],
+        proj0=np.asarray(params.proj0),
+        proj=np.asarray(params.proj),
+        ln_weight=np.asarray(params.ln_weight),
+        ln_bias=np.asarray(params.ln_bias),
+        head=np.asarray(params.head)[:, :, lut],
+    )
 
 
 # ---------------------------------------------------------------------------- loss and step
@@ -136,13 +154,21 @@ def simulated_tokens_per_forward(correct: np.ndarray, lengths: np.ndarray) -> fl
     return emitted / max(forwards, 1)
 
 
-def validate(params, spec_cfg: S.SpeculatorConfig, data: dict, idx: np.ndarray, lut: np.ndarray | None, batch: int = 16) -> dict:
+def validate(
+    params, spec_cfg: S.SpeculatorConfig, data: dict, idx: np.ndarray, lut: np.ndarray | None, batch: int = 16
+) -> dict:
     """On examples `idx` of `data`: per-head top-1 and the simulated tokens per verification
     forward of the greedy draft, and of draft trees of 2 and 3 candidates (engine
     `speculative_candidates`: head 0's top 2 or 3, each continued greedily)."""
     rare = -1 if lut is None else int(lut.max())
-    ranks = np.concatenate([np.asarray(_target_ranks(params, spec_cfg, *make_batch(data, idx[b : b + batch], spec_cfg.n_predict, lut), rare))
-                            for b in range(0, len(idx), batch)])
+    ranks = np.concatenate(
+        [
+            np.asarray(
+                _target_ranks(params, spec_cfg, *make_batch(data, idx[b : b + batch], spec_cfg.n_predict, lut), rare)
+            )
+            for b in range(0, len(idx), batch)
+        ]
+    )
     mask = data["mask"][idx] > 0
     top1 = ranks == 0
     out = {f"val_acc_{i}": float(top1[..., i][mask].mean()) for i in range(spec_cfg.n_predict)}
@@ -158,10 +184,18 @@ def validate(params, spec_cfg: S.SpeculatorConfig, data: dict, idx: np.ndarray, 
 @functools.partial(jax.jit, static_argnames=("spec_cfg", "optim", "steps"), donate_argnums=(0,))
 def _train_step(state: SpecTrainState, hidden, tokens, mask, *, spec_cfg, optim, steps):
     optimizer, schedule = make_optimizer(optim, steps), make_schedule(optim, steps)
-    (loss, (per_head, acc)), grads = jax.value_and_grad(speculator_loss, has_aux=True)(state.params, spec_cfg, hidden, tokens, mask)
+    (loss, (per_head, acc)), grads = jax.value_and_grad(speculator_loss, has_aux=True)(
+        state.params, spec_cfg, hidden, tokens, mask
+    )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), "per_head": per_head, "acc": acc}
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": schedule(state.step),
+        "per_head": per_head,
+        "acc": acc,
+    }
     return SpecTrainState(state.step + 1, params, opt_state), metrics
 
 
@@ -170,7 +204,7 @@ def _train_step(state: SpecTrainState, hidden, tokens, mask, *, spec_cfg, optim,
 
 def _nq_rows(n: int) -> list[dict]:
     """nq-open-oracle records 0..n-1 (n <= 2000: the DEV split; the config checks it)."""
-    from eval.data import nq_open_oracle
+    from spanjax.eval.data import nq_open_oracle
 
     return nq_open_oracle()[:n]
 
@@ -182,7 +216,7 @@ def _jsonl(path) -> list[dict]:
 def stage1_sequences(cfg: SpeculatorTrainConfig, tokenizer) -> list[list[int]]:
     d = cfg.data
     if d.stage1_source == "nq_passages":
-        from eval.data import passage_text
+        from spanjax.eval.data import passage_text
 
         texts = [passage_text(r) for r in _nq_rows(d.stage1_examples)]
     else:
@@ -222,9 +256,18 @@ def generate_stage2(cfg: SpeculatorTrainConfig, model, path: Path) -> list[dict]
     with open(path, "a") as f:
         for b in range(len(rows), len(jobs), d.gen_batch_size):
             chunk, temps = zip(*jobs[b : b + d.gen_batch_size])
-            sps = [SamplingParams(max_tokens=d.max_new_tokens, temperature=t, seed=cfg.seed * 100003 + b + i) for i, t in enumerate(temps)]
-            new = [{"prompt": p, "temperature": sp.temperature, "completion": list(r.token_ids) + (eos[:1] if r.finish_reason == "eos" else [])}
-                   for p, sp, r in zip(chunk, sps, generate(model, list(chunk), sps))]
+            sps = [
+                SamplingParams(max_tokens=d.max_new_tokens, temperature=t, seed=cfg.seed * 100003 + b + i)
+                for i, t in enumerate(temps)
+            ]
+            new = [
+                {
+                    "prompt": p,
+                    "temperature": sp.temperature,
+                    "completion": list(r.token_ids) + (eos[:1] if r.finish_reason == "eos" else []),
+                }
+                for p, sp, r in zip(chunk, sps, generate(model, list(chunk), sps))
+            ]
             f.write("".join(json.dumps(r) + "\n" for r in new))
             f.flush()
             os.fsync(f.fileno())
@@ -321,7 +364,9 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
     if cfg_path.exists():
         old = C.from_dict(SpeculatorTrainConfig, C.read_yaml(cfg_path))
         if old != cfg:
-            raise C.ConfigError(f"{run_dir} holds a run of a different config ({'; '.join(C.diff(old, cfg))}); use another name")
+            raise C.ConfigError(
+                f"{run_dir} holds a run of a different config ({'; '.join(C.diff(old, cfg))}); use another name"
+            )
     else:
         cfg_path.write_text(C.dump(cfg))
     if model is None:
@@ -348,8 +393,11 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
     lut = None
     if cfg.speculator.train_vocab:  # the training vocabulary depends on all the training data: prepare it first
         seen = lambda d, idx: d if idx is None else {"tokens": d["tokens"][idx], "mask": d["mask"][idx]}
-        lut = train_vocab_lut([seen(load_stage(s), train_idx[s]) for s, n in ((1, cfg.stage1_steps), (2, cfg.stage2_steps)) if n],
-                              cfg.speculator.train_vocab, model.cfg.vocab_size)
+        lut = train_vocab_lut(
+            [seen(load_stage(s), train_idx[s]) for s, n in ((1, cfg.stage1_steps), (2, cfg.stage2_steps)) if n],
+            cfg.speculator.train_vocab,
+            model.cfg.vocab_size,
+        )
     spec_cfg = speculator_config(cfg, model.cfg, None if lut is None else int(lut.max()) + 1)
     optimizer = make_optimizer(cfg.optim, cfg.steps)
     params = S.init_speculator(spec_cfg, jax.random.PRNGKey(cfg.seed))
@@ -370,14 +418,28 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
                 t0 = time.perf_counter()
                 local = step if stage == 1 else step - cfg.stage1_steps
                 pool = train_idx[stage]
-                idx = batch_indices(len(d["tokens"]) if pool is None else len(pool), cfg.batch_size, local, cfg.seed + stage)
+                idx = batch_indices(
+                    len(d["tokens"]) if pool is None else len(pool), cfg.batch_size, local, cfg.seed + stage
+                )
                 idx = idx if pool is None else pool[idx]
-                state, m = _train_step(state, *make_batch(d, idx, spec_cfg.n_predict, lut), spec_cfg=spec_cfg, optim=cfg.optim, steps=cfg.steps)
+                state, m = _train_step(
+                    state,
+                    *make_batch(d, idx, spec_cfg.n_predict, lut),
+                    spec_cfg=spec_cfg,
+                    optim=cfg.optim,
+                    steps=cfg.steps,
+                )
                 m = jax.device_get(m)
                 dt = time.perf_counter() - t0
                 timings["train_s"] += dt
                 done = step + 1
-                line = {"step": done, "stage": stage, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])}
+                line = {
+                    "step": done,
+                    "stage": stage,
+                    "loss": float(m["loss"]),
+                    "grad_norm": float(m["grad_norm"]),
+                    "lr": float(m["lr"]),
+                }
                 line.update({f"loss_{i}": float(v) for i, v in enumerate(m["per_head"])})
                 line.update({f"acc_{i}": float(v) for i, v in enumerate(m["acc"])})
                 validating = val_idx is not None and (done % cfg.eval_every == 0 or done == cfg.steps)
@@ -390,8 +452,12 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     ckpt.save(done, state, force=True)
                 bar.update(1)
-                bar.set_postfix(stage=stage, loss=f"{line['loss']:.3f}", acc0=f"{line['acc_0']:.2f}",
-                                **({"val_tpf": f"{val['val_tokens_per_forward']:.2f}"} if val else {}))
+                bar.set_postfix(
+                    stage=stage,
+                    loss=f"{line['loss']:.3f}",
+                    acc0=f"{line['acc_0']:.2f}",
+                    **({"val_tpf": f"{val['val_tokens_per_forward']:.2f}"} if val else {}),
+                )
                 if crash_after_step is not None and done == crash_after_step:
                     raise SimulatedCrash(f"simulated kill after step {done}")
     finally:

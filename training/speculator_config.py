@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from training.config import OptimSection
+from spanjax.training.config import OptimSection
 
 DEV_QUESTIONS = 2000  # nq-open-oracle questions 0..1999; 2000..2654 are held out and never trained on
 
@@ -82,7 +82,9 @@ class SpeculatorTrainConfig:
         if d.stage2_source == "nq_questions" and not 0 < d.stage2_prompts <= DEV_QUESTIONS:
             raise ValueError(f"data.stage2_prompts must lie in 1..{DEV_QUESTIONS} (DEV questions only)")
         if not 0 <= d.sampled_prompts <= d.stage2_prompts or d.sample_temperature <= 0:
-            raise ValueError("data.sampled_prompts must lie in 0..data.stage2_prompts and data.sample_temperature be > 0")
+            raise ValueError(
+                "data.sampled_prompts must lie in 0..data.stage2_prompts and data.sample_temperature be > 0"
+            )
         if d.val_prompts and not (self.stage2_steps and 0 < d.val_prompts < d.stage2_prompts):
             raise ValueError("data.val_prompts needs stage-2 steps and must lie in 0..data.stage2_prompts - 1")
         if d.seq_len < 2 or d.max_new_tokens < 1:

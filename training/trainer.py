@@ -30,9 +30,9 @@ import optax
 
 from spanjax.adapters import Adapter, AdapterConfig, AdapterWeights, bank_from_weights, export_peft, init_adapter
 from spanjax.models import llama
-from training.checkpoint import Checkpointer
-from training.config import TrainConfig
-from training.data import Batch, Example, batch_indices, encode_example, make_batch, read_jsonl
+from spanjax.training.checkpoint import Checkpointer
+from spanjax.training.config import TrainConfig
+from spanjax.training.data import Batch, batch_indices, encode_example, make_batch, read_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -55,7 +55,10 @@ jax.tree_util.register_dataclass(TrainState, data_fields=["step", "weights", "op
 def make_schedule(optim, steps: int):
     warmup = min(optim.warmup_steps, max(steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=optim.lr, warmup_steps=warmup, decay_steps=max(steps, warmup + 1),
+        init_value=0.0,
+        peak_value=optim.lr,
+        warmup_steps=warmup,
+        decay_steps=max(steps, warmup + 1),
         end_value=optim.lr * optim.end_lr_fraction,
     )
 
@@ -116,7 +119,9 @@ def make_train_step(params, model_cfg, adapter_cfg: AdapterConfig, optim, steps:
     """`train_step(state, batch) -> (state, metrics)`, jitted, with the frozen base params bound."""
 
     def train_step(state: TrainState, batch: Batch):
-        return _train_step(params, state, batch, model_cfg=model_cfg, adapter_cfg=adapter_cfg, optim=optim, steps=steps, seed=seed)
+        return _train_step(
+            params, state, batch, model_cfg=model_cfg, adapter_cfg=adapter_cfg, optim=optim, steps=steps, seed=seed
+        )
 
     return train_step, make_optimizer(optim, steps)
 
@@ -127,18 +132,24 @@ def make_train_step(params, model_cfg, adapter_cfg: AdapterConfig, optim, steps:
 def adapter_config(cfg: TrainConfig, invocation_ids) -> AdapterConfig:
     a = cfg.adapter
     return AdapterConfig(
-        kind=a.kind, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.target_modules,
+        kind=a.kind,
+        r=a.r,
+        alpha=a.alpha,
+        dropout=a.dropout,
+        target_modules=a.target_modules,
         invocation_tokens=tuple(invocation_ids) if a.kind == "alora" else None,
     )
 
 
 def load_records(cfg: TrainConfig, run_dir: Path) -> list[dict]:
     if cfg.data.source == "answerability":
-        from training.answerability import build_records, train_indices
+        from spanjax.training.answerability import build_records, train_indices
 
         path = run_dir / "train.jsonl"
         if not path.exists():  # written once; a resumed run reads the same file
-            recs = build_records(train_indices(cfg.data.num_train_questions), cfg.data.num_docs, cfg.data.max_doc_words, cfg.seed)
+            recs = build_records(
+                train_indices(cfg.data.num_train_questions), cfg.data.num_docs, cfg.data.max_doc_words, cfg.seed
+            )
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
             os.replace(tmp, path)
@@ -153,7 +164,9 @@ def prepare_conversations(cfg: TrainConfig, model, run_dir: Path):
     inv_ids = list(tok.encode_message(cfg.data.invocation_role, cfg.data.invocation))
     acfg = adapter_config(cfg, inv_ids)
     records = load_records(cfg, run_dir)
-    examples = [encode_example(tok, r, inv_ids, cfg.data.max_prefix_tokens, cfg.data.max_suffix_tokens) for r in records]
+    examples = [
+        encode_example(tok, r, inv_ids, cfg.data.max_prefix_tokens, cfg.data.max_suffix_tokens) for r in records
+    ]
     lora = acfg.kind == "lora"
     P, S = cfg.data.max_prefix_tokens, cfg.data.max_suffix_tokens + (cfg.data.max_prefix_tokens if lora else 0)
 
@@ -182,7 +195,9 @@ def _truncate_metrics(path: Path, upto: int) -> None:
 def _progress(total, initial, desc):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=bool(os.environ.get("SPANJAX_NO_PROGRESS")))
+    return tqdm(
+        total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=bool(os.environ.get("SPANJAX_NO_PROGRESS"))
+    )
 
 
 def train(cfg: TrainConfig, model=None, crash_after_step: int | None = None) -> dict:
@@ -200,7 +215,9 @@ def train(cfg: TrainConfig, model=None, crash_after_step: int | None = None) -> 
     if cfg_path.exists():
         old = C.from_dict(TrainConfig, C.read_yaml(cfg_path))
         if old != cfg:
-            raise C.ConfigError(f"{run_dir} holds a run of a different config ({'; '.join(C.diff(old, cfg))}); use another name")
+            raise C.ConfigError(
+                f"{run_dir} holds a run of a different config ({'; '.join(C.diff(old, cfg))}); use another name"
+            )
     else:
         cfg_path.write_text(C.dump(cfg))
     if model is None:
@@ -208,7 +225,7 @@ def train(cfg: TrainConfig, model=None, crash_after_step: int | None = None) -> 
 
         model = load_model(cfg.model)
     if cfg.data.source == "nq_blocks":  # block-attention adapter (training/block_adapter.py)
-        from training.block_adapter import prepare
+        from spanjax.training.block_adapter import prepare
     else:
         prepare = prepare_conversations
     acfg, batch_for_step, train_step, optimizer = prepare(cfg, model, run_dir)
@@ -242,11 +259,18 @@ def train(cfg: TrainConfig, model=None, crash_after_step: int | None = None) -> 
         ckpt.close()
     adapter = Adapter(acfg, jax.tree_util.tree_map(np.asarray, state.weights))
     export_peft(adapter, str(run_dir / "adapter"), base_model_name_or_path=cfg.model)
-    summary = {"run_dir": str(run_dir), "steps": cfg.steps, "resumed_from": start, "train_s": time.perf_counter() - t_run}
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": cfg.steps,
+        "resumed_from": start,
+        "train_s": time.perf_counter() - t_run,
+    }
     if cfg.eval.num_questions:
-        from training.answerability import evaluate_answerability
+        from spanjax.training.answerability import evaluate_answerability
 
-        ev = evaluate_answerability(model, adapter, cfg, num_questions=cfg.eval.num_questions, batch_size=cfg.eval.batch_size)
+        ev = evaluate_answerability(
+            model, adapter, cfg, num_questions=cfg.eval.num_questions, batch_size=cfg.eval.batch_size
+        )
         (run_dir / "eval.json").write_text(json.dumps(ev, indent=2))
         summary["eval"] = ev
     return summary

@@ -1,6 +1,6 @@
 """Pick the span-attention implementation the engine calls.
 
-    from kernels.span_attention import span_attention, get_attention_impl
+    from spanjax.kernels.span_attention import span_attention, get_attention_impl
     out = span_attention(q, k_pages, v_pages, block_tables, block_pos, block_lens,
                          cu_q_lens, q_pos, rope_inv_freq=..., sm_scale=...)
     forward_paged(..., attention_impl=get_attention_impl())
@@ -19,8 +19,8 @@ import os
 
 import jax
 
-from kernels.span_attention import tuning
-from kernels.span_attention.reference import span_attention_reference
+from spanjax.kernels.span_attention import tuning
+from spanjax.kernels.span_attention.reference import span_attention_reference
 
 IMPLS = ("auto", "reference", "xla", "pallas", "pallas_gpu", "pallas_tpu")
 
@@ -31,7 +31,9 @@ def resolve_impl(impl=None, backend=None) -> str:
         raise ValueError(f"unknown span attention impl {impl!r}; choose from {IMPLS}")
     backend = backend or jax.default_backend()
     if impl == "auto":
-        return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla")
+        return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}.get(
+            backend, "xla"
+        )
     if impl == "pallas":
         return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
     return impl
@@ -61,16 +63,32 @@ def span_attention(
     """The engine's entry point; same contract as `span_attention_reference`."""
     which = resolve_impl(impl)
     if which == "xla":
-        from kernels.span_attention.xla import span_attention_xla
+        from spanjax.kernels.span_attention.xla import span_attention_xla
 
         return span_attention_xla(
-            q, k_pages, v_pages, block_tables, block_pos, block_lens, cu_q_lens, q_pos,
-            rope_inv_freq=rope_inv_freq, sm_scale=sm_scale,
+            q,
+            k_pages,
+            v_pages,
+            block_tables,
+            block_pos,
+            block_lens,
+            cu_q_lens,
+            q_pos,
+            rope_inv_freq=rope_inv_freq,
+            sm_scale=sm_scale,
         )
     if which == "reference" or (which == "pallas_gpu" and not _gpu_ok(q, k_pages)):
         return span_attention_reference(
-            q, k_pages, v_pages, block_tables, block_pos, block_lens, cu_q_lens, q_pos,
-            rope_inv_freq=rope_inv_freq, sm_scale=sm_scale,
+            q,
+            k_pages,
+            v_pages,
+            block_tables,
+            block_pos,
+            block_lens,
+            cu_q_lens,
+            q_pos,
+            rope_inv_freq=rope_inv_freq,
+            sm_scale=sm_scale,
         )
     variant = "gpu" if which == "pallas_gpu" else "tpu"
     if interpret is None:
@@ -82,10 +100,12 @@ def span_attention(
     cfg.update(config or {})
     args = (q, k_pages, v_pages, block_tables, block_pos, block_lens, cu_q_lens, q_pos)
     if variant == "gpu":
-        from kernels.span_attention.kernel import span_attention_gpu
+        from spanjax.kernels.span_attention.kernel import span_attention_gpu
 
-        return span_attention_gpu(*args, rope_inv_freq=rope_inv_freq, sm_scale=float(sm_scale), interpret=interpret, **cfg)
-    from kernels.span_attention.kernel_tpu import span_attention_tpu
+        return span_attention_gpu(
+            *args, rope_inv_freq=rope_inv_freq, sm_scale=float(sm_scale), interpret=interpret, **cfg
+        )
+    from spanjax.kernels.span_attention.kernel_tpu import span_attention_tpu
 
     cfg = {k: cfg[k] for k in ("block_q", "pages_per_block", "num_splits") if k in cfg}
     return span_attention_tpu(*args, rope_inv_freq=rope_inv_freq, sm_scale=float(sm_scale), interpret=interpret, **cfg)

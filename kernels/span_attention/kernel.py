@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.span_attention import tiling
+from spanjax.kernels.span_attention import tiling
 
 NEG = -1e30  # finite mask value: exp() of masked logits stays 0, never NaN
 
@@ -36,7 +36,7 @@ def _triton_params(num_warps, num_stages):
     try:
         from jax.experimental.pallas import triton as plgpu
 
-        cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+        cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
         return cls(num_warps=num_warps, num_stages=num_stages)
     except Exception:  # pragma: no cover - lowering absent in some jax builds
         return None

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.span_attention import tiling
+from spanjax.kernels.span_attention import tiling
 
 NEG = -1e30
 

@@ -25,7 +25,7 @@ code serves as the CPU attention of the engine.
 import jax
 import jax.numpy as jnp
 
-from kernels.rope import apply_rope
+from spanjax.kernels.rope import apply_rope
 
 
 def token_sequence_ids(cu_q_lens, num_tokens):

@@ -61,7 +61,9 @@ def pad_block_tables(block_tables, block_pos, block_lens, num_pages, pages_per_b
     return tables, pos, jnp.maximum(lens, 0)
 
 
-def make_tiles(cu_q_lens, q_pos, block_lens, num_tokens: int, block_q: int, pages_per_block: int, num_tiles: int) -> Tiles:
+def make_tiles(
+    cu_q_lens, q_pos, block_lens, num_tokens: int, block_q: int, pages_per_block: int, num_tiles: int
+) -> Tiles:
     cu = cu_q_lens.astype(jnp.int32)
     S = cu.shape[0] - 1
     seq_lens = jnp.maximum(cu[1:] - cu[:-1], 0)

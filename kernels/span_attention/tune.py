@@ -1,9 +1,9 @@
 """Autotune span-attention block sizes for this device kind and write the table.
 
-    python -m kernels.span_attention.tune                       # GPU/TPU: default model + buckets
-    python -m kernels.span_attention.tune --hq 32 --hkv 8 --head-dim 128 --page-size 16 \
+    python -m spanjax.kernels.span_attention.tune                       # GPU/TPU: default model + buckets
+    python -m spanjax.kernels.span_attention.tune --hq 32 --hkv 8 --head-dim 128 --page-size 16 \
         --bucket decode:64:4096 --bucket mixed:8:512:2048 --dtype bfloat16
-    python -m kernels.span_attention.tune --quick               # CPU smoke (interpret, tiny)
+    python -m spanjax.kernels.span_attention.tune --quick               # CPU smoke (interpret, tiny)
 
 Buckets: `decode:<seqs>:<ctx>` (one query token per sequence) and
 `mixed:<seqs>:<prefill chunk>:<ctx>` (one prefill chunk plus seqs-1 decodes).
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.span_attention import tuning
-from kernels.span_attention.reference import span_attention_reference
-from kernels.span_attention.testing import args_kwargs, make_batch
+from spanjax.kernels.span_attention import tuning
+from spanjax.kernels.span_attention.reference import span_attention_reference
+from spanjax.kernels.span_attention.testing import args_kwargs, make_batch
 
 
 def bucket_batch(spec, hq, hkv, d, page, dtype, seed=0):
@@ -37,10 +37,14 @@ def bucket_batch(spec, hq, hkv, d, page, dtype, seed=0):
         seqs = [dict(prefix=ctx - 1, q_len=1) for _ in range(seqs_n)]
     elif kind == "mixed":
         seqs_n, chunk, ctx = nums
-        seqs = [dict(prefix=max(0, ctx - chunk), q_len=chunk)] + [dict(prefix=ctx - 1, q_len=1) for _ in range(seqs_n - 1)]
+        seqs = [dict(prefix=max(0, ctx - chunk), q_len=chunk)] + [
+            dict(prefix=ctx - 1, q_len=1) for _ in range(seqs_n - 1)
+        ]
     else:
         raise ValueError(f"bad bucket {spec!r}")
-    return make_batch(rng, seqs, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=page, dtype=dtype, spare_pages=0)
+    return make_batch(
+        rng, seqs, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=page, dtype=dtype, spare_pages=0
+    )
 
 
 def candidates(variant, T, S, M, page, hq, hkv, quick=False):
@@ -100,14 +104,20 @@ def main(argv=None):
         buckets = a.bucket or ["decode:2:64", "mixed:2:8:48"]
         a.out = a.out or "runs/span_attention_tune_quick.json"  # never pollute the shipped table
     else:
-        buckets = a.bucket or ["decode:8:1024", "decode:64:2048", "decode:4:16384", "mixed:16:256:2048", "mixed:4:1024:4096"]
+        buckets = a.bucket or [
+            "decode:8:1024",
+            "decode:64:2048",
+            "decode:4:16384",
+            "mixed:16:256:2048",
+            "mixed:4:1024:4096",
+        ]
     if interpret and not a.quick:
         print("warning: no accelerator; timings in interpret mode are meaningless", file=sys.stderr)
     dtype = jnp.dtype(a.dtype)
     if variant == "gpu":
-        from kernels.span_attention.kernel import span_attention_gpu as kern
+        from spanjax.kernels.span_attention.kernel import span_attention_gpu as kern
     else:
-        from kernels.span_attention.kernel_tpu import span_attention_tpu as kern
+        from spanjax.kernels.span_attention.kernel_tpu import span_attention_tpu as kern
 
     table = tuning.load_table(a.out) if a.out else tuning.load_table()
     table = {"format": tuning.TABLE_FORMAT, "entries": {k: dict(v) for k, v in table.get("entries", {}).items()}}
@@ -136,7 +146,12 @@ def main(argv=None):
             print(f"{key}: no working candidate")
             continue
         us, cfg = best
-        dev_entries[key] = dict(cfg, us=round(us, 2), tuned_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), interpret=interpret)
+        dev_entries[key] = dict(
+            cfg,
+            us=round(us, 2),
+            tuned_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            interpret=interpret,
+        )
         print(f"{key}: best {cfg} {us:.1f} us")
     if a.out:
         import pathlib

@@ -1,6 +1,6 @@
 """Block-size selection: the versioned tuned table, shape buckets, and the heuristic.
 
-Table (`tuned_blocks.json`), written by `python -m kernels.span_attention.tune`:
+Table (`tuned_blocks.json`), written by `python -m spanjax.kernels.span_attention.tune`:
 
     {"format": 1,                       # bump when keys/fields change meaning
      "kernel": "span_attention",
@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from kernels.span_attention.tiling import cdiv, max_num_tiles, next_pow2
+from spanjax.kernels.span_attention.tiling import cdiv, max_num_tiles, next_pow2
 
 TABLE_FORMAT = 1
 TABLE_PATH = Path(__file__).with_name("tuned_blocks.json")
@@ -33,7 +33,9 @@ def device_kind(device=None) -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', d.platform)}"
 
 
-def bucket_key(variant, num_tokens, num_seqs, max_entries, page_size, num_q_heads, num_kv_heads, head_dim, dtype) -> str:
+def bucket_key(
+    variant, num_tokens, num_seqs, max_entries, page_size, num_q_heads, num_kv_heads, head_dim, dtype
+) -> str:
     import numpy as np
 
     G = num_q_heads // num_kv_heads
@@ -68,7 +70,9 @@ def save_table(table, path=None):
     _TABLE_CACHE.pop(str(path), None)
 
 
-def heuristic(variant, num_tokens, num_seqs, max_entries, page_size, num_q_heads, num_kv_heads, head_dim, num_cores=None) -> dict:
+def heuristic(
+    variant, num_tokens, num_seqs, max_entries, page_size, num_q_heads, num_kv_heads, head_dim, num_cores=None
+) -> dict:
     """Block sizes when the table has no entry for this device kind and bucket."""
     G = num_q_heads // num_kv_heads
     decode = num_tokens <= num_seqs  # at most one query token per sequence on average
@@ -100,7 +104,20 @@ def heuristic(variant, num_tokens, num_seqs, max_entries, page_size, num_q_heads
     return cfg
 
 
-def get_config(variant, num_tokens, num_seqs, max_entries, page_size, num_q_heads, num_kv_heads, head_dim, dtype, *, device=None, table=None) -> dict:
+def get_config(
+    variant,
+    num_tokens,
+    num_seqs,
+    max_entries,
+    page_size,
+    num_q_heads,
+    num_kv_heads,
+    head_dim,
+    dtype,
+    *,
+    device=None,
+    table=None,
+) -> dict:
     """Tuned entry for (device kind, bucket) if present, else the heuristic."""
     cfg = heuristic(variant, num_tokens, num_seqs, max_entries, page_size, num_q_heads, num_kv_heads, head_dim)
     try:

@@ -17,9 +17,9 @@ the caller padded) still cost work here, so callers bucket the sequence count
 import jax
 import jax.numpy as jnp
 
-from kernels.rope import apply_rope
-from kernels.span_attention import tiling
-from kernels.span_attention.reference import online_softmax_finish, online_softmax_init, online_softmax_step
+from spanjax.kernels.rope import apply_rope
+from spanjax.kernels.span_attention import tiling
+from spanjax.kernels.span_attention.reference import online_softmax_finish, online_softmax_init, online_softmax_step
 
 
 def default_block_q(num_tokens: int, num_seqs: int) -> int:

@@ -17,7 +17,19 @@ from spanjax.adapters.lora import (
 from spanjax.adapters.peft_format import AdapterFormatError, export_peft, load_peft
 
 __all__ = [
-    "ATTENTION_MODULES", "MODULES", "Adapter", "AdapterBank", "AdapterConfig", "AdapterWeights", "LoraModule",
-    "adapter_mask", "bank_from_weights", "init_adapter", "invocation_start", "make_bank",
-    "AdapterFormatError", "export_peft", "load_peft",
+    "ATTENTION_MODULES",
+    "MODULES",
+    "Adapter",
+    "AdapterBank",
+    "AdapterConfig",
+    "AdapterWeights",
+    "LoraModule",
+    "adapter_mask",
+    "bank_from_weights",
+    "init_adapter",
+    "invocation_start",
+    "make_bank",
+    "AdapterFormatError",
+    "export_peft",
+    "load_peft",
 ]

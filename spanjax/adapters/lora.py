@@ -25,7 +25,8 @@ leading [L] axis so the adapter rides through the decoder's layer scan.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,15 @@ MODULES = {
     "down_proj": "w_down",
 }
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-_SHORT = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+_SHORT = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+}
 
 
 def canonical_module(name: str) -> str:
@@ -50,7 +59,9 @@ def canonical_module(name: str) -> str:
     inv = {v: k for k, v in MODULES.items()}
     out = _SHORT.get(name) or (name if name in MODULES else inv.get(name))
     if out is None:
-        raise ValueError(f"unknown LoRA target module {name!r}; expected one of {sorted(MODULES)} (or q/k/v/o/gate/up/down)")
+        raise ValueError(
+            f"unknown LoRA target module {name!r}; expected one of {sorted(MODULES)} (or q/k/v/o/gate/up/down)"
+        )
     return out
 
 
@@ -145,7 +156,11 @@ def init_adapter(config: AdapterConfig, model_cfg, key, dtype=jnp.float32, b_sca
         ka, kb = jax.random.split(jax.random.fold_in(key, i))
         bound = 1.0 / np.sqrt(d_in)
         a = jax.random.uniform(ka, (L, d_in, config.r), dtype, -bound, bound)
-        b = b_scale * jax.random.normal(kb, (L, config.r, d_out), dtype) if b_scale else jnp.zeros((L, config.r, d_out), dtype)
+        b = (
+            b_scale * jax.random.normal(kb, (L, config.r, d_out), dtype)
+            if b_scale
+            else jnp.zeros((L, config.r, d_out), dtype)
+        )
         mods[m] = LoraModule(a=a, b=b)
     return Adapter(config, AdapterWeights(**mods))
 

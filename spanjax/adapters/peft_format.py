@@ -21,9 +21,18 @@ from spanjax.adapters.lora import MODULES, Adapter, AdapterConfig, AdapterWeight
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_PARENT = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
+)
 
 
 class AdapterFormatError(ValueError):
@@ -127,7 +136,8 @@ def load_peft(path: str, model_cfg, dtype=jnp.float32) -> Adapter:
             if ta.shape != (r, d_in) or tb.shape != (d_out, r):
                 raise AdapterFormatError(
                     f"{w_path}: layer {i} {m}: lora_A {ta.shape} / lora_B {tb.shape}, expected {(r, d_in)} / {(d_out, r)} "
-                    "(is this adapter for this base model?)")
+                    "(is this adapter for this base model?)"
+                )
             a[i], b[i] = ta.T, tb.T
         mods[m] = LoraModule(a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype))
     return Adapter(config, AdapterWeights(**mods))

@@ -61,8 +61,10 @@ def split_at_invocation(plan: SpanPlan, adapter_name: str, invocation) -> tuple[
     span = old[j]
     if off > 0:
         a = dataclasses.replace(
-            span, token_ids=span.token_ids[:off],
-            positions=span.positions[:off], page_keys=chain_page_keys(span.base_key, span.token_ids[:off], ps),
+            span,
+            token_ids=span.token_ids[:off],
+            positions=span.positions[:off],
+            page_keys=chain_page_keys(span.base_key, span.token_ids[:off], ps),
         )
         new.append(a)
         first, sees_extra, ctx = j + 1, (j,), _h("alora", span.context_key, a.cache_key)
@@ -73,24 +75,37 @@ def split_at_invocation(plan: SpanPlan, adapter_name: str, invocation) -> tuple[
     base = root_key(model, adapter_name, ctx)
     toks = span.token_ids[off:]
     b = dataclasses.replace(
-        span, index=first, token_ids=toks, positions=span.positions[off:], start=start,
-        sees=tuple(sorted(span.sees + sees_extra)), page_keys=chain_page_keys(base, toks, ps), context_key=ctx, base_key=base,
+        span,
+        index=first,
+        token_ids=toks,
+        positions=span.positions[off:],
+        start=start,
+        sees=tuple(sorted(span.sees + sees_extra)),
+        page_keys=chain_page_keys(base, toks, ps),
+        context_key=ctx,
+        base_key=base,
     )
     new.append(b)
     shift = first - j
     offset = b.start + pages(len(toks)) * ps
-    for s in old[j + 1:]:
+    for s in old[j + 1 :]:
         sees = set()
         for d in s.sees:
             sees.add(d if d < j else d + shift)
             if d == j and off > 0:
                 sees.add(j)
         base = root_key(model, adapter_name, _h("alora-after", s.context_key, b.cache_key))
-        new.append(dataclasses.replace(
-            s, index=s.index + shift, start=offset, sees=tuple(sorted(sees)),
-            page_keys=chain_page_keys(base, s.token_ids, ps), base_key=base,
-            context_key=_h("alora-after", s.context_key, b.cache_key),
-        ))
+        new.append(
+            dataclasses.replace(
+                s,
+                index=s.index + shift,
+                start=offset,
+                sees=tuple(sorted(sees)),
+                page_keys=chain_page_keys(base, s.token_ids, ps),
+                base_key=base,
+                context_key=_h("alora-after", s.context_key, b.cache_key),
+            )
+        )
         offset += pages(len(s)) * ps
     out = dataclasses.replace(plan, spans=tuple(new), adapter=adapter_name)
     return out, first

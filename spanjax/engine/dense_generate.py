@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,9 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def _prefill(params: Params, cfg: ModelConfig, cache_len: int, tokens, positions, lengths, temperature, top_k, top_p, seeds):
+def _prefill(
+    params: Params, cfg: ModelConfig, cache_len: int, tokens, positions, lengths, temperature, top_k, top_p, seeds
+):
     """Right-padded prompts [B, Tp] -> (first sampled ids [B], cache). Padding positions are >= cache_len, so never written."""
     cache = init_dense_cache(cfg, tokens.shape[0], cache_len, params.embed.dtype)
     hidden, cache = forward_dense(params, cfg, tokens, positions, cache)
@@ -162,7 +165,18 @@ def generate(
     tokenizer = model.tokenizer
 
     t0 = time.perf_counter()
-    ids, cache = _prefill(model.params, cfg, cache_len, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(lengths), temperature, top_k, top_p, seeds)
+    ids, cache = _prefill(
+        model.params,
+        cfg,
+        cache_len,
+        jnp.asarray(tokens),
+        jnp.asarray(positions),
+        jnp.asarray(lengths),
+        temperature,
+        top_k,
+        top_p,
+        seeds,
+    )
     ids.block_until_ready()
     t1 = time.perf_counter()
 
@@ -173,7 +187,9 @@ def generate(
     while True:
         nxt = None
         if produced < max_limit:  # dispatch ahead; the read below then overlaps this step
-            nxt, pos, steps, cache = _decode_step(model.params, cfg, ids, pos, steps, cache, temperature, top_k, top_p, seeds)
+            nxt, pos, steps, cache = _decode_step(
+                model.params, cfg, ids, pos, steps, cache, temperature, top_k, top_p, seeds
+            )
         host_ids = np.asarray(ids)
         for r, t in zip(rows, host_ids[:n]):
             r.push(int(t), eos, tokenizer)

@@ -67,7 +67,7 @@ class EngineConfig:
 def _attention_impl(kind: str):
     """The span-attention implementation for the step: the dispatcher picks the
     Pallas kernel on GPU/TPU and the jnp reference on CPU ("auto")."""
-    from kernels.span_attention import get_attention_impl
+    from spanjax.kernels.span_attention import get_attention_impl
 
     return get_attention_impl("reference" if kind == "reference" else kind)
 
@@ -77,14 +77,18 @@ class Engine:
         self.model = model
         self.config = config
         self.pool = PagePool(config.num_pages, config.page_size)
-        self.cache = llama.init_paged_cache(model.cfg, config.num_pages, config.page_size, jnp.dtype(config.cache_dtype))
+        self.cache = llama.init_paged_cache(
+            model.cfg, config.num_pages, config.page_size, jnp.dtype(config.cache_dtype)
+        )
         if speculator is None and config.speculator is not None:
             from spanjax.models.speculator import load_hf
 
             speculator = load_hf(config.speculator, model.params.embed.dtype)
         self.speculator = speculator  # spanjax.models.speculator.Speculator, or None
         if speculator is None:
-            self.scheduler = Scheduler(self.pool, config.max_tokens_per_step, config.max_seqs_per_step, config.max_running)
+            self.scheduler = Scheduler(
+                self.pool, config.max_tokens_per_step, config.max_seqs_per_step, config.max_running
+            )
             self.runner = StepRunner(
                 model.cfg,
                 config.max_tokens_per_step,
@@ -98,14 +102,18 @@ class Engine:
         self.adapters: dict = {}  # name -> spanjax.adapters.Adapter (register_adapter)
         self._bank = None
         # End-of-sequence ids: the config's and the tokenizer's (chat end-of-turn included).
-        self.eos_token_ids = frozenset(model.cfg.eos_token_ids) | frozenset(getattr(model.tokenizer, "eos_token_ids", ()))
+        self.eos_token_ids = frozenset(model.cfg.eos_token_ids) | frozenset(
+            getattr(model.tokenizer, "eos_token_ids", ())
+        )
 
     def _init_speculative(self, speculator) -> None:
         from spanjax.engine.speculative import SpeculativeRunner, SpeculativeScheduler
 
         sc, cfg, config = speculator.config, self.model.cfg, self.config
         if (sc.emb_dim, sc.vocab_size) != (cfg.hidden_size, cfg.vocab_size):
-            raise ValueError(f"speculator has emb_dim {sc.emb_dim}, vocab {sc.vocab_size}; the model {cfg.hidden_size}, {cfg.vocab_size}")
+            raise ValueError(
+                f"speculator has emb_dim {sc.emb_dim}, vocab {sc.vocab_size}; the model {cfg.hidden_size}, {cfg.vocab_size}"
+            )
         k = min(config.num_speculative_tokens or sc.n_predict, sc.n_predict)
         from spanjax.models.speculator import draft_params
 
@@ -113,11 +121,23 @@ class Engine:
         self.spec_stats = {"verify_forwards": 0, "emitted": 0, "drafted": 0, "accepted": 0, "other_candidate_won": 0}
         c = min(config.speculative_candidates, len(self._spec_params.head_ids[0]))  # head 0 ranks its distinct columns
         self.runner = SpeculativeRunner(
-            cfg, sc, k, c, config.max_tokens_per_step, config.max_seqs_per_step,
-            max_pages_per_seq=self.pool.capacity, attention_impl=_attention_impl(config.attention))
+            cfg,
+            sc,
+            k,
+            c,
+            config.max_tokens_per_step,
+            config.max_seqs_per_step,
+            max_pages_per_seq=self.pool.capacity,
+            attention_impl=_attention_impl(config.attention),
+        )
         self.scheduler = SpeculativeScheduler(
-            self.pool, config.max_tokens_per_step, config.max_seqs_per_step, config.max_running, num_draft=k,
-            token_buckets=self.runner.token_buckets if config.speculative_tree_fill == "padding" else None)
+            self.pool,
+            config.max_tokens_per_step,
+            config.max_seqs_per_step,
+            config.max_running,
+            num_draft=k,
+            token_buckets=self.runner.token_buckets if config.speculative_tree_fill == "padding" else None,
+        )
 
     # -- submission ---------------------------------------------------------------
 
@@ -138,7 +158,9 @@ class Engine:
             from spanjax.engine.adapters import span_adapter_ids
 
             names = list(self.adapters)
-            plan, span_adapter = span_adapter_ids(plan, self.adapters.get(plan.adapter), names.index(plan.adapter) if plan.adapter in names else -1)
+            plan, span_adapter = span_adapter_ids(
+                plan, self.adapters.get(plan.adapter), names.index(plan.adapter) if plan.adapter in names else -1
+            )
         req = Request(plan, sampling, lowering.chain_page_key)
         req.span_adapter = span_adapter
         req.keep_logits = keep_logits
@@ -207,7 +229,9 @@ class Engine:
         while self.has_work() and (requests is None or not all(r.finished for r in requests)):
             self.step()
 
-    def generate(self, plans: list[SpanPlan], sampling: SamplingParams | list[SamplingParams] = SamplingParams()) -> list[Request]:
+    def generate(
+        self, plans: list[SpanPlan], sampling: SamplingParams | list[SamplingParams] = SamplingParams()
+    ) -> list[Request]:
         samplings = sampling if isinstance(sampling, list) else [sampling] * len(plans)
         reqs = [self.submit(p, s) for p, s in zip(plans, samplings)]
         self.run_until_done(reqs)

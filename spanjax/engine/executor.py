@@ -20,7 +20,6 @@ from spanjax.engine.adapters import lower_for_engine
 from spanjax.engine.engine import Engine
 from spanjax.engine.sampling import SamplingParams
 from spanjax.query import ast as A
-from spanjax.query.lower import lower
 from spanjax.query.passes import GenResult, prepare, ready, substitute, value
 from spanjax.query.syntax import parse
 

@@ -17,10 +17,7 @@ actually happened.
 
 from __future__ import annotations
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from spanjax.engine.sampling import sample_tokens
@@ -59,9 +56,26 @@ class StepRunner:
     def compile_bound(self) -> int:
         return len(self.token_buckets) * len(self.seq_buckets) * len(self.page_buckets)
 
-    def _step_impl(self, params, cache, tokens, positions, meta, logits_indices, temperature, top_k, top_p, seeds, steps, adapter=None, adapter_ids=None):
+    def _step_impl(
+        self,
+        params,
+        cache,
+        tokens,
+        positions,
+        meta,
+        logits_indices,
+        temperature,
+        top_k,
+        top_p,
+        seeds,
+        steps,
+        adapter=None,
+        adapter_ids=None,
+    ):
         self.compile_count += 1  # runs once per trace, i.e. per compilation
-        hidden, cache = llama.forward_paged(params, self.cfg, tokens, positions, cache, meta, self._attention_impl, adapter, adapter_ids)
+        hidden, cache = llama.forward_paged(
+            params, self.cfg, tokens, positions, cache, meta, self._attention_impl, adapter, adapter_ids
+        )
         logits = llama.compute_logits(params, self.cfg, hidden[logits_indices])
         next_ids = sample_tokens(logits, temperature, top_k, top_p, seeds, steps)
         return next_ids, logits, cache

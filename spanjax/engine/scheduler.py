@@ -24,7 +24,7 @@ import collections
 import dataclasses
 import itertools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -104,14 +104,16 @@ class Request:
     def runnable_spans(self) -> list[int]:
         spans = self.plan.spans
         return [
-            s.index
-            for s in spans
-            if not self.span_complete(s.index) and all(self.span_complete(d) for d in s.sees)
+            s.index for s in spans if not self.span_complete(s.index) and all(self.span_complete(d) for d in s.sees)
         ]
 
     @property
     def decoding(self) -> bool:
-        return bool(self.generated) and all(self.span_complete(j) for j in range(self.final)) and self.span_remaining(self.final) == 1
+        return (
+            bool(self.generated)
+            and all(self.span_complete(j) for j in range(self.final))
+            and self.span_remaining(self.final) == 1
+        )
 
     @property
     def finished(self) -> bool:
@@ -124,8 +126,11 @@ class Request:
         span, ps = self.plan.spans[j], self.plan.page_size
         if j != self.final or (k + 1) * ps <= len(span) or (k * ps + n == len(span)):
             return span.page_keys[k]
-        prev = span.page_keys[k - 1] if k > 0 and k * ps <= len(span) else (
-            self.page_key(j, k - 1, ps) if k > 0 else span.base_key)
+        prev = (
+            span.page_keys[k - 1]
+            if k > 0 and k * ps <= len(span)
+            else (self.page_key(j, k - 1, ps) if k > 0 else span.base_key)
+        )
         return self.chain_key(prev, self.span_tokens(j)[k * ps : k * ps + n])
 
     def pages_needed_alone(self) -> int:

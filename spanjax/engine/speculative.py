@@ -83,7 +83,9 @@ class SpeculativeScheduler(Scheduler):
                 if tokens + it.count > cap or len(items) == self.max_seqs or self.pool.num_free() < need:
                     return
                 scratch = tuple(self.pool.allocate() for _ in range(need))
-                items.append(StepItem(it.request, it.span, it.start, it.count, it.request.draft[c][: len(it.draft)], scratch))
+                items.append(
+                    StepItem(it.request, it.span, it.start, it.count, it.request.draft[c][: len(it.draft)], scratch)
+                )
                 tokens += it.count
 
     def _preempt(self, victim: Request) -> None:
@@ -102,7 +104,9 @@ class SpeculativeScheduler(Scheduler):
 class SpeculativeRunner(StepRunner):
     """The engine step plus verification of drafts and the speculator's next proposal."""
 
-    def __init__(self, cfg, spec_cfg: spec_model.SpeculatorConfig, num_draft: int, num_candidates: int, *args, **kwargs):
+    def __init__(
+        self, cfg, spec_cfg: spec_model.SpeculatorConfig, num_draft: int, num_candidates: int, *args, **kwargs
+    ):
         super().__init__(cfg, *args, **kwargs)
         self.spec_cfg = spec_cfg
         self.num_draft = num_draft
@@ -110,20 +114,42 @@ class SpeculativeRunner(StepRunner):
         self._spec_step = jax.jit(self._spec_step_impl, donate_argnums=(2,))
         self._copy_slots = jax.jit(_copy_slots, donate_argnums=(0,))
 
-    def _spec_step_impl(self, params, spec_params, cache, tokens, positions, meta, rows, drafts,
-                        temperature, top_k, top_p, seeds, steps, adapter=None, adapter_ids=None):
+    def _spec_step_impl(
+        self,
+        params,
+        spec_params,
+        cache,
+        tokens,
+        positions,
+        meta,
+        rows,
+        drafts,
+        temperature,
+        top_k,
+        top_p,
+        seeds,
+        steps,
+        adapter=None,
+        adapter_ids=None,
+    ):
         self.compile_count += 1
-        hidden, cache = llama.forward_paged(params, self.cfg, tokens, positions, cache, meta, self._attention_impl, adapter, adapter_ids)
+        hidden, cache = llama.forward_paged(
+            params, self.cfg, tokens, positions, cache, meta, self._attention_impl, adapter, adapter_ids
+        )
         S, K1 = rows.shape
         h = hidden[rows]  # [S, K+1, H]: the states after the pending token and after each draft token
         logits = llama.compute_logits(params, self.cfg, h)
         rep = lambda x: jnp.repeat(x, K1)
         step_of = (steps[:, None] + jnp.arange(K1, dtype=steps.dtype)[None, :]).reshape(-1)
-        chosen = sample_tokens(logits.reshape(S * K1, -1), rep(temperature), rep(top_k), rep(top_p), rep(seeds), step_of)
+        chosen = sample_tokens(
+            logits.reshape(S * K1, -1), rep(temperature), rep(top_k), rep(top_p), rep(seeds), step_of
+        )
         chosen = chosen.reshape(S, K1)
         accepted = jnp.sum(jnp.cumprod(drafts == chosen[:, :-1], axis=1), axis=1)  # drafts padded with -1 never match
         r = jnp.arange(S)
-        new_drafts = spec_model.propose(spec_params, self.spec_cfg, h[r, accepted], chosen[r, accepted], self.num_draft, self.num_candidates)
+        new_drafts = spec_model.propose(
+            spec_params, self.spec_cfg, h[r, accepted], chosen[r, accepted], self.num_draft, self.num_candidates
+        )
         return chosen, accepted, new_drafts, logits, cache
 
     def copy_slots(self, cache, src: list[int], dst: list[int]):
@@ -167,7 +193,8 @@ def speculative_step(engine, batch: StepBatch) -> list[Request]:
         rows["seed"].append(sp.seed)
         rows["step"].append(len(it.request.generated))
     chosen, accepted, new_drafts, logits, engine.cache = engine.runner.run_speculative(
-        engine.model.params, engine._spec_params, engine.cache, batch, rows, engine._bank)
+        engine.model.params, engine._spec_params, engine.cache, batch, rows, engine._bank
+    )
     chosen, accepted, new_drafts = np.asarray(chosen), np.asarray(accepted), np.asarray(new_drafts)
     engine.steps += 1
     now = time.perf_counter()

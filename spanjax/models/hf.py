@@ -91,9 +91,7 @@ def _rope(raw: dict, source: str) -> tuple[float, RopeScaling | None]:
     if rope_type in (None, "default"):
         return theta, None
     if rope_type != "llama3":
-        raise WeightLoadError(
-            f"{source}: unsupported {field}.rope_type {rope_type!r} (supported: 'default', 'llama3')"
-        )
+        raise WeightLoadError(f"{source}: unsupported {field}.rope_type {rope_type!r} (supported: 'default', 'llama3')")
     try:
         scaling = RopeScaling(
             factor=float(params["factor"]),
@@ -137,12 +135,16 @@ def config_from_hf(raw: dict, source: str = CONFIG_FILE) -> ModelConfig:
         raise WeightLoadError(f"{source}: unsupported field 'hidden_act' value {act!r} (supported: 'silu')")
     for field in ("attention_bias", "mlp_bias"):
         if raw.get(field):
-            raise WeightLoadError(f"{source}: unsupported field {field!r} value {raw[field]!r} (biases are not supported)")
+            raise WeightLoadError(
+                f"{source}: unsupported field {field!r} value {raw[field]!r} (biases are not supported)"
+            )
 
     hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
     kv_heads = int(raw.get("num_key_value_heads") or heads)
     if heads % kv_heads:
-        raise WeightLoadError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        raise WeightLoadError(
+            f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
     head_dim = raw.get("head_dim") or hidden // heads
     theta, scaling = _rope(raw, source)
 
@@ -268,7 +270,9 @@ class _WeightSource:
         else:
             others = sorted(n for n in os.listdir(path) if n.endswith((".safetensors", ".bin", ".pt")))
             hint = f"; found {others}" if others else ""
-            raise WeightLoadError(f"weights file not found: neither {SINGLE_WEIGHTS_FILE} nor {INDEX_FILE} in {path}{hint}")
+            raise WeightLoadError(
+                f"weights file not found: neither {SINGLE_WEIGHTS_FILE} nor {INDEX_FILE} in {path}{hint}"
+            )
 
     def _open(self, file: str) -> _SafetensorsFile:
         if file not in self._files:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from kernels.rope import apply_rope
+from spanjax.kernels.rope import apply_rope
 from spanjax.models.config import ModelConfig
 
 
@@ -93,7 +93,16 @@ def mlp(layer: LayerParams, x):
 AttentionFn = Callable
 
 
-def decoder(params: Params, cfg: ModelConfig, tokens, positions, cache, attention_fn: AttentionFn, adapter=None, adapter_mask=None):
+def decoder(
+    params: Params,
+    cfg: ModelConfig,
+    tokens,
+    positions,
+    cache,
+    attention_fn: AttentionFn,
+    adapter=None,
+    adapter_mask=None,
+):
     """Embedding -> L layers -> final norm. Token axes are [..., T]; returns (hidden, cache).
 
     `cache` is any pytree whose leaves have a leading [L] axis. It rides in the
@@ -130,7 +139,11 @@ def decoder(params: Params, cfg: ModelConfig, tokens, positions, cache, attentio
         if adapter is None:
             m = mlp(layer, h)
         else:
-            m = proj("down_proj", jax.nn.silu(proj("gate_proj", h, layer.w_gate)) * proj("up_proj", h, layer.w_up), layer.w_down)
+            m = proj(
+                "down_proj",
+                jax.nn.silu(proj("gate_proj", h, layer.w_gate)) * proj("up_proj", h, layer.w_up),
+                layer.w_down,
+            )
         x = x + cfg.residual_multiplier * m
         return (x, cache), None
 
@@ -186,7 +199,9 @@ def masked_attention(cfg: ModelConfig, q, k, v, mask):
     return out.reshape(B, T, cfg.num_heads, cfg.head_dim).astype(q.dtype)
 
 
-def forward_dense(params: Params, cfg: ModelConfig, tokens, positions, cache: DenseKVCache, adapter=None, adapter_mask=None):
+def forward_dense(
+    params: Params, cfg: ModelConfig, tokens, positions, cache: DenseKVCache, adapter=None, adapter_mask=None
+):
     """tokens, positions [B, T] -> (final hidden [B, T, H], cache).
 
     Every row attends to cache slots 0..position, so rows of different lengths
@@ -232,7 +247,9 @@ class PagedAttentionMeta:
     cu_q_lens: jax.Array  # [S + 1]
 
 
-def _paged_attention(cfg: ModelConfig, inv_freq, attention_impl, meta: PagedAttentionMeta, idx, cache, q, k, v, positions):
+def _paged_attention(
+    cfg: ModelConfig, inv_freq, attention_impl, meta: PagedAttentionMeta, idx, cache, q, k, v, positions
+):
     k_all, v_all = cache
     L, N, P = k_all.shape[:3]
     pages = jnp.where(meta.slot_mapping < 0, N, meta.slot_mapping // P)  # page N is out of range -> dropped
@@ -255,8 +272,15 @@ def _paged_attention(cfg: ModelConfig, inv_freq, attention_impl, meta: PagedAtte
 
 
 def forward_paged(
-    params: Params, cfg: ModelConfig, tokens, positions, cache: PagedKVCache, meta: PagedAttentionMeta, attention_impl=None,
-    adapter=None, adapter_mask=None,
+    params: Params,
+    cfg: ModelConfig,
+    tokens,
+    positions,
+    cache: PagedKVCache,
+    meta: PagedAttentionMeta,
+    attention_impl=None,
+    adapter=None,
+    adapter_mask=None,
 ):
     """tokens, positions [T] (flat ragged batch) -> (final hidden [T, H], cache).
 
@@ -265,7 +289,7 @@ def forward_paged(
     reference; the kernel dispatcher passes the Pallas kernel on accelerators.
     """
     if attention_impl is None:
-        from kernels.span_attention.reference import span_attention_reference as attention_impl
+        from spanjax.kernels.span_attention.reference import span_attention_reference as attention_impl
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
     attention = functools.partial(_paged_attention, cfg, inv_freq, attention_impl, meta)
     hidden, (k, v) = decoder(params, cfg, tokens, positions, (cache.k, cache.v), attention, adapter, adapter_mask)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 
@@ -26,7 +26,7 @@ class LoadedModel:
     name: str  # registry name or resolved path; part of every cache key
     cfg: ModelConfig
     params: Params
-    tokenizer: "spanjax.tokenizer.Tokenizer"  # noqa: F821
+    tokenizer: spanjax.tokenizer.Tokenizer  # noqa: F821
 
 
 class ModelNotFoundError(WeightLoadError):

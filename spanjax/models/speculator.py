@@ -99,8 +99,14 @@ def unstack(params: SpeculatorParams) -> SpeculatorParams:
     uses this form: XLA on CPU copies a slice `head[i]` of the stacked [E, D, V] array before the
     matmul (26 ms vs 2 ms for SmolLM2's vocabulary), a separate array it reads in place."""
     split = lambda x: tuple(x[i] for i in range(x.shape[0]))
-    return SpeculatorParams(emb=split(params.emb), proj0=params.proj0, proj=split(params.proj), ln_weight=split(params.ln_weight),
-                            ln_bias=split(params.ln_bias), head=split(params.head))
+    return SpeculatorParams(
+        emb=split(params.emb),
+        proj0=params.proj0,
+        proj=split(params.proj),
+        ln_weight=split(params.ln_weight),
+        ln_bias=split(params.ln_bias),
+        head=split(params.head),
+    )
 
 
 @jax.tree_util.register_dataclass
@@ -120,8 +126,15 @@ def draft_params(params: SpeculatorParams) -> DraftParams:
     the same drafts for a sixth of the head's matmul, which on CPU is most of a proposal."""
     p = unstack(params)
     keeps = [np.sort(np.unique(np.asarray(h).T, axis=0, return_index=True)[1]).astype(np.int32) for h in p.head]
-    return DraftParams(emb=p.emb, proj0=p.proj0, proj=p.proj, ln_weight=p.ln_weight, ln_bias=p.ln_bias,
-                       head=tuple(h[:, keep] for h, keep in zip(p.head, keeps)), head_ids=tuple(map(jnp.asarray, keeps)))
+    return DraftParams(
+        emb=p.emb,
+        proj0=p.proj0,
+        proj=p.proj,
+        ln_weight=p.ln_weight,
+        ln_bias=p.ln_bias,
+        head=tuple(h[:, keep] for h, keep in zip(p.head, keeps)),
+        head_ids=tuple(map(jnp.asarray, keeps)),
+    )
 
 
 def init_speculator(cfg: SpeculatorConfig, key, dtype=jnp.float32) -> SpeculatorParams:
@@ -247,10 +260,14 @@ def config_from_hf(data: dict) -> SpeculatorConfig:
     if data.get("model_type") != "mlp_speculator":
         raise ValueError(f"not an MLPSpeculator config (model_type {data.get('model_type')!r})")
     return SpeculatorConfig(
-        emb_dim=int(data["emb_dim"]), vocab_size=int(data["vocab_size"]), inner_dim=int(data.get("inner_dim", 0)),
-        n_predict=int(data.get("n_predict", 3)), tie_weights=bool(data.get("tie_weights", False)),
+        emb_dim=int(data["emb_dim"]),
+        vocab_size=int(data["vocab_size"]),
+        inner_dim=int(data.get("inner_dim", 0)),
+        n_predict=int(data.get("n_predict", 3)),
+        tie_weights=bool(data.get("tie_weights", False)),
         scale_input=bool(data.get("scale_input", False)),
-        top_k_tokens_per_head=tuple(data.get("top_k_tokens_per_head") or ()), n_candidates=int(data.get("n_candidates", 1)),
+        top_k_tokens_per_head=tuple(data.get("top_k_tokens_per_head") or ()),
+        n_candidates=int(data.get("n_candidates", 1)),
     )
 
 
@@ -280,7 +297,9 @@ def load_hf(directory: str, dtype=jnp.float32) -> Speculator:
     params = SpeculatorParams(
         emb=np.stack([get(f"emb.{e}.weight", (V, D)) for e in range(E)]),
         proj0=get("proj.0.weight", (D, H)).T,
-        proj=np.stack([get(f"proj.{1 + q}.weight", (D, D)).T for q in range(P)]) if P else np.zeros((0, D, D), np.float32),
+        proj=np.stack([get(f"proj.{1 + q}.weight", (D, D)).T for q in range(P)])
+        if P
+        else np.zeros((0, D, D), np.float32),
         ln_weight=np.stack([get(f"ln.{e}.weight", (D,)) for e in range(E)]),
         ln_bias=np.stack([get(f"ln.{e}.bias", (D,)) for e in range(E)]),
         head=np.stack([get(f"head.{e}.weight", (V, D)).T for e in range(E)]),

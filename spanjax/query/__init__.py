@@ -13,9 +13,10 @@ lower` gives the module; the function is also exported as `lower_g`.)
     SpanPlan.sequence_page_keys(generated_ids)      (plan.py)
 """
 
+from spanjax.query import lower  # noqa: F401  (the module; see docstring)
 from spanjax.query.ast import (
-    G,
     Cross,
+    G,
     Message,
     Monad,
     Par,
@@ -29,7 +30,6 @@ from spanjax.query.ast import (
     user,
 )
 from spanjax.query.errors import SpanQueryError
-from spanjax.query import lower  # noqa: F401  (the module; see docstring)
 from spanjax.query.lower import chain_page_key, chain_page_keys, root_key
 from spanjax.query.lower import lower as lower_g
 from spanjax.query.passes import (
@@ -49,9 +49,46 @@ from spanjax.query.syntax import dump, parse, parse_json, parse_sexpr, parse_yam
 from spanjax.query.validate import MAX_DEPTH, from_data
 
 __all__ = [
-    "G", "Cross", "Message", "Monad", "Par", "Plus", "Print", "Query", "Repeat", "Seq",
-    "assistant", "system", "user", "SpanQueryError", "lower", "lower_g", "chain_page_key", "chain_page_keys", "root_key",
-    "GenResult", "dedup", "evaluation_order", "expand_repeat", "flatten", "hoist", "prepare",
-    "ready", "substitute", "value", "Span", "SpanPlan", "dump", "parse", "parse_json",
-    "parse_sexpr", "parse_yaml", "to_data", "to_json", "to_sexpr", "to_yaml", "MAX_DEPTH", "from_data",
+    "G",
+    "Cross",
+    "Message",
+    "Monad",
+    "Par",
+    "Plus",
+    "Print",
+    "Query",
+    "Repeat",
+    "Seq",
+    "assistant",
+    "system",
+    "user",
+    "SpanQueryError",
+    "lower",
+    "lower_g",
+    "chain_page_key",
+    "chain_page_keys",
+    "root_key",
+    "GenResult",
+    "dedup",
+    "evaluation_order",
+    "expand_repeat",
+    "flatten",
+    "hoist",
+    "prepare",
+    "ready",
+    "substitute",
+    "value",
+    "Span",
+    "SpanPlan",
+    "dump",
+    "parse",
+    "parse_json",
+    "parse_sexpr",
+    "parse_yaml",
+    "to_data",
+    "to_json",
+    "to_sexpr",
+    "to_yaml",
+    "MAX_DEPTH",
+    "from_data",
 ]

@@ -50,30 +50,30 @@ class Message:
 
 @_frozen
 class Cross:
-    children: tuple["Query", ...]
+    children: tuple[Query, ...]
 
 
 @_frozen
 class Plus:
-    children: tuple["Query", ...]
+    children: tuple[Query, ...]
     attention: AttentionPolicy | None = None  # None: the enclosing g's policy
     positions: PositionPolicy | None = None
 
 
 @_frozen
 class Seq:
-    children: tuple["Query", ...]
+    children: tuple[Query, ...]
 
 
 @_frozen
 class Par:
-    children: tuple["Query", ...]
+    children: tuple[Query, ...]
 
 
 @_frozen
 class G:
     model: str
-    input: "Query"
+    input: Query
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -92,7 +92,7 @@ class Repeat:
 
 @_frozen
 class Monad:
-    query: "Query"
+    query: Query
 
 
 @_frozen

@@ -19,12 +19,24 @@ from spanjax.query.lower import lower
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", metavar="FILE", help="query file (.json, .yaml/.yml, .sexp/.sexpr; else sniffed), '-' for stdin")
-    parser.add_argument("--format", choices=syntax.FORMATS, default=None, help="input form (default: by extension or sniffed)")
-    parser.add_argument("--model", default=None, help="model that runs every g: its tokenizer lowers the prompts and its name keys the cache (default: each g's model)")
-    parser.add_argument("--fake-tokenizer", action="store_true", help="byte-level stand-in tokenizer (offline; structure only)")
+    parser.add_argument(
+        "file", metavar="FILE", help="query file (.json, .yaml/.yml, .sexp/.sexpr; else sniffed), '-' for stdin"
+    )
+    parser.add_argument(
+        "--format", choices=syntax.FORMATS, default=None, help="input form (default: by extension or sniffed)"
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model that runs every g: its tokenizer lowers the prompts and its name keys the cache (default: each g's model)",
+    )
+    parser.add_argument(
+        "--fake-tokenizer", action="store_true", help="byte-level stand-in tokenizer (offline; structure only)"
+    )
     parser.add_argument("--page-size", type=int, default=16, help="KV page size (default 16)")
-    parser.add_argument("--no-optimize", action="store_true", help="skip flatten/dedup/hoist (repeat is still expanded)")
+    parser.add_argument(
+        "--no-optimize", action="store_true", help="skip flatten/dedup/hoist (repeat is still expanded)"
+    )
     parser.add_argument("--show-query", action="store_true", help="also print the prepared query as an s-expression")
     parser.add_argument("--mask", action="store_true", help="also print the token-level visibility mask (small plans)")
 
@@ -42,7 +54,10 @@ def _tokenizer(name: str | None, fake: bool, cache: dict):
         except Exception as e:  # offline or not a loadable model: say so, keep going
             from spanjax.query.fake import ByteTokenizer
 
-            print(f"warning: cannot load tokenizer for {name!r} ({type(e).__name__}: {e}); using --fake-tokenizer", file=sys.stderr)
+            print(
+                f"warning: cannot load tokenizer for {name!r} ({type(e).__name__}: {e}); using --fake-tokenizer",
+                file=sys.stderr,
+            )
             cache[name] = ByteTokenizer()
     return cache[name]
 
@@ -91,9 +106,13 @@ def run_plan(args) -> int:
             return _tokenizer(args.model or model, args.fake_tokenizer, cache)
 
         n = 0
-        for w, g, plan in plan_query(q, tokenizer_for=tokenizer_for, page_size=args.page_size, optimize=not args.no_optimize, model=args.model):
+        for w, g, plan in plan_query(
+            q, tokenizer_for=tokenizer_for, page_size=args.page_size, optimize=not args.no_optimize, model=args.model
+        ):
             n += 1
-            print(f"== g {n} (wave {w}): model={g.model} max_tokens={g.max_tokens} temperature={g.temperature} seed={g.seed}")
+            print(
+                f"== g {n} (wave {w}): model={g.model} max_tokens={g.max_tokens} temperature={g.temperature} seed={g.seed}"
+            )
             print(plan.format(tokenizer_for(g.model)))
             if args.mask:
                 m = plan.dense_mask()

@@ -169,7 +169,9 @@ class _Lowerer:
             elif isinstance(n, (A.Monad, A.Print)):
                 continue
             elif isinstance(n, A.G):
-                raise SpanQueryError(p, "an unevaluated inner g", "its result substituted first (passes.ready/substitute)")
+                raise SpanQueryError(
+                    p, "an unevaluated inner g", "its result substituted first (passes.ready/substitute)"
+                )
             elif isinstance(n, A.Repeat):
                 raise SpanQueryError(p, "an unexpanded repeat", "passes.prepare/expand_repeat before lowering")
             else:
@@ -202,7 +204,7 @@ class _Lowerer:
             start = ctx.pos if par else cur
             n0 = len(self.spans)
             out = self.run(child, _Ctx(base.groups, base.sees, start), "plus", child_path(ppath, i))
-            own = out.groups[len(base.groups):]
+            own = out.groups[len(base.groups) :]
             if not own:
                 continue  # a child with no tokens (monad, print)
             descs.append(_h("child", list(own)))
@@ -241,7 +243,11 @@ def lower(g: A.G, tokenizer, *, model: str | None = None, page_size: int, adapte
     if last is None or last.kind != "cross" or len(last.sees) != len(spans) - 1:
         # Prompt ends in a plus and the tokenizer has no generation prefix: nothing
         # would continue the plan; every real chat template has an assistant header.
-        raise SpanQueryError("$.g.input", "a prompt whose final cross span is empty", "a tokenizer with a generation prefix or a trailing message")
+        raise SpanQueryError(
+            "$.g.input",
+            "a prompt whose final cross span is empty",
+            "a tokenizer with a generation prefix or a trailing message",
+        )
     return SpanPlan(
         spans=tuple(spans),
         page_size=page_size,

@@ -37,7 +37,7 @@ Evaluation loop (DESIGN 2.2) the engine runs:
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 from spanjax.query import ast as A
 from spanjax.query.errors import SpanQueryError
@@ -183,7 +183,7 @@ def ready(q: A.Query) -> list[A.G]:
     return order[0] if order else []
 
 
-def substitute(q: A.Query, results: Mapping[A.G, "GenResult | str"]) -> A.Query:
+def substitute(q: A.Query, results: Mapping[A.G, GenResult | str]) -> A.Query:
     """Replace every evaluated g (by equality) with `assistant(text, token_ids)`."""
     if isinstance(q, A.G) and q in results:
         r = results[q]

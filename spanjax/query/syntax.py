@@ -158,7 +158,7 @@ class _JsonParser:
         v, i = self.value(0, "$", 0)
         i = self.ws(i)
         if i != len(self.s):
-            self.fail(i, "$", f"extra text {self.s[i:i + 20]!r}", "end of input after the query")
+            self.fail(i, "$", f"extra text {self.s[i : i + 20]!r}", "end of input after the query")
         return v, self.locs
 
 
@@ -188,7 +188,9 @@ def _yaml_flow_depth_check(text: str) -> None:
             depth += 1
             if depth > MAX_TEXT_NESTING:
                 line, col = _Lines(text)(m.start())
-                raise SpanQueryError("$", f"nesting deeper than {MAX_TEXT_NESTING} containers", "a shallower document", line, col)
+                raise SpanQueryError(
+                    "$", f"nesting deeper than {MAX_TEXT_NESTING} containers", "a shallower document", line, col
+                )
         elif c in "]}":
             depth = max(0, depth - 1)
 
@@ -237,7 +239,9 @@ class _YamlWalk:
             line, col = node.start_mark.line + 1, node.start_mark.column + 1
             self.locs.setdefault(path, (line, col))
             if nest > MAX_TEXT_NESTING or self.count > MAX_YAML_NODES:
-                raise SpanQueryError(path, "a document nested too deeply or too large (aliases?)", "a smaller query", line, col)
+                raise SpanQueryError(
+                    path, "a document nested too deeply or too large (aliases?)", "a smaller query", line, col
+                )
             if isinstance(node, yaml.ScalarNode):
                 parent[slot] = self.loader.construct_object(node, deep=True)
             elif isinstance(node, yaml.SequenceNode):
@@ -254,10 +258,22 @@ class _YamlWalk:
                         raise SpanQueryError(path, "a non-scalar mapping key", "string keys", line, col)
                     key = self.loader.construct_object(knode, deep=True)
                     if not isinstance(key, str):
-                        raise SpanQueryError(path, f"key {describe(key)}", "string keys", knode.start_mark.line + 1, knode.start_mark.column + 1)
+                        raise SpanQueryError(
+                            path,
+                            f"key {describe(key)}",
+                            "string keys",
+                            knode.start_mark.line + 1,
+                            knode.start_mark.column + 1,
+                        )
                     if key in d:
                         kp = child_path(path, key)
-                        raise SpanQueryError(kp, f"duplicate key {key!r}", "unique keys", knode.start_mark.line + 1, knode.start_mark.column + 1)
+                        raise SpanQueryError(
+                            kp,
+                            f"duplicate key {key!r}",
+                            "unique keys",
+                            knode.start_mark.line + 1,
+                            knode.start_mark.column + 1,
+                        )
                     d[key] = None
                     stack.append((vnode, child_path(path, key), nest + 1, d, key))
         return out_root[0], self.locs
@@ -331,7 +347,11 @@ class _SexprReader:
             self.fail(opens[-1], "'(' never closed", "balanced parentheses")
         top = stack[0]
         if len(top) != 1:
-            self.fail(top[1].at if len(top) > 1 else 0, "end of input" if not top else "a second top-level form", "exactly one query form")
+            self.fail(
+                top[1].at if len(top) > 1 else 0,
+                "end of input" if not top else "a second top-level form",
+                "exactly one query form",
+            )
         return top[0]
 
     def atom(self, tok, i):
@@ -409,7 +429,7 @@ class _SexprToData:
         if depth > MAX_DEPTH:
             self.fail(x, path, f"nesting deeper than {MAX_DEPTH} levels", "a shallower query")
         if not isinstance(x, _List):
-            self.fail(x, path, f"atom {x.value!r}", "a query form such as (user \"...\")")
+            self.fail(x, path, f"atom {x.value!r}", 'a query form such as (user "...")')
         if not x.items or not (isinstance(x.items[0], _Atom) and x.items[0].kind == "sym"):
             self.fail(x, path, "a list without a head symbol", "(g ...), (cross ...), (plus ...), (user ...), ...")
         head, args = x.items[0].value, x.items[1:]
@@ -427,12 +447,16 @@ class _SexprToData:
                 body[k] = self.value(v, child_path(p, k))
             return {"plus": body}
         if head in ("system", "user", "assistant", "print"):
-            pos, kw = self.split(args, p, {"token-ids": "token_ids", "token_ids": "token_ids"} if head == "assistant" else {})
+            pos, kw = self.split(
+                args, p, {"token-ids": "token_ids", "token_ids": "token_ids"} if head == "assistant" else {}
+            )
             if len(pos) != 1:
-                self.fail(x, p, f"{len(pos)} positional arguments", f"exactly one string: ({head} \"...\")")
+                self.fail(x, p, f"{len(pos)} positional arguments", f'exactly one string: ({head} "...")')
             content = self.value(pos[0], p)
             if kw:
-                return {head: {"content": content, "token_ids": self.value(kw["token_ids"], child_path(p, "token_ids"))}}
+                return {
+                    head: {"content": content, "token_ids": self.value(kw["token_ids"], child_path(p, "token_ids"))}
+                }
             return {head: content}
         if head == "monad":
             pos, _ = self.split(args, p, {})
@@ -443,12 +467,25 @@ class _SexprToData:
             pos, _ = self.split(args, p, {})
             if len(pos) != 2:
                 self.fail(x, p, f"{len(pos)} arguments", "(repeat N (g ...))")
-            return {"repeat": {"n": self.value(pos[0], child_path(p, "n")), "query": self.query(pos[1], child_path(p, "query"), depth + 1)}}
+            return {
+                "repeat": {
+                    "n": self.value(pos[0], child_path(p, "n")),
+                    "query": self.query(pos[1], child_path(p, "query"), depth + 1),
+                }
+            }
         if head == "g":
             pos, kw = self.split(args, p, _SX_G_KEYS)
             if not 2 <= len(pos) <= 4:
-                self.fail(x, p, f"{len(pos)} positional arguments", '(g "model" INPUT [MAX_TOKENS [TEMPERATURE]] [:key value]...)')
-            body = {"model": self.value(pos[0], child_path(p, "model")), "input": self.query(pos[1], child_path(p, "input"), depth + 1)}
+                self.fail(
+                    x,
+                    p,
+                    f"{len(pos)} positional arguments",
+                    '(g "model" INPUT [MAX_TOKENS [TEMPERATURE]] [:key value]...)',
+                )
+            body = {
+                "model": self.value(pos[0], child_path(p, "model")),
+                "input": self.query(pos[1], child_path(p, "input"), depth + 1),
+            }
             for name, y in zip(("max_tokens", "temperature"), pos[2:]):
                 if name in kw:
                     self.fail(y, p, f"{name} given both positionally and as :{name}", "one of them")
@@ -456,7 +493,12 @@ class _SexprToData:
             for name, y in kw.items():
                 body[name] = self.value(y, child_path(p, name))
             return {"g": body}
-        self.fail(x.items[0], path, f"unknown node {head!r}", "one of g, cross, plus, seq, par, system, user, assistant, repeat, monad, print")
+        self.fail(
+            x.items[0],
+            path,
+            f"unknown node {head!r}",
+            "one of g, cross, plus, seq, par, system, user, assistant, repeat, monad, print",
+        )
 
 
 def sexpr_data(src) -> tuple[object, dict]:
@@ -472,7 +514,16 @@ def parse_sexpr(src) -> A.Query:
 
 # ------------------------------------------------------------------------------ dispatch
 FORMATS = ("json", "yaml", "sexpr")
-_EXTENSIONS = {".json": "json", ".yaml": "yaml", ".yml": "yaml", ".sexp": "sexpr", ".sexpr": "sexpr", ".lisp": "sexpr", ".scm": "sexpr", ".spnl": "sexpr"}
+_EXTENSIONS = {
+    ".json": "json",
+    ".yaml": "yaml",
+    ".yml": "yaml",
+    ".sexp": "sexpr",
+    ".sexpr": "sexpr",
+    ".lisp": "sexpr",
+    ".scm": "sexpr",
+    ".spnl": "sexpr",
+}
 
 
 def sniff(text: str) -> str:

@@ -228,7 +228,9 @@ class _Validator:
         f = self.fields(body, path, spec, required=("n",), what="repeat fields (n and g or query)")
         n = self.integer(*f["n"], 1, MAX_REPEAT)
         if ("g" in f) == ("query" in f):
-            self.fail(path, "both 'g' and 'query'" if "g" in f else "neither 'g' nor 'query'", "exactly one of 'g' or 'query'")
+            self.fail(
+                path, "both 'g' and 'query'" if "g" in f else "neither 'g' nor 'query'", "exactly one of 'g' or 'query'"
+            )
         if "g" in f:
             v, p = f["g"]
             # "g": the g's body ({"model": ..., "input": ...}); a whole {"g": {...}} node is accepted too.

@@ -79,7 +79,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _byte_level_pre_tokenizer(pre: str | None):
     if pre in _DIGITS_THEN_GPT2:
         return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
         )
     if pre in _SPLIT_REGEX:
         return pre_tokenizers.Sequence(
@@ -125,7 +128,7 @@ class Tokenizer:
     # ------------------------------------------------------------------ constructors
 
     @classmethod
-    def from_hf_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_hf_dir(cls, path: str | os.PathLike) -> Tokenizer:
         path = os.fspath(path)
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tj):
@@ -162,7 +165,7 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_gguf(cls, data) -> "Tokenizer":
+    def from_gguf(cls, data) -> Tokenizer:
         """From GGUF tokenizer metadata (`spanjax.models.gguf.GGUFTokenizerData` or any object with its fields)."""
         if data.model != "gpt2":
             raise ValueError(
@@ -257,7 +260,12 @@ class Tokenizer:
     # ------------------------------------------------------------------ chat
 
     def _special_tokens(self) -> dict:
-        return {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token, "unk_token": self.unk_token}
+        return {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+        }
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
         if self.chat_template is None:

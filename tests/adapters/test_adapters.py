@@ -23,7 +23,9 @@ from spanjax.adapters.peft_format import AdapterFormatError
 from spanjax.models import llama
 from spanjax.models.config import ModelConfig
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+CFG = ModelConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
+)
 INV = (7, 8, 9)
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,7 +58,11 @@ def test_config_errors():
         AdapterConfig(kind="alora")
     with pytest.raises(ValueError, match="unknown LoRA target module"):
         AdapterConfig(kind="lora", target_modules=("qq",))
-    assert AdapterConfig(kind="lora", target_modules=("q", "wv", "down_proj")).target_modules == ("q_proj", "v_proj", "down_proj")
+    assert AdapterConfig(kind="lora", target_modules=("q", "wv", "down_proj")).target_modules == (
+        "q_proj",
+        "v_proj",
+        "down_proj",
+    )
 
 
 @pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj"), ALL])
@@ -85,7 +91,12 @@ def test_alora_equals_base_before_invocation_and_lora_over_base_cache_after(targ
 def test_bank_mixes_adapters_per_token():
     params = _params()
     a1 = init_adapter(AdapterConfig(kind="lora", r=2, alpha=4), CFG, jax.random.PRNGKey(1), b_scale=0.3)
-    a2 = init_adapter(AdapterConfig(kind="lora", r=6, alpha=3, target_modules=("v_proj", "up_proj")), CFG, jax.random.PRNGKey(2), b_scale=0.3)
+    a2 = init_adapter(
+        AdapterConfig(kind="lora", r=6, alpha=3, target_modules=("v_proj", "up_proj")),
+        CFG,
+        jax.random.PRNGKey(2),
+        b_scale=0.3,
+    )
     bank = make_bank([a1, a2], CFG)
     tokens = [1, 2, 3, 4, 5, 6]
     for idx, ad in ((0, a1), (1, a2)):
@@ -136,7 +147,9 @@ def test_exported_adapter_matches_transformers_peft(tmp_path, tiny_hf_model, kin
     path, torch_model = tiny_hf_model("llama3")
     mcfg, params = load_hf_directory(path)
     inv = (40, 41, 42)
-    cfg = AdapterConfig(kind=kind, r=4, alpha=8, target_modules=targets, invocation_tokens=inv if kind == "alora" else None)
+    cfg = AdapterConfig(
+        kind=kind, r=4, alpha=8, target_modules=targets, invocation_tokens=inv if kind == "alora" else None
+    )
     ad = init_adapter(cfg, mcfg, jax.random.PRNGKey(5), b_scale=0.5)
     out = tmp_path / "adapter"
     export_peft(ad, str(out))
@@ -149,8 +162,13 @@ def test_exported_adapter_matches_transformers_peft(tmp_path, tiny_hf_model, kin
     T = len(tokens)
     mask = adapter_mask(cfg, tokens)
     h, _ = llama.forward_dense(
-        params, mcfg, jnp.asarray([tokens]), jnp.arange(T)[None], llama.init_dense_cache(mcfg, 1, T),
-        make_bank([ad], mcfg), jnp.asarray(mask)[None],
+        params,
+        mcfg,
+        jnp.asarray([tokens]),
+        jnp.arange(T)[None],
+        llama.init_dense_cache(mcfg, 1, T),
+        make_bank([ad], mcfg),
+        jnp.asarray(mask)[None],
     )
     got = np.asarray(llama.compute_logits(params, mcfg, h)[0])
     assert np.abs(got - want).max() < 1e-4

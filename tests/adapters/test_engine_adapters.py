@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.rope import apply_rope
 from spanjax.adapters import AdapterConfig, init_adapter, make_bank
 from spanjax.engine.adapters import AdapterError, lower_for_engine, split_at_invocation
 from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.engine.executor import run_query
 from spanjax.engine.sampling import SamplingParams
+from spanjax.kernels.rope import apply_rope
 from spanjax.models import llama
 from spanjax.models.config import ModelConfig
 from spanjax.models.loading import LoadedModel
@@ -35,8 +35,17 @@ class Tokenizer(ByteTokenizer):
     eos_token_ids = (SPECIAL["end"],)
 
 
-CFG = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=8, max_position_embeddings=1024, rope_theta=500.0)
+CFG = ModelConfig(
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=1024,
+    rope_theta=500.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +54,20 @@ def setup():
     model = LoadedModel("tiny", CFG, llama.init_params(CFG, jax.random.key(7), scale=0.2), tok)
     inv = tuple(tok.encode_message("user", INV_TEXT))
     adapters = {
-        "ans": init_adapter(AdapterConfig(kind="alora", r=4, alpha=8, invocation_tokens=inv), CFG, jax.random.key(1), b_scale=0.5),
-        "lora": init_adapter(AdapterConfig(kind="lora", r=2, alpha=4, target_modules=("q", "v", "up")), CFG, jax.random.key(2), b_scale=0.5),
+        "ans": init_adapter(
+            AdapterConfig(kind="alora", r=4, alpha=8, invocation_tokens=inv), CFG, jax.random.key(1), b_scale=0.5
+        ),
+        "lora": init_adapter(
+            AdapterConfig(kind="lora", r=2, alpha=4, target_modules=("q", "v", "up")),
+            CFG,
+            jax.random.key(2),
+            b_scale=0.5,
+        ),
     }
-    eng = Engine(model, EngineConfig(num_pages=256, page_size=PAGE, max_tokens_per_step=64, max_seqs_per_step=8, attention="reference"))
+    eng = Engine(
+        model,
+        EngineConfig(num_pages=256, page_size=PAGE, max_tokens_per_step=64, max_seqs_per_step=8, attention="reference"),
+    )
     for name, ad in adapters.items():
         eng.register_adapter(name, ad)
     return model, tok, adapters, eng
@@ -70,8 +89,16 @@ def reference_logits(model, plan, generated, bank, span_ids):
         p = jax.nn.softmax(jnp.where(m[None, None, None], s, -jnp.inf), axis=-1)
         return jnp.einsum("bhgtk,bkhd->bthgd", p, v).reshape(B, T, cfg.num_heads, cfg.head_dim), c
 
-    h, _ = llama.decoder(model.params, cfg, jnp.asarray(tokens)[None], jnp.asarray(positions)[None], jnp.zeros((cfg.num_layers,)),
-                         attention, bank, jnp.asarray(ids, jnp.int32)[None])
+    h, _ = llama.decoder(
+        model.params,
+        cfg,
+        jnp.asarray(tokens)[None],
+        jnp.asarray(positions)[None],
+        jnp.zeros((cfg.num_layers,)),
+        attention,
+        bank,
+        jnp.asarray(ids, jnp.int32)[None],
+    )
     return np.asarray(llama.compute_logits(model.params, cfg, h[0]))
 
 
@@ -107,7 +134,9 @@ def test_alora_prefix_pages_key_as_base_and_hit_the_base_cache(setup):
     shared = sum(len(s) for s in plan.spans[:-2]) + full * PAGE
     assert req.metrics.cached_tokens == shared
     # A LoRA query of the same prompt shares nothing.
-    lora_plan = lower_for_engine(A.G("tiny", alora_g.input, adapter="lora"), tok, model="tiny", page_size=PAGE, adapters=eng.adapters)
+    lora_plan = lower_for_engine(
+        A.G("tiny", alora_g.input, adapter="lora"), tok, model="tiny", page_size=PAGE, adapters=eng.adapters
+    )
     r2 = eng.submit(lora_plan, SamplingParams(max_tokens=2))
     eng.run_until_done([r2])
     assert r2.metrics.cached_tokens == 0
@@ -159,8 +188,14 @@ def test_errors(setup):
 
 def test_run_query_with_adapter(setup):
     model, tok, adapters, eng = setup
-    q = {"g": {"model": "tiny", "adapter": "ans", "max_tokens": 3,
-               "input": {"cross": [{"user": "some context here"}, {"user": INV_TEXT}]}}}
+    q = {
+        "g": {
+            "model": "tiny",
+            "adapter": "ans",
+            "max_tokens": 3,
+            "input": {"cross": [{"user": "some context here"}, {"user": INV_TEXT}]},
+        }
+    }
     import json
 
     res = run_query(eng, json.dumps(q))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.rope import apply_rope
+from spanjax.kernels.rope import apply_rope
 from spanjax.models import llama
 
 

@@ -104,7 +104,9 @@ def test_eos_stops_and_is_not_returned(tiny):
     free = generate(model, [prompt], SamplingParams(max_tokens=12))[0].token_ids
     eos = free[4]
     first = free.index(eos)
-    stopped = LoadedModel(model.name, dataclasses.replace(model.cfg, eos_token_ids=(eos,)), model.params, model.tokenizer)
+    stopped = LoadedModel(
+        model.name, dataclasses.replace(model.cfg, eos_token_ids=(eos,)), model.params, model.tokenizer
+    )
     [r] = generate(stopped, [prompt], SamplingParams(max_tokens=12))
     assert r.finish_reason == "eos" and r.token_ids == free[:first]
     # eos ids from the tokenizer count too.

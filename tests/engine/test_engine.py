@@ -10,8 +10,8 @@
 import jax
 import numpy as np
 import pytest
-
 from dense_reference import masked_dense_logits, plan_arrays
+
 from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.engine.executor import run_query
 from spanjax.engine.sampling import SamplingParams
@@ -34,8 +34,15 @@ class Tokenizer(ByteTokenizer):
 @pytest.fixture(scope="module")
 def tiny_model():
     cfg = ModelConfig(
-        vocab_size=260, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-        head_dim=8, max_position_embeddings=1024, rope_theta=500.0,
+        vocab_size=260,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+        rope_theta=500.0,
     )
     params = llama.init_params(cfg, jax.random.key(7), scale=0.2)
     return LoadedModel("tiny", cfg, params, Tokenizer())
@@ -43,7 +50,10 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return Engine(tiny_model, EngineConfig(num_pages=256, page_size=PAGE, max_tokens_per_step=32, max_seqs_per_step=8, attention="reference"))
+    return Engine(
+        tiny_model,
+        EngineConfig(num_pages=256, page_size=PAGE, max_tokens_per_step=32, max_seqs_per_step=8, attention="reference"),
+    )
 
 
 def words(rng, lo=1, hi=12):
@@ -94,8 +104,12 @@ def test_cached_spans_are_exact_where_design_says(tiny_model, engine, attention)
     for positions in ("parallel", "sequential") if attention == "isolated" else ("parallel",):
         engine.clear_cache()
         for order in ([0, 1, 2, 3], [2, 0, 3, 1]):
-            g = A.G("tiny", A.Cross((A.Message("system", "sys"), A.Plus(tuple(docs[i] for i in order)), A.Message("user", "q?"))),
-                    attention=attention, positions=positions)
+            g = A.G(
+                "tiny",
+                A.Cross((A.Message("system", "sys"), A.Plus(tuple(docs[i] for i in order)), A.Message("user", "q?"))),
+                attention=attention,
+                positions=positions,
+            )
             plan = lower(g, tiny_model.tokenizer, model="tiny", page_size=PAGE)
             req = engine.submit(plan, SamplingParams(max_tokens=3), keep_logits=True)
             engine.run_until_done([req])
@@ -105,7 +119,13 @@ def test_cached_spans_are_exact_where_design_says(tiny_model, engine, attention)
 def rag_query(docs, order, positions):
     return A.G(
         "tiny",
-        A.Cross((A.Message("system", "answer from the documents"), A.Plus(tuple(docs[i] for i in order)), A.Message("user", "which?"))),
+        A.Cross(
+            (
+                A.Message("system", "answer from the documents"),
+                A.Plus(tuple(docs[i] for i in order)),
+                A.Message("user", "which?"),
+            )
+        ),
         max_tokens=2,
         positions=positions,
     )
@@ -137,16 +157,40 @@ def burst(engine, tok, n=12):
     rng = np.random.default_rng(5)
     plans = []
     for i in range(n):
-        g = A.G("tiny", A.Cross((A.Message("system", f"s{i % 3}"), A.Plus((A.Message("user", words(rng, 10, 30)), A.Message("user", words(rng, 5, 15)))), A.Message("user", words(rng)))))
+        g = A.G(
+            "tiny",
+            A.Cross(
+                (
+                    A.Message("system", f"s{i % 3}"),
+                    A.Plus((A.Message("user", words(rng, 10, 30)), A.Message("user", words(rng, 5, 15)))),
+                    A.Message("user", words(rng)),
+                )
+            ),
+        )
         plans.append(lower(g, tok, model="tiny", page_size=PAGE))
-    samplings = [SamplingParams(max_tokens=int(rng.integers(3, 9)), temperature=0.7 if i % 2 else 0.0, seed=i) for i in range(n)]
+    samplings = [
+        SamplingParams(max_tokens=int(rng.integers(3, 9)), temperature=0.7 if i % 2 else 0.0, seed=i) for i in range(n)
+    ]
     reqs = engine.generate(plans, samplings)
     return [r.generated for r in reqs], sum(r.metrics.preemptions for r in reqs)
 
 
 def test_tiny_pool_preempts_and_matches_ample_pool(tiny_model):
-    ample = Engine(tiny_model, EngineConfig(num_pages=512, page_size=PAGE, max_tokens_per_step=32, max_seqs_per_step=8, attention="reference"))
-    tiny = Engine(tiny_model, EngineConfig(num_pages=24, page_size=PAGE, max_tokens_per_step=32, max_seqs_per_step=8, max_running=12, attention="reference"))
+    ample = Engine(
+        tiny_model,
+        EngineConfig(num_pages=512, page_size=PAGE, max_tokens_per_step=32, max_seqs_per_step=8, attention="reference"),
+    )
+    tiny = Engine(
+        tiny_model,
+        EngineConfig(
+            num_pages=24,
+            page_size=PAGE,
+            max_tokens_per_step=32,
+            max_seqs_per_step=8,
+            max_running=12,
+            attention="reference",
+        ),
+    )
     want, _ = burst(ample, tiny_model.tokenizer)
     got, preemptions = burst(tiny, tiny_model.tokenizer)
     assert preemptions > 0, "the pool was not small enough to exercise preemption"
@@ -162,7 +206,10 @@ def test_request_larger_than_pool_is_rejected_up_front(tiny_model):
 
 
 def test_compilations_stay_within_documented_bound(tiny_model):
-    eng = Engine(tiny_model, EngineConfig(num_pages=128, page_size=PAGE, max_tokens_per_step=64, max_seqs_per_step=4, attention="reference"))
+    eng = Engine(
+        tiny_model,
+        EngineConfig(num_pages=128, page_size=PAGE, max_tokens_per_step=64, max_seqs_per_step=4, attention="reference"),
+    )
     runner = eng.runner
     assert runner.token_buckets == [16, 32, 64]
     assert runner.seq_buckets == [1, 2, 4]
@@ -204,11 +251,13 @@ def test_executor_runs_seq_par_monad_and_repeat(tiny_model, engine):
     def g(text, **kw):
         return A.G("tiny", A.Cross((A.Message("system", "s"), A.Message("user", text))), max_tokens=3, **kw)
 
-    query = A.Seq((
-        A.Monad(g("warm the cache")),
-        A.Par((g("a"), A.Repeat(2, g("b", temperature=0.9, seed=5)))),
-        g("last"),
-    ))
+    query = A.Seq(
+        (
+            A.Monad(g("warm the cache")),
+            A.Par((g("a"), A.Repeat(2, g("b", temperature=0.9, seed=5)))),
+            g("last"),
+        )
+    )
     res = run_query(engine, query)
     # monad + par(a, b seed 5, b seed 6) + last, in evaluation order
     assert len(res.generations) == 5

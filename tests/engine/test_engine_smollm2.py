@@ -12,9 +12,26 @@ from spanjax.query.lower import lower
 pytestmark = pytest.mark.slow
 
 TOPICS = [
-    "the moon", "tea", "rivers", "prime numbers", "a violin", "Paris", "volcanoes", "bees",
-    "the number zero", "sailing", "glaciers", "chess", "bread", "owls", "copper", "rain",
-    "maps", "clocks", "salt", "the alphabet",
+    "the moon",
+    "tea",
+    "rivers",
+    "prime numbers",
+    "a violin",
+    "Paris",
+    "volcanoes",
+    "bees",
+    "the number zero",
+    "sailing",
+    "glaciers",
+    "chess",
+    "bread",
+    "owls",
+    "copper",
+    "rain",
+    "maps",
+    "clocks",
+    "salt",
+    "the alphabet",
 ]
 
 
@@ -23,18 +40,27 @@ def prompts():
     out = []
     for i, topic in enumerate(TOPICS):
         filler = " ".join(["Please be brief and factual."] * (i % 7) * 3)
-        out.append([A.Message("system", "You are a helpful assistant."), A.Message("user", f"Tell me one fact about {topic}. {filler}")])
+        out.append(
+            [
+                A.Message("system", "You are a helpful assistant."),
+                A.Message("user", f"Tell me one fact about {topic}. {filler}"),
+            ]
+        )
     return out
 
 
 def test_paged_engine_matches_dense_generator_on_concurrent_stock_prompts(smollm2):
     tok = smollm2.tokenizer
     sampling = SamplingParams(max_tokens=12)
-    engine = Engine(smollm2, EngineConfig(num_pages=256, page_size=16, max_tokens_per_step=256, max_seqs_per_step=8, max_running=8))
+    engine = Engine(
+        smollm2, EngineConfig(num_pages=256, page_size=16, max_tokens_per_step=256, max_seqs_per_step=8, max_running=8)
+    )
     plans = [lower(A.G(smollm2.name, A.Cross(tuple(m))), tok, model=smollm2.name, page_size=16) for m in prompts()]
     dense_ids = []
     for msgs in prompts():
-        text = tok.apply_chat_template([{"role": m.role, "content": m.content} for m in msgs], add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in msgs], add_generation_prompt=True
+        )
         dense_ids.append(tok.encode(text))
     # The lowering's token ids are the chat template's (a system message comes first).
     assert [list(p.spans[-1].token_ids) for p in plans] == dense_ids
@@ -50,10 +76,18 @@ def test_nested_generation_reuses_inner_exchanges(smollm2):
     inner generations left (cached_tokens shows it)."""
     engine = Engine(smollm2, EngineConfig(num_pages=512, page_size=16))
     inner = [
-        A.G(smollm2.name, A.Cross((A.Message("system", "Answer in one short sentence."), A.Message("user", q))), max_tokens=16)
+        A.G(
+            smollm2.name,
+            A.Cross((A.Message("system", "Answer in one short sentence."), A.Message("user", q))),
+            max_tokens=16,
+        )
         for q in ("What color is the sky?", "What is two plus two?", "Name a fruit.")
     ]
-    outer = A.G(smollm2.name, A.Cross((A.Message("system", "Summarize the answers."), A.Plus(tuple(inner)), A.Message("user", "Summary:"))), max_tokens=8)
+    outer = A.G(
+        smollm2.name,
+        A.Cross((A.Message("system", "Summarize the answers."), A.Plus(tuple(inner)), A.Message("user", "Summary:"))),
+        max_tokens=8,
+    )
     res = run_query(engine, outer)
     assert len(res.generations) == 4
     inner_tokens = sum(g.prompt_tokens + g.generated_tokens - 1 for g in res.generations[:3])

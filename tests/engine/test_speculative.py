@@ -34,10 +34,25 @@ class Tokenizer(ByteTokenizer):
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      head_dim=8, max_position_embeddings=1024, rope_theta=500.0, tie_word_embeddings=False)
+    cfg = ModelConfig(
+        vocab_size=260,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+        rope_theta=500.0,
+        tie_word_embeddings=False,
+    )
     p = llama.init_params(cfg, jax.random.key(7), scale=0.2)
-    p = llama.Params(embed=p.embed, layers=jax.tree_util.tree_map(lambda x: 0.3 * x, p.layers), final_norm=p.final_norm, lm_head=p.lm_head)
+    p = llama.Params(
+        embed=p.embed,
+        layers=jax.tree_util.tree_map(lambda x: 0.3 * x, p.layers),
+        final_norm=p.final_norm,
+        lm_head=p.lm_head,
+    )
     return LoadedModel("tiny", cfg, p, Tokenizer())
 
 
@@ -50,8 +65,13 @@ def bigram_speculator(model):
     eye = np.eye(V, dtype=np.float32)
     sc = S.SpeculatorConfig(emb_dim=cfg.hidden_size, vocab_size=V, inner_dim=V, n_predict=3)
     params = S.SpeculatorParams(
-        emb=jnp.asarray(np.stack([eye] * 3)), proj0=jnp.zeros((cfg.hidden_size, V)), proj=jnp.zeros((2, V, V)),
-        ln_weight=jnp.ones((3, V)), ln_bias=jnp.zeros((3, V)), head=jnp.asarray(np.stack([eye[nxt]] * 3)))
+        emb=jnp.asarray(np.stack([eye] * 3)),
+        proj0=jnp.zeros((cfg.hidden_size, V)),
+        proj=jnp.zeros((2, V, V)),
+        ln_weight=jnp.ones((3, V)),
+        ln_bias=jnp.zeros((3, V)),
+        head=jnp.asarray(np.stack([eye[nxt]] * 3)),
+    )
     return S.Speculator(sc, params)
 
 
@@ -72,14 +92,28 @@ def plans_and_sampling(model, n=24, seed=0, temperature=0.0):
         text = "".join(chr(int(c)) for c in rng.integers(97, 123, int(rng.integers(1, 30))))
         msgs = (A.Message("system", "be brief"), A.Message("user", text)) if i % 3 else (A.Message("user", text),)
         plans.append(lower(A.G("tiny", A.Cross(msgs)), model.tokenizer, model="tiny", page_size=PAGE))
-        samplings.append(SamplingParams(max_tokens=int(rng.choice([1, 2, 3, 7, 16, 24])), ignore_eos=bool(i % 2),
-                                        temperature=temperature, seed=i))
+        samplings.append(
+            SamplingParams(
+                max_tokens=int(rng.choice([1, 2, 3, 7, 16, 24])),
+                ignore_eos=bool(i % 2),
+                temperature=temperature,
+                seed=i,
+            )
+        )
     return plans, samplings
 
 
 def engine_config(**kw):
-    return EngineConfig(**{"num_pages": 256, "page_size": PAGE, "max_tokens_per_step": 32, "max_seqs_per_step": 8,
-                           "attention": "reference", **kw})
+    return EngineConfig(
+        **{
+            "num_pages": 256,
+            "page_size": PAGE,
+            "max_tokens_per_step": 32,
+            "max_seqs_per_step": 8,
+            "attention": "reference",
+            **kw,
+        }
+    )
 
 
 def run(engine, plans, samplings):
@@ -96,15 +130,21 @@ def test_outputs_identical_to_plain_engine_across_batches_and_preemption(model, 
     plain = plain_engine
     want_greedy, want_sampled = run(plain, *greedy), run(plain, *sampled)
     accepted = drafted = 0
-    for kw in [dict(max_running=1, max_seqs_per_step=1),  # batch 1
-               dict(max_running=4, max_seqs_per_step=4, max_tokens_per_step=16, num_speculative_tokens=2),  # tight token budget
-               dict(num_pages=20)]:  # 19 usable pages: requests are preempted and recomputed
+    for kw in [
+        dict(max_running=1, max_seqs_per_step=1),  # batch 1
+        dict(
+            max_running=4, max_seqs_per_step=4, max_tokens_per_step=16, num_speculative_tokens=2
+        ),  # tight token budget
+        dict(num_pages=20),
+    ]:  # 19 usable pages: requests are preempted and recomputed
         eng = Engine(model, engine_config(**kw), speculator=bigram_speculator)
         reqs = eng.generate(*greedy)
         assert [r.generated for r in reqs] == want_greedy, kw
         if "num_pages" in kw:
             assert sum(r.metrics.preemptions for r in reqs) > 0
-        assert run(eng, *sampled) == want_sampled, kw  # seeded sampling: the verifier samples each position as a plain step would
+        assert run(eng, *sampled) == want_sampled, (
+            kw
+        )  # seeded sampling: the verifier samples each position as a plain step would
         assert all(info.refcount == 0 for info in eng.pool.pages[1:])
         st = eng.stats()["speculative"]
         accepted, drafted = accepted + st["accepted"], drafted + st["drafted"]
@@ -123,8 +163,9 @@ def second_choice_speculator(model, bigram_speculator):
     return S.Speculator(bigram_speculator.config, dataclasses.replace(bigram_speculator.params, head=jnp.asarray(head)))
 
 
-def test_draft_tree_candidates_are_verified_in_the_same_forward(model, second_choice_speculator, bigram_speculator, spec_engine,
-                                                               plain_engine):
+def test_draft_tree_candidates_are_verified_in_the_same_forward(
+    model, second_choice_speculator, bigram_speculator, spec_engine, plain_engine
+):
     """speculative_candidates = 2: the second candidate's drafts are accepted (their K/V copied
     into the span), outputs stay identical, and as many tokens per forward are emitted as with
     the bigram speculator's greedy draft; with one candidate nothing is accepted."""
@@ -137,10 +178,12 @@ def test_draft_tree_candidates_are_verified_in_the_same_forward(model, second_ch
     spec_engine.spec_stats.update(dict.fromkeys(spec_engine.spec_stats, 0))
     assert run(spec_engine, *greedy) == want_greedy
     bigram = spec_engine.stats()["speculative"]
-    for kw in [dict(max_running=1),  # batch 1: every candidate fits the padding of every step
-               # 16 tokens of greedy drafts, 2 other candidates fit the budget (not the padding: bucket 16 is full)
-               dict(max_running=4, max_seqs_per_step=6, max_tokens_per_step=24, speculative_tree_fill="budget"),
-               dict(num_pages=17, max_running=2)]:  # preemption; few free pages for scratch
+    for kw in [
+        dict(max_running=1),  # batch 1: every candidate fits the padding of every step
+        # 16 tokens of greedy drafts, 2 other candidates fit the budget (not the padding: bucket 16 is full)
+        dict(max_running=4, max_seqs_per_step=6, max_tokens_per_step=24, speculative_tree_fill="budget"),
+        dict(num_pages=17, max_running=2),
+    ]:  # preemption; few free pages for scratch
         eng = Engine(model, engine_config(speculative_candidates=2, **kw), speculator=second_choice_speculator)
         reqs = eng.generate(*greedy)
         assert [r.generated for r in reqs] == want_greedy, kw
@@ -148,15 +191,22 @@ def test_draft_tree_candidates_are_verified_in_the_same_forward(model, second_ch
             assert sum(r.metrics.preemptions for r in reqs) > 0
         st = eng.stats()["speculative"]
         assert st["other_candidate_won"] > 0 and st["accepted"] >= st["other_candidate_won"], kw
-        if len(kw) == 1 and "max_running" in kw:  # every other candidate fits: the tree finds exactly the bigram's drafts
-            assert (st["verify_forwards"], st["accepted"]) == (bigram["verify_forwards"], bigram["accepted"]) and bigram["accepted"] > 0
+        if (
+            len(kw) == 1 and "max_running" in kw
+        ):  # every other candidate fits: the tree finds exactly the bigram's drafts
+            assert (st["verify_forwards"], st["accepted"]) == (
+                bigram["verify_forwards"],
+                bigram["accepted"],
+            ) and bigram["accepted"] > 0
         if "num_pages" in kw:
             assert run(eng, *sampled) == want_sampled  # seeded sampling: every branch samples as a plain step would
         assert all(info.refcount == 0 for info in eng.pool.pages[1:])  # scratch pages are back
     with pytest.raises(ValueError, match="speculative_candidates"):
         engine_config(speculative_candidates=0)
     wide = Engine(model, engine_config(speculative_candidates=10**6), speculator=second_choice_speculator)
-    assert wide.runner.num_candidates == len(wide._spec_params.head_ids[0]) < model.cfg.vocab_size  # head 0's distinct columns
+    assert (
+        wide.runner.num_candidates == len(wide._spec_params.head_ids[0]) < model.cfg.vocab_size
+    )  # head 0's distinct columns
     with pytest.raises(ValueError, match="speculative_tree_fill"):
         engine_config(speculative_tree_fill="all")
 
@@ -176,9 +226,13 @@ def test_logits_of_emitted_tokens_match_plain_engine(model, plain_engine, spec_e
 
 
 def test_random_speculator_and_off_by_default(model, plain_engine):
-    spec = S.Speculator(S.SpeculatorConfig(emb_dim=32, vocab_size=260, inner_dim=16, n_predict=2, tie_weights=True),
-                        S.init_speculator(S.SpeculatorConfig(emb_dim=32, vocab_size=260, inner_dim=16, n_predict=2, tie_weights=True),
-                                          jax.random.PRNGKey(0)))
+    spec = S.Speculator(
+        S.SpeculatorConfig(emb_dim=32, vocab_size=260, inner_dim=16, n_predict=2, tie_weights=True),
+        S.init_speculator(
+            S.SpeculatorConfig(emb_dim=32, vocab_size=260, inner_dim=16, n_predict=2, tie_weights=True),
+            jax.random.PRNGKey(0),
+        ),
+    )
     plans, samplings = plans_and_sampling(model, n=4, seed=2)
     plain = plain_engine
     plain.clear_cache()
@@ -193,8 +247,17 @@ def test_smollm2_with_untrained_speculator_matches_plain_engine(smollm2, tmp_pat
     """SmolLM2-135M, a random speculator loaded from the HF format through EngineConfig.speculator."""
     sc = S.SpeculatorConfig(emb_dim=576, vocab_size=smollm2.cfg.vocab_size, inner_dim=32, n_predict=3, scale_input=True)
     S.export_hf(S.Speculator(sc, S.init_speculator(sc, jax.random.PRNGKey(0))), str(tmp_path / "spec"))
-    questions = ["What is the capital of France?", "Name a prime number.", "Why is the sky blue?", "Who wrote Hamlet?", "What is 2+2?"]
-    plans = [lower(A.G(smollm2.name, A.Cross((A.Message("user", q),))), smollm2.tokenizer, model=smollm2.name, page_size=16) for q in questions]
+    questions = [
+        "What is the capital of France?",
+        "Name a prime number.",
+        "Why is the sky blue?",
+        "Who wrote Hamlet?",
+        "What is 2+2?",
+    ]
+    plans = [
+        lower(A.G(smollm2.name, A.Cross((A.Message("user", q),))), smollm2.tokenizer, model=smollm2.name, page_size=16)
+        for q in questions
+    ]
     sampling = SamplingParams(max_tokens=10)
     cfg = EngineConfig(num_pages=128, page_size=16, max_tokens_per_step=64, max_seqs_per_step=4, max_running=4)
     want = [r.generated for r in Engine(smollm2, cfg).generate(plans, sampling)]

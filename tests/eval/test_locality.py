@@ -11,10 +11,10 @@ from pathlib import Path
 import jax
 import pytest
 
-from eval import locality as L
-from eval.experiments import load_config, run
-from eval.runs import ITEMS_FILE, load_items, open_run
 from spanjax.config import ConfigError
+from spanjax.eval import locality as L
+from spanjax.eval.experiments import load_config, run
+from spanjax.eval.runs import ITEMS_FILE, load_items, open_run
 from spanjax.models import llama
 from spanjax.models.config import ModelConfig
 from spanjax.models.loading import LoadedModel
@@ -29,8 +29,17 @@ class Tokenizer(ByteTokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    cfg = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      head_dim=8, max_position_embeddings=4096, rope_theta=10000.0)
+    cfg = ModelConfig(
+        vocab_size=260,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+    )
     return LoadedModel("tiny", cfg, llama.init_params(cfg, jax.random.key(3), scale=0.2), Tokenizer())
 
 
@@ -41,20 +50,25 @@ def _quiet(monkeypatch):
 
 def smoke_cfg(tmp_path, *extra):
     # Byte tokens: 48-token documents, a small pool; "tiny" names the model in cache keys.
-    return load_config(CONFIGS / "locality_nq_smoke.yaml",
-                       [f"out_dir={tmp_path}", "model=tiny", "engine.page_size=8", "engine.attention=reference", *extra])
+    return load_config(
+        CONFIGS / "locality_nq_smoke.yaml",
+        [f"out_dir={tmp_path}", "model=tiny", "engine.page_size=8", "engine.attention=reference", *extra],
+    )
 
 
 # ---------------------------------------------------------------------------- metric
 
 
-@pytest.mark.parametrize("text, norm", [
-    ("The  Eiffel Tower!", "eiffel tower"),
-    ("an Apple, a day", "apple day"),
-    ("U.S.A.", "usa"),
-    ("Theatre of the Absurd", "theatre of absurd"),  # 'the' inside a word is kept
-    ("  \tNew\nYork ", "new york"),
-])
+@pytest.mark.parametrize(
+    "text, norm",
+    [
+        ("The  Eiffel Tower!", "eiffel tower"),
+        ("an Apple, a day", "apple day"),
+        ("U.S.A.", "usa"),
+        ("Theatre of the Absurd", "theatre of absurd"),  # 'the' inside a word is kept
+        ("  \tNew\nYork ", "new york"),
+    ],
+)
 def test_normalize_answer(text, norm):
     assert L.normalize_answer(text) == norm
 
@@ -120,7 +134,9 @@ def test_same_config_same_numbers_and_outputs(tiny_model, tmp_path):
     r2, d2 = run(cfg, model=tiny_model)
     assert d1.path != d2.path
     assert r1["accuracy"] == r2["accuracy"] or _strip_timing(r1) == _strip_timing(r2)
-    out = lambda d: {tuple(r["key"]): r["output"] for r in map(json.loads, (d.path / ITEMS_FILE).read_text().splitlines())}
+    out = lambda d: {
+        tuple(r["key"]): r["output"] for r in map(json.loads, (d.path / ITEMS_FILE).read_text().splitlines())
+    }
     assert out(d1) == out(d2) and len(out(d1)) == 18
     for name in ("config.yaml", "results.json", "log.txt", "accuracy.png", "summary.md"):
         assert (d1.path / name).stat().st_size > 0
@@ -163,7 +179,9 @@ def test_interrupt_then_resume_skips_finished_items(tiny_model, tmp_path, monkey
     calls["n"] = -100
     submitted = []
     real_submit = Engine.submit
-    monkeypatch.setattr(Engine, "submit", lambda self, plan, *a, **k: submitted.append(plan) or real_submit(self, plan, *a, **k))
+    monkeypatch.setattr(
+        Engine, "submit", lambda self, plan, *a, **k: submitted.append(plan) or real_submit(self, plan, *a, **k)
+    )
     res, d = run(cfg, resume=run_dir, model=tiny_model)
     assert d.path == run_dir and len(submitted) == 18 - 6
     assert sum(t["n"] for t in res["accuracy"].values()) == 18
@@ -181,7 +199,9 @@ def test_resume_with_more_questions_keeps_finished_items(tiny_model, tmp_path, m
     assert len(first) == 9 and {q for _, q, _ in first} == {0}
     submitted = []
     real_submit = Engine.submit
-    monkeypatch.setattr(Engine, "submit", lambda self, plan, *a, **k: submitted.append(plan) or real_submit(self, plan, *a, **k))
+    monkeypatch.setattr(
+        Engine, "submit", lambda self, plan, *a, **k: submitted.append(plan) or real_submit(self, plan, *a, **k)
+    )
     res, d2 = run(smoke_cfg(tmp_path), resume=d.path, model=tiny_model)  # num_questions=2: only question 1 is new
     assert d2.path == d.path and len(submitted) == 9
     assert all(r["n"] == 2 for t in res["accuracy"].values() for r in t["per_position"])
@@ -195,7 +215,10 @@ def test_resume_with_more_questions_keeps_finished_items(tiny_model, tmp_path, m
 
 
 def test_nested_ttft_smoke(tiny_model, tmp_path):
-    cfg = load_config(CONFIGS / "ttft_nested_smoke.yaml", [f"out_dir={tmp_path}", "model=tiny", "engine.page_size=8", "engine.attention=reference"])
+    cfg = load_config(
+        CONFIGS / "ttft_nested_smoke.yaml",
+        [f"out_dir={tmp_path}", "model=tiny", "engine.page_size=8", "engine.attention=reference"],
+    )
     res, d = run(cfg, model=tiny_model)
     rows = {r["n"]: r for r in res["rows"]}
     assert set(rows) == {1, 2}
@@ -207,7 +230,10 @@ def test_nested_ttft_smoke(tiny_model, tmp_path):
 
 
 def test_rag_ttft_smoke(tiny_model, tmp_path):
-    cfg = load_config(CONFIGS / "ttft_rag_smoke.yaml", [f"out_dir={tmp_path}", "model=tiny", "engine.page_size=8", "engine.attention=reference"])
+    cfg = load_config(
+        CONFIGS / "ttft_rag_smoke.yaml",
+        [f"out_dir={tmp_path}", "model=tiny", "engine.page_size=8", "engine.attention=reference"],
+    )
     res, d = run(cfg, model=tiny_model)
     rows = {r["k"]: r for r in res["rows"]}
     assert set(rows) == {1, 2}

@@ -12,15 +12,15 @@ import jax
 import numpy as np
 import pytest
 
-from eval import locality as L
-from eval.experiments import load_config, run
-from eval.runs import load_items
 from spanjax.adapters import AdapterConfig, export_peft, init_adapter
 from spanjax.config import ConfigError
 from spanjax.engine.adapters import lower_for_engine
 from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.engine.sampling import SamplingParams
-from training.block_adapter import opening_ids
+from spanjax.eval import locality as L
+from spanjax.eval.experiments import load_config, run
+from spanjax.eval.runs import load_items
+from spanjax.training.block_adapter import opening_ids
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from tiny_byte import CFG, tiny_model  # noqa: E402
@@ -35,9 +35,17 @@ def tiny():
     tok = model.tokenizer
     inv = opening_ids(tok, "user", "Question:")  # what `spanjax train block-adapter` invokes the aLoRA with
     adapters = {
-        "alora": init_adapter(AdapterConfig(kind="alora", r=4, alpha=8, target_modules=("q", "k", "v", "o", "down"), invocation_tokens=inv),
-                              CFG, jax.random.key(1), b_scale=0.5),
-        "lora": init_adapter(AdapterConfig(kind="lora", r=2, alpha=4, target_modules=("q", "v")), CFG, jax.random.key(2), b_scale=0.5),
+        "alora": init_adapter(
+            AdapterConfig(
+                kind="alora", r=4, alpha=8, target_modules=("q", "k", "v", "o", "down"), invocation_tokens=inv
+            ),
+            CFG,
+            jax.random.key(1),
+            b_scale=0.5,
+        ),
+        "lora": init_adapter(
+            AdapterConfig(kind="lora", r=2, alpha=4, target_modules=("q", "v")), CFG, jax.random.key(2), b_scale=0.5
+        ),
     }
     return model, tok, adapters
 
@@ -58,14 +66,22 @@ def test_alora_variant_hits_base_document_pages_and_changes_no_document_kv(tiny)
     eng = Engine(model, EngineConfig(num_pages=256, page_size=PAGE, max_tokens_per_step=128, attention="reference"))
     eng.register_adapter("alora", adapters["alora"])
     sampling = SamplingParams(max_tokens=2, ignore_eos=True)
-    lower = lambda variant: lower_for_engine(L.make_g(ex, 1, variant, "tiny", 2), tok, model="tiny", page_size=PAGE,  # noqa: E731
-                                             adapters=eng.adapters)
+    lower = lambda variant: lower_for_engine(
+        L.make_g(ex, 1, variant, "tiny", 2),
+        tok,
+        model="tiny",
+        page_size=PAGE,  # noqa: E731
+        adapters=eng.adapters,
+    )
     base, alora = lower("span-parallel"), lower("span-parallel+alora")
     assert alora.adapter == "alora" and base.adapter is None
     # Same prompt; system and documents keyed as base pages, the question (the invocation) onward adapted.
     docs = base.spans[:-1]
     assert [s.page_keys for s in alora.spans[:-1]] == [s.page_keys for s in docs]
-    assert alora.spans[-1].token_ids[: len(adapters["alora"].config.invocation_tokens)] == adapters["alora"].config.invocation_tokens
+    assert (
+        alora.spans[-1].token_ids[: len(adapters["alora"].config.invocation_tokens)]
+        == adapters["alora"].config.invocation_tokens
+    )
     n_docs = sum(len(s) for s in docs)
 
     eng.generate([base], sampling)
@@ -88,8 +104,10 @@ def test_alora_variant_hits_base_document_pages_and_changes_no_document_kv(tiny)
 
 
 def smoke_cfg(tmp_path, *extra):
-    return load_config(CONFIGS / "locality_nq_smoke.yaml",
-                       [f"out_dir={tmp_path}", "model=tiny", f"engine.page_size={PAGE}", "engine.attention=reference", *extra])
+    return load_config(
+        CONFIGS / "locality_nq_smoke.yaml",
+        [f"out_dir={tmp_path}", "model=tiny", f"engine.page_size={PAGE}", "engine.attention=reference", *extra],
+    )
 
 
 def test_locality_run_with_adapter_variants(tiny, tmp_path, monkeypatch):
@@ -102,10 +120,19 @@ def test_locality_run_with_adapter_variants(tiny, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="eval.alora_adapter"):
         smoke_cfg(tmp_path, "eval.variants=[span-parallel, span-parallel+alora]")
     with pytest.raises(ValueError, match="is a lora adapter, expected alora"):
-        run(smoke_cfg(tmp_path, "eval.variants=[span-parallel+alora]", f"eval.alora_adapter={dirs['lora']}"), model=model)
-    cfg = smoke_cfg(tmp_path, "eval.variants=[span-parallel, span-parallel+alora, span-parallel+lora]", "eval.num_questions=1",
-                    "eval.positions=[0, 2]", "eval.max_tokens=4",
-                    f"eval.alora_adapter={dirs['alora']}", f"eval.lora_adapter={dirs['lora']}")
+        run(
+            smoke_cfg(tmp_path, "eval.variants=[span-parallel+alora]", f"eval.alora_adapter={dirs['lora']}"),
+            model=model,
+        )
+    cfg = smoke_cfg(
+        tmp_path,
+        "eval.variants=[span-parallel, span-parallel+alora, span-parallel+lora]",
+        "eval.num_questions=1",
+        "eval.positions=[0, 2]",
+        "eval.max_tokens=4",
+        f"eval.alora_adapter={dirs['alora']}",
+        f"eval.lora_adapter={dirs['lora']}",
+    )
     res, d = run(cfg, model=model)
     assert res["adapters"] == {"alora": dirs["alora"], "lora": dirs["lora"]}
     assert set(res["accuracy"]) == {"span-parallel", "span-parallel+alora", "span-parallel+lora"}

@@ -11,13 +11,28 @@ from spanjax.models import speculator as S
 
 @pytest.mark.slow
 def test_speculative_bench_reports_each_tree_size(tmp_path, monkeypatch, smollm2):
-    from eval import speculative_bench
+    from spanjax.eval import speculative_bench
 
     monkeypatch.setattr("spanjax.models.loading.load_model", lambda name: smollm2)
     sc = S.SpeculatorConfig(emb_dim=576, vocab_size=smollm2.cfg.vocab_size, inner_dim=32, n_predict=2)
     S.export_hf(S.Speculator(sc, S.init_speculator(sc, jax.random.PRNGKey(0))), str(tmp_path / "spec"))
-    res = speculative_bench.main(["--speculator", str(tmp_path / "spec"), "--batch-sizes", "2", "--num-prompts", "2",
-                                  "--max-tokens", "6", "--speculative-candidates", "1", "2", "--out-dir", str(tmp_path)])
+    res = speculative_bench.main(
+        [
+            "--speculator",
+            str(tmp_path / "spec"),
+            "--batch-sizes",
+            "2",
+            "--num-prompts",
+            "2",
+            "--max-tokens",
+            "6",
+            "--speculative-candidates",
+            "1",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert [(c["batch_size"], c["speculative_candidates"]) for c in res["cases"]] == [(2, 1), (2, 2)]
     for case in res["cases"]:
         assert case["identical_outputs"] == 2 and case["speculative_stats"]["drafted"] > 0

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.span_attention import get_attention_impl
+from spanjax.kernels.span_attention import get_attention_impl
 
 llama = pytest.importorskip("spanjax.models.llama")
 config = pytest.importorskip("spanjax.models.config")
@@ -13,7 +13,9 @@ config = pytest.importorskip("spanjax.models.config")
 
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
 def test_forward_paged_matches_reference(impl):
-    cfg = config.ModelConfig(vocab_size=50, hidden_size=96, intermediate_size=128, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=32)
+    cfg = config.ModelConfig(
+        vocab_size=50, hidden_size=96, intermediate_size=128, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=32
+    )
     params = llama.init_params(cfg, jax.random.key(0), scale=0.2)
     P = 16
     cache = llama.init_paged_cache(cfg, num_pages=6, page_size=P)
@@ -40,12 +42,17 @@ def test_draft_tree_batch_matches_reference(impl):
     its 4 tokens after 21 written ones (page 2 holds 5 of them), another branch writes the same
     positions to scratch page 5 and lists page 2 as partly valid *before* its scratch page,
     whose first position (21) is not page aligned."""
-    cfg = config.ModelConfig(vocab_size=50, hidden_size=96, intermediate_size=128, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=32)
+    cfg = config.ModelConfig(
+        vocab_size=50, hidden_size=96, intermediate_size=128, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=32
+    )
     params = llama.init_params(cfg, jax.random.key(1), scale=0.2)
     P = 16
     rng = np.random.default_rng(1)
     cache = llama.init_paged_cache(cfg, num_pages=7, page_size=P)
-    cache = llama.PagedKVCache(k=jnp.asarray(rng.normal(size=cache.k.shape), cache.k.dtype), v=jnp.asarray(rng.normal(size=cache.v.shape), cache.v.dtype))
+    cache = llama.PagedKVCache(
+        k=jnp.asarray(rng.normal(size=cache.k.shape), cache.k.dtype),
+        v=jnp.asarray(rng.normal(size=cache.v.shape), cache.v.dtype),
+    )
     toks = rng.integers(0, 50, size=8)
     toks[4] = toks[0]  # both branches start with the pending token, then their own drafts
     toks = jnp.asarray(toks, jnp.int32)

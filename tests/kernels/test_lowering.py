@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 from jax import export
 
-from kernels.span_attention.kernel import span_attention_gpu
-from kernels.span_attention.kernel_tpu import span_attention_tpu
-from kernels.span_attention.testing import args_kwargs, make_batch
+from spanjax.kernels.span_attention.kernel import span_attention_gpu
+from spanjax.kernels.span_attention.kernel_tpu import span_attention_tpu
+from spanjax.kernels.span_attention.testing import args_kwargs, make_batch
 
 SEQS = [dict(prefix=40, q_len=5), dict(prefix=100, q_len=1), dict(prefix=0, q_len=0)]
-DISABLED = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"), export.DisabledSafetyCheck.custom_call("tpu_custom_call")]
+DISABLED = [
+    export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"),
+    export.DisabledSafetyCheck.custom_call("tpu_custom_call"),
+]
 
 
 @pytest.fixture
@@ -35,16 +38,30 @@ def fake_tpu(monkeypatch):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("cfg", [dict(), dict(num_splits=4, block_q=1)])
 def test_gpu_lowers_to_triton(dtype, cfg):
-    b = make_batch(np.random.default_rng(0), SEQS, num_q_heads=6, num_kv_heads=2, head_dim=64, page_size=16, dtype=jnp.dtype(dtype))
+    b = make_batch(
+        np.random.default_rng(0), SEQS, num_q_heads=6, num_kv_heads=2, head_dim=64, page_size=16, dtype=jnp.dtype(dtype)
+    )
     args, kw = args_kwargs(b)
-    exp = export.export(jax.jit(functools.partial(span_attention_gpu, **kw, **cfg)), platforms=["cuda"], disabled_checks=DISABLED)(*args)
+    exp = export.export(
+        jax.jit(functools.partial(span_attention_gpu, **kw, **cfg)), platforms=["cuda"], disabled_checks=DISABLED
+    )(*args)
     assert "triton" in exp.mlir_module()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("cfg", [dict(block_q=8, pages_per_block=4), dict(num_splits=2, block_q=1)])
 def test_tpu_lowers_to_mosaic(fake_tpu, dtype, cfg):
-    b = make_batch(np.random.default_rng(0), SEQS, num_q_heads=8, num_kv_heads=1, head_dim=128, page_size=16, dtype=jnp.dtype(dtype))
+    b = make_batch(
+        np.random.default_rng(0),
+        SEQS,
+        num_q_heads=8,
+        num_kv_heads=1,
+        head_dim=128,
+        page_size=16,
+        dtype=jnp.dtype(dtype),
+    )
     args, kw = args_kwargs(b)
-    exp = export.export(jax.jit(functools.partial(span_attention_tpu, **kw, **cfg)), platforms=["tpu"], disabled_checks=DISABLED)(*args)
+    exp = export.export(
+        jax.jit(functools.partial(span_attention_tpu, **kw, **cfg)), platforms=["tpu"], disabled_checks=DISABLED
+    )(*args)
     assert "tpu_custom_call" in exp.mlir_module()

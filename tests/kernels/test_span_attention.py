@@ -7,11 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.span_attention import get_attention_impl, resolve_impl, span_attention, span_attention_reference
-from kernels.span_attention import tuning
-from kernels.span_attention.kernel import span_attention_gpu
-from kernels.span_attention.kernel_tpu import span_attention_tpu
-from kernels.span_attention.testing import args_kwargs, make_batch
+from spanjax.kernels.span_attention import (
+    get_attention_impl,
+    resolve_impl,
+    span_attention,
+    span_attention_reference,
+    tuning,
+)
+from spanjax.kernels.span_attention.kernel import span_attention_gpu
+from spanjax.kernels.span_attention.kernel_tpu import span_attention_tpu
+from spanjax.kernels.span_attention.testing import args_kwargs, make_batch
 
 KERNELS = {"gpu": span_attention_gpu, "tpu": span_attention_tpu}
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -33,8 +38,15 @@ def _batch(seed, seqs, G, P, dtype=np.float32, Hkv=None):
     Hkv = Hkv or (1 if G == 8 else 2)
     rng = np.random.default_rng(seed)
     return make_batch(
-        rng, seqs, num_q_heads=G * Hkv, num_kv_heads=Hkv, head_dim=32, page_size=P, dtype=dtype,
-        extra_tokens=3, extra_entries=2,
+        rng,
+        seqs,
+        num_q_heads=G * Hkv,
+        num_kv_heads=Hkv,
+        head_dim=32,
+        page_size=P,
+        dtype=dtype,
+        extra_tokens=3,
+        extra_entries=2,
     )
 
 
@@ -81,7 +93,12 @@ def test_mixed_batch_bf16(variant, G):
 @pytest.mark.parametrize("variant", ["gpu", "tpu"])
 @pytest.mark.parametrize("splits", [2, 4])
 def test_split_kv_decode(variant, splits):
-    seqs = [dict(prefix=150, q_len=1), dict(prefix=37, q_len=1), dict(prefix=0, q_len=0), dict(prefix=90, children=[30, 50], q_len=1)]
+    seqs = [
+        dict(prefix=150, q_len=1),
+        dict(prefix=37, q_len=1),
+        dict(prefix=0, q_len=0),
+        dict(prefix=90, children=[30, 50], q_len=1),
+    ]
     batch = _batch(splits, seqs, 3, 16)
     out, ref = _run(variant, batch, block_q=1, pages_per_block=2, num_splits=splits)
     d = _diff(out, ref)
@@ -121,7 +138,7 @@ def test_reference_masks_nonfinite_pad_slots():
 @pytest.mark.parametrize("block_q", [1, 4, 64])
 def test_xla_tiled_path_fp32(G, P, block_q):
     """The tiled jnp path (the CPU default) equals the per-token reference."""
-    from kernels.span_attention.xla import span_attention_xla
+    from spanjax.kernels.span_attention.xla import span_attention_xla
 
     batch = _batch(G * 10 + P + block_q, MIXED, G, P)
     args, kw = args_kwargs(batch)
@@ -136,7 +153,7 @@ def test_xla_tiled_path_walks_only_needed_page_groups():
     """The tiled path stops after the last page group any tile needs: a block-table bucket
     far wider than every sequence (junk page ids and NaN in the pages it never lists)
     changes nothing, and a batch with no query tokens walks no group and gives zeros."""
-    from kernels.span_attention.xla import span_attention_xla
+    from spanjax.kernels.span_attention.xla import span_attention_xla
 
     batch = _batch(7, MIXED, 3, 16)
     args, kw = args_kwargs(batch)
@@ -159,7 +176,7 @@ def test_xla_tiled_path_walks_only_needed_page_groups():
 
 
 def test_xla_tiled_path_bf16():
-    from kernels.span_attention.xla import span_attention_xla
+    from spanjax.kernels.span_attention.xla import span_attention_xla
 
     batch = _batch(5, MIXED, 3, 16, dtype=jnp.bfloat16)
     args, kw = args_kwargs(batch)
@@ -193,7 +210,10 @@ def test_tuned_table_lookup(tmp_path):
     assert key == "gpu/d32/g3/p16/float32/t64/s8/c128"
     heur = tuning.get_config("gpu", 40, 6, 8, 16, 6, 2, 32, np.float32, table={"entries": {}})
     assert heur == tuning.heuristic("gpu", 40, 6, 8, 16, 6, 2, 32)
-    table = {"format": tuning.TABLE_FORMAT, "entries": {tuning.device_kind(): {key: {"block_q": 2, "pages_per_block": 1, "num_splits": 1, "us": 1.0}}}}
+    table = {
+        "format": tuning.TABLE_FORMAT,
+        "entries": {tuning.device_kind(): {key: {"block_q": 2, "pages_per_block": 1, "num_splits": 1, "us": 1.0}}},
+    }
     cfg = tuning.get_config("gpu", 40, 6, 8, 16, 6, 2, 32, np.float32, table=table)
     assert cfg["block_q"] == 2 and cfg["pages_per_block"] == 1
     path = tmp_path / "t.json"

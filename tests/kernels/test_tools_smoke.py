@@ -2,7 +2,7 @@
 
 import json
 
-from kernels.span_attention import tune, tuning
+from spanjax.kernels.span_attention import tune, tuning
 
 
 def test_tune_quick_writes_table(tmp_path):
@@ -16,7 +16,7 @@ def test_tune_quick_writes_table(tmp_path):
 
 
 def test_kernel_bench_tiny(tmp_path):
-    from eval import kernel_bench
+    from spanjax.eval import kernel_bench
 
     meta = kernel_bench.main(["--tiny", "--case", "decode:2:40", "--reps", "1", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())

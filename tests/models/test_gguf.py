@@ -130,7 +130,11 @@ def _convert_permute(weights, n_head, n_head_kv):
     """llama.cpp convert_hf_to_gguf.py LlamaModel.permute, verbatim in numpy."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 TINY = dict(vocab=40, hidden=32, ffn=64, layers=2, heads=4, kv_heads=2)

@@ -81,7 +81,9 @@ def _paged_logits(cfg, params, prompts, page_size=4):
         cu_q_lens=jnp.asarray(cu),
     )
     cache = init_paged_cache(cfg, next_page + 1, page_size)
-    hidden, _ = forward_paged(params, cfg, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), cache, meta)
+    hidden, _ = forward_paged(
+        params, cfg, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), cache, meta
+    )
     logits = np.asarray(compute_logits(params, cfg, hidden))
     return [logits[cu[i] : cu[i + 1]] for i in range(S)]
 
@@ -120,7 +122,13 @@ def test_config_fields(tiny_hf_model):
     assert load_hf_config(tiny_hf_model("mistral_head_dim")[0]).head_dim == 24
 
     g = load_hf_config(tiny_hf_model("granite")[0])
-    assert (g.architecture, g.embedding_multiplier, g.attention_multiplier, g.residual_multiplier, g.logits_scaling) == (
+    assert (
+        g.architecture,
+        g.embedding_multiplier,
+        g.attention_multiplier,
+        g.residual_multiplier,
+        g.logits_scaling,
+    ) == (
         "granite",
         12.0,
         0.03,
@@ -212,7 +220,9 @@ def test_missing_tensor(tiny_hf_model, tmp_path):
     tensors = load_file(file)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, file)
-    with pytest.raises(WeightLoadError, match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    with pytest.raises(
+        WeightLoadError, match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"
+    ):
         load_hf_directory(path)
 
 
@@ -226,7 +236,9 @@ def test_untied_config_without_lm_head(tiny_hf_model, tmp_path):
 def test_unsupported_architecture(tiny_hf_model, tmp_path):
     path = _copy(tiny_hf_model("llama3")[0], tmp_path)
     _edit_config(path, architectures=["GPT2LMHeadModel"])
-    with pytest.raises(WeightLoadError, match=r"config\.json: unsupported field 'architectures' value 'GPT2LMHeadModel'"):
+    with pytest.raises(
+        WeightLoadError, match=r"config\.json: unsupported field 'architectures' value 'GPT2LMHeadModel'"
+    ):
         load_hf_directory(path)
 
 
@@ -247,7 +259,9 @@ def test_unknown_rope_type(tiny_hf_model, tmp_path):
 def test_legacy_rope_scaling_field(tiny_hf_model, tmp_path):
     """transformers 4.x configs: rope_theta at top level and rope_scaling with 'type'."""
     path = _copy(tiny_hf_model("llama3")[0], tmp_path)
-    legacy = dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    legacy = dict(
+        type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+    )
     _edit_config(path, rope_parameters=None, rope_theta=500000.0, rope_scaling=legacy)
     cfg = load_hf_config(path)
     assert cfg.rope_theta == 500000.0 and cfg.rope_scaling.original_max_position_embeddings == 64

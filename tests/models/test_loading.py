@@ -45,7 +45,13 @@ def test_hf_directory(tmp_path, tiny_hf_model, smollm2):
     # Any tokenizer will do for loading: reuse SmolLM2's, with its chat template.
     smollm2.tokenizer.backend.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(
-        json.dumps({"chat_template": smollm2.tokenizer.chat_template, "bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}})
+        json.dumps(
+            {
+                "chat_template": smollm2.tokenizer.chat_template,
+                "bos_token": "<|im_start|>",
+                "eos_token": {"content": "<|im_end|>"},
+            }
+        )
     )
     m = loading.load_model(str(d))
     assert m.name == os.path.abspath(d)

@@ -18,7 +18,9 @@ VLLM_NAMES = {"emb.{i}.weight", "proj.{i}.weight", "head.{i}.weight", "ln.{i}.we
 
 
 def _spec(tie, scale_input, n=3, inner=24, seed=0):
-    cfg = S.SpeculatorConfig(emb_dim=16, vocab_size=40, inner_dim=inner, n_predict=n, tie_weights=tie, scale_input=scale_input)
+    cfg = S.SpeculatorConfig(
+        emb_dim=16, vocab_size=40, inner_dim=inner, n_predict=n, tie_weights=tie, scale_input=scale_input
+    )
     params = S.init_speculator(cfg, jax.random.PRNGKey(seed))
     # non-trivial LN parameters so a transposed or swapped tensor cannot go unnoticed
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed + 1))
@@ -70,8 +72,16 @@ def test_hf_format_round_trip_and_vllm_semantics(tmp_path, tie, scale_input):
     S.export_hf(spec, str(d), base_model_name_or_path="tiny")
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["model_type"] == "mlp_speculator" and cfg["architectures"] == ["MLPSpeculatorPreTrainedModel"]
-    for k, v in dict(emb_dim=16, inner_dim=24, vocab_size=40, n_predict=3, tie_weights=tie, scale_input=scale_input,
-                     top_k_tokens_per_head=[1, 1, 1], n_candidates=1).items():
+    for k, v in dict(
+        emb_dim=16,
+        inner_dim=24,
+        vocab_size=40,
+        n_predict=3,
+        tie_weights=tie,
+        scale_input=scale_input,
+        top_k_tokens_per_head=[1, 1, 1],
+        n_candidates=1,
+    ).items():
         assert cfg[k] == v, k
     from safetensors.numpy import load_file
 
@@ -132,7 +142,7 @@ def test_draft_params_propose_over_distinct_columns_only():
     """A speculator trained over a reduced vocabulary is exported with all rare tokens sharing one
     column; the inference form keeps the distinct columns and still returns the full-vocabulary
     argmax (the lowest id among equal columns), whether a draft is a kept or a rare token."""
-    from training.speculator import expand_vocab
+    from spanjax.training.speculator import expand_vocab
 
     cfg = S.SpeculatorConfig(emb_dim=16, vocab_size=11, inner_dim=24, n_predict=3, scale_input=True)
     small = S.init_speculator(cfg, jax.random.PRNGKey(3))
@@ -164,9 +174,14 @@ def test_draft_tree_branches_at_head_0_and_continues_greedily():
     rng = np.random.default_rng(4)
     h = rng.normal(size=(6, 16)).astype(np.float32) * 3
     t = rng.integers(0, 40, 6)
-    tree = np.asarray(jax.jit(lambda p, h, t: S.propose(p, spec.config, h, t, candidates=4))(S.draft_params(spec.params), h, t))
+    tree = np.asarray(
+        jax.jit(lambda p, h, t: S.propose(p, spec.config, h, t, candidates=4))(S.draft_params(spec.params), h, t)
+    )
     assert tree.shape == (6, 4, 3)
-    order = np.argsort(-np.asarray(S.teacher_forced_logits(spec.params, spec.config, h[:, None], np.stack([t] * 4, 1))[0][:, 0]), axis=-1)
+    order = np.argsort(
+        -np.asarray(S.teacher_forced_logits(spec.params, spec.config, h[:, None], np.stack([t] * 4, 1))[0][:, 0]),
+        axis=-1,
+    )
     np.testing.assert_array_equal(tree[:, :, 0], order[:, :4])
     for c in range(4):
         seq = np.concatenate([t[:, None], tree[:, c]], axis=1)

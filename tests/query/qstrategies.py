@@ -23,8 +23,6 @@ class TinyTokenizer:
         return [self.ROLE["assistant"], 7]
 
 
-
-
 # --- strategies ---------------------------------------------------------------------
 short_text = st.text(alphabet="abcdefgh xyz", max_size=6)
 any_text = st.text(max_size=12)

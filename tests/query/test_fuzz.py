@@ -7,12 +7,11 @@ import time
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from qstrategies import full_queries
 
 from spanjax.query import syntax as S
 from spanjax.query.errors import SpanQueryError
 from spanjax.query.validate import NODE_TAGS
-
-from qstrategies import full_queries
 
 PER_INPUT_S = 2.0
 FUZZ = settings(max_examples=700, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -26,10 +25,26 @@ def check(src, fmt=None):
         assert e.path.startswith("$"), e
         assert str(e)
     # any other exception propagates and fails the test
-    assert time.perf_counter() - t0 < PER_INPUT_S, (src[:200] if isinstance(src, str) else src[:200])
+    assert time.perf_counter() - t0 < PER_INPUT_S, src[:200] if isinstance(src, str) else src[:200]
 
 
-keys = st.sampled_from(NODE_TAGS + ("model", "input", "n", "query", "max_tokens", "temperature", "items", "attention", "seed", "stop", "bogus", "token_ids"))
+keys = st.sampled_from(
+    NODE_TAGS
+    + (
+        "model",
+        "input",
+        "n",
+        "query",
+        "max_tokens",
+        "temperature",
+        "items",
+        "attention",
+        "seed",
+        "stop",
+        "bogus",
+        "token_ids",
+    )
+)
 json_like = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 10**30) | st.floats(allow_nan=True) | st.text(max_size=8),
     lambda sub: st.lists(sub, max_size=4) | st.dictionaries(keys, sub, max_size=3),
@@ -55,7 +70,10 @@ def test_random_bytes(raw, fmt):
 
 
 @FUZZ
-@given(st.text(alphabet='(){}[]":,; \n\tabcgusplrxy0123456789.-:e\\\x85', max_size=120), st.sampled_from([None, "json", "yaml", "sexpr"]))
+@given(
+    st.text(alphabet='(){}[]":,; \n\tabcgusplrxy0123456789.-:e\\\x85', max_size=120),
+    st.sampled_from([None, "json", "yaml", "sexpr"]),
+)
 def test_random_text_from_syntax_alphabet(text, fmt):
     check(text, fmt)
 
@@ -64,7 +82,17 @@ def test_random_text_from_syntax_alphabet(text, fmt):
 @given(full_queries(max_leaves=6), st.sampled_from(S.FORMATS), st.data())
 def test_mutated_valid_documents(q, fmt, data):
     text = S.dump(q, fmt)
-    ops = data.draw(st.lists(st.tuples(st.integers(0, max(0, len(text) - 1)), st.sampled_from(["del", "dup", "ins", "cut"]), st.sampled_from(list('{}[]()":,0 -:a\n'))), min_size=1, max_size=3))
+    ops = data.draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, max(0, len(text) - 1)),
+                st.sampled_from(["del", "dup", "ins", "cut"]),
+                st.sampled_from(list('{}[]()":,0 -:a\n')),
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    )
     for at, op, ch in ops:
         at = min(at, len(text))
         if op == "del":

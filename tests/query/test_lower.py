@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qstrategies import TinyTokenizer, gs, prompts
 
 from spanjax.query import ast as A
 from spanjax.query import passes as P
 from spanjax.query.errors import SpanQueryError
 from spanjax.query.lower import lower
-
-from qstrategies import TinyTokenizer, gs, prompts
 
 
 @pytest.fixture
@@ -25,6 +24,7 @@ def tok():
     # Kept here, not in a tests/query/conftest.py: a second module named `conftest`
     # would shadow tests/conftest.py, which other test modules import helpers from.
     return TinyTokenizer()
+
 
 TOK = TinyTokenizer()
 
@@ -37,7 +37,11 @@ def reference(g: A.G, tok):
 
     def walk(n, anc, pos):
         if isinstance(n, A.Message):
-            ids = tok.generation_prefix_ids() + list(n.token_ids) if n.token_ids is not None else tok.encode_message(n.role, n.content)
+            ids = (
+                tok.generation_prefix_ids() + list(n.token_ids)
+                if n.token_ids is not None
+                else tok.encode_message(n.role, n.content)
+            )
             for t in ids:
                 toks.append((t, pos, anc))
                 pos += 1
@@ -107,6 +111,7 @@ def test_lowering_matches_reference(g, ps):
 def _permute_first_plus(q, perm_seed):
     """Permute the children of every plus in q (deterministically by seed)."""
     rng = np.random.default_rng(perm_seed)
+
     def go(n):
         kids = A.children(n)
         if not kids:
@@ -115,6 +120,7 @@ def _permute_first_plus(q, perm_seed):
         if isinstance(n, A.Plus):
             new = tuple(new[i] for i in rng.permutation(len(new)))
         return A.with_children(n, new)
+
     return go(q)
 
 
@@ -177,7 +183,11 @@ def test_rag_example(tok):
     iso = lower(dataclasses.replace(g, attention="isolated"), tok, page_size=4)
     assert [s.sees for s in iso.spans] == [(), (), (), (0, 1, 2)]
     # isolated spans key the same whatever precedes them
-    other = lower(A.G("m", A.Cross((A.system("different"), A.Plus((A.user("dd2"),)), A.user("z"))), attention="isolated"), tok, page_size=4)
+    other = lower(
+        A.G("m", A.Cross((A.system("different"), A.Plus((A.user("dd2"),)), A.user("z"))), attention="isolated"),
+        tok,
+        page_size=4,
+    )
     assert other.spans[1].cache_key == iso.spans[2].cache_key
     # the model and adapter are part of every key
     assert lower(g, tok, page_size=4, model="other").spans[0].cache_key != plan.spans[0].cache_key
@@ -229,10 +239,16 @@ def test_unevaluated_inner_g_is_an_error(tok):
 def test_cli_plan_prints(tmp_path):
     f = tmp_path / "q.sexp"
     f.write_text('(g "m" (cross (system "s") (plus (user "d1") (user "d2")) (user "q")) 8 :positions parallel)')
-    r = subprocess.run([sys.executable, "-m", "spanjax.query.cli", str(f), "--fake-tokenizer", "--page-size", "4", "--mask"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "spanjax.query.cli", str(f), "--fake-tokenizer", "--page-size", "4", "--mask"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "span   1 plus" in r.stdout and "sees=[0,1,2]" in r.stdout
     bad = tmp_path / "bad.json"
     bad.write_text('{"g": {"model": "m", "input": {"plus": []}}}')
-    r = subprocess.run([sys.executable, "-m", "spanjax.query.cli", str(bad), "--fake-tokenizer"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "spanjax.query.cli", str(bad), "--fake-tokenizer"], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "$.g.input.plus" in r.stderr

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from hypothesis import given, settings
+from qstrategies import TinyTokenizer, full_queries, gs, prompts
 
 from spanjax.query import ast as A
 from spanjax.query import passes as P
 from spanjax.query.lower import lower
 from spanjax.query.syntax import parse
-
-from qstrategies import TinyTokenizer, full_queries, gs, prompts
 
 u, s = A.user, A.system
 

@@ -6,12 +6,11 @@ import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from qstrategies import full_queries
 
 from spanjax.query import ast as A
 from spanjax.query import syntax as S
 from spanjax.query.errors import SpanQueryError
-
-from qstrategies import full_queries
 
 # spnl's judge builtin shape (email2): a seq whose plus holds repeated inner g's.
 JUDGE_JSON = """
@@ -89,7 +88,9 @@ RAG_SEXPR = """(g "smollm2-135m" (cross (system "Answer from the documents.")
   (user "Where is Paris?")) 64 0.0)"""
 
 
-@pytest.mark.parametrize("texts", [(JUDGE_JSON, JUDGE_YAML, JUDGE_SEXPR), (RAG_JSON, RAG_YAML, RAG_SEXPR)], ids=["judge", "rag"])
+@pytest.mark.parametrize(
+    "texts", [(JUDGE_JSON, JUDGE_YAML, JUDGE_SEXPR), (RAG_JSON, RAG_YAML, RAG_SEXPR)], ids=["judge", "rag"]
+)
 def test_spnl_shapes_same_ast_in_all_forms(texts):
     j, y, s = texts
     qj = S.parse_json(j)
@@ -142,8 +143,12 @@ def test_print_then_parse_is_identity(q):
 @pytest.mark.parametrize(
     "text, path, found, at",
     [
-        ('{"g": {"model": "m", "input": {"cross": [{"user": "a"}, {"user": "b"}, {"plus": [{"usr": "x"}]}]}}}',
-         "$.g.input.cross[2].plus[0]", "unknown node 'usr'", '{"usr"'),
+        (
+            '{"g": {"model": "m", "input": {"cross": [{"user": "a"}, {"user": "b"}, {"plus": [{"usr": "x"}]}]}}}',
+            "$.g.input.cross[2].plus[0]",
+            "unknown node 'usr'",
+            '{"usr"',
+        ),
         ('{"g": {"model": "m", "input": {"plus": []}}}', "$.g.input.plus", "empty list", "[]"),
         ('{"g": {"model": "m"}}', "$.g", "no 'input'", '{"model"'),
         ('{"g": {"model": "m", "input": {"user": "u"}, "max_tokens": "64"}}', "$.g.max_tokens", "string '64'", '"64"'),
@@ -155,7 +160,12 @@ def test_print_then_parse_is_identity(q):
         ('{"user": "a", "system": "b"}', "$", "object with keys 'user', 'system'", '{"user"'),
         ('{"user": "a"} x', "$", "extra text 'x'", "x"),
         ('{"g": {"model": "m", "model": "n"}}', "$.g.model", "duplicate key 'model'", '"model": "n"'),
-        ('{"g": {"model": "m", "input": {"user": "u"}, "attention": "global"}}', "$.g.attention", "string 'global'", '"global"'),
+        (
+            '{"g": {"model": "m", "input": {"user": "u"}, "attention": "global"}}',
+            "$.g.attention",
+            "string 'global'",
+            '"global"',
+        ),
     ],
 )
 def test_json_errors(text, path, found, at):

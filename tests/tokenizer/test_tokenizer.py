@@ -104,7 +104,10 @@ def test_ids_match_transformers(tok, hf_tok, text):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.text(alphabet=" \n\t\r0123456789abcAB.,'<|>_", max_size=40))
+@given(
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
+    | st.text(alphabet=" \n\t\r0123456789abcAB.,'<|>_", max_size=40)
+)
 def test_ids_match_transformers_property(tok, hf_tok, text):
     ids = tok.encode(text)
     if not _diverges(text):
@@ -138,13 +141,17 @@ def test_chat_template_matches_transformers(tok, hf_tok, messages, add_generatio
     ours = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     theirs = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     assert ours == theirs
-    assert tok.encode(ours) == hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False)
+    assert tok.encode(ours) == hf_tok.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
+    )
 
 
 @pytest.mark.parametrize("messages", [c for c in CONVERSATIONS if c[0]["role"] == "system"])
 def test_message_pieces_concatenate_to_the_template(tok, messages):
     pieces = [tok.encode_message(m["role"], m["content"]) for m in messages]
-    assert sum(pieces, []) + tok.generation_prefix_ids() == tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+    assert sum(pieces, []) + tok.generation_prefix_ids() == tok.encode(
+        tok.apply_chat_template(messages, add_generation_prompt=True)
+    )
 
 
 def test_message_pieces_without_system(tok):
@@ -169,8 +176,12 @@ TEMPLATE_FEATURES = (
 
 def test_template_features_match_transformers(tok, hf_tok):
     messages = [{"role": "system", "content": " <b>&x</b> é "}, {"role": "user", "content": "q"}]
-    theirs = hf_tok.apply_chat_template(messages, chat_template=TEMPLATE_FEATURES, tokenize=False, add_generation_prompt=True)
-    ours = Tokenizer(tok.backend, TEMPLATE_FEATURES, bos_token=tok.bos_token, eos_token=tok.eos_token).apply_chat_template(messages)
+    theirs = hf_tok.apply_chat_template(
+        messages, chat_template=TEMPLATE_FEATURES, tokenize=False, add_generation_prompt=True
+    )
+    ours = Tokenizer(
+        tok.backend, TEMPLATE_FEATURES, bos_token=tok.bos_token, eos_token=tok.eos_token
+    ).apply_chat_template(messages)
     assert ours == theirs
     with pytest.raises(ChatTemplateError, match="bad role tool"):
         Tokenizer(tok.backend, TEMPLATE_FEATURES).apply_chat_template([{"role": "tool", "content": "x"}])
@@ -189,7 +200,9 @@ def test_from_hf_dir(tmp_path, hf_tok):
     for text in TEXTS + list(DIVERGENT):  # the saved tokenizer.json carries transformers' pre-tokenizer
         assert t.encode(text) == hf_tok.encode(text, add_special_tokens=False)
     for messages in CONVERSATIONS:
-        assert t.apply_chat_template(messages) == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert t.apply_chat_template(messages) == hf_tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
     assert t.bos_token_id == hf_tok.bos_token_id
     assert t.encode("hi there", add_special_tokens=True) == hf_tok.encode("hi there")
     assert hf_tok.eos_token_id in t.eos_token_ids

@@ -24,7 +24,7 @@ from spanjax.models import llama
 from spanjax.query import ast as A
 from spanjax.query.fake import SPECIAL
 from spanjax.query.lower import lower
-from training import block_adapter as BA
+from spanjax.training import block_adapter as BA
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from dense_reference import masked_dense_logits, plan_arrays  # noqa: E402
@@ -41,11 +41,25 @@ def setup():
     tok = model.tokenizer
     inv = BA.opening_ids(tok, "user", "Question:")
     adapters = {
-        "lora": init_adapter(AdapterConfig(kind="lora", r=2, alpha=4, target_modules=("q", "v", "up")), CFG, jax.random.key(2), b_scale=0.5),
-        "alora": init_adapter(AdapterConfig(kind="alora", r=4, alpha=8, target_modules=("q", "k", "v", "o", "down"), invocation_tokens=inv),
-                              CFG, jax.random.key(1), b_scale=0.5),
+        "lora": init_adapter(
+            AdapterConfig(kind="lora", r=2, alpha=4, target_modules=("q", "v", "up")),
+            CFG,
+            jax.random.key(2),
+            b_scale=0.5,
+        ),
+        "alora": init_adapter(
+            AdapterConfig(
+                kind="alora", r=4, alpha=8, target_modules=("q", "k", "v", "o", "down"), invocation_tokens=inv
+            ),
+            CFG,
+            jax.random.key(1),
+            b_scale=0.5,
+        ),
     }
-    eng = Engine(model, EngineConfig(num_pages=512, page_size=PAGE, max_tokens_per_step=64, max_seqs_per_step=8, attention="reference"))
+    eng = Engine(
+        model,
+        EngineConfig(num_pages=512, page_size=PAGE, max_tokens_per_step=64, max_seqs_per_step=8, attention="reference"),
+    )
     for name, ad in adapters.items():
         eng.register_adapter(name, ad)
     return model, tok, adapters, eng
@@ -54,13 +68,22 @@ def setup():
 def random_g(rng, adapter=None) -> A.G:
     """A RAG-shaped query with random documents, policies and (sometimes) text after the plus."""
     words = ["alpha ", "beta ", "gamma ", "delta "]
-    docs = tuple(A.user(f"Document [{k}]" + "".join(rng.choice(words, int(rng.integers(1, 6))))) for k in range(int(rng.integers(1, 5))))
+    docs = tuple(
+        A.user(f"Document [{k}]" + "".join(rng.choice(words, int(rng.integers(1, 6)))))
+        for k in range(int(rng.integers(1, 5)))
+    )
     msgs = [A.system("use the documents"), A.Plus(docs)]
     if rng.random() < 0.5:
         msgs.append(A.user("note: " + str(rng.choice(words))))
     msgs.append(A.user(f"Question: what is {rng.choice(words)}?\nAnswer:"))
-    return A.G("tiny", A.Cross(tuple(msgs)), max_tokens=3, adapter=adapter,
-               attention=str(rng.choice(["prefix", "isolated"])), positions=str(rng.choice(["sequential", "parallel"])))
+    return A.G(
+        "tiny",
+        A.Cross(tuple(msgs)),
+        max_tokens=3,
+        adapter=adapter,
+        attention=str(rng.choice(["prefix", "isolated"])),
+        positions=str(rng.choice(["sequential", "parallel"])),
+    )
 
 
 T_PAD = 256  # one compiled shape for every sequence (padding rows see only themselves)
@@ -68,7 +91,9 @@ T_PAD = 256  # one compiled shape for every sequence (padding rows see only them
 
 @functools.partial(jax.jit, static_argnames=("collect_kv",))
 def _forward(params, tokens, positions, mask, bank, amask, collect_kv=False):
-    return BA.forward_masked(params, CFG, tokens, positions, mask, adapter=bank, adapter_mask=amask, collect_kv=collect_kv)
+    return BA.forward_masked(
+        params, CFG, tokens, positions, mask, adapter=bank, adapter_mask=amask, collect_kv=collect_kv
+    )
 
 
 def forward(model, low: BA.Lowered, bank=None, amask=None, collect_kv=False):
@@ -80,7 +105,9 @@ def forward(model, low: BA.Lowered, bank=None, amask=None, collect_kv=False):
     am = np.zeros(T_PAD, bool)
     if amask is not None:
         am[:n] = amask
-    h, kv = _forward(model.params, tokens[None], positions[None], mask[None], bank, None if bank is None else am[None], collect_kv)
+    h, kv = _forward(
+        model.params, tokens[None], positions[None], mask[None], bank, None if bank is None else am[None], collect_kv
+    )
     return h[0, :n], (None if kv is None else tuple(x[:, 0, :n] for x in kv))
 
 
@@ -97,8 +124,11 @@ def test_masked_forward_equals_dense_reference_and_engine(setup, adapter):
         g = random_g(rng, adapter)
         plan = lower(dataclasses.replace(g, adapter=None), tok, model="tiny", page_size=PAGE)  # what training lowers
         eng.clear_cache()  # no (approximate) sequential-offset reuse across the random plans
-        req = eng.submit(lower_for_engine(g, tok, model="tiny", page_size=PAGE, adapters=eng.adapters),
-                         SamplingParams(max_tokens=3, ignore_eos=True), keep_logits=True)
+        req = eng.submit(
+            lower_for_engine(g, tok, model="tiny", page_size=PAGE, adapters=eng.adapters),
+            SamplingParams(max_tokens=3, ignore_eos=True),
+            keep_logits=True,
+        )
         eng.run_until_done([req])
         gen = req.generated[:-1]
         low = BA.lower_plan(plan, gen)
@@ -110,7 +140,9 @@ def test_masked_forward_equals_dense_reference_and_engine(setup, adapter):
         amask = adapter_mask(adapters[adapter].config, low.tokens) if adapter else None
         got = masked_logits(model, low, bank, amask)
         if adapter is None:
-            np.testing.assert_allclose(got, masked_dense_logits(model.params, CFG, tokens, positions, mask), atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(
+                got, masked_dense_logits(model.params, CFG, tokens, positions, mask), atol=1e-5, rtol=1e-5
+            )
         n0 = plan.num_tokens
         np.testing.assert_allclose(got[n0 - 1 :], np.stack(req.logits), atol=2e-4, rtol=1e-4)
 
@@ -118,7 +150,12 @@ def test_masked_forward_equals_dense_reference_and_engine(setup, adapter):
 def test_alora_document_tokens_are_the_base_models_and_split_loss_equals_one_pass(setup):
     model, tok, adapters, _ = setup
     rng = np.random.default_rng(5)
-    items = [BA.lower_plan(lower(random_g(rng), tok, model="tiny", page_size=PAGE), tok.encode("an answer") + [SPECIAL["end"]]) for _ in range(3)]
+    items = [
+        BA.lower_plan(
+            lower(random_g(rng), tok, model="tiny", page_size=PAGE), tok.encode("an answer") + [SPECIAL["end"]]
+        )
+        for _ in range(3)
+    ]
     inv = adapters["alora"].config.invocation_tokens
     for kind in ("alora", "lora"):
         ad = adapters[kind]
@@ -136,7 +173,9 @@ def test_alora_document_tokens_are_the_base_models_and_split_loss_equals_one_pas
         # The training step's split (aLoRA: base prefix KV without gradients) gives the one-pass loss.
         P, S = (192, 64) if kind == "alora" else (0, 256)
         batch = BA.make_block_batch(items, P, S, 16, inv if kind == "alora" else None)
-        loss, n = BA.block_loss(ad.weights, None, model.params, CFG, ad.config, batch, BA.base_context(model.params, CFG, batch))
+        loss, n = BA.block_loss(
+            ad.weights, None, model.params, CFG, ad.config, batch, BA.base_context(model.params, CFG, batch)
+        )
         ref = []
         for low in items:
             amask = adapter_mask(ad.config, low.tokens)

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval import locality as L
 from spanjax.adapters import load_peft
+from spanjax.eval import locality as L
 from spanjax.query.fake import SPECIAL
 from spanjax.query.lower import lower
-from training import block_adapter as BA
-from training.config import AdapterSection, DataSection, OptimSection, TrainConfig
-from training.trainer import SimulatedCrash, read_metrics, train
+from spanjax.training import block_adapter as BA
+from spanjax.training.config import AdapterSection, DataSection, OptimSection, TrainConfig
+from spanjax.training.trainer import SimulatedCrash, read_metrics, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_byte import CFG, tiny_model  # noqa: E402
@@ -53,10 +53,25 @@ def test_training_examples_are_the_eval_queries_from_dev_only(model):
 
 def _cfg(tmp_path, kind, **kw):
     base = TrainConfig(
-        name=f"block_{kind}", model="tiny", out_dir=str(tmp_path / "runs"), steps=6, batch_size=2, checkpoint_every=2,
-        adapter=AdapterSection(kind=kind, r=2, alpha=4.0, dropout=0.1, target_modules=("q_proj", "v_proj", "down_proj")),
-        data=DataSection(source="nq_blocks", invocation="Question:", num_docs=2, max_doc_tokens=12, num_train_questions=2,
-                         max_prefix_tokens=320, max_suffix_tokens=160, max_answer_tokens=48),
+        name=f"block_{kind}",
+        model="tiny",
+        out_dir=str(tmp_path / "runs"),
+        steps=6,
+        batch_size=2,
+        checkpoint_every=2,
+        adapter=AdapterSection(
+            kind=kind, r=2, alpha=4.0, dropout=0.1, target_modules=("q_proj", "v_proj", "down_proj")
+        ),
+        data=DataSection(
+            source="nq_blocks",
+            invocation="Question:",
+            num_docs=2,
+            max_doc_tokens=12,
+            num_train_questions=2,
+            max_prefix_tokens=320,
+            max_suffix_tokens=160,
+            max_answer_tokens=48,
+        ),
         optim=OptimSection(lr=1e-2, warmup_steps=1),
     )
     return dataclasses.replace(base, **kw)

@@ -14,12 +14,21 @@ from spanjax.models import llama
 from spanjax.models import speculator as S
 from spanjax.models.config import ModelConfig
 from spanjax.models.loading import LoadedModel
-from training.speculator import SpecTrainState, speculator_loss, train
-from training.speculator_config import SpeculatorDataSection, SpeculatorSection, SpeculatorTrainConfig
-from training.trainer import SimulatedCrash, read_metrics
+from spanjax.training.speculator import speculator_loss, train
+from spanjax.training.speculator_config import SpeculatorDataSection, SpeculatorSection, SpeculatorTrainConfig
+from spanjax.training.trainer import SimulatedCrash, read_metrics
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                  eos_token_ids=(2,), tie_word_embeddings=False)
+CFG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    eos_token_ids=(2,),
+    tie_word_embeddings=False,
+)
 
 
 class ChatToy:
@@ -50,13 +59,31 @@ def _cfg(tmp_path, **kw):
         rng = np.random.default_rng(0)
         words = ["alpha", "beta", "gamma", "delta", "eps"]
         text.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 12))}) + "\n" for _ in range(12)))
-        prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": w * (1 + i % 3)}]}) + "\n"
-                                   for i, w in enumerate(words * 2)))
+        prompts.write_text(
+            "".join(
+                json.dumps({"messages": [{"role": "user", "content": w * (1 + i % 3)}]}) + "\n"
+                for i, w in enumerate(words * 2)
+            )
+        )
     base = SpeculatorTrainConfig(
-        name="tiny_spec", model="tiny", out_dir=str(tmp_path / "runs"), stage1_steps=4, stage2_steps=6, batch_size=4,
-        checkpoint_every=3, speculator=SpeculatorSection(n_predict=3, inner_dim=16, scale_input=True),
-        data=SpeculatorDataSection(stage1_source=str(text), stage1_examples=12, stage2_source=str(prompts), stage2_prompts=10,
-                                   max_new_tokens=12, temperature=0.7, gen_batch_size=4, seq_len=24),
+        name="tiny_spec",
+        model="tiny",
+        out_dir=str(tmp_path / "runs"),
+        stage1_steps=4,
+        stage2_steps=6,
+        batch_size=4,
+        checkpoint_every=3,
+        speculator=SpeculatorSection(n_predict=3, inner_dim=16, scale_input=True),
+        data=SpeculatorDataSection(
+            stage1_source=str(text),
+            stage1_examples=12,
+            stage2_source=str(prompts),
+            stage2_prompts=10,
+            max_new_tokens=12,
+            temperature=0.7,
+            gen_batch_size=4,
+            seq_len=24,
+        ),
         optim=dataclasses.replace(SpeculatorTrainConfig().optim, lr=2e-2, warmup_steps=1),
     )
     return dataclasses.replace(base, **kw)
@@ -97,8 +124,13 @@ def test_stage2_data_is_the_models_own_continuation(tmp_path, monkeypatch):
     generation, argmax of its logits is that token."""
     monkeypatch.setenv("SPANJAX_NO_PROGRESS", "1")
     model = _model()
-    cfg = _cfg(tmp_path, name="greedy", stage1_steps=0, stage2_steps=1,
-               data=dataclasses.replace(_cfg(tmp_path).data, temperature=0.0))
+    cfg = _cfg(
+        tmp_path,
+        name="greedy",
+        stage1_steps=0,
+        stage2_steps=1,
+        data=dataclasses.replace(_cfg(tmp_path).data, temperature=0.0),
+    )
     run = train(cfg, model=model)["run_dir"]
     with np.load(f"{run}/cache/stage2.npz") as z:
         hid, tok, mask = z["hidden"], z["tokens"], z["mask"]
@@ -110,8 +142,13 @@ def test_stage2_data_is_the_models_own_continuation(tmp_path, monkeypatch):
 def test_training_vocabulary_is_expanded_at_export(tmp_path, monkeypatch):
     """train_vocab: rare tokens share one trained row/column; the export has the full vocabulary."""
     monkeypatch.setenv("SPANJAX_NO_PROGRESS", "1")
-    cfg = _cfg(tmp_path, name="vocab", stage1_steps=1, stage2_steps=2,
-               speculator=SpeculatorSection(n_predict=2, inner_dim=8, train_vocab=12))
+    cfg = _cfg(
+        tmp_path,
+        name="vocab",
+        stage1_steps=1,
+        stage2_steps=2,
+        speculator=SpeculatorSection(n_predict=2, inner_dim=8, train_vocab=12),
+    )
     run = train(cfg, model=_model())["run_dir"]
     spec = S.load_hf(f"{run}/speculator")
     assert spec.config.vocab_size == 64 and spec.params.emb.shape == (2, 64, 8)
@@ -133,7 +170,12 @@ def test_spanjax_train_speculator_smoke(tmp_path, capsys, monkeypatch, smollm2_g
     lines = read_metrics(run)
     assert [(m["step"], m["stage"]) for m in lines] == [(1, 1), (2, 2)] and all(m["loss"] > 0 for m in lines)
     cfg = json.loads((run / "speculator" / "config.json").read_text())
-    assert cfg["model_type"] == "mlp_speculator" and cfg["vocab_size"] == 49152 and cfg["emb_dim"] == 576 and cfg["tie_weights"]
+    assert (
+        cfg["model_type"] == "mlp_speculator"
+        and cfg["vocab_size"] == 49152
+        and cfg["emb_dim"] == 576
+        and cfg["tie_weights"]
+    )
     assert main(argv) == 0 and json.loads(capsys.readouterr().out)["resumed_from"] == 2
     assert main(["train", "speculator", "configs/speculator_smollm2_smoke.yaml", "speculator.n_predict=zero"]) == 2
     assert "speculator.n_predict" in capsys.readouterr().err
@@ -145,7 +187,9 @@ def test_sampled_continuations_extend_the_greedy_ones(tmp_path, monkeypatch):
     monkeypatch.setenv("SPANJAX_NO_PROGRESS", "1")
     model = _model()
     greedy_data = dataclasses.replace(_cfg(tmp_path).data, temperature=0.0)
-    greedy = train(_cfg(tmp_path, name="greedy_only", stage1_steps=0, stage2_steps=1, data=greedy_data), model=model)["run_dir"]
+    greedy = train(_cfg(tmp_path, name="greedy_only", stage1_steps=0, stage2_steps=1, data=greedy_data), model=model)[
+        "run_dir"
+    ]
     rows = [json.loads(l) for l in open(f"{greedy}/stage2.jsonl")]
     assert len(rows) == 10 and all(r["temperature"] == 0.0 for r in rows)
 
@@ -153,8 +197,13 @@ def test_sampled_continuations_extend_the_greedy_ones(tmp_path, monkeypatch):
     mixed.mkdir()
     rows[0]["completion"] = rows[0]["completion"][:3]  # marks the row: it must be kept, not regenerated
     (mixed / "stage2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = _cfg(tmp_path, name="mixed", stage1_steps=0, stage2_steps=1,
-               data=dataclasses.replace(greedy_data, sampled_prompts=4, sample_temperature=1.5))
+    cfg = _cfg(
+        tmp_path,
+        name="mixed",
+        stage1_steps=0,
+        stage2_steps=1,
+        data=dataclasses.replace(greedy_data, sampled_prompts=4, sample_temperature=1.5),
+    )
     train(cfg, model=model)
     got = [json.loads(l) for l in open(mixed / "stage2.jsonl")]
     assert got[:10] == rows
@@ -170,7 +219,7 @@ def test_sampled_continuations_extend_the_greedy_ones(tmp_path, monkeypatch):
 
 def test_simulated_tokens_per_forward_walks_like_the_engine():
     """From the last emitted token the leading correct heads are accepted plus the verifier's token."""
-    from training.speculator import simulated_tokens_per_forward
+    from spanjax.training.speculator import simulated_tokens_per_forward
 
     correct = np.zeros((1, 8, 2), bool)
     correct[0, 0] = [True, True]  # tokens 1, 2 accepted, 3 from the verifier: 3 tokens, next draft at 3
@@ -189,7 +238,7 @@ def test_validation_split_predicts_the_engines_tokens_per_forward(tmp_path, monk
     from spanjax.engine.sampling import SamplingParams
     from spanjax.query import ast as A
     from spanjax.query.lower import lower
-    from training.speculator import stage2_val_mask
+    from spanjax.training.speculator import stage2_val_mask
 
     monkeypatch.setenv("SPANJAX_NO_PROGRESS", "1")
     model = _model()
@@ -206,18 +255,40 @@ def test_validation_split_predicts_the_engines_tokens_per_forward(tmp_path, monk
         assert len(z["tokens"]) == 10
 
     messages = [json.loads(l)["messages"] for l in open(tmp_path / "prompts.jsonl")][6:10]
-    plans = [lower(A.G("tiny", A.Cross(tuple(A.Message(m["role"], m["content"]) for m in msgs))), model.tokenizer, model="tiny", page_size=4)
-             for msgs in messages]
-    engine = Engine(model, EngineConfig(num_pages=128, page_size=4, max_tokens_per_step=64, attention="reference"),
-                    speculator=S.load_hf(f"{summary['run_dir']}/speculator"))
+    plans = [
+        lower(
+            A.G("tiny", A.Cross(tuple(A.Message(m["role"], m["content"]) for m in msgs))),
+            model.tokenizer,
+            model="tiny",
+            page_size=4,
+        )
+        for msgs in messages
+    ]
+    engine = Engine(
+        model,
+        EngineConfig(num_pages=128, page_size=4, max_tokens_per_step=64, attention="reference"),
+        speculator=S.load_hf(f"{summary['run_dir']}/speculator"),
+    )
     reqs = engine.generate(plans, [SamplingParams(max_tokens=cfg.data.max_new_tokens)] * 4)
     assert [r.generated for r in reqs] == [r["completion"] for r in rows[6:]]
     stats = engine.spec_stats
     assert summary["val_tokens_per_forward"] == pytest.approx(stats["emitted"] / stats["verify_forwards"])
     # A draft tree of 2 candidates, at batch 1 so that every candidate is verified.
-    tree = Engine(model, EngineConfig(num_pages=128, page_size=4, max_tokens_per_step=64, max_running=1, attention="reference",
-                                      speculative_candidates=2), speculator=S.load_hf(f"{summary['run_dir']}/speculator"))
-    assert [r.generated for r in tree.generate(plans, [SamplingParams(max_tokens=cfg.data.max_new_tokens)] * 4)] == [r.generated for r in reqs]
+    tree = Engine(
+        model,
+        EngineConfig(
+            num_pages=128,
+            page_size=4,
+            max_tokens_per_step=64,
+            max_running=1,
+            attention="reference",
+            speculative_candidates=2,
+        ),
+        speculator=S.load_hf(f"{summary['run_dir']}/speculator"),
+    )
+    assert [r.generated for r in tree.generate(plans, [SamplingParams(max_tokens=cfg.data.max_new_tokens)] * 4)] == [
+        r.generated for r in reqs
+    ]
     stats = tree.spec_stats
     assert summary["val_tokens_per_forward_2_candidates"] == pytest.approx(stats["emitted"] / stats["verify_forwards"])
     assert summary["val_tokens_per_forward_2_candidates"] > summary["val_tokens_per_forward"]

@@ -6,7 +6,6 @@ import dataclasses
 import json
 
 import jax
-import numpy as np
 import pytest
 
 from spanjax import config as C
@@ -14,11 +13,20 @@ from spanjax.adapters import load_peft
 from spanjax.models import llama
 from spanjax.models.config import ModelConfig
 from spanjax.models.loading import LoadedModel
-from training.config import AdapterSection, DataSection, OptimSection, TrainConfig
-from training.data import Example, batch_indices, make_batch
-from training.trainer import SimulatedCrash, read_metrics, train
+from spanjax.training.config import AdapterSection, DataSection, OptimSection, TrainConfig
+from spanjax.training.data import Example, batch_indices, make_batch
+from spanjax.training.trainer import SimulatedCrash, read_metrics, train
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(2,))
+CFG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    eos_token_ids=(2,),
+)
 
 
 class ChatToy:
@@ -47,8 +55,14 @@ def _write_data(path, n=8):
     rows = []
     for i in range(n):
         yes = i % 2 == 0
-        rows.append({"messages": [{"role": "user", "content": ("abc" if yes else "xyz") * (1 + i % 3)},
-                                  {"role": "assistant", "content": "y" if yes else "n"}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": ("abc" if yes else "xyz") * (1 + i % 3)},
+                    {"role": "assistant", "content": "y" if yes else "n"},
+                ]
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -57,8 +71,15 @@ def _cfg(tmp_path, kind="alora", **kw):
     if not data.exists():
         _write_data(data)
     base = TrainConfig(
-        name=f"tiny_{kind}", model="tiny", out_dir=str(tmp_path / "runs"), steps=8, batch_size=2, checkpoint_every=3,
-        adapter=AdapterSection(kind=kind, r=2, alpha=4.0, dropout=0.1, target_modules=("q_proj", "v_proj", "down_proj")),
+        name=f"tiny_{kind}",
+        model="tiny",
+        out_dir=str(tmp_path / "runs"),
+        steps=8,
+        batch_size=2,
+        checkpoint_every=3,
+        adapter=AdapterSection(
+            kind=kind, r=2, alpha=4.0, dropout=0.1, target_modules=("q_proj", "v_proj", "down_proj")
+        ),
         data=DataSection(source=str(data), invocation="go", max_prefix_tokens=24, max_suffix_tokens=24),
         optim=OptimSection(lr=1e-2, warmup_steps=2),
     )

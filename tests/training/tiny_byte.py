@@ -10,8 +10,17 @@ from spanjax.models.config import ModelConfig
 from spanjax.models.loading import LoadedModel
 from spanjax.query.fake import SPECIAL, ByteTokenizer
 
-CFG = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=8, max_position_embeddings=4096, rope_theta=500.0)
+CFG = ModelConfig(
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=4096,
+    rope_theta=500.0,
+)
 
 
 class Tokenizer(ByteTokenizer):
