@@ -15,7 +15,7 @@ import importlib
 from pathlib import Path
 
 from spanjax import config as C
-from spanjax.eval.runs import RunDir, open_run
+from spanjax.runs import RunDir, open_run
 
 # ---------------------------------------------------------------------------- registry
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from spanjax.eval.data import DEV, HELD_OUT, kv_retrieval, nq_open_oracle
 from spanjax.eval.experiment_config import EngineSection
-from spanjax.eval.runs import RunDir, append_items, item_key, load_items, machine, progress, write_results
+from spanjax.runs import RunDir, append_items, item_key, load_items, machine, progress, write_results
 from spanjax.query import ast as A
 
 VARIANTS = {

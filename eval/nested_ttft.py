@@ -28,7 +28,7 @@ from typing import Literal
 from spanjax.eval import ttft_report
 from spanjax.eval.data import DEV, nq_open_oracle
 from spanjax.eval.experiment_config import EngineSection
-from spanjax.eval.runs import RunDir, append_items, load_items, machine, progress
+from spanjax.runs import RunDir, append_items, load_items, machine, progress
 from spanjax.query import ast as A
 
 SYSTEM = "You are given several short answers written by assistants. Use them to answer the final question."

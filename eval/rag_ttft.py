@@ -26,7 +26,7 @@ from spanjax.eval import ttft_report
 from spanjax.eval.data import DEV, nq_open_oracle, passage_text
 from spanjax.eval.experiment_config import EngineSection
 from spanjax.eval.nested_ttft import run_waves
-from spanjax.eval.runs import RunDir, append_items, load_items, machine, progress
+from spanjax.runs import RunDir, append_items, load_items, machine, progress
 from spanjax.query import ast as A
 
 SYSTEM = "Answer the question using only the documents below. Be brief."

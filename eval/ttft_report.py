@@ -85,7 +85,7 @@ def plot(rows: list[dict], x_name: str, xlabel: str, title: str, path) -> None:
 
 def write_report(run_dir, results: dict, rows: list[dict], x_name: str, xlabel: str, title: str) -> dict:
     """results.json (with the rows and their table), summary.md and ttft.png; returns the results."""
-    from spanjax.eval.runs import write_results
+    from spanjax.runs import write_results
 
     md = markdown_table(rows, x_name)
     results = {**results, "rows": rows, "table_markdown": md}

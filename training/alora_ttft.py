@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     from spanjax.engine.engine import Engine, EngineConfig
     from spanjax.engine.executor import run_query
     from spanjax.eval.data import HELD_OUT, nq_open_oracle
-    from spanjax.eval.runs import machine
+    from spanjax.runs import machine
     from spanjax.models.loading import load_model
     from spanjax.query import ast as A
     from spanjax.training.config import TrainConfig

@@ -22,7 +22,8 @@ import dataclasses
 
 from spanjax.adapters import Adapter, invocation_start
 from spanjax.query import ast as A
-from spanjax.query.lower import _h, chain_page_keys, lower, root_key
+from spanjax.query.lower import lower
+from spanjax.query.page_keys import chain_page_keys, digest, root_key
 from spanjax.query.plan import Span, SpanPlan
 
 
@@ -67,10 +68,10 @@ def split_at_invocation(plan: SpanPlan, adapter_name: str, invocation) -> tuple[
             page_keys=chain_page_keys(span.base_key, span.token_ids[:off], ps),
         )
         new.append(a)
-        first, sees_extra, ctx = j + 1, (j,), _h("alora", span.context_key, a.cache_key)
+        first, sees_extra, ctx = j + 1, (j,), digest("alora", span.context_key, a.cache_key)
         start = a.start + pages(off) * ps
     else:
-        first, sees_extra, ctx, start = j, (), _h("alora", span.context_key), span.start
+        first, sees_extra, ctx, start = j, (), digest("alora", span.context_key), span.start
     remap[j] = first  # later spans that saw span j see both halves (below)
     base = root_key(model, adapter_name, ctx)
     toks = span.token_ids[off:]
@@ -94,7 +95,7 @@ def split_at_invocation(plan: SpanPlan, adapter_name: str, invocation) -> tuple[
             sees.add(d if d < j else d + shift)
             if d == j and off > 0:
                 sees.add(j)
-        base = root_key(model, adapter_name, _h("alora-after", s.context_key, b.cache_key))
+        base = root_key(model, adapter_name, digest("alora-after", s.context_key, b.cache_key))
         new.append(
             dataclasses.replace(
                 s,
@@ -103,7 +104,7 @@ def split_at_invocation(plan: SpanPlan, adapter_name: str, invocation) -> tuple[
                 sees=tuple(sorted(sees)),
                 page_keys=chain_page_keys(base, s.token_ids, ps),
                 base_key=base,
-                context_key=_h("alora-after", s.context_key, b.cache_key),
+                context_key=digest("alora-after", s.context_key, b.cache_key),
             )
         )
         offset += pages(len(s)) * ps

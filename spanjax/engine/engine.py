@@ -143,7 +143,6 @@ class Engine:
 
     def submit(self, plan: SpanPlan, sampling: SamplingParams = SamplingParams(), keep_logits: bool = False) -> Request:
         """Queue one generation. Raises before any compute if it can never fit."""
-        from spanjax.query import lower as lowering
 
         if plan.model != self.model.name:
             raise ValueError(f"plan was lowered for model {plan.model!r}, engine runs {self.model.name!r}")
@@ -161,7 +160,7 @@ class Engine:
             plan, span_adapter = span_adapter_ids(
                 plan, self.adapters.get(plan.adapter), names.index(plan.adapter) if plan.adapter in names else -1
             )
-        req = Request(plan, sampling, lowering.chain_page_key)
+        req = Request(plan, sampling)
         req.span_adapter = span_adapter
         req.keep_logits = keep_logits
         self.scheduler.add(req)

@@ -24,12 +24,12 @@ import collections
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable
 
 import numpy as np
 
 from spanjax.engine.pages import PagePool, PoolExhausted
 from spanjax.engine.sampling import SamplingParams
+from spanjax.query.page_keys import chain_page_key
 from spanjax.query.plan import SpanPlan
 
 
@@ -56,7 +56,7 @@ class Request:
 
     _ids = itertools.count()
 
-    def __init__(self, plan: SpanPlan, sampling: SamplingParams, chain_key: Callable[[str, tuple], str]):
+    def __init__(self, plan: SpanPlan, sampling: SamplingParams):
         for s in plan.spans:
             if len(s) == 0:
                 raise ValueError(f"span {s.index} of the plan is empty")
@@ -65,7 +65,6 @@ class Request:
         self.id = next(Request._ids)
         self.plan = plan
         self.sampling = sampling
-        self.chain_key = chain_key  # the planner's page-hash chaining (spanjax.query)
         self.generated: list[int] = []
         self.finish_reason: str | None = None
         self.text = ""
@@ -131,7 +130,7 @@ class Request:
             if k > 0 and k * ps <= len(span)
             else (self.page_key(j, k - 1, ps) if k > 0 else span.base_key)
         )
-        return self.chain_key(prev, self.span_tokens(j)[k * ps : k * ps + n])
+        return chain_page_key(prev, self.span_tokens(j)[k * ps : k * ps + n])
 
     def pages_needed_alone(self) -> int:
         ps = self.plan.page_size

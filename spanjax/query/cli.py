@@ -48,9 +48,9 @@ def _tokenizer(name: str | None, fake: bool, cache: dict):
         return ByteTokenizer()
     if name not in cache:
         try:
-            from spanjax.models.loading import load_model
+            from spanjax.models.loading import load_tokenizer
 
-            cache[name] = load_model(name).tokenizer
+            cache[name] = load_tokenizer(name)
         except Exception as e:  # offline or not a loadable model: say so, keep going
             from spanjax.query.fake import ByteTokenizer
 

@@ -31,30 +31,7 @@ child. The policies come from the g (`attention`, `positions`; defaults
 prefix/sequential); a plus may override them for its own children (an
 extension; the override is not inherited by plus nodes nested inside).
 
-Cache keys
-----------
-All hashes are blake2b (16-byte digest, hex).
-
-    root          = H("spanjax-span-v1", model, adapter, context_key)
-    page_keys[0]  = H(root, tokens of page 0)          # root = Span.base_key
-    page_keys[j]  = H(page_keys[j-1], tokens of page j)   # last page may be partial
-    cache_key     = page_keys[-1]
-
-`context_key` = H(the ordered groups the span sees), where a group is a cross
-run's cache key, or a plus group = (its position policy, its non-empty
-children's descriptors: *sorted* under `parallel`, in order under
-`sequential`); a child's descriptor = H(its own groups in order). A plus
-child never sees its siblings, so permuting a plus leaves every child's key
-unchanged; under `parallel` the spans after the plus keep their keys too
-(their KV is identical), under `sequential` they change (the children moved
-relative to them, so their KV differs). An isolated span's context is only what is inside its own
-child, so it keys identically wherever it appears.
-
-In a key: the tokens of the span (ids), the structure and tokens of everything
-it sees, the position policies of the plus groups it sees (and, for a `prefix`
-plus child, the position policy of its own plus), the model and the adapter. Not in a key: absolute positions, the span's kind or index, the page
-size of the plan other than through page boundaries (keys of plans with
-different page sizes differ), sampling settings.
+Cache keys: see page_keys.py.
 
 Reuse is exact when the cached pre-RoPE KV depends only on what the key
 covers: for `isolated` spans (any position policy; only relative positions
@@ -78,41 +55,12 @@ covers exactly the same tokens.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 
 from spanjax.query import ast as A
 from spanjax.query.errors import SpanQueryError
+from spanjax.query.page_keys import chain_page_keys, context_key, digest, root_key
 from spanjax.query.plan import Span, SpanPlan
 from spanjax.query.validate import child_path
-
-
-def _h(*parts) -> str:
-    data = json.dumps(parts, separators=(",", ":"), ensure_ascii=True).encode()
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def root_key(model: str, adapter: str | None, context_key: str) -> str:
-    return _h("spanjax-span-v1", model, adapter, context_key)
-
-
-def chain_page_key(prev: str, page_tokens) -> str:
-    """key_j = H(key_{j-1}, tokens of page j); the engine extends chains with it."""
-    return _h(prev, [int(t) for t in page_tokens])
-
-
-def chain_page_keys(root: str, tokens, page_size: int) -> tuple[str, ...]:
-    """Chained page keys of `tokens` (one per page; the last may be partial)."""
-    keys, k = [], root
-    toks = [int(t) for t in tokens]
-    for j in range(0, len(toks), page_size):
-        k = chain_page_key(k, toks[j : j + page_size])
-        keys.append(k)
-    return tuple(keys)
-
-
-def context_key(groups) -> str:
-    return _h("ctx", list(groups))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +155,7 @@ class _Lowerer:
             own = out.groups[len(base.groups) :]
             if not own:
                 continue  # a child with no tokens (monad, print)
-            descs.append(_h("child", list(own)))
+            descs.append(digest("child", list(own)))
             sees.extend(range(n0, len(self.spans)))
             cur, end = out.pos, max(end, out.pos)
         if not descs:

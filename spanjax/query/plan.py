@@ -17,6 +17,8 @@ from typing import Literal
 
 import numpy as np
 
+from spanjax.query.page_keys import chain_page_keys
+
 AttentionPolicy = Literal["prefix", "isolated"]
 PositionPolicy = Literal["sequential", "parallel"]
 
@@ -82,8 +84,6 @@ class SpanPlan:
         """Page keys of the last span extended by generated ids: the keys under which
         the engine stores this generation's sequence, and which an outer query that
         re-sends the exchange (passes.hoist) looks up."""
-        from spanjax.query.lower import chain_page_keys
-
         last = self.spans[-1]
         return chain_page_keys(last.base_key, tuple(last.token_ids) + tuple(generated_ids), self.page_size)
 

@@ -14,7 +14,7 @@ import pytest
 from spanjax.config import ConfigError
 from spanjax.eval import locality as L
 from spanjax.eval.experiments import load_config, run
-from spanjax.eval.runs import ITEMS_FILE, load_items, open_run
+from spanjax.runs import ITEMS_FILE, load_items, open_run
 from spanjax.models import llama
 from spanjax.models.config import ModelConfig
 from spanjax.models.loading import LoadedModel

@@ -19,7 +19,7 @@ from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.engine.sampling import SamplingParams
 from spanjax.eval import locality as L
 from spanjax.eval.experiments import load_config, run
-from spanjax.eval.runs import load_items
+from spanjax.runs import load_items
 from spanjax.training.block_adapter import opening_ids
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))

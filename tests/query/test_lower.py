@@ -198,7 +198,7 @@ def test_page_keys_chain_and_partial_last_page(tok):
     plan = lower(A.G("m", A.user("abcdefghij")), tok, page_size=4)
     (s,) = plan.spans
     assert len(s) == 14 and len(s.page_keys) == 4
-    from spanjax.query.lower import chain_page_key, chain_page_keys
+    from spanjax.query.page_keys import chain_page_key, chain_page_keys
 
     assert s.page_keys == chain_page_keys(s.base_key, s.token_ids, 4)
     assert s.page_keys[1] == chain_page_key(s.page_keys[0], s.token_ids[4:8])
