@@ -36,8 +36,11 @@ demo: $(SETUP_STAMP)
 	JAX_PLATFORMS=cpu $(BIN)/spanjax generate --model smollm2-135m --chat --max-tokens 96 --prompt "$(DEMO_PROMPT)"
 	JAX_PLATFORMS=cpu $(BIN)/spanjax query examples/rag.json --model smollm2-135m
 
-# pytest's exit code is make's: any failure (or no tests collected, exit 5) fails the target.
+# Style first (ruff lint + format check, seconds), then the suite. pytest's exit code is
+# make's: any failure (or no tests collected, exit 5) fails the target.
 test: $(TEST_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest $(PYTEST_ARGS) tests/
 
 clean-venv:

@@ -28,7 +28,7 @@ Extensions beyond spnl (all optional, documented in `syntax.py`):
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Union
+from typing import Literal
 
 AttentionPolicy = Literal["prefix", "isolated"]
 PositionPolicy = Literal["sequential", "parallel"]
@@ -100,7 +100,7 @@ class Print:
     message: str
 
 
-Query = Union[Message, Cross, Plus, Seq, Par, G, Repeat, Monad, Print]
+Query = Message | Cross | Plus | Seq | Par | G | Repeat | Monad | Print
 LIST_NODES = (Cross, Plus, Seq, Par)
 
 
@@ -152,12 +152,3 @@ def walk(q: Query):
         node = stack.pop()
         yield node
         stack.extend(reversed(children(node)))
-
-
-def depth(q: Query) -> int:
-    best, stack = 0, [(q, 1)]
-    while stack:
-        node, d = stack.pop()
-        best = max(best, d)
-        stack.extend((c, d + 1) for c in children(node))
-    return best

@@ -28,7 +28,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="model that runs every g: its tokenizer lowers the prompts and its name keys the cache (default: each g's model)",
+        help="model that runs every g: its tokenizer lowers the prompts and its name keys the cache "
+        "(default: each g's model)",
     )
     parser.add_argument(
         "--fake-tokenizer", action="store_true", help="byte-level stand-in tokenizer (offline; structure only)"
@@ -111,7 +112,8 @@ def run_plan(args) -> int:
         ):
             n += 1
             print(
-                f"== g {n} (wave {w}): model={g.model} max_tokens={g.max_tokens} temperature={g.temperature} seed={g.seed}"
+                f"== g {n} (wave {w}): model={g.model} max_tokens={g.max_tokens} "
+                f"temperature={g.temperature} seed={g.seed}"
             )
             print(plan.format(tokenizer_for(g.model)))
             if args.mask:

@@ -25,11 +25,6 @@ class SpanQueryError(ValueError):
     def __reduce__(self):  # picklable across processes (args differ from str)
         return (SpanQueryError, (self.path, self.found, self.expected, self.line, self.col))
 
-    def with_location(self, line: int | None, col: int | None) -> SpanQueryError:
-        if self.line is not None or line is None:
-            return self
-        return SpanQueryError(self.path, self.found, self.expected, line, col)
-
 
 def describe(value: object, limit: int = 40) -> str:
     """Short human description of a parsed value, for the `found` part of an error."""

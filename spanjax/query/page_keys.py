@@ -17,14 +17,15 @@ children's descriptors: *sorted* under `parallel`, in order under
 child never sees its siblings, so permuting a plus leaves every child's key
 unchanged; under `parallel` the spans after the plus keep their keys too
 (their KV is identical), under `sequential` they change (the children moved
-relative to them, so their KV differs). An isolated span's context is only what is inside its own
-child, so it keys identically wherever it appears.
+relative to them, so their KV differs). An isolated span's context is only what is
+inside its own child, so it keys identically wherever it appears.
 
 In a key: the tokens of the span (ids), the structure and tokens of everything
 it sees, the position policies of the plus groups it sees (and, for a `prefix`
-plus child, the position policy of its own plus), the model and the adapter. Not in a key: absolute positions, the span's kind or index, the page
-size of the plan other than through page boundaries (keys of plans with
-different page sizes differ), sampling settings.
+plus child, the position policy of its own plus), the model and the adapter.
+Not in a key: absolute positions, the span's kind or index, the page size of the
+plan other than through page boundaries (keys of plans with different page sizes
+differ), sampling settings.
 """
 
 from __future__ import annotations

@@ -57,8 +57,8 @@ def prompts(text=short_text, max_leaves=14):
     return st.recursive(leaf, extend, max_leaves=max_leaves)
 
 
-def gs(inp, model=st.just("m")):
-    return st.builds(A.G, model, inp, attention=att, positions=pos)
+def gs(inp, model=None):
+    return st.builds(A.G, st.just("m") if model is None else model, inp, attention=att, positions=pos)
 
 
 def full_queries(max_leaves=10):

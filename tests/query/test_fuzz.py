@@ -117,5 +117,5 @@ def test_huge_nesting(n, kind, fmt):
     elif kind == "list":
         text = "[" * n + "]" * n
     else:
-        text = ('{"%s": [' % kind) * n + '{"user": "x"}' + "]}" * n
+        text = f'{{"{kind}": [' * n + '{"user": "x"}' + "]}" * n
     check(text, fmt)
