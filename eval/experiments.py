@@ -21,9 +21,9 @@ from spanjax.runs import RunDir, open_run
 
 # task -> (module, config class, run function); imported lazily.
 TASKS = {
-    "locality": ("eval.locality", "LocalityConfig", "run"),
-    "ttft_nested": ("eval.nested_ttft", "NestedConfig", "run"),
-    "ttft_rag": ("eval.rag_ttft", "RagConfig", "run"),
+    "locality": ("spanjax.eval.locality", "LocalityConfig", "run"),
+    "ttft_nested": ("spanjax.eval.nested_ttft", "NestedConfig", "run"),
+    "ttft_rag": ("spanjax.eval.rag_ttft", "RagConfig", "run"),
 }
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spanjax.kernels.span_attention import span_attention, span_attention_reference, tuning
-from spanjax.kernels.span_attention.testing import make_batch
+from spanjax.kernels.span_attention.testing import batch_meta, make_batch
 
 # Peak HBM bandwidth (bytes/s) by device-kind substring, most specific first.
 PEAK_HBM = [
@@ -95,9 +95,7 @@ def build(spec, hq, hkv, d, page, dtype, seed=0):
     shape = (b["num_pages"], page, hkv, d)
     k_pages = jax.random.normal(kk, shape, jnp.float32).astype(dtype)
     v_pages = jax.random.normal(kv, shape, jnp.float32).astype(dtype)
-    args = [jnp.asarray(b["q"], dtype), k_pages, v_pages] + [
-        jnp.asarray(b[n]) for n in ("block_tables", "block_pos", "block_lens", "cu_q_lens", "q_pos")
-    ]
+    args = [jnp.asarray(b["q"], dtype), k_pages, v_pages, batch_meta(b), jnp.asarray(b["q_pos"])]
     kw = dict(rope_inv_freq=jnp.asarray(b["rope_inv_freq"]), sm_scale=b["sm_scale"])
     return b, args, kw
 
@@ -200,7 +198,7 @@ def main(argv=None):
     results = []
     for spec in cases:
         b, args, kw = build(spec, a.hq, a.hkv, a.head_dim, a.page_size, dtype)
-        T, S, M = args[0].shape[0], args[3].shape[0], args[3].shape[1]
+        T, (S, M) = args[0].shape[0], args[3].block_tables.shape
         kv_bytes = int(b["block_lens"].sum()) * a.hkv * a.head_dim * itemsize * 2
         nbytes = kv_bytes + 2 * T * a.hq * a.head_dim * itemsize
         cfg = tuning.get_config(

@@ -1,5 +1,5 @@
 """Attention locality: multi-document QA accuracy against the gold document's
-position, stock prompts vs span queries (DESIGN 6).
+position, stock prompts vs span queries (docs/evaluation.md).
 
 Tasks (`eval.dataset`):
 - `nq`: nq-open-oracle. K documents = the question's gold passage + K-1 gold
@@ -30,50 +30,25 @@ pages of position p are cached before position p+1 asks for them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
-import string
 import time
 from typing import Literal
 
 import numpy as np
 
-from spanjax.eval.data import DEV, HELD_OUT, kv_retrieval, nq_open_oracle
-from spanjax.eval.experiment_config import EngineSection
+from spanjax.adapters import load_peft
+from spanjax.engine.adapters import lower_for_engine
+from spanjax.engine.engine import Engine, EngineConfig
+from spanjax.engine.sampling import SamplingParams
+from spanjax.eval.experiment_config import EXPERIMENT_ENGINE
+from spanjax.models.loading import load_model
 from spanjax.runs import RunDir, append_items, item_key, load_items, machine, progress, write_results
-from spanjax.query import ast as A
+from spanjax.tasks.locality import BASE_VARIANTS, EXAMPLES, VARIANT_ADAPTER, VARIANTS, Example, make_g
 
-VARIANTS = {
-    # name: (documents in a plus, attention policy, position policy)
-    "stock": (False, "prefix", "sequential"),
-    "span-sequential": (True, "prefix", "sequential"),
-    "span-parallel": (True, "prefix", "parallel"),
-    "span-sequential-isolated": (True, "isolated", "sequential"),
-    "span-parallel-isolated": (True, "isolated", "parallel"),
-    # with a block-attention adapter (training/block_adapter.py), registered as "lora" / "alora"
-    "stock+lora": (False, "prefix", "sequential"),
-    "span-sequential+lora": (True, "prefix", "sequential"),
-    "span-parallel+lora": (True, "prefix", "parallel"),
-    "span-sequential+alora": (True, "prefix", "sequential"),
-    "span-parallel+alora": (True, "prefix", "parallel"),
-}
-# variant -> the adapter its g runs (engine name; its directory is eval.<name>_adapter)
-VARIANT_ADAPTER = {v: v.rsplit("+", 1)[1] for v in VARIANTS if "+" in v}
-BASE_VARIANTS = tuple(v for v in VARIANTS if v not in VARIANT_ADAPTER)
-KV_DEV, KV_HELD_OUT = range(0, 250), range(250, 500)
 # Items are keyed (variant, question, position) and seeded per question, so a
 # run resumed with more (or fewer) questions or variants keeps every finished
 # item valid; the results cover the variants and questions of the last config.
 RESUMABLE_SCOPE = ("eval.num_questions", "eval.variants")
-
-NQ_SYSTEM = (
-    "Write a high-quality answer for the given question using only the provided search results "
-    "(some of which might be irrelevant). Answer with a few words."
-)
-KV_SYSTEM = (
-    "Extract the value corresponding to the specified key in the JSON objects below. Answer with the value only."
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +63,8 @@ class LocalityEval:
     max_tokens: int = 24  # greedy decoding
     max_doc_tokens: int = 0  # cut each document to this many tokens (0 = whole)
     batch_questions: int = 16  # questions per engine batch (one gold position each)
-    # PEFT adapter directories for the +lora / +alora variants (`spanjax train block-adapter` writes runs/<name>/adapter)
+    # PEFT adapter directories for the +lora / +alora variants
+    # (`spanjax train block-adapter` writes runs/<name>/adapter)
     lora_adapter: str | None = None
     alora_adapter: str | None = None
 
@@ -124,31 +100,11 @@ class LocalityConfig:
     model: str = "smollm2-135m"
     seed: int = 0
     out_dir: str = "runs"
-    engine: EngineSection = EngineSection()
+    engine: EngineConfig = EXPERIMENT_ENGINE
     eval: LocalityEval = LocalityEval()
 
 
 # ---------------------------------------------------------------------------- metric
-
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(s: str) -> str:
-    """Lowercase, drop punctuation and articles, collapse whitespace (SQuAD/NQ style)."""
-    s = s.lower().translate(_PUNCT)
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
-
-
-def nq_correct(output: str, answers) -> bool:
-    out = normalize_answer(output)
-    return any(normalize_answer(a) and normalize_answer(a) in out for a in answers)
-
-
-def kv_correct(output: str, value: str) -> bool:
-    return value in output
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -165,130 +121,21 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
 # ---------------------------------------------------------------------------- examples
 
 
-@dataclasses.dataclass(frozen=True)
-class Example:
-    index: int  # line in the data file
-    question: str  # the final user message
-    docs: tuple[str, ...]  # the K-1 distractor documents' bodies, in their fixed order
-    gold: str  # the gold document's body
-    answers: tuple[str, ...]
-    dataset: str
-
-    def documents(self, pos: int) -> list[str]:
-        bodies = list(self.docs[:pos]) + [self.gold] + list(self.docs[pos:])
-        if self.dataset == "kv":
-            return bodies
-        return [f"Document [{i + 1}]{b}" for i, b in enumerate(bodies)]
-
-    def correct(self, output: str) -> bool:
-        return kv_correct(output, self.answers[0]) if self.dataset == "kv" else nq_correct(output, self.answers)
-
-
-def _split_range(dataset: str, split: str) -> range:
-    if dataset == "kv":
-        return KV_HELD_OUT if split == "held_out" else KV_DEV
-    return HELD_OUT if split == "held_out" else DEV
-
-
-def _nq_body(record: dict) -> str:
-    ctx = record["ctxs"][0]
-    return f"(Title: {ctx['title']}) {ctx['text']}"
-
-
-def _cut(text: str, tokenizer, max_tokens: int) -> str:
-    if max_tokens <= 0:
-        return text
-    ids = tokenizer.encode(text)
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
-
-
-def nq_examples(ev: LocalityEval, seed: int, tokenizer=None) -> list[Example]:
-    records = nq_open_oracle()
-    pool = _split_range("nq", ev.split)
-    indices = list(pool[ev.first_question : ev.first_question + ev.num_questions])
-    if len(indices) < ev.num_questions:
-        raise ValueError(
-            f"split {ev.split} has {len(pool)} questions; first_question + num_questions = {ev.first_question + ev.num_questions}"
-        )
-    out = []
-    for qi in indices:
-        rec = records[qi]
-        answers = tuple(rec["answers"])
-        norm_answers = [normalize_answer(a) for a in answers if normalize_answer(a)]
-        rng = np.random.default_rng([seed, qi])  # per question: adding questions leaves others unchanged
-        chosen: list[int] = []
-        for j in rng.permutation(len(pool)):
-            cand = pool[int(j)]
-            if cand == qi:
-                continue
-            body = normalize_answer(_nq_body(records[cand]))
-            if any(a in body for a in norm_answers):
-                continue  # a distractor that contains the answer would be a second gold
-            chosen.append(cand)
-            if len(chosen) == ev.num_docs - 1:
-                break
-        body = lambda r: _cut(_nq_body(r), tokenizer, ev.max_doc_tokens) if tokenizer else _nq_body(r)
-        out.append(
-            Example(
-                index=qi,
-                question=f"Question: {rec['question']}?\nAnswer:",
-                docs=tuple(body(records[c]) for c in chosen),
-                gold=body(rec),
-                answers=answers,
-                dataset="nq",
-            )
-        )
-    return out
-
-
-def kv_examples(ev: LocalityEval, seed: int, tokenizer=None) -> list[Example]:
-    del seed, tokenizer  # the records are fixed; chunks are contiguous runs of them
-    records = kv_retrieval()
-    pool = _split_range("kv", ev.split)
-    indices = list(pool[ev.first_question : ev.first_question + ev.num_questions])
-    if len(indices) < ev.num_questions:
-        raise ValueError(f"kv split {ev.split} has {len(pool)} cases; asked for {ev.first_question + ev.num_questions}")
-    out = []
-    for qi in indices:
-        rec = records[qi]
-        pairs = [tuple(p) for p in rec["ordered_kv_records"]]
-        chunks = [list(c) for c in np.array_split(np.arange(len(pairs)), ev.num_docs)]
-        gold_chunk = next(i for i, c in enumerate(chunks) if any(pairs[j][0] == rec["key"] for j in c))
-        bodies = [json.dumps({pairs[j][0]: pairs[j][1] for j in c}, indent=1) for c in chunks]
-        out.append(
-            Example(
-                index=qi,
-                question=f'Key: "{rec["key"]}"\nCorresponding value:',
-                docs=tuple(b for i, b in enumerate(bodies) if i != gold_chunk),
-                gold=bodies[gold_chunk],
-                answers=(rec["value"],),
-                dataset="kv",
-            )
-        )
-    return out
-
-
-def make_g(ex: Example, pos: int, variant: str, model_name: str, max_tokens: int) -> A.G:
-    span, attention, positions = VARIANTS[variant]
-    docs = tuple(A.Message("user", d) for d in ex.documents(pos))
-    body = (A.Plus(docs),) if span else docs
-    system = KV_SYSTEM if ex.dataset == "kv" else NQ_SYSTEM
-    prompt = A.Cross((A.Message("system", system),) + body + (A.Message("user", ex.question),))
-    return A.G(
-        model_name,
-        prompt,
-        max_tokens=max_tokens,
-        temperature=0.0,
-        attention=attention,
-        positions=positions,
-        adapter=VARIANT_ADAPTER.get(variant),
+def locality_examples(ev: LocalityEval, seed: int, tokenizer=None) -> list[Example]:
+    """The eval's examples: its dataset's builder (spanjax.tasks.locality) over its split and sizes."""
+    return EXAMPLES[ev.dataset](
+        split=ev.split,
+        num_docs=ev.num_docs,
+        num_questions=ev.num_questions,
+        first_question=ev.first_question,
+        max_doc_tokens=ev.max_doc_tokens,
+        seed=seed,
+        tokenizer=tokenizer,
     )
 
 
 def register_adapters(engine, ev: LocalityEval) -> None:
     """Load the PEFT adapters the variants name and register them as "lora" / "alora"."""
-    from spanjax.adapters import load_peft
-
     for name in sorted({VARIANT_ADAPTER[v] for v in ev.variants if v in VARIANT_ADAPTER}):
         adapter = load_peft(getattr(ev, f"{name}_adapter"), engine.model.cfg)
         if adapter.config.kind != name:
@@ -381,15 +228,10 @@ def plot(cfg: LocalityConfig, table: dict, path) -> None:
 
 
 def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
-    from spanjax.engine.adapters import lower_for_engine
-    from spanjax.engine.engine import Engine
-    from spanjax.engine.sampling import SamplingParams
-    from spanjax.models.loading import load_model
-
     log, ev = run_dir.log, cfg.eval
     model = load_model(cfg.model) if model is None else model
     tok = model.tokenizer
-    examples = (kv_examples if ev.dataset == "kv" else nq_examples)(ev, cfg.seed, tok)
+    examples = locality_examples(ev, cfg.seed, tok)
     by_index = {ex.index: ex for ex in examples}
     done = load_items(run_dir)
     batches = work_order(cfg, examples)
@@ -397,7 +239,7 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
     initial = sum(1 for b in batches for k in b if k in done)
     if initial:
         log.info("resume: %d/%d items already done, skipped", initial, total)
-    engine = Engine(model, cfg.engine.build())
+    engine = Engine(model, cfg.engine)
     register_adapters(engine, ev)
     sampling = SamplingParams(max_tokens=ev.max_tokens, temperature=0.0, seed=cfg.seed)
     bar = progress(total, initial, f"{cfg.name}")

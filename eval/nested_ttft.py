@@ -1,4 +1,4 @@
-"""Nested-generation TTFT (DESIGN 6, experiment 2): an outer g over a plus of n
+"""Nested-generation TTFT (docs/evaluation.md): an outer g over a plus of n
 inner g's, against the same engine run stock.
 
 - span: `g(cross(system, plus(g_1 .. g_n), user(q)))` through the executor. The
@@ -13,10 +13,11 @@ inner g's, against the same engine run stock.
 
 The measured number is the outer request's TTFT: the outer wave's wall time
 with outer_max_tokens=1 (lowering, scheduling, every step, the token on the
-host); the engine's own first-token stamp is recorded as engine_ttft_s. The wall time of the whole query (inner + outer) is
-recorded too. The cache is cleared before every measurement so both variants
-start cold; each trial uses fresh inner prompts (dev questions). One warm-up
-trial per n compiles the shapes and is discarded.
+host); the engine's own first-token stamp is recorded as engine_ttft_s. The
+wall time of the whole query (inner + outer) is recorded too. The cache is
+cleared before every measurement so both variants start cold; each trial uses
+fresh inner prompts (dev questions). One warm-up trial per n compiles the
+shapes and is discarded.
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ import dataclasses
 import time
 from typing import Literal
 
+from spanjax.engine.engine import Engine, EngineConfig
+from spanjax.engine.executor import sampling_for
 from spanjax.eval import ttft_report
-from spanjax.eval.data import DEV, nq_open_oracle
-from spanjax.eval.experiment_config import EngineSection
-from spanjax.runs import RunDir, append_items, load_items, machine, progress
+from spanjax.eval.experiment_config import EXPERIMENT_ENGINE
+from spanjax.models.loading import load_model
 from spanjax.query import ast as A
+from spanjax.query.lower import lower
+from spanjax.query.passes import GenResult, prepare, ready, substitute
+from spanjax.runs import RunDir, append_items, load_items, machine, progress
+from spanjax.tasks.data import DEV, nq_open_oracle
 
 SYSTEM = "You are given several short answers written by assistants. Use them to answer the final question."
 INNER_SYSTEM = "Answer in one short sentence."
@@ -58,7 +64,7 @@ class NestedConfig:
     model: str = "smollm2-135m"
     seed: int = 0
     out_dir: str = "runs"
-    engine: EngineSection = EngineSection()
+    engine: EngineConfig = EXPERIMENT_ENGINE
     eval: NestedEval = NestedEval()
 
 
@@ -92,10 +98,6 @@ def run_waves(engine, q: A.Query) -> list[tuple[float, list]]:
     With outer_max_tokens=1 the last wave's time is the outer TTFT; timed here
     rather than read from request metrics so asynchronous dispatch cannot
     stamp the first token before its step has finished computing."""
-    from spanjax.engine.executor import sampling_for
-    from spanjax.query.lower import lower
-    from spanjax.query.passes import GenResult, prepare, ready, substitute
-
     tok, name, ps = engine.model.tokenizer, engine.model.name, engine.config.page_size
     q, waves = prepare(q), []
     while wave := ready(q):
@@ -147,12 +149,9 @@ def measure_stock(engine, model: str, prompts: list[str], ev: NestedEval, seed: 
 
 
 def run(cfg: NestedConfig, run_dir: RunDir, model=None) -> dict:
-    from spanjax.engine.engine import Engine
-    from spanjax.models.loading import load_model
-
     ev, log = cfg.eval, run_dir.log
     model = load_model(cfg.model) if model is None else model
-    engine = Engine(model, cfg.engine.build())
+    engine = Engine(model, cfg.engine)
     done = {(r["key"][0], r["key"][1], r["key"][2]): r for r in load_items(run_dir).values()}
     total = len(ev.fan_in) * ev.trials * 2
     bar = progress(total, sum(1 for k in done if k[1] in ev.fan_in and k[2] < ev.trials), cfg.name)
@@ -160,7 +159,7 @@ def run(cfg: NestedConfig, run_dir: RunDir, model=None) -> dict:
         for n in ev.fan_in:
             if all(("span", n, t) in done and ("stock", n, t) in done for t in range(ev.trials)):
                 continue
-            for v, fn in (("span", measure_span), ("stock", measure_stock)):  # warm-up: compile, discard
+            for fn in (measure_span, measure_stock):  # warm-up: compile, discard
                 engine.clear_cache()
                 fn(engine, model.name, inner_prompts(ev, n, -1), ev, cfg.seed)
             for t in range(ev.trials):

@@ -1,4 +1,4 @@
-"""RAG time-to-first-token (DESIGN 6, experiment 1): span query (documents in a
+"""RAG time-to-first-token (docs/evaluation.md): span query (documents in a
 `plus`, cached) vs the same engine run stock (one flat causal prompt, ordinary
 prefix caching), for k = each of `eval.docs` documents.
 
@@ -22,12 +22,14 @@ from typing import Literal
 
 import numpy as np
 
+from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.eval import ttft_report
-from spanjax.eval.data import DEV, nq_open_oracle, passage_text
-from spanjax.eval.experiment_config import EngineSection
+from spanjax.eval.experiment_config import EXPERIMENT_ENGINE
 from spanjax.eval.nested_ttft import run_waves
-from spanjax.runs import RunDir, append_items, load_items, machine, progress
+from spanjax.models.loading import load_model
 from spanjax.query import ast as A
+from spanjax.runs import RunDir, append_items, load_items, machine, progress
+from spanjax.tasks.data import DEV, nq_open_oracle, passage_text
 
 SYSTEM = "Answer the question using only the documents below. Be brief."
 
@@ -51,7 +53,7 @@ class RagConfig:
     model: str = "smollm2-135m"
     seed: int = 0
     out_dir: str = "runs"
-    engine: EngineSection = EngineSection()
+    engine: EngineConfig = EXPERIMENT_ENGINE
     eval: RagEval = RagEval()
 
 
@@ -94,12 +96,9 @@ def measure(engine, g: A.G) -> dict:
 
 
 def run(cfg: RagConfig, run_dir: RunDir, model=None) -> dict:
-    from spanjax.engine.engine import Engine
-    from spanjax.models.loading import load_model
-
     ev, log = cfg.eval, run_dir.log
     model = load_model(cfg.model) if model is None else model
-    engine = Engine(model, cfg.engine.build())
+    engine = Engine(model, cfg.engine)
     need = 2 * max(ev.docs) * (-(-(ev.doc_tokens + 32) // cfg.engine.page_size)) + 64  # both variants' pages, cached
     if need > cfg.engine.num_pages:
         raise ValueError(

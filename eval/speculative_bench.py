@@ -37,9 +37,9 @@ from pathlib import Path
 
 
 def _prompts(model, first: int, n: int):
-    from spanjax.eval.data import HELD_OUT, nq_open_oracle
     from spanjax.query import ast as A
     from spanjax.query.lower import lower
+    from spanjax.tasks.data import HELD_OUT, nq_open_oracle
 
     rows = nq_open_oracle()
     idx = [i for i in range(first, first + n)]

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import statistics
 
+from spanjax.runs import write_results
+
 VARIANTS = ("span", "stock")
+
+
+def _median(recs: list[dict], field: str):
+    return statistics.median(r[field] for r in recs) if recs else None
 
 
 def summarize(xs, done: dict, x_name: str) -> list[dict]:
@@ -16,13 +22,12 @@ def summarize(xs, done: dict, x_name: str) -> list[dict]:
         row = {x_name: x}
         for v in VARIANTS:
             recs = [r for k, r in done.items() if k[0] == v and k[1] == x]
-            med = lambda field: statistics.median(r[field] for r in recs) if recs else None
             row[v] = {
                 "trials": len(recs),
-                "ttft_median_s": med("ttft_s"),
-                "wall_median_s": med("wall_s"),
-                "prompt_tokens": med("prompt_tokens"),
-                "cached_tokens": med("cached_tokens"),
+                "ttft_median_s": _median(recs, "ttft_s"),
+                "wall_median_s": _median(recs, "wall_s"),
+                "prompt_tokens": _median(recs, "prompt_tokens"),
+                "cached_tokens": _median(recs, "cached_tokens"),
             }
         s, t = row["span"]["ttft_median_s"], row["stock"]["ttft_median_s"]
         row["ttft_ratio_stock_over_span"] = t / s if s and t else None
@@ -85,8 +90,6 @@ def plot(rows: list[dict], x_name: str, xlabel: str, title: str, path) -> None:
 
 def write_report(run_dir, results: dict, rows: list[dict], x_name: str, xlabel: str, title: str) -> dict:
     """results.json (with the rows and their table), summary.md and ttft.png; returns the results."""
-    from spanjax.runs import write_results
-
     md = markdown_table(rows, x_name)
     results = {**results, "rows": rows, "table_markdown": md}
     write_results(run_dir, results)

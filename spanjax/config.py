@@ -4,7 +4,11 @@
     print(dump(cfg))
 
 Supported field types: bool, int, float, str, Literal[...], X | None,
-tuple[X, ...], and nested dataclasses. Every value is checked against its
+tuple[X, ...], and nested dataclasses (sections). A section given in the data
+starts from its field's default value (`engine: EngineConfig =
+EngineConfig(num_pages=4096)` keeps num_pages=4096 unless the file sets it),
+and its class's own checks (`__post_init__`) run at load time: their
+ValueErrors become ConfigErrors naming the section. Every value is checked against its
 field's type; unknown keys, wrong types and bad override syntax raise
 `ConfigError` naming the dotted key and what was expected, before anything
 runs. Override values are parsed as YAML scalars/flow lists (`eval.positions=[0,4,9]`,
@@ -14,6 +18,7 @@ instead of silently becoming a string.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -66,14 +71,13 @@ def _coerce(tp, value, key: str):
             if type(None) in args:
                 return None
             raise bad()
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(a, value, key)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise bad()
     if origin is tuple:
         args = typing.get_args(tp)
@@ -101,12 +105,14 @@ def _coerce(tp, value, key: str):
     raise TypeError(f"{key}: unsupported config field type {tp!r}")
 
 
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls, include_extras=False)
+def _default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def _build(cls, data: dict, prefix: str = ""):
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -116,7 +122,10 @@ def _build(cls, data: dict, prefix: str = ""):
     for name, f in fields.items():
         key = _join(prefix, name)
         if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], key)
+            value, default = data[name], _default(f)
+            if isinstance(value, dict) and dataclasses.is_dataclass(hints[name]) and isinstance(default, hints[name]):
+                value = {**to_dict(default), **value}  # a section's missing keys keep the field's default
+            kwargs[name] = _coerce(hints[name], value, key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key {key!r} ({_type_name(hints[name])})")
     try:
@@ -187,8 +196,6 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
 
 def apply_overrides(data: dict, overrides) -> dict:
     """Plain config data with `a.b=c` overrides set (a copy; checked later by from_dict)."""
-    import copy
-
     data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)

@@ -71,8 +71,11 @@ def open_run(cfg, resume: str | Path | None = None, scope: tuple[str, ...] = ())
         stored = path / CONFIG_FILE
         if not stored.exists():
             raise C.ConfigError(f"cannot resume {str(path)!r}: no {CONFIG_FILE} there")
-        old = C.read_yaml(stored)
-        changed = [c for c in C.diff(old, C.to_dict(cfg)) if c.split(":")[0] not in scope]
+        try:  # loaded, so keys a config class gained since the run started compare as their defaults
+            old = C.from_dict(type(cfg), C.read_yaml(stored))
+        except C.ConfigError as e:
+            raise C.ConfigError(f"cannot resume {str(path)!r}: its {CONFIG_FILE}: {e}") from None
+        changed = [c for c in C.diff(old, cfg) if c.split(":")[0] not in scope]
         if changed:
             raise C.ConfigError(
                 f"cannot resume {str(path)!r}: its config differs ({'; '.join(changed)}); start a new run instead"

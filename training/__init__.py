@@ -1,2 +1,3 @@
-"""Training loops: LoRA / aLoRA adapters (trainer.py), data (data.py), checkpoints (checkpoint.py),
-the answerability intrinsic (answerability.py)."""
+"""Training recipes on one core (core.py: state, jitted update, checkpoints, exact resume, metrics):
+LoRA / aLoRA adapters (trainer.py) with conversation data (data.py) or block-attention data
+(block_adapter.py), MLP speculators (speculator.py); the answerability intrinsic (answerability.py)."""

@@ -1,7 +1,7 @@
 """TTFT of invoking an intrinsic after a cached long context: aLoRA (base cache reused) vs LoRA.
 
-    python -m spanjax.training.alora_ttft [--alora runs/alora_answerability/adapter] [--lora runs/lora_answerability/adapter]
-                                  [--docs 14] [--reps 3] [--out runs/alora_ttft.json]
+    python -m spanjax.training.alora_ttft [--alora runs/alora_answerability/adapter]
+        [--lora runs/lora_answerability/adapter] [--docs 14] [--reps 3] [--out runs/alora_ttft.json]
 
 For each repetition a fresh ~2k-token context (held-out nq-open-oracle passages
 + question) is first answered by the base model (which caches its pages),
@@ -19,10 +19,18 @@ import json
 import statistics
 import time
 
+from spanjax import config as C
+from spanjax.adapters import load_peft
+from spanjax.engine.engine import Engine, EngineConfig
+from spanjax.engine.executor import run_query
+from spanjax.models.loading import load_model
+from spanjax.query import ast as A
+from spanjax.runs import machine
+from spanjax.tasks.data import HELD_OUT, nq_open_oracle, passage_text
+from spanjax.training.config import TrainConfig
+
 
 def _context(data, start: int, docs: int) -> tuple[str, str]:
-    from spanjax.eval.data import passage_text
-
     body = "\n".join(f"Document {k + 1}: {passage_text(data[start + k])}" for k in range(docs))
     return body, data[start]["question"]
 
@@ -36,17 +44,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="runs/alora_ttft.json")
     args = ap.parse_args(argv)
-
-    from spanjax import config as C
-    from spanjax.adapters import load_peft
-    from spanjax.engine.engine import Engine, EngineConfig
-    from spanjax.engine.executor import run_query
-    from spanjax.eval.data import HELD_OUT, nq_open_oracle
-    from spanjax.runs import machine
-    from spanjax.models.loading import load_model
-    from spanjax.query import ast as A
-    from spanjax.training.config import TrainConfig
-
     cfg = C.load(TrainConfig, args.config)
     model = load_model(cfg.model)
     eng = Engine(model, EngineConfig(num_pages=1024, page_size=16, max_tokens_per_step=512, max_seqs_per_step=8))

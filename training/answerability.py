@@ -10,20 +10,26 @@ question. Training uses questions 0..N-1 (DEV), evaluation 2000..2654 (HELD_OUT)
 
 from __future__ import annotations
 
+import os
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
+
+from spanjax.adapters import adapter_mask, make_bank
+from spanjax.models import llama
+from spanjax.tasks.data import DEV, HELD_OUT, nq_open_oracle
+from spanjax.training.data import completion_ids, prompt_ids
 
 LABELS = ("answerable", "unanswerable")
 
 
 def train_indices(n: int) -> range:
-    from spanjax.eval.data import DEV
-
     return range(DEV.start, DEV.start + min(n, len(DEV)))
 
 
 def heldout_indices(n: int | None = None) -> range:
-    from spanjax.eval.data import HELD_OUT
-
     return HELD_OUT if n is None else range(HELD_OUT.start, HELD_OUT.start + min(n, len(HELD_OUT)))
 
 
@@ -35,8 +41,6 @@ def _doc(ctx: dict, max_words: int) -> str:
 def build_records(indices, num_docs: int, max_doc_words: int, seed: int, data=None) -> list[dict]:
     """Conversation records (JSONL rows) for questions `indices`; distractors come from the same range.
     The label and document order of question i depend only on (seed, i)."""
-    from spanjax.eval.data import nq_open_oracle
-
     data = nq_open_oracle() if data is None else data
     idx = list(indices)
     out = []
@@ -63,8 +67,6 @@ def build_records(indices, num_docs: int, max_doc_words: int, seed: int, data=No
 
 def label_token_ids(tokenizer) -> tuple[int, int]:
     """First token of each label's completion after the generation prefix (they must differ)."""
-    from spanjax.training.data import completion_ids
-
     gen = len(tokenizer.generation_prefix_ids())
     first = tuple(completion_ids(tokenizer, lab)[gen] for lab in LABELS)
     if first[0] == first[1]:
@@ -73,8 +75,6 @@ def label_token_ids(tokenizer) -> tuple[int, int]:
 
 
 def prompt_tokens(tokenizer, record: dict, invocation_ids, max_prefix: int) -> list[int]:
-    from spanjax.training.data import prompt_ids
-
     prefix = prompt_ids(tokenizer, record["messages"][:-1])[-max_prefix:]
     return prefix + list(invocation_ids) + list(tokenizer.generation_prefix_ids())
 
@@ -84,12 +84,6 @@ def evaluate_answerability(
 ) -> dict:
     """Accuracy of `adapter` (None = base model) on held-out questions, by comparing the
     logits of the two labels' first tokens after the prompt; plus the majority-class baseline."""
-    import jax
-    import jax.numpy as jnp
-
-    from spanjax.adapters import adapter_mask, make_bank
-    from spanjax.models import llama
-
     tok = model.tokenizer
     inv_ids = list(tok.encode_message(cfg.data.invocation_role, cfg.data.invocation))
     recs = build_records(heldout_indices(num_questions), cfg.data.num_docs, cfg.data.max_doc_words, cfg.seed)
@@ -108,10 +102,6 @@ def evaluate_answerability(
         return lg[:, pos_id] - lg[:, neg_id]
 
     preds = []
-    import os
-
-    from tqdm import tqdm
-
     it = range(0, len(prompts), batch_size)
     for s in tqdm(it, desc="eval answerability", disable=not progress or bool(os.environ.get("SPANJAX_NO_PROGRESS"))):
         chunk = prompts[s : s + batch_size]

@@ -2,11 +2,11 @@
 model read documents encoded as independent blocks (a `plus`) as well as a stock prompt.
 
 Data (`data.source: nq_blocks`, questions 0..N-1 of nq-open-oracle, the DEV split;
-2000.. are never read): eval/locality.py's own examples (`nq_examples`: the gold
-passage among K-1 distractors, `make_g`: system, a `plus` of the documents under the
-`prefix` attention policy, the question), with the gold at a random position and a
-random position policy (`data.position_policies`) per batch slot, drawn from
-(seed, step, slot). Each is lowered by the span planner exactly as the engine lowers
+2000.. are never read): the locality eval's own examples (spanjax/tasks/locality.py,
+`nq_examples`: the gold passage among K-1 distractors, `make_g`: system, a `plus` of
+the documents under the `prefix` attention policy, the question), with the gold at a
+random position and a random position policy (`data.position_policies`) per batch
+slot, drawn from (seed, step, slot). Each is lowered by the span planner exactly as the engine lowers
 it, and the first gold answer (+ end of turn) is appended to the final span as the
 engine would generate it; its tokens are the only ones in the loss. Training thus
 sees the plan's visibility mask (`SpanPlan.dense_mask`) and positions, bit for bit.
@@ -22,8 +22,9 @@ fine on CPU at these lengths (the engine's Pallas kernels are for serving).
   under the plan's mask. Documents' KV is therefore exactly the base model's, and at
   serving time the documents' pages are shared with every base query and adapter.
 
-`spanjax train block-adapter configs/block_alora.yaml` runs it through
-training/trainer.py's loop (checkpoints, exact resume, metrics, PEFT export).
+`spanjax train block-adapter configs/block_alora.yaml` runs it as a source of
+training/trainer.py (`source`: adapter config, objective, batches) on the training
+core (training/core.py: checkpoints, exact resume, metrics; PEFT export).
 """
 
 from __future__ import annotations
@@ -33,13 +34,20 @@ import functools
 import json
 from pathlib import Path
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spanjax.adapters import bank_from_weights, invocation_start
+from spanjax.adapters import AdapterConfig, bank_from_weights, init_adapter, invocation_start
 from spanjax.kernels.rope import apply_rope
 from spanjax.models import llama
+from spanjax.models.config import ModelConfig
+from spanjax.query.lower import lower
+from spanjax.tasks.data import DEV
+from spanjax.tasks.locality import make_g, nq_examples
+from spanjax.training.core import masked_nll
+from spanjax.training.data import batch_indices, completion_ids
 
 SOURCE = "nq_blocks"
 
@@ -128,8 +136,6 @@ def opening_ids(tokenizer, role: str, text: str) -> tuple[int, ...]:
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
     """What the engine generates for `answer`: the assistant text and the end of turn (the first eos)."""
-    from spanjax.training.data import completion_ids
-
     ids = completion_ids(tokenizer, answer)[len(tokenizer.generation_prefix_ids()) :]
     eos = set(getattr(tokenizer, "eos_token_ids", ()))
     cut = next((i for i, t in enumerate(ids) if t in eos), len(ids) - 1)
@@ -165,25 +171,25 @@ def lower_plan(plan, answer=()) -> Lowered:
 
 
 def lower_example(ex, pos: int, policy: str, tokenizer, model_name: str, page_size: int, answer) -> Lowered:
-    """eval/locality.py's span query for (example, gold position, position policy), lowered
+    """The locality eval's span query for (example, gold position, position policy), lowered
     as the engine lowers it, with `answer` ids continuing it."""
-    from spanjax.eval.locality import make_g
-    from spanjax.query.lower import lower
-
     g = make_g(ex, pos, f"span-{policy}", model_name, max_tokens=max(len(answer), 1))
     return lower_plan(lower(g, tokenizer, model=model_name, page_size=page_size), answer)
 
 
 def source_examples(data, seed: int, tokenizer):
-    """eval/locality.py Examples for DEV questions 0..num_train_questions-1 (K = data.num_docs)."""
-    from spanjax.eval.data import DEV
-    from spanjax.eval.locality import LocalityEval, nq_examples
-
+    """The locality task's Examples for DEV questions 0..num_train_questions-1 (K = data.num_docs)."""
     n = min(data.num_train_questions, len(DEV))
-    ev = LocalityEval(
-        split="dev", num_docs=data.num_docs, num_questions=n, max_doc_tokens=data.max_doc_tokens, variants=("stock",)
+    if n < 1:
+        raise ValueError("data.num_train_questions must be >= 1")
+    exs = nq_examples(
+        split="dev",
+        num_docs=data.num_docs,
+        num_questions=n,
+        max_doc_tokens=data.max_doc_tokens,
+        seed=seed,
+        tokenizer=tokenizer,
     )
-    exs = nq_examples(ev, seed, tokenizer)
     assert all(ex.index in DEV for ex in exs), "block-adapter data must come from the DEV split only"
     return exs
 
@@ -191,7 +197,7 @@ def source_examples(data, seed: int, tokenizer):
 # ---------------------------------------------------------------------------- batches
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class BlockBatch:
     prefix: np.ndarray  # [B, P] base-model tokens (aLoRA: before the invocation; LoRA: P = 0)
     prefix_pos: np.ndarray  # [B, P]
@@ -202,11 +208,6 @@ class BlockBatch:
     label_index: np.ndarray  # [B, A] suffix row predicting each answer token
     labels: np.ndarray  # [B, A] answer tokens
     loss_mask: np.ndarray  # [B, A] float
-
-
-jax.tree_util.register_dataclass(
-    BlockBatch, data_fields=[f.name for f in dataclasses.fields(BlockBatch)], meta_fields=[]
-)
 
 
 def make_block_batch(items: list[Lowered], P: int, S: int, A: int, invocation=None) -> BlockBatch:
@@ -250,8 +251,6 @@ def make_block_batch(items: list[Lowered], P: int, S: int, A: int, invocation=No
 
 def block_loss(weights, rng, params, model_cfg, adapter_cfg, batch: BlockBatch, context):
     """Mean NLL of the answer tokens (adapter on every suffix token), and their count."""
-    from spanjax.training.trainer import masked_nll
-
     bank = bank_from_weights(weights, adapter_cfg.scale, adapter_cfg.dropout, rng)
     h, _ = forward_masked(
         params, model_cfg, batch.suffix, batch.suffix_pos, batch.suffix_mask, context=context, adapter=bank, remat=True
@@ -268,24 +267,27 @@ def base_context(params, model_cfg, batch: BlockBatch):
     return jax.lax.stop_gradient(kv)
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "adapter_cfg", "optim", "steps", "seed"))
-def _block_train_step(params, state, batch: BlockBatch, *, model_cfg, adapter_cfg, optim, steps, seed):
-    from spanjax.training.trainer import apply_update
+@dataclasses.dataclass(frozen=True)
+class BlockObjective:
+    """`block_loss` under the base-model KV of the prefix (`base_context`, outside the gradient)."""
 
-    context = base_context(params, model_cfg, batch)
-    loss_fn = lambda weights, rng: block_loss(weights, rng, params, model_cfg, adapter_cfg, batch, context)  # noqa: E731
-    return apply_update(state, loss_fn, optim=optim, steps=steps, seed=seed)
+    model_cfg: ModelConfig
+    adapter_cfg: AdapterConfig
+
+    def context(self, params, batch: BlockBatch):
+        return base_context(params, self.model_cfg, batch)
+
+    def loss(self, weights, rng, params, batch: BlockBatch, context):
+        loss, n = block_loss(weights, rng, params, self.model_cfg, self.adapter_cfg, batch, context)
+        return loss, {"loss_tokens": n}
 
 
-# ---------------------------------------------------------------------------- the trainer's hook
+# ---------------------------------------------------------------------------- the trainer's source
 
 
-def prepare(cfg, model, run_dir: Path):
-    """training/trainer.py's setup for `data.source: nq_blocks`: (adapter config,
-    batch_for_step, train_step, optimizer). Writes run_dir/data.json (what was used)."""
-    from spanjax.training.data import batch_indices
-    from spanjax.training.trainer import adapter_config, make_optimizer
-
+def source(cfg, model, run_dir: Path):
+    """training/trainer.py's data source `nq_blocks`: (adapter config, objective, batch of a
+    step). Writes run_dir/data.json (what was used)."""
     d = cfg.data
     if cfg.eval.num_questions:
         raise ValueError(
@@ -296,7 +298,7 @@ def prepare(cfg, model, run_dir: Path):
         raise ValueError("data.position_policies must be non-empty and data.num_docs >= 1")
     tok = MemoTokenizer(model.tokenizer)
     inv = opening_ids(tok, d.invocation_role, d.invocation)
-    acfg = adapter_config(cfg, inv)
+    acfg = cfg.adapter.build(inv)
     alora = acfg.kind == "alora"
     P = d.max_prefix_tokens if alora else 0
     S = d.max_suffix_tokens + (0 if alora else d.max_prefix_tokens)
@@ -308,7 +310,8 @@ def prepare(cfg, model, run_dir: Path):
         k = invocation_start(low.tokens[: low.answer_start], inv)
         if k is None:
             raise ValueError(
-                f"question {ex.index}: the prompt lacks the invocation {d.invocation!r} (data.invocation must open the question message)"
+                f"question {ex.index}: the prompt lacks the invocation {d.invocation!r} "
+                "(data.invocation must open the question message)"
             )
         n = len(low.tokens)
         if len(ans) > A or (alora and (k > P or n - k > S)) or (not alora and n > S):
@@ -334,7 +337,7 @@ def prepare(cfg, model, run_dir: Path):
         )
     )
 
-    def batch_for_step(step: int) -> BlockBatch:
+    def batch(step: int) -> BlockBatch:
         items = []
         for slot, i in enumerate(batch_indices(len(kept), cfg.batch_size, step, cfg.seed)):
             rng = np.random.default_rng([cfg.seed, step, slot])  # gold position and policy: a function of the step
@@ -343,22 +346,10 @@ def prepare(cfg, model, run_dir: Path):
             items.append(lower_example(kept[i], pos, policy, tok, model.name, d.page_size, answers[i]))
         return make_block_batch(items, P, S, A, inv if alora else None)
 
-    def train_step(state, batch):
-        return _block_train_step(
-            model.params,
-            state,
-            batch,
-            model_cfg=model.cfg,
-            adapter_cfg=acfg,
-            optim=cfg.optim,
-            steps=cfg.steps,
-            seed=cfg.seed,
-        )
-
-    return acfg, batch_for_step, train_step, make_optimizer(cfg.optim, cfg.steps)
+    return acfg, BlockObjective(model.cfg, acfg), batch
 
 
-# ---------------------------------------------------------------------------- answer loss (a quick check, not the locality eval)
+# ---------------------------------------------------------------------------- answer loss (a quick check, not the eval)
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "adapter_cfg"))
@@ -373,14 +364,11 @@ def answer_loss(
     gold at `position` (None: the last document), under each of `cfg.data.position_policies`;
     `adapter` None = the base model (an adapter with B = 0). Forward only; for a loss-falls
     check of a run. Accuracy is eval/locality.py's job."""
-    from spanjax.adapters import init_adapter
-    from spanjax.training.trainer import adapter_config
-
     d = cfg.data
     tok = MemoTokenizer(model.tokenizer)
     inv = opening_ids(tok, d.invocation_role, d.invocation)
     if adapter is None:
-        adapter = init_adapter(adapter_config(cfg, inv), model.cfg, jax.random.PRNGKey(0))
+        adapter = init_adapter(cfg.adapter.build(inv), model.cfg, jax.random.PRNGKey(0))
     acfg = adapter.config
     alora = acfg.kind == "alora"
     exs = source_examples(dataclasses.replace(d, num_train_questions=max(questions) + 1), cfg.seed, tok)
@@ -400,7 +388,7 @@ def answer_loss(
             chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape; repeats are masked below
             b = make_block_batch(chunk, P, S, d.max_answer_tokens, inv if alora else None)
             real = min(batch_size, len(items) - s)
-            b = dataclasses.replace(b, loss_mask=b.loss_mask * (np.arange(batch_size) < real)[:, None])
+            b = b.replace(loss_mask=b.loss_mask * (np.arange(batch_size) < real)[:, None])
             loss, n = _answer_loss(adapter.weights, model.params, b, model_cfg=model.cfg, adapter_cfg=acfg)
             total, count = total + float(loss) * float(n), count + float(n)
         out[policy] = total / max(count, 1.0)

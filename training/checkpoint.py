@@ -1,17 +1,20 @@
-"""Orbax checkpoints of the train state (adapter weights, optimizer state, step)."""
+"""Orbax checkpoints of the train state (trained pytree, optimizer state, step)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
+import orbax.checkpoint as ocp
+
+# Field names of checkpoints written before the shared training core: adapter runs stored
+# the trained pytree as `weights` (now TrainState.params).
+LEGACY_FIELDS = {"params": "weights"}
 
 
 class Checkpointer:
     def __init__(self, directory: str | Path, every: int, keep: int = 2):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
         self.manager = ocp.CheckpointManager(
             Path(directory).resolve(),
             options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep, create=True),
@@ -21,14 +24,24 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, force: bool = False) -> bool:
-        saved = self.manager.save(step, args=self._ocp.args.StandardSave(state), force=force)
+        saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
         # Block until written: a kill right after must not lose this checkpoint.
         self.manager.wait_until_finished()
         return saved
 
     def restore(self, step: int, like):
+        """The state saved at `step`, with the structure of `like` (a dataclass pytree)."""
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
-        return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+        try:
+            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except ValueError:  # structure mismatch: a checkpoint with legacy field names, or not this run's
+            names = {f.name: LEGACY_FIELDS.get(f.name, f.name) for f in dataclasses.fields(like)}
+            if all(old == new for new, old in names.items()):
+                raise
+            got = self.manager.restore(
+                step, args=ocp.args.StandardRestore({old: getattr(abstract, new) for new, old in names.items()})
+            )
+            return like.replace(**{new: got[old] for new, old in names.items()})
 
     def close(self):
         self.manager.close()

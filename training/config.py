@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from spanjax.adapters import AdapterConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class AdapterSection:
@@ -13,6 +15,17 @@ class AdapterSection:
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+
+    def build(self, invocation_ids) -> AdapterConfig:
+        """The adapter's config; `invocation_ids` is an aLoRA's invocation sequence (unused by a LoRA)."""
+        return AdapterConfig(
+            kind=self.kind,
+            r=self.r,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            target_modules=self.target_modules,
+            invocation_tokens=tuple(invocation_ids) if self.kind == "alora" else None,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +44,7 @@ class DataSection:
     num_docs: int = 3
     max_doc_words: int = 40
     num_train_questions: int = 2000  # questions 0..N-1 (DEV split)
-    # block-attention adapter (source "nq_blocks", training/block_adapter.py): eval/locality.py's
+    # block-attention adapter (source "nq_blocks", training/block_adapter.py): the locality task's
     # examples (num_docs documents, gold at a random position) lowered as a span query; the
     # invocation message's opening tokens (e.g. "Question:") are the aLoRA invocation.
     max_doc_tokens: int = 0  # cut each document to this many tokens (0 = whole), as eval.max_doc_tokens

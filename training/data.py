@@ -14,7 +14,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-import jax
+import flax.struct
 import numpy as np
 
 
@@ -25,7 +25,7 @@ class Example:
     invocation_len: int
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class Batch:
     prefix: np.ndarray  # [B, P] tokens (0-padded)
     prefix_pos: np.ndarray  # [B, P] positions; padding -> cache length (writes dropped)
@@ -33,9 +33,6 @@ class Batch:
     suffix_pos: np.ndarray  # [B, S]
     labels: np.ndarray  # [B, S] next token of each suffix position
     loss_mask: np.ndarray  # [B, S] float: 1 where the label is after the invocation
-
-
-jax.tree_util.register_dataclass(Batch, data_fields=[f.name for f in dataclasses.fields(Batch)], meta_fields=[])
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -58,7 +55,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def completion_ids(tokenizer, content: str) -> list[int]:
-    """Generation prefix + the assistant text + the template's end of turn (what the engine generates after the prompt)."""
+    """Generation prefix + the assistant text + the template's end of turn (what the engine
+    generates after the prompt)."""
     gen = list(tokenizer.generation_prefix_ids())
     full = list(tokenizer.encode_message("assistant", content))
     if full[: len(gen)] == gen:

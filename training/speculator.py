@@ -22,9 +22,10 @@ each head's top-1 on them and the tokens per verification forward that greedy
 speculative decoding would emit there, with the greedy draft and with draft
 trees (`validate`).
 
-Exact resume as in training/trainer.py: batches are a function of the step,
-the Orbax checkpoint holds the whole state and the cached data is reread, so a
-killed run replays the same loss curve. The result is
+The run is a recipe of the training core (training/core.py: state, jitted
+update, checkpoints, metrics, progress). Exact resume: batches are a function of
+the step, the Orbax checkpoint holds the whole state and the cached data is
+reread, so a killed run replays the same loss curve. The result is
 exported in the Hugging Face MLPSpeculator format (`speculator/`).
 """
 
@@ -40,30 +41,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from spanjax.engine.dense_generate import generate
+from spanjax.engine.sampling import SamplingParams
 from spanjax.models import llama
 from spanjax.models import speculator as S
-from spanjax.training.checkpoint import Checkpointer
+from spanjax.models.loading import load_model
+from spanjax.runs import progress
+from spanjax.tasks.data import nq_open_oracle, passage_text
+from spanjax.training.core import Recipe, TrainState, crash_after, open_run_dir, train_loop
 from spanjax.training.data import batch_indices, prompt_ids
 from spanjax.training.speculator_config import SpeculatorTrainConfig
-from spanjax.training.trainer import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    SimulatedCrash,
-    _progress,
-    _truncate_metrics,
-    make_optimizer,
-    make_schedule,
-)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SpecTrainState:
-    step: jax.Array
-    params: S.SpeculatorParams
-    opt_state: object
 
 
 def speculator_config(cfg: SpeculatorTrainConfig, model_cfg, vocab_size: int | None = None) -> S.SpeculatorConfig:
@@ -116,7 +104,8 @@ def _heads_and_targets(params, spec_cfg: S.SpeculatorConfig, hidden, tokens, mas
 
 
 def speculator_loss(params, spec_cfg: S.SpeculatorConfig, hidden, tokens, mask):
-    """hidden [B, L, H], tokens / mask [B, L + n_predict] -> (sum of per-head mean NLL, (per-head NLL, top-1 accuracy))."""
+    """hidden [B, L, H], tokens / mask [B, L + n_predict] ->
+    (sum of per-head mean NLL, (per-head NLL, top-1 accuracy))."""
     losses, accs = [], []
     for logits, tgt, m in _heads_and_targets(params, spec_cfg, hidden, tokens, mask):
         logp = jax.nn.log_softmax(logits, axis=-1)
@@ -181,22 +170,18 @@ def validate(
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("spec_cfg", "optim", "steps"), donate_argnums=(0,))
-def _train_step(state: SpecTrainState, hidden, tokens, mask, *, spec_cfg, optim, steps):
-    optimizer, schedule = make_optimizer(optim, steps), make_schedule(optim, steps)
-    (loss, (per_head, acc)), grads = jax.value_and_grad(speculator_loss, has_aux=True)(
-        state.params, spec_cfg, hidden, tokens, mask
-    )
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
-        "lr": schedule(state.step),
-        "per_head": per_head,
-        "acc": acc,
-    }
-    return SpecTrainState(state.step + 1, params, opt_state), metrics
+@dataclasses.dataclass(frozen=True)
+class SpeculatorObjective:
+    """`speculator_loss` on a batch (hidden, tokens, mask); per-head NLL and top-1 as metrics."""
+
+    spec_cfg: S.SpeculatorConfig
+
+    def context(self, frozen, batch):
+        return None
+
+    def loss(self, params, rng, frozen, batch, context):
+        loss, (per_head, acc) = speculator_loss(params, self.spec_cfg, *batch)
+        return loss, {"per_head": per_head, "acc": acc}
 
 
 # ---------------------------------------------------------------------------- data
@@ -204,8 +189,6 @@ def _train_step(state: SpecTrainState, hidden, tokens, mask, *, spec_cfg, optim,
 
 def _nq_rows(n: int) -> list[dict]:
     """nq-open-oracle records 0..n-1 (n <= 2000: the DEV split; the config checks it)."""
-    from spanjax.eval.data import nq_open_oracle
-
     return nq_open_oracle()[:n]
 
 
@@ -213,14 +196,32 @@ def _jsonl(path) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 
 
+def _jsonl_texts(path, n: int) -> list[str]:
+    return [r["text"] for r in _jsonl(path)][:n]
+
+
+def _jsonl_messages(path, n: int) -> list[list[dict]]:
+    return [r["messages"] for r in _jsonl(path)][:n]
+
+
+def _nq_passages(source, n: int) -> list[str]:
+    return [passage_text(r) for r in _nq_rows(n)]
+
+
+def _nq_questions(source, n: int) -> list[list[dict]]:
+    return [[{"role": "user", "content": r["question"]}] for r in _nq_rows(n)]
+
+
+# data.stage1_source -> (source, n) -> n texts; any other source is a JSONL path of {"text": ...} lines.
+STAGE1_SOURCES = {"nq_passages": _nq_passages}
+# data.stage2_source -> (source, n) -> n chat prompts (message lists); any other source is a
+# JSONL path of {"messages": [...]} lines.
+STAGE2_SOURCES = {"nq_questions": _nq_questions}
+
+
 def stage1_sequences(cfg: SpeculatorTrainConfig, tokenizer) -> list[list[int]]:
     d = cfg.data
-    if d.stage1_source == "nq_passages":
-        from spanjax.eval.data import passage_text
-
-        texts = [passage_text(r) for r in _nq_rows(d.stage1_examples)]
-    else:
-        texts = [r["text"] for r in _jsonl(d.stage1_source)][: d.stage1_examples]
+    texts = STAGE1_SOURCES.get(d.stage1_source, _jsonl_texts)(d.stage1_source, d.stage1_examples)
     seqs = [list(tokenizer.encode(t))[: d.seq_len + 1] for t in texts]
     return [s for s in seqs if len(s) >= 2]
 
@@ -232,10 +233,7 @@ def chat_prompt(tokenizer, messages) -> list[int]:
 
 def stage2_prompts(cfg: SpeculatorTrainConfig, tokenizer) -> list[list[int]]:
     d = cfg.data
-    if d.stage2_source == "nq_questions":
-        msgs = [[{"role": "user", "content": r["question"]}] for r in _nq_rows(d.stage2_prompts)]
-    else:
-        msgs = [r["messages"] for r in _jsonl(d.stage2_source)][: d.stage2_prompts]
+    msgs = STAGE2_SOURCES.get(d.stage2_source, _jsonl_messages)(d.stage2_source, d.stage2_prompts)
     return [chat_prompt(tokenizer, m) for m in msgs]
 
 
@@ -243,16 +241,13 @@ def generate_stage2(cfg: SpeculatorTrainConfig, model, path: Path) -> list[dict]
     """The base model's continuations of the stage-2 prompts (each at `data.temperature`, then the
     first `data.sampled_prompts` again at `data.sample_temperature`), appended to `path` batch by
     batch (a killed run, or a run with more prompts or samples, continues after the rows there)."""
-    from spanjax.engine.dense_generate import generate
-    from spanjax.engine.sampling import SamplingParams
-
     d, eos = cfg.data, list(getattr(model.tokenizer, "eos_token_ids", ()) or model.cfg.eos_token_ids)
     prompts = stage2_prompts(cfg, model.tokenizer)
     jobs = [(p, d.temperature) for p in prompts] + [(p, d.sample_temperature) for p in prompts[: d.sampled_prompts]]
     rows = _jsonl(path) if path.exists() else []
     if [(r["prompt"], r.get("temperature", d.temperature)) for r in rows] != jobs[: len(rows)]:
         raise ValueError(f"{path} holds continuations of other prompts or temperatures; remove it")
-    bar = _progress(len(jobs), len(rows), "stage 2: base model generates")
+    bar = progress(len(jobs), len(rows), "stage 2: base model generates")
     with open(path, "a") as f:
         for b in range(len(rows), len(jobs), d.gen_batch_size):
             chunk, temps = zip(*jobs[b : b + d.gen_batch_size])
@@ -356,23 +351,8 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
 
     Outputs: config.yaml, stage2.jsonl (the base model's continuations), cache/ (hidden
     states), metrics.jsonl, checkpoints/ (Orbax), speculator/ (HF MLPSpeculator)."""
-    from spanjax import config as C
-
-    run_dir = Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / CONFIG_FILE
-    if cfg_path.exists():
-        old = C.from_dict(SpeculatorTrainConfig, C.read_yaml(cfg_path))
-        if old != cfg:
-            raise C.ConfigError(
-                f"{run_dir} holds a run of a different config ({'; '.join(C.diff(old, cfg))}); use another name"
-            )
-    else:
-        cfg_path.write_text(C.dump(cfg))
-    if model is None:
-        from spanjax.models.loading import load_model
-
-        model = load_model(cfg.model)
+    run_dir = open_run_dir(cfg)
+    model = load_model(cfg.model) if model is None else model
     data: dict[int, dict] = {}
     timings = {"data_s": 0.0, "train_s": 0.0}
 
@@ -399,73 +379,51 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
             model.cfg.vocab_size,
         )
     spec_cfg = speculator_config(cfg, model.cfg, None if lut is None else int(lut.max()) + 1)
-    optimizer = make_optimizer(cfg.optim, cfg.steps)
-    params = S.init_speculator(spec_cfg, jax.random.PRNGKey(cfg.seed))
-    state = SpecTrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint_every)
-    start = ckpt.latest_step() or 0
-    if start:
-        state = ckpt.restore(start, state)
-    metrics_path = run_dir / METRICS_FILE
-    _truncate_metrics(metrics_path, start)
-    bar = _progress(cfg.steps, start, f"train speculator {cfg.name}")
-    val = {}
-    try:
-        with open(metrics_path, "a") as mf:
-            for step in range(start, cfg.steps):
-                stage = 1 if step < cfg.stage1_steps else 2
-                d = load_stage(stage)
-                t0 = time.perf_counter()
-                local = step if stage == 1 else step - cfg.stage1_steps
-                pool = train_idx[stage]
-                idx = batch_indices(
-                    len(d["tokens"]) if pool is None else len(pool), cfg.batch_size, local, cfg.seed + stage
-                )
-                idx = idx if pool is None else pool[idx]
-                state, m = _train_step(
-                    state,
-                    *make_batch(d, idx, spec_cfg.n_predict, lut),
-                    spec_cfg=spec_cfg,
-                    optim=cfg.optim,
-                    steps=cfg.steps,
-                )
-                m = jax.device_get(m)
-                dt = time.perf_counter() - t0
-                timings["train_s"] += dt
-                done = step + 1
-                line = {
-                    "step": done,
-                    "stage": stage,
-                    "loss": float(m["loss"]),
-                    "grad_norm": float(m["grad_norm"]),
-                    "lr": float(m["lr"]),
-                }
-                line.update({f"loss_{i}": float(v) for i, v in enumerate(m["per_head"])})
-                line.update({f"acc_{i}": float(v) for i, v in enumerate(m["acc"])})
-                validating = val_idx is not None and (done % cfg.eval_every == 0 or done == cfg.steps)
-                if validating:
-                    val = validate(state.params, spec_cfg, load_stage(2), val_idx, lut)
-                    line.update(val)
-                if validating or done % cfg.log_every == 0 or done == cfg.steps:
-                    mf.write(json.dumps({**line, "step_s": dt}) + "\n")
-                    mf.flush()
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                    ckpt.save(done, state, force=True)
-                bar.update(1)
-                bar.set_postfix(
-                    stage=stage,
-                    loss=f"{line['loss']:.3f}",
-                    acc0=f"{line['acc_0']:.2f}",
-                    **({"val_tpf": f"{val['val_tokens_per_forward']:.2f}"} if val else {}),
-                )
-                if crash_after_step is not None and done == crash_after_step:
-                    raise SimulatedCrash(f"simulated kill after step {done}")
-    finally:
-        bar.close()
-        ckpt.close()
-    params = jax.tree_util.tree_map(np.asarray, state.params)
+    stage_of = lambda step: 1 if step < cfg.stage1_steps else 2
+
+    def batch(step: int):
+        stage = stage_of(step)
+        d, pool = data[stage], train_idx[stage]
+        local = step if stage == 1 else step - cfg.stage1_steps
+        idx = batch_indices(len(d["tokens"]) if pool is None else len(pool), cfg.batch_size, local, cfg.seed + stage)
+        return make_batch(d, idx if pool is None else pool[idx], spec_cfg.n_predict, lut)
+
+    def log(step: int, metrics: dict) -> dict:
+        m = jax.device_get(metrics)
+        line = {"stage": stage_of(step), "loss": float(m["loss"])}
+        line.update(grad_norm=float(m["grad_norm"]), lr=float(m["lr"]))
+        line.update({f"loss_{i}": float(v) for i, v in enumerate(m["per_head"])})
+        line.update({f"acc_{i}": float(v) for i, v in enumerate(m["acc"])})
+        return line
+
+    val = {}  # the last validation
+
+    def evaluate(done: int, state: TrainState) -> dict:
+        if val_idx is None or not (done % cfg.eval_every == 0 or done == cfg.steps):
+            return {}
+        val.update(validate(state.params, spec_cfg, load_stage(2), val_idx, lut))
+        return dict(val)
+
+    def postfix(line: dict) -> dict:
+        tpf = {"val_tpf": f"{val['val_tokens_per_forward']:.2f}"} if val else {}
+        return dict(stage=line["stage"], loss=f"{line['loss']:.3f}", acc0=f"{line['acc_0']:.2f}", **tpf)
+
+    recipe = Recipe(
+        f"speculator {cfg.name}",
+        S.init_speculator(spec_cfg, jax.random.PRNGKey(cfg.seed)),
+        SpeculatorObjective(spec_cfg),
+        None,
+        batch,
+        prepare=lambda step: load_stage(stage_of(step)),
+        log=log,
+        postfix=postfix,
+        evals=[evaluate],
+    )
+    out = train_loop(cfg, run_dir, recipe, [] if crash_after_step is None else [crash_after(crash_after_step)])
+    timings["train_s"] = out.step_s
+    params = jax.tree_util.tree_map(np.asarray, out.state.params)
     if lut is not None:
         params = expand_vocab(params, lut)
     spec = S.Speculator(speculator_config(cfg, model.cfg), params)
     S.export_hf(spec, str(run_dir / "speculator"), base_model_name_or_path=cfg.model)
-    return {"run_dir": str(run_dir), "steps": cfg.steps, "resumed_from": start, **timings, **val}
+    return {"run_dir": str(run_dir), "steps": cfg.steps, "resumed_from": out.resumed_from, **timings, **val}

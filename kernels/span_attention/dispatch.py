@@ -1,17 +1,18 @@
 """Pick the span-attention implementation the engine calls.
 
-    from spanjax.kernels.span_attention import span_attention, get_attention_impl
-    out = span_attention(q, k_pages, v_pages, block_tables, block_pos, block_lens,
-                         cu_q_lens, q_pos, rope_inv_freq=..., sm_scale=...)
+    from spanjax.kernels.span_attention import SpanBatchMeta, span_attention, get_attention_impl
+    meta = SpanBatchMeta(block_tables=..., block_pos=..., block_lens=..., cu_q_lens=...)
+    out = span_attention(q, k_pages, v_pages, meta, q_pos, rope_inv_freq=..., sm_scale=...)
     forward_paged(..., attention_impl=get_attention_impl())
 
 `impl`: "auto" (default; env SPANJAX_ATTENTION_IMPL overrides) -> "pallas_gpu" on
-GPU, "pallas_tpu" on TPU, "xla" (the tiled jnp path, xla.py) elsewhere;
-"reference" is the per-token jnp statement of the semantics; "pallas" -> the Pallas variant
-of the current backend (the GPU variant, interpreted, on CPU). Block sizes come
-from the tuned table for (device kind, shape bucket), else a heuristic; pass
-`config=` to override. Shapes the GPU kernel cannot take (head_dim not a power of
-two or < 32, page_size not a power of two) fall back to the reference.
+GPU, "pallas_tpu" on TPU, "xla" (the tiled jnp path, xla.py) elsewhere, CPU
+included; "reference" is the per-token jnp statement of the semantics; "pallas"
+-> the Pallas variant of the current backend (the GPU variant, interpreted, on
+CPU). Block sizes come from the tuned table for (device kind, shape bucket),
+else a heuristic; pass `config=` to override. Shapes the GPU kernel cannot take
+(head_dim not a power of two or < 32, page_size not a power of two) fall back
+to the reference.
 """
 
 import functools
@@ -20,7 +21,11 @@ import os
 import jax
 
 from spanjax.kernels.span_attention import tuning
+from spanjax.kernels.span_attention.kernel import span_attention_gpu
+from spanjax.kernels.span_attention.kernel_tpu import span_attention_tpu
+from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs
 from spanjax.kernels.span_attention.reference import span_attention_reference
+from spanjax.kernels.span_attention.xla import span_attention_xla
 
 IMPLS = ("auto", "reference", "xla", "pallas", "pallas_gpu", "pallas_tpu")
 
@@ -48,10 +53,7 @@ def span_attention(
     q,
     k_pages,
     v_pages,
-    block_tables,
-    block_pos,
-    block_lens,
-    cu_q_lens,
+    meta: SpanBatchMeta,
     q_pos,
     *,
     rope_inv_freq,
@@ -60,53 +62,23 @@ def span_attention(
     interpret=None,
     config=None,
 ):
-    """The engine's entry point; same contract as `span_attention_reference`."""
+    """The engine's entry point; same contract as `span_attention_reference` (meta.py)."""
     which = resolve_impl(impl)
+    n = check_inputs(q, k_pages, v_pages, meta, q_pos, rope_inv_freq)
+    args = (q, k_pages, v_pages, meta, q_pos)
     if which == "xla":
-        from spanjax.kernels.span_attention.xla import span_attention_xla
-
-        return span_attention_xla(
-            q,
-            k_pages,
-            v_pages,
-            block_tables,
-            block_pos,
-            block_lens,
-            cu_q_lens,
-            q_pos,
-            rope_inv_freq=rope_inv_freq,
-            sm_scale=sm_scale,
-        )
+        return span_attention_xla(*args, rope_inv_freq=rope_inv_freq, sm_scale=sm_scale)
     if which == "reference" or (which == "pallas_gpu" and not _gpu_ok(q, k_pages)):
-        return span_attention_reference(
-            q,
-            k_pages,
-            v_pages,
-            block_tables,
-            block_pos,
-            block_lens,
-            cu_q_lens,
-            q_pos,
-            rope_inv_freq=rope_inv_freq,
-            sm_scale=sm_scale,
-        )
+        return span_attention_reference(*args, rope_inv_freq=rope_inv_freq, sm_scale=sm_scale)
     variant = "gpu" if which == "pallas_gpu" else "tpu"
     if interpret is None:
         interpret = jax.default_backend() not in (("tpu",) if variant == "tpu" else ("gpu", "cuda", "rocm"))
-    T, Hq, D = q.shape
-    _, P, Hkv, _ = k_pages.shape
-    S, M = block_tables.shape
-    cfg = tuning.get_config(variant, T, S, M, P, Hq, Hkv, D, q.dtype)
+    cfg = tuning.get_config(variant, n.T, n.S, n.M, n.P, n.Hq, n.Hkv, n.D, q.dtype)
     cfg.update(config or {})
-    args = (q, k_pages, v_pages, block_tables, block_pos, block_lens, cu_q_lens, q_pos)
     if variant == "gpu":
-        from spanjax.kernels.span_attention.kernel import span_attention_gpu
-
         return span_attention_gpu(
             *args, rope_inv_freq=rope_inv_freq, sm_scale=float(sm_scale), interpret=interpret, **cfg
         )
-    from spanjax.kernels.span_attention.kernel_tpu import span_attention_tpu
-
     cfg = {k: cfg[k] for k in ("block_q", "pages_per_block", "num_splits") if k in cfg}
     return span_attention_tpu(*args, rope_inv_freq=rope_inv_freq, sm_scale=float(sm_scale), interpret=interpret, **cfg)
 

@@ -16,7 +16,7 @@ writes normalized partials plus (m, l); `tiling.combine_splits` merges them.
 
 Only jax.experimental.pallas core APIs plus `triton.CompilerParams` are used, so
 the kernel body is backend-neutral; porting to Mosaic GPU means swapping the
-BlockSpecs/compiler params in `_pallas_call` (the page gather would become a
+BlockSpecs/compiler params in `span_attention_gpu` (the page gather would become a
 TMA/async copy).
 """
 
@@ -28,27 +28,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from spanjax.kernels.span_attention import tiling
+from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs
+from spanjax.kernels.span_attention.pallas_common import NEG, dot_nn, dot_nt, prepare
 
-NEG = -1e30  # finite mask value: exp() of masked logits stays 0, never NaN
+try:  # the Triton lowering's compiler params; some jax builds lack them (interpret mode needs none)
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
 
 
 def _triton_params(num_warps, num_stages):
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams", None)
     try:
-        from jax.experimental.pallas import triton as plgpu
-
-        cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
         return cls(num_warps=num_warps, num_stages=num_stages)
-    except Exception:  # pragma: no cover - lowering absent in some jax builds
+    except Exception:  # pragma: no cover - absent or renamed in some jax builds
         return None
-
-
-def _dot_nt(a, b, precision):
-    """a [M, K] . b [N, K]^T -> [M, N] in fp32."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
-
-
-def _dot_nn(a, b, precision):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
 
 def _span_kernel(
@@ -106,7 +100,7 @@ def _span_kernel(
         cos, sin = jnp.cos(ang), jnp.sin(ang)
         k1r = (k1 * cos - k2 * sin).astype(cdt)
         k2r = (k2 * cos + k1 * sin).astype(cdt)
-        s = (_dot_nt(q1, k1r, precision) + _dot_nt(q2, k2r, precision)) * sm_scale  # [R, K]
+        s = (dot_nt(q1, k1r, precision) + dot_nt(q2, k2r, precision)) * sm_scale  # [R, K]
         seen = kval[None, :] & (kpos[None, :] <= rpos[:, None])
         s = jnp.where(seen, s, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -115,7 +109,7 @@ def _span_kernel(
         l = l * alpha + jnp.sum(p, axis=1)
         vv = v_ref[pages].reshape(K, D)
         vv = jnp.where(kval[:, None], vv, jnp.zeros_like(vv))  # masked slots may hold anything
-        acc = acc * alpha[:, None] + _dot_nn(p.astype(vv.dtype), vv, precision)
+        acc = acc * alpha[:, None] + dot_nn(p.astype(vv.dtype), vv, precision)
         return m_new, l, acc
 
     def body(j, carry):
@@ -138,10 +132,6 @@ def _span_kernel(
         l_ref[...] = l
 
 
-def default_rows(num_tokens: int, num_seqs: int, g_pad: int) -> int:
-    return 16 if num_tokens <= num_seqs else 64
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "block_q", "pages_per_block", "num_splits", "num_warps", "num_stages", "interpret"),
@@ -150,10 +140,7 @@ def span_attention_gpu(
     q,
     k_pages,
     v_pages,
-    block_tables,
-    block_pos,
-    block_lens,
-    cu_q_lens,
+    meta: SpanBatchMeta,
     q_pos,
     *,
     rope_inv_freq,
@@ -165,33 +152,24 @@ def span_attention_gpu(
     num_stages: int = 2,
     interpret: bool = False,
 ):
-    """Same contract as `span_attention_reference`; block sizes are static."""
-    T, Hq, D = q.shape
-    N, P, Hkv, _ = k_pages.shape
-    S, _ = block_tables.shape
-    G = Hq // Hkv
-    if D % 2 or Hq % Hkv:
-        raise ValueError(f"bad head shapes: Hq={Hq} Hkv={Hkv} D={D}")
-    g_pad = tiling.next_pow2(G)
+    """Same contract as `span_attention_reference` (meta.py); block sizes are static."""
+    n = check_inputs(q, k_pages, v_pages, meta, q_pos, rope_inv_freq)
+    N, P, Hkv, D = n.N, n.P, n.Hkv, n.D
+    g_pad = tiling.next_pow2(n.G)
     bq = max(1, int(block_q))
     if bq * g_pad < 16:  # Triton dots need >= 16 rows
         bq = tiling.cdiv(16, g_pad)
     bq = tiling.next_pow2(bq)
     R = bq * g_pad
     pp = tiling.next_pow2(pages_per_block)
-    nt = tiling.max_num_tiles(T, S, bq)
-
-    tables, pos, lens = tiling.pad_block_tables(block_tables, block_pos, block_lens, N, pp)
-    tiles, rpos = tiling.make_tiles(cu_q_lens, q_pos, lens, T, bq, pp, nt)
-    qt, row_pos = tiling.pack_queries(q, tiles, rpos, Hkv, bq, g_pad)
-    inv_freq = jnp.asarray(rope_inv_freq, jnp.float32).reshape(D // 2)
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
+    prep = prepare(q, k_pages, meta, q_pos, rope_inv_freq, block_q=bq, g_pad=g_pad, pages_per_block=pp)
+    tb, nt, S, precision = prep.batch, prep.batch.num_tiles, n.S, prep.precision
 
     kernel = functools.partial(
         _span_kernel, pages_per_block=pp, num_splits=num_splits, sm_scale=float(sm_scale), precision=precision
     )
     whole = lambda shape: pl.BlockSpec(shape, lambda t, h, k: (0,) * len(shape))  # noqa: E731
-    Mp = tables.shape[1]
+    Mp = tb.tables.shape[1]
     in_specs = [
         whole((nt,)),
         whole((nt,)),
@@ -222,9 +200,17 @@ def span_attention_gpu(
         compiler_params=None if interpret else _triton_params(num_warps, num_stages),
         interpret=interpret,
         name=f"span_attention_gpu_bq{bq}_g{g_pad}_pp{pp}_ks{num_splits}",
-    )(tiles.seq, tiles.num_blocks, tiles.max_pos, tables, pos, lens, inv_freq, row_pos, qt, k_pages, v_pages)
-    if split:
-        o = tiling.combine_splits(*outs)
-    else:
-        o = outs[0][0]
-    return tiling.unpack_output(o, tiles, Hq, bq, g_pad, q.dtype)
+    )(
+        tb.tiles.seq,
+        tb.tiles.num_blocks,
+        tb.tiles.max_pos,
+        tb.tables,
+        tb.pos,
+        tb.lens,
+        prep.inv_freq,
+        tb.row_pos,
+        tb.q,
+        k_pages,
+        v_pages,
+    )
+    return tiling.untile(outs[0], tb, q.dtype, *outs[1:]) if split else tiling.untile(outs[0][0], tb, q.dtype)

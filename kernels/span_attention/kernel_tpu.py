@@ -23,16 +23,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from spanjax.kernels.span_attention import tiling
-
-NEG = -1e30
-
-
-def _dot_nt(a, b, precision):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
-
-
-def _dot_nn(a, b, precision):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
+from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs
+from spanjax.kernels.span_attention.pallas_common import NEG, dot_nn, dot_nt, prepare
 
 
 def _tpu_kernel(
@@ -106,7 +98,7 @@ def _tpu_kernel(
                 k1, k2 = k[:, :D2], k[:, D2:]
                 k1r = (k1 * cos - k2 * sin).astype(cdt)
                 k2r = (k2 * cos + k1 * sin).astype(cdt)
-                s = (_dot_nt(q[:, :D2], k1r, precision) + _dot_nt(q[:, D2:], k2r, precision)) * sm_scale
+                s = (dot_nt(q[:, :D2], k1r, precision) + dot_nt(q[:, D2:], k2r, precision)) * sm_scale
                 s = jnp.where(seen, s, NEG)
                 m_prev = m_sc[h]  # [R, 1]
                 m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -115,7 +107,7 @@ def _tpu_kernel(
                 l_sc[h] = l_sc[h] * alpha + jnp.sum(p, axis=1, keepdims=True)
                 v = v_refs[i][:, h, :]
                 v = jnp.where(vmask, v, jnp.zeros_like(v))
-                acc_sc[h] = acc_sc[h] * alpha + _dot_nn(p.astype(v.dtype), v, precision)
+                acc_sc[h] = acc_sc[h] * alpha + dot_nn(p.astype(v.dtype), v, precision)
                 m_sc[h] = m_new
 
     @pl.when(j == blocks_per_split - 1)
@@ -135,10 +127,7 @@ def span_attention_tpu(
     q,
     k_pages,
     v_pages,
-    block_tables,
-    block_pos,
-    block_lens,
-    cu_q_lens,
+    meta: SpanBatchMeta,
     q_pos,
     *,
     rope_inv_freq,
@@ -148,25 +137,16 @@ def span_attention_tpu(
     num_splits: int = 1,
     interpret: bool = False,
 ):
-    """Same contract as `span_attention_reference`; block sizes are static."""
-    T, Hq, D = q.shape
-    N, P, Hkv, _ = k_pages.shape
-    S, _ = block_tables.shape
-    G = Hq // Hkv
-    if D % 2 or Hq % Hkv:
-        raise ValueError(f"bad head shapes: Hq={Hq} Hkv={Hkv} D={D}")
-    g_pad = G  # Mosaic has no power-of-two rule; R = block_q * G rows
+    """Same contract as `span_attention_reference` (meta.py); block sizes are static."""
+    n = check_inputs(q, k_pages, v_pages, meta, q_pos, rope_inv_freq)
+    P, Hkv, D = n.P, n.Hkv, n.D
+    g_pad = n.G  # Mosaic has no power-of-two rule; R = block_q * G rows
     bq = max(1, int(block_q))
     R = bq * g_pad
     pp = max(1, int(pages_per_block))
-    nt = tiling.max_num_tiles(T, S, bq)
-
-    tables, pos, lens = tiling.pad_block_tables(block_tables, block_pos, block_lens, N, pp)
-    Mp = tables.shape[1]
-    tiles, rpos = tiling.make_tiles(cu_q_lens, q_pos, lens, T, bq, pp, nt)
-    qt, row_pos = tiling.pack_queries(q, tiles, rpos, Hkv, bq, g_pad)
-    inv_freq = jnp.asarray(rope_inv_freq, jnp.float32).reshape(1, D // 2)
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
+    prep = prepare(q, k_pages, meta, q_pos, rope_inv_freq, block_q=bq, g_pad=g_pad, pages_per_block=pp)
+    tb, nt, precision = prep.batch, prep.batch.num_tiles, prep.precision
+    Mp = tb.tables.shape[1]
     blocks_per_split = tiling.cdiv(Mp // pp, num_splits)
 
     def page_map(i):
@@ -221,20 +201,16 @@ def span_attention_tpu(
         interpret=pltpu.InterpretParams() if interpret else False,
         name=f"span_attention_tpu_bq{bq}_g{g_pad}_pp{pp}_ks{num_splits}",
     )(
-        tiles.seq,
-        tiles.num_blocks,
-        tiles.max_pos,
-        tables.reshape(-1),
-        pos.reshape(-1),
-        lens.reshape(-1),
-        inv_freq,
-        row_pos[:, :, None],
-        qt,
+        tb.tiles.seq,
+        tb.tiles.num_blocks,
+        tb.tiles.max_pos,
+        tb.tables.reshape(-1),
+        tb.pos.reshape(-1),
+        tb.lens.reshape(-1),
+        prep.inv_freq.reshape(1, D // 2),
+        tb.row_pos[:, :, None],
+        tb.q,
         *([k_pages] * pp),
         *([v_pages] * pp),
     )
-    if split:
-        o = tiling.combine_splits(outs[0], outs[1][..., 0], outs[2][..., 0])
-    else:
-        o = outs[0][0]
-    return tiling.unpack_output(o, tiles, Hq, bq, g_pad, q.dtype)
+    return tiling.untile(outs[0], tb, q.dtype, *outs[1:]) if split else tiling.untile(outs[0][0], tb, q.dtype)

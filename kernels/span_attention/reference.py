@@ -1,31 +1,19 @@
-"""Ragged paged span attention: the semantics, in pure jnp (also the CPU path).
+"""Ragged paged span attention: the semantics, in pure jnp, one token at a time.
 
-Inputs (one layer):
-  q            [T, Hq, D]   queries of T tokens from S sequences, RoPE applied
-  k_pages      [N, P_s, Hkv, D]  paged keys, stored BEFORE RoPE
-  v_pages      [N, P_s, Hkv, D]  paged values
-  block_tables [S, M] int32  page ids each sequence may see (its visibility)
-  block_pos    [S, M] int32  logical position of the first token of each listed page
-  block_lens   [S, M] int32  valid tokens in each listed page (0 = unused entry)
-  cu_q_lens    [S + 1] int32 token offsets of each sequence's queries in q
-  q_pos        [T] int32     logical position of every query token
-  rope_inv_freq [D // 2] f32 RoPE frequencies applied to keys here
-  sm_scale     float         softmax scale (1/sqrt(D), or a model's multiplier)
-
-Rule (DESIGN 2.3): a query token of sequence s at position p sees the key in
-slot j of listed page i iff j < block_lens[s, i] and block_pos[s, i] + j <= p.
-Tokens past cu_q_lens[S] are padding and give zeros, as do rows that see no
-key at all. Padded sequences repeat the last cu_q_lens value (empty).
+The contract (arguments, visibility rule, padding) is in `meta.py`. This is the
+clearest statement of the semantics and what every other implementation is
+tested against; it is not the engine's CPU path (that is the tiled `xla.py`,
+which moves far less KV through memory during a long prefill).
 
 The loop walks the block table `pages_per_step` pages at a time with an
-online softmax, so memory stays O(T * pages_per_step * page_size) and the same
-code serves as the CPU attention of the engine.
+online softmax, so memory stays O(T * pages_per_step * page_size).
 """
 
 import jax
 import jax.numpy as jnp
 
 from spanjax.kernels.rope import apply_rope
+from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs
 
 
 def token_sequence_ids(cu_q_lens, num_tokens):
@@ -40,21 +28,18 @@ def span_attention_reference(
     q,
     k_pages,
     v_pages,
-    block_tables,
-    block_pos,
-    block_lens,
-    cu_q_lens,
+    meta: SpanBatchMeta,
     q_pos,
     *,
     rope_inv_freq,
     sm_scale,
     pages_per_step=8,
 ):
-    T, Hq, D = q.shape
-    _, page_size, Hkv, _ = k_pages.shape
-    S, M = block_tables.shape
-    G = Hq // Hkv
-    seq, tok_valid = token_sequence_ids(cu_q_lens, T)
+    """Attention of every query token over the pages its sequence lists (contract: meta.py)."""
+    n = check_inputs(q, k_pages, v_pages, meta, q_pos, rope_inv_freq)
+    T, Hq, Hkv, G, D, page_size, M = n.T, n.Hq, n.Hkv, n.G, n.D, n.P, n.M
+    block_tables, block_pos, block_lens = meta.block_tables, meta.block_pos, meta.block_lens
+    seq, tok_valid = token_sequence_ids(meta.cu_q_lens, T)
 
     step = max(1, min(pages_per_step, M))
     num_steps = -(-M // step)

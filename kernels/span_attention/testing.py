@@ -1,6 +1,6 @@
 """Synthetic span-structured batches for tests, tuning and benchmarks (numpy).
 
-Each sequence is laid out the way the engine lays out a span query (DESIGN 2.3):
+Each sequence is laid out the way the engine lays out a span query:
 a prefix span, optionally a `plus` of children spans (under `parallel` positions
 every child starts at the end of the prefix), then the query span whose tokens
 are the queries of this step (its keys are already in the cache, written by the
@@ -8,7 +8,10 @@ engine before attention). Every span starts on a page boundary, so the last page
 of a span is partly filled (block_lens < page_size) and its pad slots hold junk.
 """
 
+import jax.numpy as jnp
 import numpy as np
+
+from spanjax.kernels.span_attention.meta import SpanBatchMeta
 
 
 def make_batch(
@@ -30,7 +33,8 @@ def make_batch(
 
     `q_len` queries end the sequence: they are the last q_len tokens of its query
     span (whose length is max(q_len, given `tail`)). Returns a dict of numpy
-    arrays matching span_attention_reference's arguments (+ rope_inv_freq, sm_scale).
+    arrays named like span attention's arguments and SpanBatchMeta's fields (+ rope_inv_freq,
+    sm_scale); `args_kwargs` turns it into a call's arguments.
     with_kv=False skips the page pool (k_pages/v_pages are None; `num_pages` says
     how many pages to allocate), for benchmarks that fill it on the device.
     """
@@ -107,16 +111,15 @@ def make_batch(
     )
 
 
+def batch_meta(batch, conv=jnp.asarray) -> SpanBatchMeta:
+    """The SpanBatchMeta of a `make_batch` dict (no slot_mapping: attention alone does not write)."""
+    names = ("block_tables", "block_pos", "block_lens", "cu_q_lens")
+    return SpanBatchMeta(**{n: conv(batch[n]) for n in names})
+
+
 def args_kwargs(batch, to_jnp=True):
-    import jax.numpy as jnp
-
+    """(q, k_pages, v_pages, meta, q_pos) and dict(rope_inv_freq, sm_scale) of a `make_batch` dict."""
     conv = jnp.asarray if to_jnp else (lambda x: x)
-    names = ["q", "k_pages", "v_pages", "block_tables", "block_pos", "block_lens", "cu_q_lens", "q_pos"]
-    args = [conv(batch[n]) for n in names]
+    args = [conv(batch["q"]), conv(batch["k_pages"]), conv(batch["v_pages"]), batch_meta(batch, conv)]
+    args.append(conv(batch["q_pos"]))
     return args, dict(rope_inv_freq=conv(batch["rope_inv_freq"]), sm_scale=batch["sm_scale"])
-
-
-def uniform_batch(rng, num_seqs, q_len, ctx_len, **kw):
-    """num_seqs sequences, each with ctx_len tokens of context and q_len queries."""
-    seqs = [dict(prefix=ctx_len, q_len=q_len) for _ in range(num_seqs)]
-    return make_batch(rng, seqs, **kw)

@@ -1,4 +1,4 @@
-"""Host-side tiling shared by the GPU and TPU kernels (pure jnp, traced inside jit).
+"""Tiling shared by the tiled XLA path and the GPU and TPU kernels (pure jnp, traced inside jit).
 
 A *query tile* is up to `block_q` consecutive tokens of ONE sequence. The
 kernels run one program per (tile, kv head[, kv split]); a tile's rows are its
@@ -13,6 +13,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from spanjax.kernels.span_attention.meta import SpanBatchMeta
 
 # Row position of padding rows (tokens past a tile's length). Positions of real
 # tokens and keys are >= 0, so `key_pos <= INVALID_POS` is never true.
@@ -121,6 +123,44 @@ def unpack_output(o, tiles: Tiles, num_q_heads: int, block_q: int, g_pad: int, d
     out = o[tiles.tok_tile, :, tiles.tok_row]  # [T, Hkv, G, D]
     out = jnp.where(tiles.tok_valid[:, None, None, None], out, 0)
     return out.reshape(-1, num_q_heads, D).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class TiledBatch:
+    """A batch laid out in query tiles: what every tiled implementation starts from."""
+
+    tables: jax.Array  # [S, Mp] block tables padded to a multiple of pages_per_block, ids clamped
+    pos: jax.Array  # [S, Mp]
+    lens: jax.Array  # [S, Mp]
+    tiles: Tiles
+    q: jax.Array  # [nt, Hkv, block_q * g_pad, D] packed queries
+    row_pos: jax.Array  # [nt, block_q * g_pad] position of every row (INVALID_POS for padding)
+    block_q: int
+    g_pad: int
+    pages_per_block: int
+    num_tiles: int
+    num_q_heads: int
+
+
+def tile_batch(q, k_pages, meta: SpanBatchMeta, q_pos, *, block_q: int, g_pad: int, pages_per_block: int):
+    """Pad the block tables, cut the tokens into tiles and pack the queries (shapes already checked)."""
+    T, Hq, _ = q.shape
+    N, _, Hkv, _ = k_pages.shape
+    S = meta.block_tables.shape[0]
+    nt = max_num_tiles(T, S, block_q)
+    tables, pos, lens = pad_block_tables(meta.block_tables, meta.block_pos, meta.block_lens, N, pages_per_block)
+    tiles, rpos = make_tiles(meta.cu_q_lens, q_pos, lens, T, block_q, pages_per_block, nt)
+    qt, row_pos = pack_queries(q, tiles, rpos, Hkv, block_q, g_pad)
+    return TiledBatch(tables, pos, lens, tiles, qt, row_pos, block_q, g_pad, pages_per_block, nt, Hq)
+
+
+def untile(o, batch: TiledBatch, dtype, m=None, l=None):
+    """Tile outputs -> [T, Hq, D]. o [nt, Hkv, R, D]; with split-KV partials, o [K, nt, Hkv, R, D]
+    and their softmax stats m, l (any shape holding [K, nt, Hkv, R]) are merged first."""
+    if m is not None:
+        rows = o.shape[:-1]
+        o = combine_splits(o, m.reshape(rows), l.reshape(rows))
+    return unpack_output(o, batch.tiles, batch.num_q_heads, batch.block_q, batch.g_pad, dtype)
 
 
 def combine_splits(o, m, l):

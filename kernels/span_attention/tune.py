@@ -14,7 +14,9 @@ and the fastest per bucket is merged into the table under
 
 import argparse
 import datetime
+import functools
 import itertools
+import pathlib
 import statistics
 import sys
 import time
@@ -24,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from spanjax.kernels.span_attention import tuning
+from spanjax.kernels.span_attention.kernel import span_attention_gpu
+from spanjax.kernels.span_attention.kernel_tpu import span_attention_tpu
 from spanjax.kernels.span_attention.reference import span_attention_reference
 from spanjax.kernels.span_attention.testing import args_kwargs, make_batch
 
@@ -114,10 +118,7 @@ def main(argv=None):
     if interpret and not a.quick:
         print("warning: no accelerator; timings in interpret mode are meaningless", file=sys.stderr)
     dtype = jnp.dtype(a.dtype)
-    if variant == "gpu":
-        from spanjax.kernels.span_attention.kernel import span_attention_gpu as kern
-    else:
-        from spanjax.kernels.span_attention.kernel_tpu import span_attention_tpu as kern
+    kern = span_attention_gpu if variant == "gpu" else span_attention_tpu
 
     table = tuning.load_table(a.out) if a.out else tuning.load_table()
     table = {"format": tuning.TABLE_FORMAT, "entries": {k: dict(v) for k, v in table.get("entries", {}).items()}}
@@ -127,13 +128,13 @@ def main(argv=None):
     for spec in buckets:
         batch = bucket_batch(spec, a.hq, a.hkv, a.head_dim, a.page_size, dtype)
         args, kw = args_kwargs(batch)
-        T, S, M = args[0].shape[0], args[3].shape[0], args[3].shape[1]
+        T, (S, M) = args[0].shape[0], args[3].block_tables.shape
         key = tuning.bucket_key(variant, T, S, M, a.page_size, a.hq, a.hkv, a.head_dim, dtype)
         ref = jax.jit(span_attention_reference, static_argnames=("sm_scale",))(*args, **kw)
         best = None
         for cfg in candidates(variant, T, S, M, a.page_size, a.hq, a.hkv, quick=a.quick):
             try:
-                us, out = time_fn(lambda *x, **k: kern(*x, **k, interpret=interpret, **cfg), args, kw, a.reps)
+                us, out = time_fn(functools.partial(kern, interpret=interpret, **cfg), args, kw, a.reps)
             except Exception as e:  # e.g. too much shared memory for this config
                 print(f"  {key} {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
                 continue
@@ -154,8 +155,6 @@ def main(argv=None):
         )
         print(f"{key}: best {cfg} {us:.1f} us")
     if a.out:
-        import pathlib
-
         pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     tuning.save_table(table, a.out)
     print(f"wrote {a.out or tuning.TABLE_PATH} ({kind}: {len(dev_entries)} entries)")

@@ -19,6 +19,9 @@ import json
 import os
 from pathlib import Path
 
+import jax
+import numpy as np
+
 from spanjax.kernels.span_attention.tiling import cdiv, max_num_tiles, next_pow2
 
 TABLE_FORMAT = 1
@@ -27,8 +30,6 @@ PARAM_KEYS = ("block_q", "pages_per_block", "num_splits", "num_warps", "num_stag
 
 
 def device_kind(device=None) -> str:
-    import jax
-
     d = device or jax.devices()[0]
     return f"{d.platform}:{getattr(d, 'device_kind', d.platform)}"
 
@@ -36,8 +37,6 @@ def device_kind(device=None) -> str:
 def bucket_key(
     variant, num_tokens, num_seqs, max_entries, page_size, num_q_heads, num_kv_heads, head_dim, dtype
 ) -> str:
-    import numpy as np
-
     G = num_q_heads // num_kv_heads
     dt = np.dtype(dtype).name
     return (

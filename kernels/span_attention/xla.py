@@ -1,7 +1,7 @@
 """Ragged paged span attention in plain jnp, blocked by query tiles: the fast
 path for CPU (and any backend without a Pallas kernel).
 
-Same contract as `reference.py`, same tiling as the Pallas kernels
+Same contract as every implementation (`meta.py`), same tiling as the Pallas kernels
 (`tiling.py`): tokens are grouped into tiles of up to `block_q` tokens of ONE
 sequence, and all tiles advance together through the block table (one
 vectorized step per page group: few, large operations, which is what XLA on
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from spanjax.kernels.rope import apply_rope
 from spanjax.kernels.span_attention import tiling
+from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs
 from spanjax.kernels.span_attention.reference import online_softmax_finish, online_softmax_init, online_softmax_step
 
 
@@ -34,10 +35,7 @@ def span_attention_xla(
     q,
     k_pages,
     v_pages,
-    block_tables,
-    block_pos,
-    block_lens,
-    cu_q_lens,
+    meta: SpanBatchMeta,
     q_pos,
     *,
     rope_inv_freq,
@@ -45,18 +43,15 @@ def span_attention_xla(
     block_q=None,
     pages_per_step=8,
 ):
-    T, Hq, D = q.shape
-    N, page_size, Hkv, _ = k_pages.shape
-    S = block_tables.shape[0]
-    G = Hq // Hkv
-    block_q = block_q or default_block_q(T, S)
-    block_q = max(1, min(block_q, tiling.next_pow2(T)))
-    step = max(1, min(pages_per_step, block_tables.shape[1]))
-    tables, pos, lens = tiling.pad_block_tables(block_tables, block_pos, block_lens, N, step)
-    nt = tiling.max_num_tiles(T, S, block_q)
-    tiles, rpos = tiling.make_tiles(cu_q_lens, q_pos, lens, T, block_q, step, nt)
-    qt, row_pos = tiling.pack_queries(q, tiles, rpos, Hkv, block_q, G)  # [nt, Hkv, R, D], [nt, R]
-    qt = qt.astype(jnp.float32) * sm_scale
+    """Same result as `span_attention_reference`; `block_q` None picks `default_block_q`."""
+    n = check_inputs(q, k_pages, v_pages, meta, q_pos, rope_inv_freq)
+    S, Hkv, G, D, page_size = n.S, n.Hkv, n.G, n.D, n.P
+    block_q = block_q or default_block_q(n.T, S)
+    block_q = max(1, min(block_q, tiling.next_pow2(n.T)))
+    step = max(1, min(pages_per_step, n.M))
+    tb = tiling.tile_batch(q, k_pages, meta, q_pos, block_q=block_q, g_pad=G, pages_per_block=step)
+    tables, pos, lens, tiles, row_pos = tb.tables, tb.pos, tb.lens, tb.tiles, tb.row_pos  # row_pos [nt, R]
+    qt = tb.q.astype(jnp.float32) * sm_scale  # [nt, Hkv, R, D]
     R = qt.shape[2]
     slot = jnp.arange(page_size, dtype=jnp.int32)
 
@@ -82,5 +77,5 @@ def span_attention_xla(
     # Walk only the page groups some tile needs (the block-table width is a bucket, often
     # wider than every sequence); a forward-only loop, like the engine's use of it.
     num_steps = jnp.max(tiles.num_blocks)
-    m, l, acc = jax.lax.fori_loop(0, num_steps, body, online_softmax_init((nt, Hkv, R), D))
-    return tiling.unpack_output(online_softmax_finish(l, acc), tiles, Hq, block_q, G, q.dtype)
+    m, l, acc = jax.lax.fori_loop(0, num_steps, body, online_softmax_init((tb.num_tiles, Hkv, R), D))
+    return tiling.untile(online_softmax_finish(l, acc), tb, q.dtype)

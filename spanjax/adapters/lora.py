@@ -28,6 +28,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Literal
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,19 +99,13 @@ class AdapterConfig:
         return float(self.alpha) / float(self.r)
 
 
-def _pytree_dataclass(cls, meta=()):
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    data = [f.name for f in dataclasses.fields(cls) if f.name not in meta]
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=list(meta))
-
-
-@_pytree_dataclass
+@flax.struct.dataclass
 class LoraModule:
     a: jax.Array  # [L, in, r]  (bank: [L, N, in, r])
     b: jax.Array  # [L, r, out] (bank: [L, N, r, out])
 
 
-@_pytree_dataclass
+@flax.struct.dataclass
 class AdapterWeights:
     """Per target module a LoraModule; None for modules the adapter leaves alone."""
 
@@ -198,18 +193,14 @@ def adapter_mask(config: AdapterConfig, tokens: Sequence[int]) -> np.ndarray:
 # ---------------------------------------------------------------------------- the bank the model applies
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class AdapterBank:
     """N adapters stacked for one forward (see module docstring)."""
 
     layers: AdapterWeights  # LoraModule leaves [L, N, in, r] / [L, N, r, out]
     scale: jax.Array  # [N]
-    dropout: float = 0.0  # static
+    dropout: float = flax.struct.field(pytree_node=False, default=0.0)  # static: part of the jit cache key
     rng: jax.Array | None = None  # dropout key (training); None = no dropout
-
-    @property
-    def num_adapters(self) -> int:
-        return int(self.scale.shape[0])
 
     def token_ids(self, mask, shape) -> jax.Array:
         """Per-token adapter index (-1 = base). A bool mask selects adapter 0."""
@@ -238,9 +229,6 @@ class AdapterBank:
         u = jnp.einsum("...i,nir->...nr", x.astype(mod.a.dtype), mod.a) * w[..., None].astype(mod.a.dtype)
         delta = jnp.einsum("...nr,nro->...o", u, mod.b)
         return jnp.where((ids >= 0)[..., None], y + delta.astype(y.dtype), y)
-
-
-jax.tree_util.register_dataclass(AdapterBank, data_fields=["layers", "scale", "rng"], meta_fields=["dropout"])
 
 
 def bank_from_weights(weights: AdapterWeights, scale: float, dropout: float = 0.0, rng=None) -> AdapterBank:

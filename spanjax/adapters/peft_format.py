@@ -16,8 +16,17 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
-from spanjax.adapters.lora import MODULES, Adapter, AdapterConfig, AdapterWeights, LoraModule, canonical_module
+from spanjax.adapters.lora import (
+    MODULES,
+    Adapter,
+    AdapterConfig,
+    AdapterWeights,
+    LoraModule,
+    canonical_module,
+    module_dims,
+)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -45,8 +54,6 @@ def peft_key(layer: int, module: str, ab: str) -> str:
 
 def export_peft(adapter: Adapter, path: str, base_model_name_or_path: str | None = None) -> None:
     """Write `adapter` as a PEFT adapter directory."""
-    from safetensors.numpy import save_file
-
     cfg = adapter.config
     os.makedirs(path, exist_ok=True)
     config = {
@@ -77,8 +84,6 @@ def export_peft(adapter: Adapter, path: str, base_model_name_or_path: str | None
 
 def load_peft(path: str, model_cfg, dtype=jnp.float32) -> Adapter:
     """Read a PEFT LoRA / aLoRA directory into an Adapter for `model_cfg`."""
-    from safetensors.numpy import load_file
-
     cfg_path, w_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
     for p in (cfg_path, w_path):
         if not os.path.exists(p):
@@ -122,8 +127,6 @@ def load_peft(path: str, model_cfg, dtype=jnp.float32) -> Adapter:
         if module not in found:
             raise AdapterFormatError(f"{w_path}: tensor {key!r} for a module not in target_modules")
         found[module][(layer, ab)] = val
-    from spanjax.adapters.lora import module_dims
-
     mods = {}
     for m, got in found.items():
         d_in, d_out = module_dims(model_cfg, m)
@@ -135,8 +138,8 @@ def load_peft(path: str, model_cfg, dtype=jnp.float32) -> Adapter:
             ta, tb = got[(i, "A")], got[(i, "B")]
             if ta.shape != (r, d_in) or tb.shape != (d_out, r):
                 raise AdapterFormatError(
-                    f"{w_path}: layer {i} {m}: lora_A {ta.shape} / lora_B {tb.shape}, expected {(r, d_in)} / {(d_out, r)} "
-                    "(is this adapter for this base model?)"
+                    f"{w_path}: layer {i} {m}: lora_A {ta.shape} / lora_B {tb.shape}, "
+                    f"expected {(r, d_in)} / {(d_out, r)} (is this adapter for this base model?)"
                 )
             a[i], b[i] = ta.T, tb.T
         mods[m] = LoraModule(a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype))

@@ -52,7 +52,8 @@ def bucket(n: int, minimum: int = 1) -> int:
 def _prefill(
     params: Params, cfg: ModelConfig, cache_len: int, tokens, positions, lengths, temperature, top_k, top_p, seeds
 ):
-    """Right-padded prompts [B, Tp] -> (first sampled ids [B], cache). Padding positions are >= cache_len, so never written."""
+    """Right-padded prompts [B, Tp] -> (first sampled ids [B], cache). Padding positions are
+    >= cache_len, so never written."""
     cache = init_dense_cache(cfg, tokens.shape[0], cache_len, params.embed.dtype)
     hidden, cache = forward_dense(params, cfg, tokens, positions, cache)
     last = hidden[jnp.arange(tokens.shape[0]), lengths - 1]  # only the last prompt token's logits are needed
@@ -63,7 +64,8 @@ def _prefill(
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def _decode_step(params: Params, cfg: ModelConfig, ids, positions, steps, cache, temperature, top_k, top_p, seeds):
-    """Feed ids [B] at positions [B]; sample the next ids. Finished rows run on harmlessly (writes past the cache drop)."""
+    """Feed ids [B] at positions [B]; sample the next ids. Finished rows run on harmlessly
+    (writes past the cache drop)."""
     hidden, cache = forward_dense(params, cfg, ids[:, None], positions[:, None], cache)
     logits = compute_logits(params, cfg, hidden[:, 0])
     next_ids = sample_tokens(logits, temperature, top_k, top_p, seeds, steps)
@@ -209,7 +211,8 @@ def generate(
 
 
 def encode_prompt(model, text: str, chat: bool = False) -> list[int]:
-    """Token ids of `text`: a one-turn chat with the generation prompt, or raw text (with BOS if the tokenizer adds one)."""
+    """Token ids of `text`: a one-turn chat with the generation prompt, or raw text (with BOS if
+    the tokenizer adds one)."""
     tok = model.tokenizer
     if chat:
         out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)

@@ -8,23 +8,29 @@
 `submit` / `step` are the serving interface (a server drives `step` from its
 own loop and reads finished requests); `generate` and `run_query`
 (spanjax/engine/executor.py) are conveniences on top. The engine owns the
-device KV pool, the host page table (pages.py) and the scheduler; it knows no
-CLI, HTTP or experiment.
+device KV pool, the host page table (pages.py) and one step path (step.py):
+the plain step, or the speculative one (speculative.py) when a speculator is
+given; the path holds the scheduler and the jitted runner. It knows no CLI,
+HTTP or experiment.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax.numpy as jnp
-import numpy as np
 
+from spanjax.adapters import make_bank
+from spanjax.engine.adapters import span_adapter_ids
 from spanjax.engine.pages import PagePool
 from spanjax.engine.runner import StepRunner
 from spanjax.engine.sampling import SamplingParams
 from spanjax.engine.scheduler import Request, Scheduler
+from spanjax.engine.speculative import SpeculativeRunner, SpeculativeScheduler, SpeculativeStep
+from spanjax.engine.step import PlainStep, StepPath
+from spanjax.kernels.span_attention import get_attention_impl
 from spanjax.models import llama
+from spanjax.models import speculator as spec_model
 from spanjax.models.loading import LoadedModel
 from spanjax.query.plan import SpanPlan
 
@@ -66,9 +72,7 @@ class EngineConfig:
 
 def _attention_impl(kind: str):
     """The span-attention implementation for the step: the dispatcher picks the
-    Pallas kernel on GPU/TPU and the jnp reference on CPU ("auto")."""
-    from spanjax.kernels.span_attention import get_attention_impl
-
+    Pallas kernel on GPU/TPU and the XLA path on CPU ("auto")."""
     return get_attention_impl("reference" if kind == "reference" else kind)
 
 
@@ -81,46 +85,40 @@ class Engine:
             model.cfg, config.num_pages, config.page_size, jnp.dtype(config.cache_dtype)
         )
         if speculator is None and config.speculator is not None:
-            from spanjax.models.speculator import load_hf
-
-            speculator = load_hf(config.speculator, model.params.embed.dtype)
+            speculator = spec_model.load_hf(config.speculator, model.params.embed.dtype)
         self.speculator = speculator  # spanjax.models.speculator.Speculator, or None
-        if speculator is None:
-            self.scheduler = Scheduler(
-                self.pool, config.max_tokens_per_step, config.max_seqs_per_step, config.max_running
-            )
-            self.runner = StepRunner(
-                model.cfg,
-                config.max_tokens_per_step,
-                config.max_seqs_per_step,
-                max_pages_per_seq=self.pool.capacity,
-                attention_impl=_attention_impl(config.attention),
-            )
-        else:
-            self._init_speculative(speculator)
-        self.steps = 0
-        self.adapters: dict = {}  # name -> spanjax.adapters.Adapter (register_adapter)
-        self._bank = None
         # End-of-sequence ids: the config's and the tokenizer's (chat end-of-turn included).
         self.eos_token_ids = frozenset(model.cfg.eos_token_ids) | frozenset(
             getattr(model.tokenizer, "eos_token_ids", ())
         )
+        self.step_path: StepPath = self._plain_step() if speculator is None else self._speculative_step(speculator)
+        self.steps = 0
+        self.adapters: dict = {}  # name -> spanjax.adapters.Adapter (register_adapter)
+        self._bank = None  # the registered adapters stacked for the step (spanjax.adapters.AdapterBank)
 
-    def _init_speculative(self, speculator) -> None:
-        from spanjax.engine.speculative import SpeculativeRunner, SpeculativeScheduler
+    def _plain_step(self) -> PlainStep:
+        config = self.config
+        scheduler = Scheduler(self.pool, config.max_tokens_per_step, config.max_seqs_per_step, config.max_running)
+        runner = StepRunner(
+            self.model.cfg,
+            config.max_tokens_per_step,
+            config.max_seqs_per_step,
+            max_pages_per_seq=self.pool.capacity,
+            attention_impl=_attention_impl(config.attention),
+        )
+        return PlainStep(scheduler, runner, self.model.tokenizer, self.eos_token_ids)
 
+    def _speculative_step(self, speculator: spec_model.Speculator) -> SpeculativeStep:
         sc, cfg, config = speculator.config, self.model.cfg, self.config
         if (sc.emb_dim, sc.vocab_size) != (cfg.hidden_size, cfg.vocab_size):
             raise ValueError(
-                f"speculator has emb_dim {sc.emb_dim}, vocab {sc.vocab_size}; the model {cfg.hidden_size}, {cfg.vocab_size}"
+                f"speculator has emb_dim {sc.emb_dim}, vocab {sc.vocab_size}; "
+                f"the model {cfg.hidden_size}, {cfg.vocab_size}"
             )
         k = min(config.num_speculative_tokens or sc.n_predict, sc.n_predict)
-        from spanjax.models.speculator import draft_params
-
-        self._spec_params = draft_params(speculator.params)
-        self.spec_stats = {"verify_forwards": 0, "emitted": 0, "drafted": 0, "accepted": 0, "other_candidate_won": 0}
-        c = min(config.speculative_candidates, len(self._spec_params.head_ids[0]))  # head 0 ranks its distinct columns
-        self.runner = SpeculativeRunner(
+        spec_params = spec_model.draft_params(speculator.params)
+        c = min(config.speculative_candidates, len(spec_params.head_ids[0]))  # head 0 ranks its distinct columns
+        runner = SpeculativeRunner(
             cfg,
             sc,
             k,
@@ -130,14 +128,29 @@ class Engine:
             max_pages_per_seq=self.pool.capacity,
             attention_impl=_attention_impl(config.attention),
         )
-        self.scheduler = SpeculativeScheduler(
+        scheduler = SpeculativeScheduler(
             self.pool,
             config.max_tokens_per_step,
             config.max_seqs_per_step,
             config.max_running,
             num_draft=k,
-            token_buckets=self.runner.token_buckets if config.speculative_tree_fill == "padding" else None,
+            token_buckets=runner.token_buckets if config.speculative_tree_fill == "padding" else None,
         )
+        return SpeculativeStep(scheduler, runner, self.model.tokenizer, self.eos_token_ids, spec_params)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.step_path.scheduler
+
+    @property
+    def runner(self) -> StepRunner:
+        return self.step_path.runner
+
+    @property
+    def spec_stats(self) -> dict[str, int] | None:
+        """Speculative decoding counters (verify_forwards, emitted, drafted, accepted,
+        other_candidate_won) since the engine started; None without a speculator."""
+        return self.step_path.spec_stats if isinstance(self.step_path, SpeculativeStep) else None
 
     # -- submission ---------------------------------------------------------------
 
@@ -154,15 +167,11 @@ class Engine:
             )
         span_adapter = None
         if plan.adapter is not None:  # aLoRA: only spans from the invocation on are adapted
-            from spanjax.engine.adapters import span_adapter_ids
-
             names = list(self.adapters)
             plan, span_adapter = span_adapter_ids(
                 plan, self.adapters.get(plan.adapter), names.index(plan.adapter) if plan.adapter in names else -1
             )
-        req = Request(plan, sampling)
-        req.span_adapter = span_adapter
-        req.keep_logits = keep_logits
+        req = Request(plan, sampling, span_adapter=span_adapter, keep_logits=keep_logits)
         self.scheduler.add(req)
         return req
 
@@ -176,52 +185,9 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        if self.speculator is not None:
-            from spanjax.engine.speculative import speculative_step
-
-            return speculative_step(self, batch)
-        rows = {"temperature": [], "top_k": [], "top_p": [], "seed": [], "step": []}
-        for it in batch.items:
-            sp = it.request.sampling
-            rows["temperature"].append(sp.temperature)
-            rows["top_k"].append(sp.top_k)
-            rows["top_p"].append(sp.top_p)
-            rows["seed"].append(sp.seed)
-            rows["step"].append(len(it.request.generated))
-        next_ids, logits, self.cache = self.runner.run(self.model.params, self.cache, batch, rows, self._bank)
-        self.scheduler.commit(batch)
+        self.cache, finished = self.step_path.run(self.model.params, self.cache, batch, self._bank)
         self.steps += 1
-        next_ids = np.asarray(next_ids)  # blocks until the step is computed (dispatch is async)
-        now = time.perf_counter()
-        finished = []
-        for s, it in enumerate(batch.items):
-            if not it.samples:
-                continue
-            req = it.request
-            if req.keep_logits:
-                req.logits.append(np.asarray(logits[s]))
-            if req.metrics.first_token_s is None:
-                req.metrics.first_token_s = now
-            self._append_token(req, int(next_ids[s]))
-            if req.finished:
-                req.metrics.finish_s = now
-                self.scheduler.finish(req)
-                finished.append(req)
         return finished
-
-    def _append_token(self, req: Request, token: int) -> None:
-        tok = self.model.tokenizer
-        req.generated.append(token)
-        if token in self.eos_token_ids:
-            req.finish_reason = "eos"
-        elif len(req.generated) >= req.sampling.max_tokens:
-            req.finish_reason = "length"
-        text = tok.decode(req.generated)
-        for stop in req.sampling.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, req.finish_reason = text[:cut], "stop"
-        req.text = text
 
     def run_until_done(self, requests: list[Request] | None = None) -> None:
         """Step until the given requests (default: all) have finished."""
@@ -240,8 +206,6 @@ class Engine:
         """Make a LoRA / aLoRA adapter (spanjax.adapters.Adapter) available to plans and g's
         naming it. Registering again under a name replaces it; pages cached under that
         name are dropped first so no stale adapted KV is reused."""
-        from spanjax.adapters import make_bank
-
         if name in self.adapters:
             if self.scheduler.has_work():
                 raise RuntimeError(f"cannot replace adapter {name!r} while requests are running")
@@ -263,5 +227,5 @@ class Engine:
             "hit_tokens": st.hit_tokens,
             "miss_tokens": st.miss_tokens,
             "evictions": st.evictions,
-            **({"speculative": dict(self.spec_stats)} if self.speculator is not None else {}),
+            **self.step_path.stats(),
         }

@@ -120,13 +120,6 @@ class PagePool:
         self._index[key] = page
         return True
 
-    def unregister(self, page: int) -> None:
-        """Make a page private again (its content is about to change)."""
-        info = self.pages[page]
-        if info.key is not None:
-            del self._index[info.key]
-            info.key = None
-
     def drop_cached(self) -> int:
         """Free every cached, unreferenced page; returns how many."""
         n = len(self._lru)
@@ -136,10 +129,6 @@ class PagePool:
             self.pages[page] = PageInfo()
             self._free.append(page)
         return n
-
-    def is_shared(self, page: int) -> bool:
-        info = self.pages[page]
-        return info.refcount > 1 or info.key is not None
 
     def num_cached(self) -> int:
         return len(self._index)

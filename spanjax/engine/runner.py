@@ -20,8 +20,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from spanjax.engine.sampling import sample_tokens
-from spanjax.engine.scheduler import StepBatch
+from spanjax.engine.sampling import sample_tokens, sampling_arrays
+from spanjax.engine.scheduler import StepBatch, StepItem
 from spanjax.models import llama
 
 
@@ -32,6 +32,16 @@ def power_of_two_buckets(lo: int, hi: int) -> list[int]:
         b *= 2
     out.append(max(hi, lo))
     return out
+
+
+def sampling_rows(items: list[StepItem], pad_to: int):
+    """The step's per-sequence sampling inputs (temperature, top_k, top_p, seeds, steps), each
+    [pad_to] (padding rows greedy): every item's request's parameters and the index of the token
+    it samples next, which its seeded draw folds in. Both step paths take them from here."""
+    temperature, top_k, top_p, seeds = sampling_arrays([it.request.sampling for it in items], pad_to)
+    steps = np.zeros(pad_to, np.int32)
+    steps[: len(items)] = [len(it.request.generated) for it in items]
+    return temperature, top_k, top_p, seeds, steps
 
 
 def _bucket(n: int, buckets: list[int]) -> int:
@@ -80,16 +90,16 @@ class StepRunner:
         next_ids = sample_tokens(logits, temperature, top_k, top_p, seeds, steps)
         return next_ids, logits, cache
 
-    def run(self, params, cache, batch: StepBatch, sampling_rows: dict, adapter=None):
+    def run(self, params, cache, batch: StepBatch, adapter=None):
         """Pad `batch` to its bucket and run the step. Returns (next ids [S], logits [S, V], cache).
 
         `adapter` (an AdapterBank) applies per token by `batch.adapter_ids`; a
         batch with no adapted token runs the plain step (a separate trace)."""
-        inputs, sampling, extra = self.padded_inputs(batch, sampling_rows, adapter)
+        inputs, sampling, extra = self.padded_inputs(batch, adapter)
         next_ids, logits, cache = self._step(params, cache, *inputs, *sampling, *extra)
         return next_ids, logits, cache
 
-    def padded_inputs(self, batch: StepBatch, sampling_rows: dict, adapter=None):
+    def padded_inputs(self, batch: StepBatch, adapter=None):
         """Bucketed step inputs: ((tokens, positions, meta, logits_indices), (temperature, top_k,
         top_p, seeds, steps), () or (adapter, adapter_ids))."""
         T = _bucket(len(batch.tokens), self.token_buckets)
@@ -105,23 +115,16 @@ class StepRunner:
             out[:s_real, :m_real] = x
             return out
 
-        meta = llama.PagedAttentionMeta(
+        meta = llama.SpanBatchMeta(
             slot_mapping=pad1(batch.slot_mapping, T, -1),
             block_tables=pad2(batch.block_tables),
             block_pos=pad2(batch.block_pos),
             block_lens=pad2(batch.block_lens),
             cu_q_lens=pad1(batch.cu_q_lens, S + 1, batch.cu_q_lens[-1]),
         )
-        rows = {k: pad1(np.asarray(v), S, 0 if k != "top_p" else 1.0) for k, v in sampling_rows.items()}
         ids = batch.adapter_ids
         if adapter is None or ids is None or not (ids >= 0).any():
             ids = None
         inputs = (pad1(batch.tokens, T), pad1(batch.positions, T), meta, pad1(batch.logits_indices, S))
-        sampling = (
-            rows["temperature"].astype(np.float32),
-            rows["top_k"].astype(np.int32),
-            rows["top_p"].astype(np.float32),
-            rows["seed"].astype(np.uint32),
-            rows["step"].astype(np.int32),
-        )
+        sampling = sampling_rows(batch.items, S)
         return inputs, sampling, (() if ids is None else (adapter, pad1(ids, T, -1)))

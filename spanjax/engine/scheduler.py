@@ -51,12 +51,33 @@ class RequestMetrics:
         return None if self.first_token_s is None else self.first_token_s - self.arrival_s
 
 
+# Counters of speculative decoding, per request (Request.speculation) and per engine (Engine.spec_stats).
+SPEC_COUNTERS = ("verify_forwards", "emitted", "drafted", "accepted", "other_candidate_won")
+
+
+@dataclasses.dataclass
+class Speculation:
+    """A request's speculative-decoding state (engine/speculative.py); the plain step leaves it empty."""
+
+    # Draft candidates [C][k] for the next step, from the last verified position; candidate 0 is the
+    # speculator's greedy draft. Emptied on preemption and when the request finishes.
+    draft: tuple[tuple[int, ...], ...] = ()
+    stats: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(SPEC_COUNTERS, 0))
+
+
 class Request:
     """One generation over a span plan; mutable scheduling state lives here."""
 
     _ids = itertools.count()
 
-    def __init__(self, plan: SpanPlan, sampling: SamplingParams):
+    def __init__(
+        self,
+        plan: SpanPlan,
+        sampling: SamplingParams,
+        *,
+        span_adapter: tuple[int, ...] | None = None,
+        keep_logits: bool = False,
+    ):
         for s in plan.spans:
             if len(s) == 0:
                 raise ValueError(f"span {s.index} of the plan is empty")
@@ -69,9 +90,10 @@ class Request:
         self.finish_reason: str | None = None
         self.text = ""
         self.metrics = RequestMetrics(prompt_tokens=plan.num_tokens, arrival_s=time.perf_counter())
-        self.keep_logits = False  # record the logits of every sampled token (tests, analysis)
-        self.span_adapter: tuple[int, ...] | None = None  # adapter index per span (-1 = base); set by the engine
+        self.keep_logits = keep_logits  # record the logits of every sampled token (tests, analysis)
+        self.span_adapter = span_adapter  # adapter index per span (-1 = base); None = base model throughout
         self.logits: list[np.ndarray] = []
+        self.speculation = Speculation()
         self._reset()
 
     def _reset(self):
@@ -117,6 +139,21 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def append_token(self, token: int, eos_token_ids: frozenset[int], tokenizer) -> None:
+        """Append a sampled token and decide whether the request is done: an end-of-sequence id
+        (unless `sampling.ignore_eos`), `max_tokens`, or a stop string (the text is cut before it)."""
+        self.generated.append(token)
+        if token in eos_token_ids and not self.sampling.ignore_eos:
+            self.finish_reason = "eos"
+        elif len(self.generated) >= self.sampling.max_tokens:
+            self.finish_reason = "length"
+        text = tokenizer.decode(self.generated)
+        for stop in self.sampling.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, self.finish_reason = text[:cut], "stop"
+        self.text = text
 
     def page_key(self, j: int, k: int, n: int) -> str:
         """Content key of page k of span j holding n tokens. Prompt pages use the

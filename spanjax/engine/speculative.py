@@ -45,7 +45,8 @@ import numpy as np
 
 from spanjax.engine.runner import StepRunner
 from spanjax.engine.sampling import sample_tokens
-from spanjax.engine.scheduler import Request, Scheduler, StepBatch, StepItem
+from spanjax.engine.scheduler import SPEC_COUNTERS, Request, Scheduler, StepBatch, StepItem
+from spanjax.engine.step import StepPath, host_logits
 from spanjax.models import llama
 from spanjax.models import speculator as spec_model
 
@@ -60,7 +61,7 @@ class SpeculativeScheduler(Scheduler):
 
     def _make_item(self, req: Request, span: int, budget: int) -> StepItem:
         item = super()._make_item(req, span, budget)
-        tree = getattr(req, "draft", ())  # candidates [C][k]; candidate 0 is the greedy draft
+        tree = req.speculation.draft  # candidates [C][k]; candidate 0 is the greedy draft
         if tree and span == req.final and req.decoding:
             # Never draft past max_tokens: the request's pages were sized for prompt + max_tokens.
             k = min(len(tree[0]), self.num_draft, budget - 1, req.sampling.max_tokens - len(req.generated) - 1)
@@ -77,19 +78,18 @@ class SpeculativeScheduler(Scheduler):
         cap = self.max_tokens
         if self.token_buckets is not None:
             cap = min(cap, next((b for b in self.token_buckets if b >= tokens), tokens))
-        for c in range(1, max((len(i.request.draft) for i in greedy), default=0)):
-            for it in [i for i in greedy if c < len(i.request.draft)]:
+        for c in range(1, max((len(i.request.speculation.draft) for i in greedy), default=0)):
+            for it in [i for i in greedy if c < len(i.request.speculation.draft)]:
                 need = -(-it.count // ps)
                 if tokens + it.count > cap or len(items) == self.max_seqs or self.pool.num_free() < need:
                     return
                 scratch = tuple(self.pool.allocate() for _ in range(need))
-                items.append(
-                    StepItem(it.request, it.span, it.start, it.count, it.request.draft[c][: len(it.draft)], scratch)
-                )
+                draft = it.request.speculation.draft[c][: len(it.draft)]
+                items.append(StepItem(it.request, it.span, it.start, it.count, draft, scratch))
                 tokens += it.count
 
     def _preempt(self, victim: Request) -> None:
-        victim.draft = ()
+        victim.speculation.draft = ()
         super()._preempt(victim)
 
     def release_unneeded(self, req: Request) -> None:
@@ -158,9 +158,9 @@ class SpeculativeRunner(StepRunner):
         pad = lambda x: np.asarray(list(x) + [-1] * (n - len(x)), np.int32)
         return self._copy_slots(cache, pad(src), pad(dst))
 
-    def run_speculative(self, params, spec_params, cache, batch: StepBatch, sampling_rows: dict, adapter=None):
+    def run_speculative(self, params, spec_params, cache, batch: StepBatch, adapter=None):
         """Returns (chosen [S, K+1], accepted [S], next draft trees [S, C, K], logits [S, K+1, V], cache)."""
-        inputs, sampling, extra = self.padded_inputs(batch, sampling_rows, adapter)
+        inputs, sampling, extra = self.padded_inputs(batch, adapter)
         tokens, positions, meta, _ = inputs
         S, K = len(sampling[0]), self.num_draft
         rows = np.zeros((S, K + 1), np.int32)
@@ -179,76 +179,81 @@ def _copy_slots(cache: llama.PagedKVCache, src, dst) -> llama.PagedKVCache:
     def move(x):
         return x.at[:, page, dst % P].set(x[:, jnp.maximum(src, 0) // P, src % P], mode="drop")
 
-    return llama.PagedKVCache(k=move(cache.k), v=move(cache.v))
+    return cache.replace(k=move(cache.k), v=move(cache.v))
 
 
-def speculative_step(engine, batch: StepBatch) -> list[Request]:
-    """Engine.step's body when a speculator is set: verify, accept, emit, rewind, draft."""
-    rows = {"temperature": [], "top_k": [], "top_p": [], "seed": [], "step": []}
-    for it in batch.items:
-        sp = it.request.sampling
-        rows["temperature"].append(sp.temperature)
-        rows["top_k"].append(sp.top_k)
-        rows["top_p"].append(sp.top_p)
-        rows["seed"].append(sp.seed)
-        rows["step"].append(len(it.request.generated))
-    chosen, accepted, new_drafts, logits, engine.cache = engine.runner.run_speculative(
-        engine.model.params, engine._spec_params, engine.cache, batch, rows, engine._bank
-    )
-    chosen, accepted, new_drafts = np.asarray(chosen), np.asarray(accepted), np.asarray(new_drafts)
-    engine.steps += 1
-    now = time.perf_counter()
-    ps = engine.pool.page_size
-    # Each sampling request's own item, and the items of its other draft candidates.
-    sampling = [s for s, it in enumerate(batch.items) if it.samples and not it.scratch]  # before tokens are appended
-    others = collections.defaultdict(list)
-    for s, it in enumerate(batch.items):
-        if it.scratch:
-            others[it.request.id].append(s)
-    src, dst, done = [], [], []
-    for s in sampling:
-        it = batch.items[s]
-        req = it.request
-        decoding, k = bool(req.generated), len(it.draft)
-        w = max([s] + others[req.id], key=lambda c: int(accepted[c]))  # ties: the greedy draft
-        a = int(accepted[w])
-        emitted = 0
-        for j in range(a + 1):
-            if req.keep_logits:
-                req.logits.append(np.asarray(logits[w, j]))
-            engine._append_token(req, int(chosen[w, j]))
-            emitted += 1
+class SpeculativeStep(StepPath):
+    """The engine step when a speculator is set: verify, accept, emit, rewind, draft."""
+
+    scheduler: SpeculativeScheduler
+    runner: SpeculativeRunner
+
+    def __init__(
+        self,
+        scheduler: SpeculativeScheduler,
+        runner: SpeculativeRunner,
+        tokenizer,
+        eos_token_ids: frozenset[int],
+        spec_params: spec_model.DraftParams,
+    ):
+        super().__init__(scheduler, runner, tokenizer, eos_token_ids)
+        self.spec_params = spec_params
+        self.spec_stats = dict.fromkeys(SPEC_COUNTERS, 0)  # over every decoding request's verify forwards
+
+    def stats(self) -> dict:
+        return {"speculative": dict(self.spec_stats)}
+
+    def run(self, params, cache, batch, adapter=None):
+        chosen, accepted, new_drafts, logits, cache = self.runner.run_speculative(
+            params, self.spec_params, cache, batch, adapter
+        )
+        chosen, accepted, new_drafts = np.asarray(chosen), np.asarray(accepted), np.asarray(new_drafts)
+        now = time.perf_counter()
+        logits = host_logits(batch, logits)
+        ps = self.scheduler.pool.page_size
+        # Each sampling request's own item, and the items of its other draft candidates.
+        # (`samples` is read before tokens are appended.)
+        sampling = [s for s, it in enumerate(batch.items) if it.samples and not it.scratch]
+        others = collections.defaultdict(list)
+        for s, it in enumerate(batch.items):
+            if it.scratch:
+                others[it.request.id].append(s)
+        src, dst, done = [], [], []
+        for s in sampling:
+            it = batch.items[s]
+            req = it.request
+            decoding, k = bool(req.generated), len(it.draft)
+            w = max([s] + others[req.id], key=lambda c: int(accepted[c]))  # ties: the greedy draft
+            a = int(accepted[w])
+            emitted = self.emit(req, chosen[w, : a + 1], None if logits is None else logits[w], now)
+            if k:  # KV stays valid for the pending token and the accepted drafts emitted before a finish
+                winner = batch.items[w]
+                it.count, it.draft = emitted, winner.draft[: emitted - 1]
+                # The pending token's K/V is the same in every branch: copy the accepted drafts'.
+                for o in range(1, emitted if winner.scratch else 0):
+                    src.append(winner.scratch[o // ps] * ps + o % ps)
+                    dst.append(req.span_pages[it.span][(it.start + o) // ps] * ps + (it.start + o) % ps)
+            spec = req.speculation
+            spec.draft = () if req.finished else tuple(tuple(int(t) for t in c) for c in new_drafts[w])
+            if decoding:
+                for stats in (self.spec_stats, spec.stats):
+                    stats["verify_forwards"] += 1
+                    stats["emitted"] += emitted
+                    stats["drafted"] += k
+                    stats["accepted"] += a
+                    stats["other_candidate_won"] += int(w != s)
             if req.finished:
-                break
-        if req.metrics.first_token_s is None:
-            req.metrics.first_token_s = now
-        if k:  # KV stays valid for the pending token and the accepted drafts emitted before a finish
-            winner = batch.items[w]
-            it.count, it.draft = emitted, winner.draft[: emitted - 1]
-            for o in range(1, emitted if winner.scratch else 0):  # the pending token's K/V is the same in every branch
-                src.append(winner.scratch[o // ps] * ps + o % ps)
-                dst.append(req.span_pages[it.span][(it.start + o) // ps] * ps + (it.start + o) % ps)
-        req.draft = () if req.finished else tuple(tuple(int(t) for t in c) for c in new_drafts[w])
-        if decoding:
-            for stats in (engine.spec_stats, req.__dict__.setdefault("spec", dict.fromkeys(engine.spec_stats, 0))):
-                stats["verify_forwards"] += 1
-                stats["emitted"] += emitted
-                stats["drafted"] += k
-                stats["accepted"] += a
-                stats["other_candidate_won"] += int(w != s)
-        if req.finished:
-            req.metrics.finish_s = now
-            done.append(req)
-    if src:
-        engine.cache = engine.runner.copy_slots(engine.cache, src, dst)
-    engine.scheduler.commit(batch)
-    for it in batch.items:
-        for page in it.scratch:
-            engine.pool.release(page)
-    for s in sampling:
-        req = batch.items[s].request
-        if req.finished:
-            engine.scheduler.finish(req)
-        else:
-            engine.scheduler.release_unneeded(req)
-    return done
+                done.append(req)
+        if src:
+            cache = self.runner.copy_slots(cache, src, dst)
+        self.scheduler.commit(batch)
+        for it in batch.items:
+            for page in it.scratch:
+                self.scheduler.pool.release(page)
+        for s in sampling:
+            req = batch.items[s].request
+            if req.finished:
+                self.scheduler.finish(req)
+            else:
+                self.scheduler.release_unneeded(req)
+        return cache, done

@@ -18,7 +18,9 @@ import os
 import struct
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from spanjax.models.config import ModelConfig, RopeScaling
 from spanjax.models.errors import WeightLoadError
@@ -210,8 +212,6 @@ class _SafetensorsFile:
     """One .safetensors file: names and numpy tensors, header validated on open."""
 
     def __init__(self, path: str):
-        from safetensors import SafetensorError, safe_open
-
         self.path = path
         if not os.path.exists(path):
             raise WeightLoadError(f"weights file not found: {path}")
@@ -230,8 +230,6 @@ class _SafetensorsFile:
             return self._get_raw(name)
 
     def _get_raw(self, name: str) -> np.ndarray:
-        import ml_dtypes
-
         dtypes = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
         with open(self.path, "rb") as f:
             if self._header is None:

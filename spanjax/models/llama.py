@@ -1,34 +1,32 @@
 """Functional Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Granite 3.x).
 
-Parameters are a pytree of registered dataclasses with the layers stacked on a
-leading axis, so the decoder is one `lax.scan` (compile time does not grow with
-depth); the KV cache rides in the scan carry and is updated in place. Attention is pluggable: `forward_dense` keeps a classic [B, T_max]
-cache of post-RoPE keys (the simple generator and a reference), while
-`forward_paged` writes pre-RoPE keys into a page pool and runs ragged paged
-span attention (the engine's path; see kernels/span_attention).
+Parameters and caches are `flax.struct` dataclasses (pytrees) with the layers
+stacked on a leading axis, so the decoder is one `lax.scan` over a pure function
+(compile time does not grow with depth); the KV cache rides in the scan carry
+and is updated in place. Attention is pluggable: `forward_dense` keeps a classic
+[B, T_max] cache of post-RoPE keys (the simple generator and a reference), while
+`forward_paged` writes pre-RoPE keys into a page pool and runs ragged paged span
+attention over a `SpanBatchMeta` (the engine's path; see kernels/span_attention).
 
 Weights are stored [in, out] so projections are `x @ w`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from spanjax.kernels.rope import apply_rope
+from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs
+from spanjax.kernels.span_attention.reference import span_attention_reference
 from spanjax.models.config import ModelConfig
 
 
-def _pytree_dataclass(cls):
-    cls = dataclasses.dataclass(cls)
-    return jax.tree_util.register_dataclass(cls)
-
-
-@_pytree_dataclass
+@flax.struct.dataclass
 class LayerParams:
     """One decoder layer's weights; in `Params.layers` every field has a leading [L] axis."""
 
@@ -43,7 +41,7 @@ class LayerParams:
     w_down: jax.Array  # [I, H]
 
 
-@_pytree_dataclass
+@flax.struct.dataclass
 class Params:
     embed: jax.Array  # [V, H]
     layers: LayerParams  # stacked, leading axis L
@@ -162,7 +160,7 @@ def compute_logits(params: Params, cfg: ModelConfig, hidden):
 # Dense cache: [L, B, T_max, Hkv, D] post-RoPE keys, written at each token's position.
 
 
-@_pytree_dataclass
+@flax.struct.dataclass
 class DenseKVCache:
     k: jax.Array  # [L, B, T_max, Hkv, D]
     v: jax.Array
@@ -217,7 +215,7 @@ def forward_dense(
 # Paged cache: pre-RoPE keys in a page pool; visibility through block tables.
 
 
-@_pytree_dataclass
+@flax.struct.dataclass
 class PagedKVCache:
     k: jax.Array  # [L, num_pages, page_size, Hkv, D], keys before RoPE
     v: jax.Array
@@ -236,38 +234,18 @@ def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp
     return PagedKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
-@_pytree_dataclass
-class PagedAttentionMeta:
-    """Per-step metadata of a flat ragged batch (see kernels/span_attention/reference.py)."""
-
-    slot_mapping: jax.Array  # [T] page * page_size + offset where each token's K/V goes; -1 = padding
-    block_tables: jax.Array  # [S, M]
-    block_pos: jax.Array  # [S, M]
-    block_lens: jax.Array  # [S, M]
-    cu_q_lens: jax.Array  # [S + 1]
-
-
-def _paged_attention(
-    cfg: ModelConfig, inv_freq, attention_impl, meta: PagedAttentionMeta, idx, cache, q, k, v, positions
-):
+def _paged_attention(cfg: ModelConfig, inv_freq, attention_impl, meta: SpanBatchMeta, idx, cache, q, k, v, positions):
     k_all, v_all = cache
     L, N, P = k_all.shape[:3]
+    if meta.slot_mapping is None:
+        raise ValueError("forward_paged: meta.slot_mapping is missing (where each token's K/V is written)")
+    k_layer, v_layer = (jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in cache)
+    check_inputs(q, k_layer, v_layer, meta, positions, inv_freq)  # before the cache write, naming the bad field
     pages = jnp.where(meta.slot_mapping < 0, N, meta.slot_mapping // P)  # page N is out of range -> dropped
     slots = meta.slot_mapping % P
     k_all = k_all.at[idx, pages, slots].set(k.astype(k_all.dtype), mode="drop")
     v_all = v_all.at[idx, pages, slots].set(v.astype(v_all.dtype), mode="drop")
-    out = attention_impl(
-        q,
-        k_all[idx],
-        v_all[idx],
-        meta.block_tables,
-        meta.block_pos,
-        meta.block_lens,
-        meta.cu_q_lens,
-        positions,
-        rope_inv_freq=inv_freq,
-        sm_scale=cfg.sm_scale,
-    )
+    out = attention_impl(q, k_all[idx], v_all[idx], meta, positions, rope_inv_freq=inv_freq, sm_scale=cfg.sm_scale)
     return out, (k_all, v_all)
 
 
@@ -277,7 +255,7 @@ def forward_paged(
     tokens,
     positions,
     cache: PagedKVCache,
-    meta: PagedAttentionMeta,
+    meta: SpanBatchMeta,
     attention_impl=None,
     adapter=None,
     adapter_mask=None,
@@ -285,11 +263,12 @@ def forward_paged(
     """tokens, positions [T] (flat ragged batch) -> (final hidden [T, H], cache).
 
     Writes every token's pre-RoPE K/V to `meta.slot_mapping`, then attends over
-    the pages each token's sequence lists. `attention_impl` defaults to the jnp
-    reference; the kernel dispatcher passes the Pallas kernel on accelerators.
+    the pages each token's sequence lists. `attention_impl` (the span-attention
+    contract, kernels/span_attention/meta.py) defaults to the per-token jnp
+    reference; the engine passes `get_attention_impl()`'s choice (the tiled XLA
+    path on CPU, the Pallas kernel on GPU/TPU).
     """
-    if attention_impl is None:
-        from spanjax.kernels.span_attention.reference import span_attention_reference as attention_impl
+    attention_impl = span_attention_reference if attention_impl is None else attention_impl
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
     attention = functools.partial(_paged_attention, cfg, inv_freq, attention_impl, meta)
     hidden, (k, v) = decoder(params, cfg, tokens, positions, (cache.k, cache.v), attention, adapter, adapter_mask)

@@ -1,5 +1,5 @@
 """MLP speculator heads ("Accelerating Production LLMs with Combined Token/Embedding
-Speculators", IBM fms-extras `MLPSpeculator`; DESIGN 5).
+Speculators", IBM fms-extras `MLPSpeculator`).
 
 Head i takes the previous state (the base model's final hidden state for
 head 0, head i-1's state after that) and the previously sampled token:
@@ -15,7 +15,7 @@ parameters) and divides it by sqrt(2). `tie_weights` shares emb, ln and head
 over all heads and proj over heads 1.. (proj 0 maps emb_dim -> inner_dim and
 stays separate).
 
-Parameters are a registered dataclass pytree; weights are stored [in, out]
+Parameters are a `flax.struct` dataclass (a pytree); weights are stored [in, out]
 (`x @ w`) like the base model. `export_hf` / `load_hf` read and write the
 Hugging Face MLPSpeculator layout that vLLM's loader expects (config.json with
 model_type "mlp_speculator"; weights emb.{i}.weight [V, D], proj.{i}.weight
@@ -29,9 +29,11 @@ import json
 import math
 import os
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 LN_EPS = 1e-6
 CONFIG_FILE = "config.json"
@@ -76,8 +78,7 @@ class SpeculatorConfig:
         return 1 if self.tie_weights else self.n_predict
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@flax.struct.dataclass
 class SpeculatorParams:
     # Stacked arrays (training, checkpoints, export) or tuples of per-stage arrays (`unstack`, inference).
     emb: jax.Array  # [E, V, D]; E = num_stages
@@ -109,8 +110,7 @@ def unstack(params: SpeculatorParams) -> SpeculatorParams:
     )
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@flax.struct.dataclass
 class DraftParams(SpeculatorParams):
     """Inference form (`draft_params`): per-stage arrays, and each head keeps only its distinct
     vocabulary columns; head_ids[e][c] is the full token id of column c (the lowest id among
@@ -248,8 +248,6 @@ def hf_state_dict(spec: Speculator) -> dict[str, np.ndarray]:
 
 def export_hf(spec: Speculator, directory: str, **extra_config) -> None:
     """Write `config.json` + `model.safetensors` (what vLLM's MLPSpeculator loads)."""
-    from safetensors.numpy import save_file
-
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(hf_config(spec.config, **extra_config), f, indent=2)
@@ -274,8 +272,6 @@ def config_from_hf(data: dict) -> SpeculatorConfig:
 def load_hf(directory: str, dtype=jnp.float32) -> Speculator:
     """Read a Hugging Face MLPSpeculator directory (config.json + *.safetensors); a leading
     `speculator.` in weight names is dropped, as vLLM does."""
-    from safetensors.numpy import load_file
-
     with open(os.path.join(directory, CONFIG_FILE)) as f:
         cfg = config_from_hf(json.load(f))
     files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))

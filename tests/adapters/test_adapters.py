@@ -3,6 +3,7 @@ multi-adapter banks, and the PEFT format against transformers + peft."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import jax
@@ -13,6 +14,7 @@ import pytest
 from spanjax.adapters import (
     AdapterConfig,
     adapter_mask,
+    bank_from_weights,
     export_peft,
     init_adapter,
     invocation_start,
@@ -22,6 +24,7 @@ from spanjax.adapters import (
 from spanjax.adapters.peft_format import AdapterFormatError
 from spanjax.models import llama
 from spanjax.models.config import ModelConfig
+from spanjax.models.hf import load_hf_directory
 
 CFG = ModelConfig(
     vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
@@ -107,8 +110,6 @@ def test_bank_mixes_adapters_per_token():
 
 
 def test_dropout_only_with_rng():
-    from spanjax.adapters import bank_from_weights
-
     params = _params()
     ad = init_adapter(AdapterConfig(kind="lora", r=4, dropout=0.5), CFG, jax.random.PRNGKey(1), b_scale=0.3)
     tokens = [1, 2, 3, 4]
@@ -139,10 +140,8 @@ def test_export_import_round_trip(tmp_path):
 @pytest.mark.parametrize("kind,targets", [("alora", ("q_proj", "k_proj", "v_proj")), ("lora", ALL), ("alora", ALL)])
 def test_exported_adapter_matches_transformers_peft(tmp_path, tiny_hf_model, kind, targets):
     """Export from spanjax, load with PeftModel.from_pretrained: same logits (fp32, < 1e-4)."""
-    import torch
+    import torch  # optional test dependencies (slow imports), loaded only by the parity tests
     from peft import PeftModel
-
-    from spanjax.models.hf import load_hf_directory
 
     path, torch_model = tiny_hf_model("llama3")
     mcfg, params = load_hf_directory(path)
@@ -153,8 +152,6 @@ def test_exported_adapter_matches_transformers_peft(tmp_path, tiny_hf_model, kin
     ad = init_adapter(cfg, mcfg, jax.random.PRNGKey(5), b_scale=0.5)
     out = tmp_path / "adapter"
     export_peft(ad, str(out))
-    import copy
-
     peft_model = PeftModel.from_pretrained(copy.deepcopy(torch_model), str(out)).eval()
     tokens = [1, 5, 9, 40, 41, 42, 17, 3, 40, 41, 42, 60, 61, 62, 63]
     with torch.no_grad():

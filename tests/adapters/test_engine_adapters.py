@@ -3,6 +3,7 @@ pages, several adapters share one batch, logits equal a dense masked reference."
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -145,7 +146,6 @@ def test_alora_prefix_pages_key_as_base_and_hit_the_base_cache(setup):
 @pytest.mark.parametrize("positions", ["sequential", "parallel"])
 def test_mixed_batch_of_base_alora_lora_equals_dense_reference(setup, positions):
     model, tok, adapters, eng = setup
-    names = list(eng.adapters)
     bank = make_bank(list(eng.adapters.values()), CFG)
     jobs = []
     for i, adapter in enumerate([None, "ans", "lora", "ans"]):
@@ -154,7 +154,7 @@ def test_mixed_batch_of_base_alora_lora_equals_dense_reference(setup, positions)
         plan = lower_for_engine(g, tok, model="tiny", page_size=PAGE, adapters=eng.adapters)
         jobs.append((plan, eng.submit(plan, SamplingParams(max_tokens=4, ignore_eos=True), keep_logits=True)))
     eng.run_until_done([r for _, r in jobs])
-    for plan, req in jobs:
+    for _, req in jobs:
         span_ids = req.span_adapter or (-1,) * len(req.plan.spans)
         ref = reference_logits(model, req.plan, req.generated[:-1], bank, span_ids)
         n0 = req.plan.num_tokens
@@ -196,7 +196,5 @@ def test_run_query_with_adapter(setup):
             "input": {"cross": [{"user": "some context here"}, {"user": INV_TEXT}]},
         }
     }
-    import json
-
     res = run_query(eng, json.dumps(q))
     assert res.final.generated_tokens >= 1

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import ToyTokenizer
 
 from spanjax.engine import dense_generate as dg
 from spanjax.engine.dense_generate import GenerationResult, complete, generate
@@ -20,8 +21,6 @@ PROMPT_LENS = (3, 10, 17)
 @pytest.fixture(scope="module")
 def tiny(tiny_hf_model):
     """(LoadedModel, torch model) for the tiny Llama-3-style checkpoint."""
-    from conftest import ToyTokenizer
-
     path, hf = tiny_hf_model("llama3")
     cfg, params = load_hf_directory(path)
     cfg = dataclasses.replace(cfg, eos_token_ids=())  # no eos: lengths below are predictable
@@ -48,8 +47,6 @@ def _hf_greedy(hf, prompt, max_new, eos):
 
 @pytest.mark.parametrize("name", ["llama3", "llama_tied"])
 def test_greedy_matches_transformers_generate(tiny_hf_model, name):
-    from conftest import ToyTokenizer
-
     path, hf = tiny_hf_model(name)
     cfg, params = load_hf_directory(path)
     model = LoadedModel(path, cfg, params, ToyTokenizer(cfg.vocab_size))

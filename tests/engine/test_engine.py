@@ -4,14 +4,18 @@
   DESIGN 2.3 mask and positions (tests/engine/dense_reference.py);
 - commutativity: permuted plus children hit the cache; parallel logits agree;
 - a tiny pool preempts and still gives the ample pool's outputs;
-- compilations stay within the documented bound.
+- compilations stay within the documented bound;
+- `ignore_eos` runs past end-of-sequence ids to max_tokens, as the dense generator does.
 """
+
+import dataclasses
 
 import jax
 import numpy as np
 import pytest
 from dense_reference import masked_dense_logits, plan_arrays
 
+from spanjax.engine.dense_generate import generate as dense_generate
 from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.engine.executor import run_query
 from spanjax.engine.sampling import SamplingParams
@@ -216,7 +220,7 @@ def test_compilations_stay_within_documented_bound(tiny_model):
     assert runner.page_buckets == [4, 8, 16, 32, 64, 128]
     assert runner.compile_bound == 3 * 3 * 6
     rng = np.random.default_rng(9)
-    for wave in range(6):  # varied prompt lengths, concurrency and decode lengths
+    for _wave in range(6):  # varied prompt lengths, concurrency and decode lengths
         plans = [
             lower(A.G("tiny", A.Message("user", words(rng, 1, 150))), eng.model.tokenizer, model="tiny", page_size=PAGE)
             for _ in range(int(rng.integers(1, 6)))
@@ -266,3 +270,31 @@ def test_executor_runs_seq_par_monad_and_repeat(tiny_model, engine):
     again = run_query(engine, A.Repeat(2, g("b", temperature=0.9, seed=5)))
     assert isinstance(again.value, list) and len(again.value) == 2
     assert sorted(again.value) == sorted(r.text for r in res.generations[2:4])
+
+
+def test_ignore_eos_generates_max_tokens_like_the_dense_generator(tiny_model, engine):
+    """A token the tiny model generates early is made an eos id: without ignore_eos the engine stops
+    there; with it the engine generates max_tokens, the tokens of a run where nothing is eos, and
+    the dense generator's tokens (eos ids included)."""
+    n = 12
+    plan = lower(A.G("tiny", A.Message("user", "tell me more")), tiny_model.tokenizer, model="tiny", page_size=PAGE)
+    assert len(plan.spans) == 1
+    ref = engine.generate([plan], SamplingParams(max_tokens=n))[0]
+    assert ref.finish_reason == "length" and len(ref.generated) == n
+    eos = ref.generated[1]
+    first = ref.generated.index(eos)
+    model = LoadedModel(
+        "tiny", dataclasses.replace(tiny_model.cfg, eos_token_ids=(eos,)), tiny_model.params, Tokenizer()
+    )
+    eng = Engine(
+        model,
+        EngineConfig(num_pages=64, page_size=PAGE, max_tokens_per_step=32, max_seqs_per_step=8, attention="reference"),
+    )
+    stopped, kept = eng.generate(
+        [plan, plan], [SamplingParams(max_tokens=n), SamplingParams(max_tokens=n, ignore_eos=True)]
+    )
+    assert stopped.finish_reason == "eos" and stopped.generated == ref.generated[: first + 1]
+    assert kept.finish_reason == "length" and len(kept.generated) == n and eos in kept.generated
+    assert kept.generated == ref.generated
+    dense = dense_generate(model, [list(plan.spans[0].token_ids)], SamplingParams(max_tokens=n, ignore_eos=True))[0]
+    assert dense.finish_reason == "length" and dense.token_ids == kept.generated

@@ -205,7 +205,7 @@ def test_draft_tree_candidates_are_verified_in_the_same_forward(
         engine_config(speculative_candidates=0)
     wide = Engine(model, engine_config(speculative_candidates=10**6), speculator=second_choice_speculator)
     assert (
-        wide.runner.num_candidates == len(wide._spec_params.head_ids[0]) < model.cfg.vocab_size
+        wide.runner.num_candidates == len(wide.step_path.spec_params.head_ids[0]) < model.cfg.vocab_size
     )  # head 0's distinct columns
     with pytest.raises(ValueError, match="speculative_tree_fill"):
         engine_config(speculative_tree_fill="all")

@@ -14,11 +14,11 @@ import pytest
 from spanjax.config import ConfigError
 from spanjax.eval import locality as L
 from spanjax.eval.experiments import load_config, run
-from spanjax.runs import ITEMS_FILE, load_items, open_run
 from spanjax.models import llama
 from spanjax.models.config import ModelConfig
 from spanjax.models.loading import LoadedModel
 from spanjax.query.fake import SPECIAL, ByteTokenizer
+from spanjax.runs import ITEMS_FILE, load_items, open_run
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -57,28 +57,7 @@ def smoke_cfg(tmp_path, *extra):
 
 
 # ---------------------------------------------------------------------------- metric
-
-
-@pytest.mark.parametrize(
-    "text, norm",
-    [
-        ("The  Eiffel Tower!", "eiffel tower"),
-        ("an Apple, a day", "apple day"),
-        ("U.S.A.", "usa"),
-        ("Theatre of the Absurd", "theatre of absurd"),  # 'the' inside a word is kept
-        ("  \tNew\nYork ", "new york"),
-    ],
-)
-def test_normalize_answer(text, norm):
-    assert L.normalize_answer(text) == norm
-
-
-def test_nq_and_kv_metrics():
-    assert L.nq_correct("I think it was the Eiffel tower.", ["Eiffel Tower"])
-    assert L.nq_correct("answer: 1,000 people", ["1000 people"])
-    assert not L.nq_correct("Paris", ["London", "Berlin"])
-    assert not L.nq_correct("anything", ["the"])  # an answer that normalizes to '' never counts
-    assert L.kv_correct('the value is "abc-123"', "abc-123") and not L.kv_correct("abc-12", "abc-123")
+# (answer normalization and the examples: tests/tasks/test_task_data.py)
 
 
 def test_wilson_interval():
@@ -92,33 +71,9 @@ def test_wilson_interval():
 # ---------------------------------------------------------------------------- examples
 
 
-def test_nq_examples_are_deterministic_and_clean():
-    ev = L.LocalityEval(split="dev", num_docs=5, num_questions=3)
-    a, b = L.nq_examples(ev, 0), L.nq_examples(ev, 0)
-    assert a == b and [e.index for e in a] == [0, 1, 2]
-    assert L.nq_examples(ev, 1)[0].docs != a[0].docs  # the seed picks the distractors
-    for ex in a:
-        assert len(ex.docs) == 4
-        assert not any(L.nq_correct(d, ex.answers) for d in ex.docs)  # only the gold can answer
-        for p in range(5):
-            docs = ex.documents(p)
-            assert docs[p] == f"Document [{p + 1}]{ex.gold}" and len(docs) == 5
-    held = L.nq_examples(L.LocalityEval(split="held_out", num_docs=3, num_questions=2), 0)
-    assert [e.index for e in held] == [2000, 2001]
-    assert all(idx >= 2000 for e in held for idx in [e.index])
-
-
-def test_kv_examples_put_the_key_chunk_anywhere():
-    ev = L.LocalityEval(dataset="kv", split="dev", num_docs=4, num_questions=2)
-    for ex in L.kv_examples(ev, 0):
-        assert len(ex.docs) == 3 and ex.answers[0] in ex.gold and not any(ex.answers[0] in d for d in ex.docs)
-        for p in range(4):
-            assert ex.answers[0] in ex.documents(p)[p]
-
-
 def test_work_order_batches_one_position_per_chunk(tmp_path):
     cfg = smoke_cfg(tmp_path)
-    exs = L.nq_examples(cfg.eval, cfg.seed)
+    exs = L.locality_examples(cfg.eval, cfg.seed)
     batches = L.work_order(cfg, exs)
     keys = [k for b in batches for k in b]
     assert len(keys) == len(set(keys)) == len(cfg.eval.variants) * 2 * 3

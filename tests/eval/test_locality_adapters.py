@@ -62,7 +62,7 @@ def _pages(engine, plan, spans):
 
 def test_alora_variant_hits_base_document_pages_and_changes_no_document_kv(tiny):
     model, tok, adapters = tiny
-    ex = L.nq_examples(L.LocalityEval(split="dev", num_docs=3, num_questions=1, max_doc_tokens=24), 0, tok)[0]
+    ex = L.locality_examples(L.LocalityEval(split="dev", num_docs=3, num_questions=1, max_doc_tokens=24), 0, tok)[0]
     eng = Engine(model, EngineConfig(num_pages=256, page_size=PAGE, max_tokens_per_step=128, attention="reference"))
     eng.register_adapter("alora", adapters["alora"])
     sampling = SamplingParams(max_tokens=2, ignore_eos=True)
@@ -137,7 +137,7 @@ def test_locality_run_with_adapter_variants(tiny, tmp_path, monkeypatch):
     assert res["adapters"] == {"alora": dirs["alora"], "lora": dirs["lora"]}
     assert set(res["accuracy"]) == {"span-parallel", "span-parallel+alora", "span-parallel+lora"}
     items = load_items(d)
-    by_q = {ex.index: ex for ex in L.nq_examples(cfg.eval, cfg.seed, tok)}
+    by_q = {ex.index: ex for ex in L.locality_examples(cfg.eval, cfg.seed, tok)}
     for (v, q, p), r in items.items():
         if v == "span-parallel+alora":  # only the question message and the assistant header are computed
             final = len(tok.encode_message("user", by_q[q].question)) + len(tok.generation_prefix_ids())

@@ -5,10 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spanjax.kernels.span_attention import get_attention_impl
-
-llama = pytest.importorskip("spanjax.models.llama")
-config = pytest.importorskip("spanjax.models.config")
+from spanjax.kernels.span_attention import SpanBatchMeta, get_attention_impl
+from spanjax.models import config, llama
 
 
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
@@ -23,7 +21,7 @@ def test_forward_paged_matches_reference(impl):
     toks = jnp.asarray(np.random.default_rng(0).integers(0, 50, size=28), jnp.int32)
     pos = jnp.asarray(list(range(20)) + list(range(5)) + [0, 0, 0], jnp.int32)
     slots = [3 * P + i for i in range(16)] + [1 * P + i for i in range(4)] + [4 * P + i for i in range(5)] + [-1] * 3
-    meta = llama.PagedAttentionMeta(
+    meta = SpanBatchMeta(
         slot_mapping=jnp.asarray(slots, jnp.int32),
         block_tables=jnp.asarray([[3, 1], [4, 0]], jnp.int32),
         block_pos=jnp.asarray([[0, 16], [0, 0]], jnp.int32),
@@ -58,7 +56,7 @@ def test_draft_tree_batch_matches_reference(impl):
     toks = jnp.asarray(toks, jnp.int32)
     pos = jnp.asarray(list(range(21, 25)) * 2, jnp.int32)
     slots = [2 * P + 5 + i for i in range(4)] + [5 * P + i for i in range(4)]
-    meta = llama.PagedAttentionMeta(
+    meta = SpanBatchMeta(
         slot_mapping=jnp.asarray(slots, jnp.int32),
         block_tables=jnp.asarray([[3, 2, 0], [3, 2, 5]], jnp.int32),
         block_pos=jnp.asarray([[0, 16, 0], [0, 16, 21]], jnp.int32),

@@ -17,6 +17,7 @@ from spanjax.kernels.span_attention import (
 from spanjax.kernels.span_attention.kernel import span_attention_gpu
 from spanjax.kernels.span_attention.kernel_tpu import span_attention_tpu
 from spanjax.kernels.span_attention.testing import args_kwargs, make_batch
+from spanjax.kernels.span_attention.xla import span_attention_xla
 
 KERNELS = {"gpu": span_attention_gpu, "tpu": span_attention_tpu}
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -138,8 +139,6 @@ def test_reference_masks_nonfinite_pad_slots():
 @pytest.mark.parametrize("block_q", [1, 4, 64])
 def test_xla_tiled_path_fp32(G, P, block_q):
     """The tiled jnp path (the CPU default) equals the per-token reference."""
-    from spanjax.kernels.span_attention.xla import span_attention_xla
-
     batch = _batch(G * 10 + P + block_q, MIXED, G, P)
     args, kw = args_kwargs(batch)
     ref = span_attention_reference(*args, **kw)
@@ -153,12 +152,11 @@ def test_xla_tiled_path_walks_only_needed_page_groups():
     """The tiled path stops after the last page group any tile needs: a block-table bucket
     far wider than every sequence (junk page ids and NaN in the pages it never lists)
     changes nothing, and a batch with no query tokens walks no group and gives zeros."""
-    from spanjax.kernels.span_attention.xla import span_attention_xla
-
     batch = _batch(7, MIXED, 3, 16)
     args, kw = args_kwargs(batch)
     ref = span_attention_reference(*args, **kw)
-    q, k_pages, v_pages, tables, pos, lens, cu, q_pos = args
+    q, k_pages, v_pages, meta, q_pos = args
+    tables, pos, lens = meta.block_tables, meta.block_pos, meta.block_lens
     wide = 8 * tables.shape[1]
     pad = ((0, 0), (0, wide - tables.shape[1]))
     junk_tables = np.pad(np.asarray(tables), pad, constant_values=10**6)
@@ -166,18 +164,19 @@ def test_xla_tiled_path_walks_only_needed_page_groups():
     nan_pages = np.setdiff1d(np.arange(k_pages.shape[0]), listed)
     k_nan = np.asarray(k_pages).copy()
     k_nan[nan_pages] = np.nan
-    wide_args = (q, k_nan, v_pages, junk_tables, np.pad(np.asarray(pos), pad), np.pad(np.asarray(lens), pad), cu, q_pos)
+    wide_meta = meta.replace(
+        block_tables=junk_tables, block_pos=np.pad(np.asarray(pos), pad), block_lens=np.pad(np.asarray(lens), pad)
+    )
+    wide_args = (q, k_nan, v_pages, wide_meta, q_pos)
     out = jax.jit(lambda *a: span_attention_xla(*a, **kw, pages_per_step=2))(*wide_args)
     assert _diff(out, ref) <= TOL["float32"]
 
-    no_queries = (q, k_pages, v_pages, tables, pos, lens, np.zeros_like(np.asarray(cu)), q_pos)
+    no_queries = (q, k_pages, v_pages, meta.replace(cu_q_lens=np.zeros_like(np.asarray(meta.cu_q_lens))), q_pos)
     out = span_attention_xla(*no_queries, **kw)
     assert not np.isnan(np.asarray(out)).any() and float(jnp.max(jnp.abs(out))) == 0.0
 
 
 def test_xla_tiled_path_bf16():
-    from spanjax.kernels.span_attention.xla import span_attention_xla
-
     batch = _batch(5, MIXED, 3, 16, dtype=jnp.bfloat16)
     args, kw = args_kwargs(batch)
     assert _diff(span_attention_xla(*args, **kw), span_attention_reference(*args, **kw)) <= TOL["bfloat16"]

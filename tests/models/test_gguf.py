@@ -11,14 +11,18 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
+from spanjax.engine.dense_generate import generate
+from spanjax.engine.sampling import SamplingParams
 from spanjax.models.errors import WeightLoadError
 from spanjax.models.gguf import dequantize_tensor, load_gguf, permute_qk, unpermute_qk
+from spanjax.models.llama import compute_logits, forward_dense, init_dense_cache
 
 # ----------------------------------------------------------------------------- helpers
 
 
 def _reference_dequant(raw: np.ndarray, qtype: QT, shape) -> np.ndarray:
     """transformers' independent (torch) dequantizer, as the expected values for quantized types."""
+    # torch and transformers (optional test dependencies, slow to import) load only in the tests that use them.
     import torch
     from transformers.integrations.gguf.dequant import dequantize
 
@@ -312,8 +316,6 @@ def test_smollm2_weights_match_transformers(smollm2, hf_smollm2):
 def test_smollm2_logits_match_transformers(smollm2, hf_smollm2):
     import torch
 
-    from spanjax.models.llama import compute_logits, forward_dense, init_dense_cache
-
     # One right-padded batch (one compile); padding sits at position T_max, outside the cache, so it is dropped.
     prompts = [_prompt_ids(smollm2, kind, text) for kind, text in PROMPTS[:2] + PROMPTS[3:5]]
     T = max(map(len, prompts))
@@ -332,9 +334,6 @@ def test_smollm2_logits_match_transformers(smollm2, hf_smollm2):
 
 
 def test_smollm2_greedy_matches_transformers(smollm2, hf_smollm2):
-    from spanjax.engine.dense_generate import generate
-    from spanjax.engine.sampling import SamplingParams
-
     prompts = [_prompt_ids(smollm2, kind, text) for kind, text in PROMPTS]
     results = generate(smollm2, prompts, SamplingParams(max_tokens=N_NEW, temperature=0.0))
     eos = set(smollm2.cfg.eos_token_ids)

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import build_hf_model
+from safetensors.numpy import load_file, save_file
 
+from spanjax.kernels.span_attention import SpanBatchMeta
 from spanjax.models.errors import WeightLoadError
 from spanjax.models.hf import load_hf_config, load_hf_directory
 from spanjax.models.llama import (
-    PagedAttentionMeta,
     compute_logits,
     forward_dense,
     forward_paged,
@@ -73,7 +75,7 @@ def _paged_logits(cfg, params, prompts, page_size=4):
     positions += [0] * pad
     slots += [-1] * pad
     cu = np.concatenate([[0], np.cumsum([len(p) for p in prompts])]).astype(np.int32)
-    meta = PagedAttentionMeta(
+    meta = SpanBatchMeta(
         slot_mapping=jnp.asarray(slots, jnp.int32),
         block_tables=jnp.asarray(tables),
         block_pos=jnp.asarray(block_pos),
@@ -146,8 +148,6 @@ def test_sharded_checkpoint_has_index(tiny_hf_model):
 
 
 def test_bf16_weights_load(tmp_path):
-    from conftest import build_hf_model
-
     hf = build_hf_model(tmp_path, "llama3", dtype=torch.bfloat16)
     _, params = load_hf_directory(str(tmp_path))
     want = hf.model.layers[1].self_attn.q_proj.weight.detach().to(torch.bfloat16).float().numpy().T
@@ -213,8 +213,6 @@ def test_missing_shard(tiny_hf_model, tmp_path):
 
 
 def test_missing_tensor(tiny_hf_model, tmp_path):
-    from safetensors.numpy import load_file, save_file
-
     path = _copy(tiny_hf_model("llama3")[0], tmp_path)
     file = os.path.join(path, "model.safetensors")
     tensors = load_file(file)

@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from spanjax.models import speculator as S
+from spanjax.training.speculator import expand_vocab
 
 VLLM_NAMES = {"emb.{i}.weight", "proj.{i}.weight", "head.{i}.weight", "ln.{i}.weight", "ln.{i}.bias"}
 
@@ -24,19 +26,21 @@ def _spec(tie, scale_input, n=3, inner=24, seed=0):
     params = S.init_speculator(cfg, jax.random.PRNGKey(seed))
     # non-trivial LN parameters so a transposed or swapped tensor cannot go unnoticed
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed + 1))
-    params.ln_weight = 1.0 + 0.3 * jax.random.normal(k1, params.ln_weight.shape)
-    params.ln_bias = 0.3 * jax.random.normal(k2, params.ln_bias.shape)
+    params = params.replace(
+        ln_weight=1.0 + 0.3 * jax.random.normal(k1, params.ln_weight.shape),
+        ln_bias=0.3 * jax.random.normal(k2, params.ln_bias.shape),
+    )
     return S.Speculator(cfg, params)
 
 
 def torch_proposals(directory, hidden, tokens, n):
     """vLLM's MLPSpeculator forward (greedy sampler), transcribed independently in torch,
     reading config.json and the safetensors by name."""
-    import torch
-    from safetensors.torch import load_file
+    import torch  # optional test dependency, imported only by the tests that compare against it
+    from safetensors.torch import load_file as load_torch
 
     cfg = json.load(open(f"{directory}/config.json"))
-    w = load_file(f"{directory}/model.safetensors")
+    w = load_torch(f"{directory}/model.safetensors")
     inner = cfg["inner_dim"] or cfg["emb_dim"]
     state_weight = 0.5 ** (0.5 / cfg["n_predict"])
     emb_weight = math.sqrt((1 - state_weight**2) * (inner / 2))
@@ -83,8 +87,6 @@ def test_hf_format_round_trip_and_vllm_semantics(tmp_path, tie, scale_input):
         n_candidates=1,
     ).items():
         assert cfg[k] == v, k
-    from safetensors.numpy import load_file
-
     w = load_file(str(d / "model.safetensors"))
     assert set(w) == {n.format(i=i) for n in VLLM_NAMES for i in range(3)}
     assert w["emb.1.weight"].shape == (40, 24) and w["head.2.weight"].shape == (40, 24)
@@ -120,8 +122,6 @@ def test_design_weights_and_config_checks():
 def test_load_reports_missing_weights(tmp_path):
     spec = _spec(False, False)
     S.export_hf(spec, str(tmp_path))
-    from safetensors.numpy import load_file, save_file
-
     w = load_file(str(tmp_path / "model.safetensors"))
     del w["head.1.weight"]
     save_file(w, str(tmp_path / "model.safetensors"))
@@ -142,8 +142,6 @@ def test_draft_params_propose_over_distinct_columns_only():
     """A speculator trained over a reduced vocabulary is exported with all rare tokens sharing one
     column; the inference form keeps the distinct columns and still returns the full-vocabulary
     argmax (the lowest id among equal columns), whether a draft is a kept or a rare token."""
-    from spanjax.training.speculator import expand_vocab
-
     cfg = S.SpeculatorConfig(emb_dim=16, vocab_size=11, inner_dim=24, n_predict=3, scale_input=True)
     small = S.init_speculator(cfg, jax.random.PRNGKey(3))
     lut = np.full(40, 10, np.int32)

@@ -1,7 +1,7 @@
 """Block-attention adapter training (training/block_adapter.py) on a tiny random model:
 the masked training forward equals the brute-force dense reference and the engine on
 random span plans (base, LoRA, aLoRA); aLoRA document tokens are bitwise the base
-model's; the data are eval/locality.py's queries lowered by the span planner (DEV
+model's; the data are the locality eval's queries lowered by the span planner (DEV
 questions only: test_block_training.py)."""
 
 from __future__ import annotations

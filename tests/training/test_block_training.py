@@ -1,5 +1,5 @@
 """Block-attention adapter data and training loop (training/block_adapter.py) on a tiny
-random model: the data are eval/locality.py's queries lowered by the span planner (DEV
+random model: the data are the locality eval's queries lowered by the span planner (DEV
 questions only), and a run learns, resumes exactly after a kill and exports PEFT.
 (The forward's parity with the dense reference and the engine: test_block_adapter.py.)"""
 
@@ -18,7 +18,8 @@ from spanjax.query.fake import SPECIAL
 from spanjax.query.lower import lower
 from spanjax.training import block_adapter as BA
 from spanjax.training.config import AdapterSection, DataSection, OptimSection, TrainConfig
-from spanjax.training.trainer import SimulatedCrash, read_metrics, train
+from spanjax.training.core import SimulatedCrash, read_metrics
+from spanjax.training.trainer import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_byte import CFG, tiny_model  # noqa: E402
@@ -36,7 +37,7 @@ def test_training_examples_are_the_eval_queries_from_dev_only(model):
     data = DataSection(source="nq_blocks", invocation="Question:", num_docs=3, max_doc_tokens=20, num_train_questions=4)
     exs = BA.source_examples(data, 0, tok)
     ev = L.LocalityEval(split="dev", num_docs=3, num_questions=4, max_doc_tokens=20)
-    assert exs == L.nq_examples(ev, 0, tok) and [e.index for e in exs] == [0, 1, 2, 3]
+    assert exs == L.locality_examples(ev, 0, tok) and [e.index for e in exs] == [0, 1, 2, 3]
     ex = exs[1]
     ans = BA.answer_ids(tok, ex.answers[0])
     assert ans == tok.encode(ex.answers[0]) + [SPECIAL["end"]]

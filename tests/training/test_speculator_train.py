@@ -10,13 +10,18 @@ import jax
 import numpy as np
 import pytest
 
+from spanjax.cli import main
+from spanjax.engine.engine import Engine, EngineConfig
+from spanjax.engine.sampling import SamplingParams
 from spanjax.models import llama
 from spanjax.models import speculator as S
 from spanjax.models.config import ModelConfig
 from spanjax.models.loading import LoadedModel
-from spanjax.training.speculator import speculator_loss, train
+from spanjax.query import ast as A
+from spanjax.query.lower import lower
+from spanjax.training.core import SimulatedCrash, read_metrics
+from spanjax.training.speculator import simulated_tokens_per_forward, speculator_loss, stage2_val_mask, train
 from spanjax.training.speculator_config import SpeculatorDataSection, SpeculatorSection, SpeculatorTrainConfig
-from spanjax.training.trainer import SimulatedCrash, read_metrics
 
 CFG = ModelConfig(
     vocab_size=64,
@@ -160,8 +165,6 @@ def test_training_vocabulary_is_expanded_at_export(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_spanjax_train_speculator_smoke(tmp_path, capsys, monkeypatch, smollm2_gguf_path):
     """`spanjax train speculator` on SmolLM2 (1 step per stage, tiny data): metrics, HF export, resume."""
-    from spanjax.cli import main
-
     monkeypatch.setenv("SPANJAX_NO_PROGRESS", "1")
     argv = ["train", "speculator", "configs/speculator_smollm2_smoke.yaml", f"out_dir={tmp_path}"]
     assert main(argv) == 0
@@ -219,8 +222,6 @@ def test_sampled_continuations_extend_the_greedy_ones(tmp_path, monkeypatch):
 
 def test_simulated_tokens_per_forward_walks_like_the_engine():
     """From the last emitted token the leading correct heads are accepted plus the verifier's token."""
-    from spanjax.training.speculator import simulated_tokens_per_forward
-
     correct = np.zeros((1, 8, 2), bool)
     correct[0, 0] = [True, True]  # tokens 1, 2 accepted, 3 from the verifier: 3 tokens, next draft at 3
     correct[0, 1] = [True, True]  # never read: position 1 is skipped over
@@ -234,12 +235,6 @@ def test_simulated_tokens_per_forward_walks_like_the_engine():
 def test_validation_split_predicts_the_engines_tokens_per_forward(tmp_path, monkeypatch):
     """data.val_prompts: the last prompts' continuations are never trained on, and the logged
     tokens per forward on them is what the speculative engine decodes them with."""
-    from spanjax.engine.engine import Engine, EngineConfig
-    from spanjax.engine.sampling import SamplingParams
-    from spanjax.query import ast as A
-    from spanjax.query.lower import lower
-    from spanjax.training.speculator import stage2_val_mask
-
     monkeypatch.setenv("SPANJAX_NO_PROGRESS", "1")
     model = _model()
     data = dataclasses.replace(_cfg(tmp_path).data, temperature=0.0, val_prompts=4)

@@ -14,8 +14,9 @@ from spanjax.models import llama
 from spanjax.models.config import ModelConfig
 from spanjax.models.loading import LoadedModel
 from spanjax.training.config import AdapterSection, DataSection, OptimSection, TrainConfig
+from spanjax.training.core import SimulatedCrash, read_metrics
 from spanjax.training.data import Example, batch_indices, make_batch
-from spanjax.training.trainer import SimulatedCrash, read_metrics, train
+from spanjax.training.trainer import train
 
 CFG = ModelConfig(
     vocab_size=64,

@@ -1,4 +1,4 @@
-"""Readers for the evaluation data in ../shared/data (see its README).
+"""Readers for the task data in shared/data beside the repository checkout (see its README).
 
 Questions 0..1999 of nq-open-oracle are for development and training;
 2000..2654 are held out for reported numbers. Callers pass the split.
@@ -16,11 +16,11 @@ HELD_OUT = range(2000, 2655)
 
 
 def data_dir() -> Path:
-    """`$SPANJAX_DATA`, else ../shared/data beside the repository."""
+    """`$SPANJAX_DATA`, else shared/data beside the repository (../shared/data from its root)."""
     env = os.environ.get("SPANJAX_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _read_jsonl_gz(name: str) -> list[dict]:
@@ -42,5 +42,6 @@ def kv_retrieval() -> list[dict]:
 
 
 def passage_text(record: dict) -> str:
+    """The record's gold passage as a document body: "(Title: ...) text"."""
     ctx = record["ctxs"][0]
     return f"(Title: {ctx['title']}) {ctx['text']}"

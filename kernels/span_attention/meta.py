@@ -1,0 +1,127 @@
+"""The span-attention contract: one batch-metadata pytree and the checks every implementation runs.
+
+Every implementation (reference.py, xla.py, kernel.py for GPU, kernel_tpu.py for
+TPU, and the dispatcher) and the model's paged step (spanjax.models.llama) take
+
+    f(q, k_pages, v_pages, meta, q_pos, *, rope_inv_freq, sm_scale) -> [T, Hq, D]
+
+  q             [T, Hq, D]          queries of T tokens from S sequences, RoPE applied
+  k_pages       [N, P, Hkv, D]      paged keys, stored BEFORE RoPE
+  v_pages       [N, P, Hkv, D]      paged values
+  meta          SpanBatchMeta       which pages each sequence sees (below)
+  q_pos         [T] int             logical position of every query token
+  rope_inv_freq [D // 2] float      RoPE frequencies applied to keys at attention time
+  sm_scale      float               softmax scale (1/sqrt(D), or a model's multiplier)
+
+Rule: a query token of sequence s at position p sees the key in slot j of
+listed page i iff j < block_lens[s, i] and block_pos[s, i] + j <= p. Tokens
+past cu_q_lens[S] are padding and give zeros, as do rows that see no key at
+all. Padded sequences repeat the last cu_q_lens value (empty). Entries with
+block_lens 0 are ignored whatever their page id; values in unseen slots may be
+anything, even inf/NaN.
+
+`check_inputs` validates shapes and dtypes (static, so it costs nothing under
+jit) and raises a ValueError naming the bad field.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@flax.struct.dataclass
+class SpanBatchMeta:
+    """Per-step metadata of a flat ragged batch of T tokens from S sequences."""
+
+    block_tables: jax.Array  # [S, M] int: page ids each sequence may see (its visibility)
+    block_pos: jax.Array  # [S, M] int: logical position of the first token of each listed page
+    block_lens: jax.Array  # [S, M] int: valid tokens in each listed page (0 = unused entry)
+    cu_q_lens: jax.Array  # [S + 1] int: offsets of each sequence's tokens in the batch
+    # [T] int: page * page_size + offset where each token's K/V is written (-1 = padding).
+    # Only the model's cache write reads it; attention alone may leave it None.
+    slot_mapping: jax.Array | None = None
+
+
+class SpanShapes(NamedTuple):
+    """The sizes of a validated call (see the module docstring for the letters)."""
+
+    T: int
+    Hq: int
+    D: int
+    N: int
+    P: int
+    Hkv: int
+    S: int
+    M: int
+
+    @property
+    def G(self) -> int:
+        """Query heads per KV head."""
+        return self.Hq // self.Hkv
+
+
+def _shape(name, x):
+    if x is None:
+        raise ValueError(f"span attention: {name} is missing (None)")
+    return tuple(np.shape(x))
+
+
+def _kind(name, x, kind, what):
+    dtype = getattr(x, "dtype", None)
+    dtype = np.asarray(x).dtype if dtype is None else dtype
+    if not jnp.issubdtype(dtype, kind):
+        raise ValueError(f"span attention: {name} must have {what} dtype, got {dtype}")
+
+
+def _expect(name, x, shape, layout):
+    got = _shape(name, x)
+    if got != tuple(shape):
+        raise ValueError(f"span attention: {name} has shape {got}, expected {layout} = {tuple(shape)}")
+
+
+def _ndim(name, x, layout):
+    got = _shape(name, x)
+    if len(got) != layout.count(",") + 1:
+        raise ValueError(f"span attention: {name} has shape {got}, expected {layout}")
+    return got
+
+
+def check_inputs(q, k_pages, v_pages, meta: SpanBatchMeta, q_pos, rope_inv_freq=None) -> SpanShapes:
+    """Validate one call's arguments; returns their sizes. Raises ValueError naming the bad field."""
+    if not isinstance(meta, SpanBatchMeta):
+        raise ValueError(f"span attention: meta must be a SpanBatchMeta, got {type(meta).__name__}")
+    T, Hq, D = _ndim("q", q, "[T, Hq, D]")
+    _kind("q", q, jnp.floating, "a floating")
+    N, P, Hkv, Dk = _ndim("k_pages", k_pages, "[N, P, Hkv, D]")
+    _kind("k_pages", k_pages, jnp.floating, "a floating")
+    if Dk != D:
+        raise ValueError(f"span attention: k_pages has head_dim {Dk}, q has {D}")
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"span attention: q's {Hq} heads are not a multiple of k_pages' {Hkv} KV heads")
+    if D % 2:
+        raise ValueError(f"span attention: head_dim {D} of q must be even (RoPE rotates halves)")
+    _expect("v_pages", v_pages, (N, P, Hkv, D), "k_pages' shape [N, P, Hkv, D]")
+    _kind("v_pages", v_pages, jnp.floating, "a floating")
+    S, M = _ndim("block_tables", meta.block_tables, "[S, M]")
+    _kind("block_tables", meta.block_tables, jnp.integer, "an integer")
+    for name in ("block_pos", "block_lens"):
+        x = getattr(meta, name)
+        _expect(name, x, (S, M), "block_tables' shape [S, M]")
+        _kind(name, x, jnp.integer, "an integer")
+    _expect("cu_q_lens", meta.cu_q_lens, (S + 1,), "[S + 1]")
+    _kind("cu_q_lens", meta.cu_q_lens, jnp.integer, "an integer")
+    _expect("q_pos", q_pos, (T,), "[T] (one per query token)")
+    _kind("q_pos", q_pos, jnp.integer, "an integer")
+    if meta.slot_mapping is not None:
+        _expect("slot_mapping", meta.slot_mapping, (T,), "[T] (one per query token)")
+        _kind("slot_mapping", meta.slot_mapping, jnp.integer, "an integer")
+    if rope_inv_freq is not None:
+        got = _shape("rope_inv_freq", rope_inv_freq)
+        if int(np.prod(got)) != D // 2:
+            raise ValueError(f"span attention: rope_inv_freq has shape {got}, expected [D // 2] = ({D // 2},)")
+    return SpanShapes(T, Hq, D, N, P, Hkv, S, M)

@@ -1,0 +1,82 @@
+"""The engine step interface: run one scheduled batch, append the sampled tokens, retire requests.
+
+The Engine holds one `StepPath` with the scheduler and the jitted runner it pairs with:
+
+- `PlainStep` (here): one forward, one token for every sequence that samples;
+- `SpeculativeStep` (spanjax/engine/speculative.py): one forward verifies every request's draft,
+  emits 1 .. k + 1 tokens per request and drafts the next ones.
+
+A path receives the model parameters, the device KV cache and the adapter bank explicitly and
+returns the updated cache with the requests that finished; request state it changes is declared
+on `Request` (scheduler.py). Sampling inputs come from `runner.sampling_rows` and token appending
+from `Request.append_token` in both paths.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from spanjax.engine.runner import StepRunner
+from spanjax.engine.scheduler import Request, Scheduler, StepBatch
+from spanjax.models.llama import PagedKVCache
+
+
+class StepPath:
+    """One engine step; subclasses implement `run`."""
+
+    def __init__(self, scheduler: Scheduler, runner: StepRunner, tokenizer, eos_token_ids: frozenset[int]):
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+
+    def run(self, params, cache: PagedKVCache, batch: StepBatch, adapter=None) -> tuple[PagedKVCache, list[Request]]:
+        """Compute `batch` (adapter: an AdapterBank or None); returns (the cache, the requests that finished)."""
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        """Counters this path adds to `Engine.stats()`."""
+        return {}
+
+    def emit(self, req: Request, tokens, logits: np.ndarray | None, now: float) -> int:
+        """Append sampled `tokens` to `req` until it finishes; `logits` (host rows [len(tokens), V],
+        needed only when the request keeps logits) go along. Returns how many were appended."""
+        n = 0
+        for j, token in enumerate(tokens):
+            if req.keep_logits:
+                req.logits.append(np.array(logits[j]))
+            req.append_token(int(token), self.eos_token_ids, self.tokenizer)
+            n += 1
+            if req.finished:
+                break
+        if req.metrics.first_token_s is None:
+            req.metrics.first_token_s = now
+        if req.finished:
+            req.metrics.finish_s = now
+        return n
+
+
+def host_logits(batch: StepBatch, logits) -> np.ndarray | None:
+    """The step's logits on the host when a request in it keeps them (one transfer), else None."""
+    return np.asarray(logits) if any(it.request.keep_logits for it in batch.items) else None
+
+
+class PlainStep(StepPath):
+    def run(self, params, cache, batch, adapter=None):
+        next_ids, logits, cache = self.runner.run(params, cache, batch, adapter)
+        self.scheduler.commit(batch)
+        next_ids = np.asarray(next_ids)  # blocks until the step is computed (dispatch is async)
+        now = time.perf_counter()
+        logits = host_logits(batch, logits)
+        finished = []
+        for s, it in enumerate(batch.items):
+            if not it.samples:
+                continue
+            req = it.request
+            self.emit(req, next_ids[s : s + 1], None if logits is None else logits[s : s + 1], now)
+            if req.finished:
+                self.scheduler.finish(req)
+                finished.append(req)
+        return cache, finished

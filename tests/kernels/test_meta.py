@@ -1,0 +1,121 @@
+"""The span-attention contract: SpanBatchMeta is one pytree every implementation takes, and a
+malformed call fails with a ValueError naming the bad field (in every implementation)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spanjax.kernels.span_attention import SpanBatchMeta, span_attention, span_attention_reference
+from spanjax.kernels.span_attention.kernel import span_attention_gpu
+from spanjax.kernels.span_attention.kernel_tpu import span_attention_tpu
+from spanjax.kernels.span_attention.testing import args_kwargs, make_batch
+from spanjax.kernels.span_attention.xla import span_attention_xla
+from spanjax.models import config, llama
+
+IMPLS = {
+    "reference": span_attention_reference,
+    "xla": span_attention_xla,
+    "gpu": functools.partial(span_attention_gpu, interpret=True),
+    "tpu": functools.partial(span_attention_tpu, interpret=True),
+    "dispatch": functools.partial(span_attention, impl="xla"),
+}
+
+
+def _args():
+    batch = make_batch(
+        np.random.default_rng(0),
+        [dict(prefix=20, q_len=3), dict(prefix=5, q_len=1)],
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        page_size=16,
+    )
+    return args_kwargs(batch)
+
+
+def _bad(field):
+    """(args, kwargs) with one field broken."""
+    (q, k, v, meta, q_pos), kw = _args()
+    if field == "q":
+        q = q.astype(jnp.int32)
+    elif field == "k_pages":
+        k = k[..., :16]
+    elif field == "v_pages":
+        v = v[:, :8]
+    elif field == "block_tables":
+        meta = meta.replace(block_tables=meta.block_tables[0])
+    elif field == "block_pos":
+        meta = meta.replace(block_pos=meta.block_pos.astype(jnp.float32))
+    elif field == "block_lens":
+        meta = meta.replace(block_lens=meta.block_lens[:, :-1])
+    elif field == "cu_q_lens":
+        meta = meta.replace(cu_q_lens=meta.cu_q_lens[:-1])
+    elif field == "q_pos":
+        q_pos = q_pos[:-1]
+    elif field == "slot_mapping":
+        meta = meta.replace(slot_mapping=jnp.zeros(q.shape[0] + 1, jnp.int32))
+    elif field == "rope_inv_freq":
+        kw["rope_inv_freq"] = kw["rope_inv_freq"][:-1]
+    elif field == "meta":
+        meta = (meta.block_tables, meta.block_pos, meta.block_lens, meta.cu_q_lens)
+    return (q, k, v, meta, q_pos), kw
+
+
+FIELDS = [
+    "q",
+    "k_pages",
+    "v_pages",
+    "block_tables",
+    "block_pos",
+    "block_lens",
+    "cu_q_lens",
+    "q_pos",
+    "slot_mapping",
+    "rope_inv_freq",
+    "meta",
+]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("field", FIELDS)
+def test_bad_input_names_the_field(impl, field):
+    args, kw = _bad(field)
+    with pytest.raises(ValueError, match=rf"span attention: {field}\b"):
+        IMPLS[impl](*args, **kw)
+
+
+def test_meta_is_one_pytree_for_every_implementation():
+    (q, k, v, meta, q_pos), kw = _args()
+    assert len(jax.tree_util.tree_leaves(meta)) == 4  # slot_mapping None: not a leaf
+    with_slots = meta.replace(slot_mapping=jnp.arange(q.shape[0], dtype=jnp.int32))
+    assert len(jax.tree_util.tree_leaves(with_slots)) == 5
+    ref = span_attention_reference(q, k, v, meta, q_pos, **kw)
+    for name, fn in IMPLS.items():
+        out = jax.jit(lambda m, fn=fn: fn(q, k, v, m, q_pos, **kw))(with_slots)
+        assert float(jnp.max(jnp.abs(out - ref))) <= 1e-5, name
+
+
+def test_forward_paged_checks_meta_before_writing():
+    cfg = config.ModelConfig(
+        vocab_size=50, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16
+    )
+    params = llama.init_params(cfg, jax.random.key(0))
+    cache = llama.init_paged_cache(cfg, num_pages=2, page_size=16)
+    toks, pos = jnp.zeros(3, jnp.int32), jnp.arange(3, dtype=jnp.int32)
+    meta = SpanBatchMeta(
+        slot_mapping=jnp.arange(3, dtype=jnp.int32),
+        block_tables=jnp.zeros((1, 1), jnp.int32),
+        block_pos=jnp.zeros((1, 1), jnp.int32),
+        block_lens=jnp.full((1, 1), 3, jnp.int32),
+        cu_q_lens=jnp.asarray([0, 3], jnp.int32),
+    )
+    llama.forward_paged(params, cfg, toks, pos, cache, meta)  # well formed
+    with pytest.raises(ValueError, match="slot_mapping"):
+        llama.forward_paged(params, cfg, toks, pos, cache, meta.replace(slot_mapping=jnp.arange(2, dtype=jnp.int32)))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        llama.forward_paged(params, cfg, toks, pos, cache, meta.replace(slot_mapping=None))
+    with pytest.raises(ValueError, match="block_lens"):
+        llama.forward_paged(params, cfg, toks, pos, cache, meta.replace(block_lens=jnp.zeros((1, 2), jnp.int32)))
