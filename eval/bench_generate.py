@@ -26,7 +26,14 @@ import platform
 import statistics
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from spanjax.engine.dense_generate import generate
+from spanjax.engine.sampling import SamplingParams
+from spanjax.models.llama import compute_logits, forward_dense, init_dense_cache
+from spanjax.models.loading import load_model
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = (
@@ -50,8 +57,6 @@ def _prompt_batch(tokenizer, batch: int, length: int) -> list[list[int]]:
 
 
 def _spanjax_run(model, prompts, new_tokens):
-    from spanjax.engine.dense_generate import generate
-    from spanjax.engine.sampling import SamplingParams
 
     res = generate(model, prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
     assert all(len(r.token_ids) == new_tokens for r in res)
@@ -76,10 +81,7 @@ def _torch_run(hf, prompts, new_tokens):
 
 def _logit_gap(model, hf, prompt) -> float:
     """Max |logit difference| over one prompt: checks both sides really run the same weights."""
-    import jax.numpy as jnp
     import torch
-
-    from spanjax.models.llama import compute_logits, forward_dense, init_dense_cache
 
     cfg = model.cfg
     tokens = jnp.asarray([prompt], jnp.int32)
@@ -89,6 +91,13 @@ def _logit_gap(model, hf, prompt) -> float:
     with torch.inference_mode():
         ref = hf(torch.tensor([prompt])).logits[0].float().numpy()
     return float(np.max(np.abs(ours - ref)))
+
+
+def _rates(runs, prompt_tokens: int, decode_tokens: int):
+    """Best run (least disturbed by other load) and median, in tokens/s: ((prefill, decode), (prefill, decode))."""
+    pre = [prompt_tokens / r[0] for r in runs]
+    dec = [decode_tokens / r[1] for r in runs]
+    return (max(pre), max(dec)), (statistics.median(pre), statistics.median(dec))
 
 
 def main(argv=None):
@@ -105,11 +114,8 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
 
-    import jax
     import torch
     import transformers
-
-    from spanjax.models.loading import load_model
 
     torch.set_num_threads(args.torch_threads)
     print("loading spanjax smollm2-135m ...", flush=True)
@@ -134,13 +140,10 @@ def main(argv=None):
             ours.append(_spanjax_run(model, prompts, args.new_tokens))
             theirs.append(_torch_run(hf, prompts, args.new_tokens))
 
-        def rates(runs):
-            # Best run (least disturbed by other load) and median, in tokens/s.
-            pre = [batch * length / r[0] for r in runs]
-            dec = [batch * (args.new_tokens - 1) / r[1] for r in runs]
-            return (max(pre), max(dec)), (statistics.median(pre), statistics.median(dec))
-
-        ((sp_pre, sp_dec), sp_med), ((tf_pre, tf_dec), tf_med) = rates(ours), rates(theirs)
+        prompt_tokens, decode_tokens = batch * length, batch * (args.new_tokens - 1)
+        ((sp_pre, sp_dec), sp_med), ((tf_pre, tf_dec), tf_med) = (
+            _rates(runs, prompt_tokens, decode_tokens) for runs in (ours, theirs)
+        )
         # Greedy agreement (informational: fp32 summation order can flip near-ties late in a run).
         agree = [
             next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
@@ -185,7 +188,8 @@ def main(argv=None):
             + f" | {s['decode_tok_s']:8.1f} {t['decode_tok_s']:8.1f} {r['decode']:7.2f}x"
         )
     print(
-        "best of the interleaved repeats (median in results.json); ratio = spanjax / transformers; compile time excluded (spanjax compile per case: "
+        "best of the interleaved repeats (median in results.json); ratio = spanjax / transformers; "
+        "compile time excluded (spanjax compile per case: "
         + ", ".join(f"{c['spanjax']['compile_s']:.1f}s" for c in cases)
         + ")"
     )

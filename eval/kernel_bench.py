@@ -26,6 +26,7 @@ runs/kernel_bench-<timestamp>/results.json.
 
 import argparse
 import datetime
+import functools
 import json
 import statistics
 import sys
@@ -118,7 +119,6 @@ def jax_paged_baseline(b, args, backend, interpret):
         return None  # decode only
     lens = b["block_lens"]
     S, M = lens.shape
-    P = k_pages.shape[1]
     # contiguous per-sequence page lists in position order, lengths = total tokens
     order = np.argsort(np.where(lens > 0, b["block_pos"], 1 << 30), axis=1)
     tables = np.take_along_axis(b["block_tables"], order, axis=1)
@@ -192,7 +192,8 @@ def main(argv=None):
     ref_jit = jax.jit(span_attention_reference, static_argnames=("sm_scale", "pages_per_step"))
 
     print(
-        f"device: {dev.platform} {getattr(dev, 'device_kind', '')}  peak HBM: {peak / 1e9 if peak else float('nan'):.0f} GB/s  interpret={interpret}"
+        f"device: {dev.platform} {getattr(dev, 'device_kind', '')}  "
+        f"peak HBM: {peak / 1e9 if peak else float('nan'):.0f} GB/s  interpret={interpret}"
     )
     print(f"heads q/kv {a.hq}/{a.hkv}  head_dim {a.head_dim}  page {a.page_size}  {dtype.name}")
     results = []
@@ -205,12 +206,12 @@ def main(argv=None):
             "tpu" if backend == "tpu" else "gpu", T, S, M, a.page_size, a.hq, a.hkv, a.head_dim, dtype
         )
         impls = {
-            "reference": lambda: ref_jit(*args, **kw),
-            "pallas": lambda: span_attention(*args, **kw, impl="pallas", interpret=interpret),
+            "reference": functools.partial(ref_jit, *args, **kw),
+            "pallas": functools.partial(span_attention, *args, **kw, impl="pallas", interpret=interpret),
         }
         if cfg.get("num_splits", 1) > 1:
-            impls["pallas_nosplit"] = lambda: span_attention(
-                *args, **kw, impl="pallas", interpret=interpret, config=dict(num_splits=1)
+            impls["pallas_nosplit"] = functools.partial(
+                span_attention, *args, **kw, impl="pallas", interpret=interpret, config=dict(num_splits=1)
             )
         try:
             base = jax_paged_baseline(b, args, backend, interpret)

@@ -1,4 +1,4 @@
-"""MLP speculator training (DESIGN 5): a functional, jitted `train_step(state, batch)`.
+"""MLP speculator training (docs/design.md §8): a functional, jitted `train_step(state, batch)`.
 
 The base model is frozen, so its final hidden states are computed once per
 example and cached in the run directory (`cache/stage{1,2}.npz`); training

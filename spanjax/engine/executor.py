@@ -1,4 +1,4 @@
-"""Execute whole span queries on an Engine (DESIGN 2.2).
+"""Execute whole span queries on an Engine (docs/design.md §1, Evaluation).
 
 The query is prepared once (repeat expanded, nested nodes flattened, identical
 plus children deduplicated, inner g's hoisted), then evaluated in waves: every

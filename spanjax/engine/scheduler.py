@@ -2,7 +2,7 @@
 
 A request is one `g`: a SpanPlan plus sampling parameters. Each of its spans is
 encoded as its own ragged sequence whose block table lists the pages of the
-spans it sees followed by its own pages (DESIGN 2.3). A span may run once every
+spans it sees followed by its own pages (docs/design.md §3). A span may run once every
 span it sees is fully written; plus siblings therefore run side by side. The
 final span carries on into decoding: every generated token is appended to it.
 

@@ -1,4 +1,4 @@
-"""AST of span queries: frozen (hashable) dataclasses, one per node kind (DESIGN 2.1).
+"""AST of span queries: frozen (hashable) dataclasses, one per node kind (docs/design.md §1).
 
 | node      | JSON                                             | class     |
 |-----------|--------------------------------------------------|-----------|
@@ -14,7 +14,7 @@
 Extensions beyond spnl (all optional, documented in `syntax.py`):
 - `G`: `stop` (strings), `seed`, `top_p`, `adapter` (aLoRA/LoRA name),
   `attention` (`prefix` | `isolated`, default prefix) and `positions`
-  (`sequential` | `parallel`, default sequential): the policies of DESIGN 2.3.
+  (`sequential` | `parallel`, default sequential): the policies of docs/design.md §3.
 - `Plus`: per-node `attention` / `positions` overrides (None = the enclosing
   g's policy); JSON object form `{"plus": {"items": [...], "attention": "isolated"}}`.
   An override applies to that plus node's children only, not to plus nodes

@@ -1,4 +1,4 @@
-"""Lowering of a g's prompt to a `SpanPlan` (DESIGN 2.3, 2.4).
+"""Lowering of a g's prompt to a `SpanPlan` (docs/design.md §2-§5).
 
 Spans
 -----

@@ -24,7 +24,7 @@ Passes:
 
 `prepare(q)` = expand_repeat -> flatten -> dedup -> hoist (run once).
 
-Evaluation loop (DESIGN 2.2) the engine runs:
+Evaluation loop (docs/design.md §1) the engine runs:
 
     q = prepare(parse(text))
     while (wave := ready(q)):                      # independent g's: one engine batch

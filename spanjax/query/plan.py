@@ -1,6 +1,6 @@
 """Span plan: what one `g`'s prompt lowers to, and what the engine executes.
 
-Lowering (spanjax/query/lower.py) flattens a prompt tree into spans (DESIGN 2.3):
+Lowering (spanjax/query/lower.py) flattens a prompt tree into spans (docs/design.md §2-§3):
 a span is a maximal run of tokens that see the same context. Every span starts
 on a page boundary, so a KV page belongs to exactly one span. Visibility is a
 set of earlier spans; causality inside the visible set follows positions.

@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import re
+
+import yaml
 
 from spanjax.query import ast as A
 from spanjax.query.errors import SpanQueryError, describe
@@ -196,8 +199,6 @@ def _yaml_flow_depth_check(text: str) -> None:
 
 
 def yaml_data(src) -> tuple[object, dict]:
-    import yaml
-
     text = _text(src)
     _yaml_flow_depth_check(text)
     try:
@@ -228,8 +229,6 @@ class _YamlWalk:
         self.count = 0
 
     def walk(self, root):
-        import yaml
-
         out_root = [None]
         # Iterative walk: PyYAML documents may alias themselves (cycles) or nest deeply.
         stack = [(root, "$", 0, out_root, 0)]
@@ -537,8 +536,6 @@ def sniff(text: str) -> str:
 
 
 def format_for_path(path: str) -> str | None:
-    import os
-
     return _EXTENSIONS.get(os.path.splitext(str(path))[1].lower())
 
 
@@ -604,8 +601,6 @@ _YAML_PLAIN_OK = re.compile(r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff]*$")
 
 
 def _yaml_dumper():
-    import yaml
-
     class Dumper(yaml.SafeDumper):
         pass
 
@@ -620,8 +615,6 @@ def _yaml_dumper():
 
 
 def to_yaml(q: A.Query) -> str:
-    import yaml
-
     return yaml.dump(to_data(q), Dumper=_yaml_dumper(), sort_keys=False, allow_unicode=True, width=100)
 
 

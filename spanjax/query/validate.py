@@ -12,6 +12,7 @@ repeat n in 1..MAX_REPEAT (1024).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -49,8 +50,6 @@ def child_path(path: str, key) -> str:
 
 
 def _quote(s: str) -> str:
-    import json
-
     return json.dumps(s if len(s) <= 40 else s[:40] + "...", ensure_ascii=True)
 
 

@@ -16,7 +16,7 @@ HELD_OUT = range(2000, 2655)
 
 
 def data_dir() -> Path:
-    """`$SPANJAX_DATA`, else shared/data beside the repository (../shared/data from its root)."""
+    """`$SPANJAX_DATA`, else the `shared/data` folder beside the repository checkout."""
     env = os.environ.get("SPANJAX_DATA")
     if env:
         return Path(env)
@@ -26,7 +26,10 @@ def data_dir() -> Path:
 def _read_jsonl_gz(name: str) -> list[dict]:
     path = data_dir() / name
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the evaluation data lives in ../shared/data (or set SPANJAX_DATA)")
+        raise FileNotFoundError(
+            f"{path} not found: set SPANJAX_DATA to the directory holding the evaluation data "
+            "(default: shared/data beside the checkout)"
+        )
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 

@@ -1,7 +1,7 @@
 """The paged span engine against independent references.
 
 - span semantics: logits equal a brute-force dense forward with the explicit
-  DESIGN 2.3 mask and positions (tests/engine/dense_reference.py);
+  docs/design.md §3 mask and positions (tests/engine/dense_reference.py);
 - commutativity: permuted plus children hit the cache; parallel logits agree;
 - a tiny pool preempts and still gives the ample pool's outputs;
 - compilations stay within the documented bound;

@@ -1,4 +1,4 @@
-"""Lowering vs DESIGN 2.3, checked against an independent brute-force reference."""
+"""Lowering vs docs/design.md §3, checked against an independent brute-force reference."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ TOK = TinyTokenizer()
 
 
 def reference(g: A.G, tok):
-    """Token-level semantics straight from DESIGN 2.3: flattened tokens, positions,
+    """Token-level semantics straight from docs/design.md §3: flattened tokens, positions,
     and a [N, N] visibility mask built from plus ancestry, not from spans."""
     toks = []  # (id, pos, ancestry): ancestry = ((plus uid, child index, isolated), ...)
     uid = itertools.count()
