@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from spanjax.cli import COMMANDS, build_parser, main
+from spanjax.cli.main import COMMANDS, build_parser, main
 
 
 def _run(*args, timeout=300):

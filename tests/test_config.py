@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from spanjax import config as C
-from spanjax.cli import EVAL_PRESETS, main
+from spanjax.cli.main import EVAL_PRESETS, main
 from spanjax.eval.experiments import TASKS, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

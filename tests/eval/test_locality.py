@@ -192,7 +192,7 @@ def test_rag_ttft_smoke(tiny_model, tmp_path):
     res, d = run(cfg, model=tiny_model)
     rows = {r["k"]: r for r in res["rows"]}
     assert set(rows) == {1, 2}
-    for k, r in rows.items():
+    for r in rows.values():
         assert r["span"]["ttft_median_s"] > 0 and r["stock"]["ttft_median_s"] > 0
         assert r["span"]["prompt_tokens"] >= r["stock"]["prompt_tokens"]  # spans are page-aligned with padding
     # Reordered documents: the span query hits every cached document page; with two documents the

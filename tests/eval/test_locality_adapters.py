@@ -138,7 +138,7 @@ def test_locality_run_with_adapter_variants(tiny, tmp_path, monkeypatch):
     assert set(res["accuracy"]) == {"span-parallel", "span-parallel+alora", "span-parallel+lora"}
     items = load_items(d)
     by_q = {ex.index: ex for ex in L.locality_examples(cfg.eval, cfg.seed, tok)}
-    for (v, q, p), r in items.items():
+    for (v, q, _position), r in items.items():
         if v == "span-parallel+alora":  # only the question message and the assistant header are computed
             final = len(tok.encode_message("user", by_q[q].question)) + len(tok.generation_prefix_ids())
             assert r["cached_tokens"] == r["prompt_tokens"] - final

@@ -240,7 +240,7 @@ def test_cli_plan_prints(tmp_path):
     f = tmp_path / "q.sexp"
     f.write_text('(g "m" (cross (system "s") (plus (user "d1") (user "d2")) (user "q")) 8 :positions parallel)')
     r = subprocess.run(
-        [sys.executable, "-m", "spanjax.query.cli", str(f), "--fake-tokenizer", "--page-size", "4", "--mask"],
+        [sys.executable, "-m", "spanjax.cli.plan", str(f), "--fake-tokenizer", "--page-size", "4", "--mask"],
         capture_output=True,
         text=True,
     )
@@ -249,6 +249,6 @@ def test_cli_plan_prints(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"g": {"model": "m", "input": {"plus": []}}}')
     r = subprocess.run(
-        [sys.executable, "-m", "spanjax.query.cli", str(bad), "--fake-tokenizer"], capture_output=True, text=True
+        [sys.executable, "-m", "spanjax.cli.plan", str(bad), "--fake-tokenizer"], capture_output=True, text=True
     )
     assert r.returncode == 2 and "$.g.input.plus" in r.stderr

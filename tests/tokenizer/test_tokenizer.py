@@ -32,7 +32,8 @@ TEXTS = [
     "\u200b zero\u00a0width and nbsp",
 ]
 
-# Where transformers' GGUF conversion and llama.cpp/SmolLM2's tokenizer.json disagree (see spanjax/tokenizer/tokenizer.py):
+# Where transformers' GGUF conversion and llama.cpp/SmolLM2's tokenizer.json disagree
+# (see spanjax/tokenizer/tokenizer.py):
 # a whitespace run directly followed by a digit. spanjax follows llama.cpp and the model's own tokenizer.
 DIVERGENT = {
     "\n\n1. item": ["ĊĊ", "1", ".", "Ġitem"],

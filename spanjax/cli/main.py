@@ -113,7 +113,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_query_args(p: argparse.ArgumentParser) -> None:
-    from spanjax.query.cli import add_plan_arguments
+    from spanjax.cli.plan import add_plan_arguments
 
     p.usage = "spanjax query [plan] FILE [options]"
     add_plan_arguments(p)  # FILE, --format, --model, --page-size, --fake-tokenizer, --no-optimize, --show-query, --mask
@@ -132,7 +132,7 @@ def _run_query(args: argparse.Namespace) -> int:
     if args.file == "plan":
         if args.plan_file is None:
             raise UserError("usage: spanjax query plan FILE")
-        from spanjax.query.cli import run_plan
+        from spanjax.cli.plan import run_plan
 
         args.file = args.plan_file
         return run_plan(args)
@@ -235,7 +235,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "kind",
         choices=["alora", "lora", "block-adapter", "speculator"],
-        help="adapter kind (sets adapter.kind); block-adapter: the preset's adapter, block-attention data (configs/block_alora.yaml); "
+        help="adapter kind (sets adapter.kind); block-adapter: the preset's adapter, block-attention data "
+        "(configs/block_alora.yaml); "
         "speculator: MLP speculator heads (configs/speculator_smollm2.yaml)",
     )
     p.add_argument("config", metavar="CONFIG", help="training YAML (configs/alora_answerability.yaml)")
@@ -258,7 +259,8 @@ def _run_train(args: argparse.Namespace) -> int:
         )
         if block and cfg.data.source != "nq_blocks":
             raise UserError(
-                f"train block-adapter: {args.config} has data.source={cfg.data.source!r}; expected nq_blocks (configs/block_alora.yaml)"
+                f"train block-adapter: {args.config} has data.source={cfg.data.source!r}; "
+                "expected nq_blocks (configs/block_alora.yaml)"
             )
         if args.print_config:
             print(dump(cfg), end="")
@@ -312,7 +314,8 @@ COMMANDS: dict[str, Command] = {
         _run_eval,
     ),
     "train": Command(
-        "train a LoRA / aLoRA adapter or MLP speculator heads: train alora|lora|block-adapter|speculator CONFIG [KEY=VALUE ...] (resumes its run dir)",
+        "train a LoRA / aLoRA adapter or MLP speculator heads: "
+        "train alora|lora|block-adapter|speculator CONFIG [KEY=VALUE ...] (resumes its run dir)",
         _add_train_args,
         _run_train,
     ),

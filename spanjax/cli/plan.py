@@ -132,7 +132,7 @@ def run_plan(args) -> int:
         return 2
 
 
-def main(argv=None) -> int:  # standalone: python -m spanjax.query.cli FILE
+def main(argv=None) -> int:  # standalone: python -m spanjax.cli.plan FILE
     parser = argparse.ArgumentParser(prog="spanjax query plan", description="Print the span plan of a query.")
     add_plan_arguments(parser)
     return run_plan(parser.parse_args(argv))
