@@ -22,6 +22,8 @@ import platform
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from spanjax import config as C
 
 CONFIG_FILE = "config.yaml"
@@ -137,8 +139,6 @@ def write_results(run: RunDir, results: dict) -> Path:
 
 def progress(total: int, initial: int, desc: str):
     """A tqdm bar (stderr), disabled when SPANJAX_NO_PROGRESS is set (tests)."""
-    from tqdm import tqdm
-
     return tqdm(
         total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=bool(os.environ.get("SPANJAX_NO_PROGRESS"))
     )
