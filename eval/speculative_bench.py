@@ -35,12 +35,16 @@ import platform
 import time
 from pathlib import Path
 
+from spanjax.engine.engine import Engine, EngineConfig
+from spanjax.engine.sampling import SamplingParams
+from spanjax.models.loading import load_model
+from spanjax.models.speculator import load_hf
+from spanjax.query import ast as A
+from spanjax.query.lower import lower
+from spanjax.tasks.data import HELD_OUT, nq_open_oracle
+
 
 def _prompts(model, first: int, n: int):
-    from spanjax.query import ast as A
-    from spanjax.query.lower import lower
-    from spanjax.tasks.data import HELD_OUT, nq_open_oracle
-
     rows = nq_open_oracle()
     idx = [i for i in range(first, first + n)]
     assert all(i in HELD_OUT for i in idx), "the benchmark reads held-out questions only"
@@ -89,11 +93,6 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--out-dir", default="runs")
     args = ap.parse_args(argv)
-
-    from spanjax.engine.engine import Engine, EngineConfig
-    from spanjax.engine.sampling import SamplingParams
-    from spanjax.models.loading import load_model
-    from spanjax.models.speculator import load_hf
 
     model = load_model(args.model)
     spec = load_hf(args.speculator)

@@ -183,7 +183,7 @@ EVAL_PRESETS = {
 def _configs_dir():
     from pathlib import Path
 
-    return Path(__file__).resolve().parents[1] / "configs"
+    return Path(__file__).resolve().parents[2] / "configs"
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ HTTP or experiment.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax.numpy as jnp
 
@@ -42,8 +43,9 @@ class EngineConfig:
     max_tokens_per_step: int = 256  # token budget of one step (chunked prefill)
     max_seqs_per_step: int = 32  # ragged sequences per step (spans being encoded + decodes)
     max_running: int = 64  # requests admitted at once
-    attention: str = "auto"  # "reference" (jnp), "pallas", or "auto" (pallas on GPU/TPU)
-    cache_dtype: str = "float32"
+    # "reference" (the jnp reference), "pallas", or "auto" (Pallas on GPU/TPU, the XLA path on CPU)
+    attention: Literal["auto", "reference", "pallas"] = "auto"
+    cache_dtype: Literal["float32", "bfloat16"] = "float32"
     # Speculative decoding (spanjax/engine/speculative.py): a Hugging Face MLPSpeculator directory
     # (or pass a loaded Speculator to Engine); None = off.
     speculator: str | None = None
@@ -53,7 +55,7 @@ class EngineConfig:
     # "padding" = only the padding of the step's token bucket (the forward gets no wider: what a
     # compute-bound CPU wants), "budget" = up to max_tokens_per_step.
     speculative_candidates: int = 1
-    speculative_tree_fill: str = "padding"
+    speculative_tree_fill: Literal["padding", "budget"] = "padding"
 
     def __post_init__(self):
         if self.max_tokens_per_step < 16:
@@ -62,6 +64,8 @@ class EngineConfig:
             raise ValueError("max_seqs_per_step and max_running must be >= 1")
         if self.attention not in ("reference", "pallas", "auto"):
             raise ValueError(f"attention must be reference|pallas|auto, got {self.attention!r}")
+        if self.cache_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"cache_dtype must be float32|bfloat16, got {self.cache_dtype!r}")
         if self.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0 (0 = the speculator's n_predict)")
         if self.speculative_candidates < 1:

@@ -4,13 +4,13 @@ pages, several adapters share one batch, logits equal a dense masked reference."
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dense_reference import plan_arrays
+from tiny_byte import Tokenizer, tiny_config
 
 from spanjax.adapters import AdapterConfig, init_adapter, make_bank
 from spanjax.engine.adapters import AdapterError, lower_for_engine, split_at_invocation
@@ -19,34 +19,15 @@ from spanjax.engine.executor import run_query
 from spanjax.engine.sampling import SamplingParams
 from spanjax.kernels.rope import apply_rope
 from spanjax.models import llama
-from spanjax.models.config import ModelConfig
 from spanjax.models.loading import LoadedModel
 from spanjax.query import ast as A
-from spanjax.query.fake import SPECIAL, ByteTokenizer
 from spanjax.query.lower import lower
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from dense_reference import plan_arrays  # noqa: E402
 
 PAGE = 4
 INV_TEXT = "is it answerable?"
 
 
-class Tokenizer(ByteTokenizer):
-    eos_token_ids = (SPECIAL["end"],)
-
-
-CFG = ModelConfig(
-    vocab_size=260,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    max_position_embeddings=1024,
-    rope_theta=500.0,
-)
+CFG = tiny_config(max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The paged span engine against independent references.
 
 - span semantics: logits equal a brute-force dense forward with the explicit
-  docs/design.md §3 mask and positions (tests/engine/dense_reference.py);
+  docs/design.md §3 mask and positions (tests/dense_reference.py);
 - commutativity: permuted plus children hit the cache; parallel logits agree;
 - a tiny pool preempts and still gives the ample pool's outputs;
 - compilations stay within the documented bound;
@@ -10,46 +10,28 @@
 
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
+import tiny_byte
 from dense_reference import masked_dense_logits, plan_arrays
+from tiny_byte import Tokenizer, tiny_config
 
 from spanjax.engine.dense_generate import generate as dense_generate
 from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.engine.executor import run_query
 from spanjax.engine.sampling import SamplingParams
 from spanjax.engine.scheduler import RequestTooLarge
-from spanjax.models import llama
-from spanjax.models.config import ModelConfig
 from spanjax.models.loading import LoadedModel
 from spanjax.query import ast as A
-from spanjax.query.fake import SPECIAL, ByteTokenizer
 from spanjax.query.lower import lower
 
 PAGE = 4
 POLICIES = [(a, p) for a in ("prefix", "isolated") for p in ("sequential", "parallel")]
 
 
-class Tokenizer(ByteTokenizer):
-    eos_token_ids = (SPECIAL["end"],)
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
-    cfg = ModelConfig(
-        vocab_size=260,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=1024,
-        rope_theta=500.0,
-    )
-    params = llama.init_params(cfg, jax.random.key(7), scale=0.2)
-    return LoadedModel("tiny", cfg, params, Tokenizer())
+    return tiny_byte.tiny_model(seed=7, cfg=tiny_config(max_position_embeddings=1024))
 
 
 @pytest.fixture(scope="module")

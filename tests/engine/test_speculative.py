@@ -14,38 +14,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_byte import Tokenizer, tiny_config
 
 from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.engine.sampling import SamplingParams
 from spanjax.models import llama
 from spanjax.models import speculator as S
-from spanjax.models.config import ModelConfig
 from spanjax.models.loading import LoadedModel
 from spanjax.query import ast as A
-from spanjax.query.fake import SPECIAL, ByteTokenizer
 from spanjax.query.lower import lower
 
 PAGE = 4
 
 
-class Tokenizer(ByteTokenizer):
-    eos_token_ids = (SPECIAL["end"],)
-
-
 @pytest.fixture(scope="module")
 def model():
-    cfg = ModelConfig(
-        vocab_size=260,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=1024,
-        rope_theta=500.0,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_config(max_position_embeddings=1024, tie_word_embeddings=False)
     p = llama.init_params(cfg, jax.random.key(7), scale=0.2)
     p = llama.Params(
         embed=p.embed,

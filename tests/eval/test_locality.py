@@ -8,39 +8,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import pytest
+import tiny_byte
+from tiny_byte import tiny_config
 
 from spanjax.config import ConfigError
 from spanjax.eval import locality as L
 from spanjax.eval.experiments import load_config, run
-from spanjax.models import llama
-from spanjax.models.config import ModelConfig
-from spanjax.models.loading import LoadedModel
-from spanjax.query.fake import SPECIAL, ByteTokenizer
 from spanjax.runs import ITEMS_FILE, load_items, open_run
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-class Tokenizer(ByteTokenizer):
-    eos_token_ids = (SPECIAL["end"],)
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
-    cfg = ModelConfig(
-        vocab_size=260,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-    )
-    return LoadedModel("tiny", cfg, llama.init_params(cfg, jax.random.key(3), scale=0.2), Tokenizer())
+    return tiny_byte.tiny_model(seed=3, cfg=tiny_config(rope_theta=10000.0))
 
 
 @pytest.fixture(autouse=True)

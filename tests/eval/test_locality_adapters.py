@@ -5,12 +5,12 @@ loads the adapters named in the config."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from tiny_byte import CFG, tiny_model
 
 from spanjax.adapters import AdapterConfig, export_peft, init_adapter
 from spanjax.config import ConfigError
@@ -21,9 +21,6 @@ from spanjax.eval import locality as L
 from spanjax.eval.experiments import load_config, run
 from spanjax.runs import load_items
 from spanjax.training.block_adapter import opening_ids
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-from tiny_byte import CFG, tiny_model  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PAGE = 8

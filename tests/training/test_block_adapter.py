@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dense_reference import masked_dense_logits, plan_arrays
+from tiny_byte import CFG, tiny_model
 
 from spanjax.adapters import AdapterConfig, adapter_mask, bank_from_weights, init_adapter, make_bank
 from spanjax.engine.adapters import lower_for_engine
@@ -25,12 +25,6 @@ from spanjax.query import ast as A
 from spanjax.query.fake import SPECIAL
 from spanjax.query.lower import lower
 from spanjax.training import block_adapter as BA
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from dense_reference import masked_dense_logits, plan_arrays  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_byte import CFG, tiny_model  # noqa: E402
 
 PAGE = 4
 

@@ -6,11 +6,11 @@ questions only), and a run learns, resumes exactly after a kill and exports PEFT
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_byte import CFG, tiny_model
 
 from spanjax.adapters import load_peft
 from spanjax.eval import locality as L
@@ -20,9 +20,6 @@ from spanjax.training import block_adapter as BA
 from spanjax.training.config import AdapterSection, DataSection, OptimSection, TrainConfig
 from spanjax.training.core import SimulatedCrash, read_metrics
 from spanjax.training.trainer import train
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_byte import CFG, tiny_model  # noqa: E402
 
 PAGE = 4
 

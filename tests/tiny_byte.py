@@ -1,7 +1,9 @@
-"""A tiny random Llama over the byte tokenizer (end of turn = eos), shared by the
-block-adapter tests (tests/training/test_block_*.py, tests/eval/test_locality_adapters.py)."""
+"""A tiny random Llama over the byte tokenizer (end of turn = eos): the model the engine,
+adapter, training and evaluation tests run on. `tiny_config(**overrides)` varies it."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 
@@ -23,9 +25,13 @@ CFG = ModelConfig(
 )
 
 
+def tiny_config(**overrides) -> ModelConfig:
+    return dataclasses.replace(CFG, **overrides)
+
+
 class Tokenizer(ByteTokenizer):
     eos_token_ids = (SPECIAL["end"],)
 
 
-def tiny_model(seed: int = 11) -> LoadedModel:
-    return LoadedModel("tiny", CFG, llama.init_params(CFG, jax.random.key(seed), scale=0.2), Tokenizer())
+def tiny_model(seed: int = 11, cfg: ModelConfig = CFG) -> LoadedModel:
+    return LoadedModel("tiny", cfg, llama.init_params(cfg, jax.random.key(seed), scale=0.2), Tokenizer())
