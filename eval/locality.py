@@ -1,16 +1,8 @@
 """Attention locality: multi-document QA accuracy against the gold document's
 position, stock prompts vs span queries (docs/evaluation.md).
 
-Tasks (`eval.dataset`):
-- `nq`: nq-open-oracle. K documents = the question's gold passage + K-1 gold
-  passages of other questions of the same split (seeded per question; passages
-  that contain one of the question's answers are skipped, so only the gold
-  document can answer). Metric: a normalized gold answer is a substring of the
-  normalized output.
-- `kv`: kv-retrieval-75_keys. The 75 key-value records split into K chunks
-  (documents); the chunk holding the key is moved to each position, the others
-  keep their order. Metric: the value string appears in the output.
-  Split: records 0..249 dev, 250..499 held out (the data has no official split).
+Tasks (`eval.dataset`: `nq`, `kv`), their examples and metrics: spanjax/tasks/locality.py,
+shared with block-adapter training.
 
 Variants: `stock` (one causal prompt), `span-sequential` / `span-parallel`
 (documents in a plus, prefix attention) and `-isolated` versions of both;

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from spanjax.engine.sampling import sample_tokens, sampling_arrays
+from spanjax.engine.sampling import SamplingRows, sampling_arrays
 from spanjax.engine.scheduler import StepBatch, StepItem
 from spanjax.models import llama
 
@@ -34,14 +34,14 @@ def power_of_two_buckets(lo: int, hi: int) -> list[int]:
     return out
 
 
-def sampling_rows(items: list[StepItem], pad_to: int):
+def sampling_rows(items: list[StepItem], pad_to: int) -> SamplingRows:
     """The step's per-sequence sampling inputs (temperature, top_k, top_p, seeds, steps), each
     [pad_to] (padding rows greedy): every item's request's parameters and the index of the token
     it samples next, which its seeded draw folds in. Both step paths take them from here."""
     temperature, top_k, top_p, seeds = sampling_arrays([it.request.sampling for it in items], pad_to)
     steps = np.zeros(pad_to, np.int32)
     steps[: len(items)] = [len(it.request.generated) for it in items]
-    return temperature, top_k, top_p, seeds, steps
+    return SamplingRows(temperature, top_k, top_p, seeds, steps)
 
 
 def _bucket(n: int, buckets: list[int]) -> int:
@@ -74,11 +74,7 @@ class StepRunner:
         positions,
         meta,
         logits_indices,
-        temperature,
-        top_k,
-        top_p,
-        seeds,
-        steps,
+        sampling: SamplingRows,
         adapter=None,
         adapter_ids=None,
     ):
@@ -87,7 +83,7 @@ class StepRunner:
             params, self.cfg, tokens, positions, cache, meta, self._attention_impl, adapter, adapter_ids
         )
         logits = llama.compute_logits(params, self.cfg, hidden[logits_indices])
-        next_ids = sample_tokens(logits, temperature, top_k, top_p, seeds, steps)
+        next_ids = sampling.sample(logits)
         return next_ids, logits, cache
 
     def run(self, params, cache, batch: StepBatch, adapter=None):
@@ -96,12 +92,12 @@ class StepRunner:
         `adapter` (an AdapterBank) applies per token by `batch.adapter_ids`; a
         batch with no adapted token runs the plain step (a separate trace)."""
         inputs, sampling, extra = self.padded_inputs(batch, adapter)
-        next_ids, logits, cache = self._step(params, cache, *inputs, *sampling, *extra)
+        next_ids, logits, cache = self._step(params, cache, *inputs, sampling, *extra)
         return next_ids, logits, cache
 
     def padded_inputs(self, batch: StepBatch, adapter=None):
-        """Bucketed step inputs: ((tokens, positions, meta, logits_indices), (temperature, top_k,
-        top_p, seeds, steps), () or (adapter, adapter_ids))."""
+        """Bucketed step inputs: ((tokens, positions, meta, logits_indices), SamplingRows,
+        () or (adapter, adapter_ids))."""
         T = _bucket(len(batch.tokens), self.token_buckets)
         s_real, m_real = batch.block_tables.shape
         S = _bucket(s_real, self.seq_buckets)

@@ -14,6 +14,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +121,24 @@ def sample_tokens(logits, temperature, top_k, top_p, seeds, steps):
         return jnp.where(sampled, ids, greedy_ids)
 
     return jax.lax.cond(jnp.any(sampled), draw, lambda: greedy_ids)
+
+
+@flax.struct.dataclass
+class SamplingRows:
+    """The per-row sampling inputs of one engine step (a pytree), each [S]: every row's
+    request's knobs and `steps`, the index of the token the row samples next."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    seeds: jax.Array
+    steps: jax.Array
+
+    def repeat(self, n: int) -> SamplingRows:
+        """Each row n times, as the rows of its next n tokens (steps, steps + 1, ...)."""
+        steps = (self.steps[:, None] + jnp.arange(n, dtype=self.steps.dtype)[None, :]).reshape(-1)
+        knobs = (jnp.repeat(x, n) for x in (self.temperature, self.top_k, self.top_p, self.seeds))
+        return SamplingRows(*knobs, steps)
+
+    def sample(self, logits):
+        return sample_tokens(logits, self.temperature, self.top_k, self.top_p, self.seeds, self.steps)

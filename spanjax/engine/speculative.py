@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spanjax.engine.runner import StepRunner
-from spanjax.engine.sampling import sample_tokens
+from spanjax.engine.sampling import SamplingRows
 from spanjax.engine.scheduler import SPEC_COUNTERS, Request, Scheduler, StepBatch, StepItem
 from spanjax.engine.step import StepPath, host_logits
 from spanjax.models import llama
@@ -124,11 +124,7 @@ class SpeculativeRunner(StepRunner):
         meta,
         rows,
         drafts,
-        temperature,
-        top_k,
-        top_p,
-        seeds,
-        steps,
+        sampling: SamplingRows,
         adapter=None,
         adapter_ids=None,
     ):
@@ -139,12 +135,8 @@ class SpeculativeRunner(StepRunner):
         S, K1 = rows.shape
         h = hidden[rows]  # [S, K+1, H]: the states after the pending token and after each draft token
         logits = llama.compute_logits(params, self.cfg, h)
-        rep = lambda x: jnp.repeat(x, K1)
-        step_of = (steps[:, None] + jnp.arange(K1, dtype=steps.dtype)[None, :]).reshape(-1)
-        chosen = sample_tokens(
-            logits.reshape(S * K1, -1), rep(temperature), rep(top_k), rep(top_p), rep(seeds), step_of
-        )
-        chosen = chosen.reshape(S, K1)
+        # Each position j of a row samples as a plain step would at that token: step index + j.
+        chosen = sampling.repeat(K1).sample(logits.reshape(S * K1, -1)).reshape(S, K1)
         accepted = jnp.sum(jnp.cumprod(drafts == chosen[:, :-1], axis=1), axis=1)  # drafts padded with -1 never match
         r = jnp.arange(S)
         new_drafts = spec_model.propose(
@@ -162,14 +154,14 @@ class SpeculativeRunner(StepRunner):
         """Returns (chosen [S, K+1], accepted [S], next draft trees [S, C, K], logits [S, K+1, V], cache)."""
         inputs, sampling, extra = self.padded_inputs(batch, adapter)
         tokens, positions, meta, _ = inputs
-        S, K = len(sampling[0]), self.num_draft
+        S, K = len(sampling.steps), self.num_draft
         rows = np.zeros((S, K + 1), np.int32)
         drafts = np.full((S, K), -1, np.int32)
         for s, it in enumerate(batch.items):
             end, k = int(batch.cu_q_lens[s + 1]) - 1, len(it.draft)
             rows[s] = np.minimum(end - k + np.arange(K + 1), end)
             drafts[s, :k] = it.draft
-        return self._spec_step(params, spec_params, cache, tokens, positions, meta, rows, drafts, *sampling, *extra)
+        return self._spec_step(params, spec_params, cache, tokens, positions, meta, rows, drafts, sampling, *extra)
 
 
 def _copy_slots(cache: llama.PagedKVCache, src, dst) -> llama.PagedKVCache:
