@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -21,3 +24,12 @@ def test_every_package_folder_is_installed_under_spanjax():
             if not any(name == m or name.startswith(m + ".") for m in tool["package-dir"] if len(m) > len(pkg)):
                 found.add(name)
     assert listed == found, f"pyproject packages {sorted(listed - found)} extra, {sorted(found - listed)} missing"
+
+
+def test_a_source_checkout_runs_without_installing(tmp_path):
+    """PYTHONPATH=<checkout> (no install, no site-packages) still maps the top-level folders."""
+    code = "import spanjax.training, spanjax.eval; print(spanjax.training.__file__); print(spanjax.eval.__file__)"
+    env = {"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "")}
+    out = subprocess.run([sys.executable, "-S", "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(ROOT / "training" / "__init__.py"), str(ROOT / "eval" / "__init__.py")]
