@@ -11,6 +11,8 @@ Engine-facing API:
 (`spanjax.query.lower` stays the *module* here, so `from spanjax.query import
 lower` gives the module; the function is also exported as `lower_g`.)
     SpanPlan.sequence_page_keys(generated_ids)      (plan.py)
+Limits for untrusted input: MAX_QUERY_BYTES (text size), MAX_DEPTH (nesting),
+MAX_GENERATIONS (g's with repeats multiplied out); every problem is a SpanQueryError.
 """
 
 from spanjax.query import lower  # noqa: F401  (the module; see docstring)
@@ -45,8 +47,19 @@ from spanjax.query.passes import (
     value,
 )
 from spanjax.query.plan import Span, SpanPlan
-from spanjax.query.syntax import dump, parse, parse_json, parse_sexpr, parse_yaml, to_data, to_json, to_sexpr, to_yaml
-from spanjax.query.validate import MAX_DEPTH, from_data
+from spanjax.query.syntax import (
+    MAX_QUERY_BYTES,
+    dump,
+    parse,
+    parse_json,
+    parse_sexpr,
+    parse_yaml,
+    to_data,
+    to_json,
+    to_sexpr,
+    to_yaml,
+)
+from spanjax.query.validate import MAX_DEPTH, MAX_GENERATIONS, from_data
 
 __all__ = [
     "G",
@@ -90,5 +103,7 @@ __all__ = [
     "to_sexpr",
     "to_yaml",
     "MAX_DEPTH",
+    "MAX_GENERATIONS",
+    "MAX_QUERY_BYTES",
     "from_data",
 ]

@@ -7,7 +7,8 @@ The prompt tree is walked in order. Consecutive messages of one cross run
 no tokens) pack densely into one span, each message via
 `tokenizer.encode_message(role, content)`; an assistant message that carries
 `token_ids` (an evaluated inner g, see passes.substitute) lowers to
-`generation_prefix_ids() + token_ids`. Each child of a plus lowers
+`generation_prefix_ids() + token_ids` (ids outside the tokenizer's
+`vocab_size`, when it has one, are a SpanQueryError). Each child of a plus lowers
 recursively, starting a new span; a child that is itself a cross containing a
 plus lowers to several spans. Children that produce no tokens (a monad, a
 print) are dropped. Messages with empty content are allowed: the chat
@@ -57,7 +58,7 @@ from __future__ import annotations
 import dataclasses
 
 from spanjax.query import ast as A
-from spanjax.query.errors import SpanQueryError
+from spanjax.query.errors import SpanQueryError, describe
 from spanjax.query.page_keys import chain_page_keys, context_key, digest, root_key
 from spanjax.query.plan import Span, SpanPlan
 from spanjax.query.validate import child_path
@@ -77,6 +78,8 @@ class _Lowerer:
         self.attention, self.positions = attention, positions
         self.spans: list[Span] = []
         self.offset = 0  # padded offset of the next span
+        # spanjax.tokenizer.Tokenizer and fake.ByteTokenizer have `vocab_size`; test fakes may not.
+        self.vocab_size = getattr(tokenizer, "vocab_size", None)
 
     def emit(self, kind, tokens, ctx: _Ctx) -> _Ctx:
         if not tokens:
@@ -101,8 +104,20 @@ class _Lowerer:
 
     def message_ids(self, m: A.Message, path) -> list[int]:
         if m.token_ids is not None:
+            self.check_ids(m.token_ids, child_path(child_path(path, m.role), "token_ids"))
             return list(self.tok.generation_prefix_ids()) + list(m.token_ids)
         return list(self.tok.encode_message(m.role, m.content))
+
+    def check_ids(self, ids, path):
+        """Client-supplied ids must be in the vocabulary: out-of-range ids would run
+        silently (or crash the engine) rather than fail here, before compute."""
+        if self.vocab_size is None:
+            return  # the tokenizer does not say its size: nothing to check against
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise SpanQueryError(
+                    child_path(path, i), describe(t), f"a token id in 0..{self.vocab_size - 1} (the vocabulary)"
+                )
 
     def items(self, node, path):
         """Ordered content of a cross-like node: messages and plus nodes (with paths)."""

@@ -22,6 +22,9 @@ Passes:
   hit the cache entries that generation left. Plus nodes inside the copied
   input get the inner g's policies pinned, so they lower as they did there.
 
+`expand_repeat` first checks the total number of g's (validate.MAX_GENERATIONS,
+repeats multiplied out) so that nested repeats cannot blow up the tree.
+
 `prepare(q)` = expand_repeat -> flatten -> dedup -> hoist (run once).
 
 Evaluation loop (docs/design.md §1) the engine runs:
@@ -41,6 +44,7 @@ from collections.abc import Mapping
 
 from spanjax.query import ast as A
 from spanjax.query.errors import SpanQueryError
+from spanjax.query.validate import check_generations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,20 +98,26 @@ def dedup(q: A.Query) -> A.Query:
 # ------------------------------------------------------------------------- expand_repeat
 def repeat_siblings(r: A.Repeat) -> tuple[A.G, ...]:
     base = r.query.seed or 0
-    g = expand_repeat(r.query)
+    g = _expand_repeat(r.query, True)
     return tuple(dataclasses.replace(g, seed=base + i) for i in range(r.n))
 
 
 def expand_repeat(q: A.Query, top: bool = True) -> A.Query:
+    # Checked before expanding: ASTs built in Python skip validation's check.
+    check_generations(q)
+    return _expand_repeat(q, top)
+
+
+def _expand_repeat(q: A.Query, top: bool) -> A.Query:
     if isinstance(q, A.Repeat):
         gs = repeat_siblings(q)
         return A.Par(gs) if top else A.Plus(gs)
     if isinstance(q, A.LIST_NODES):
         kids = []
         for c in q.children:
-            kids.extend(repeat_siblings(c) if isinstance(c, A.Repeat) else (expand_repeat(c, False),))
+            kids.extend(repeat_siblings(c) if isinstance(c, A.Repeat) else (_expand_repeat(c, False),))
         return dataclasses.replace(q, children=tuple(kids))
-    return _map(q, lambda c: expand_repeat(c, False))
+    return _map(q, lambda c: _expand_repeat(c, False))
 
 
 # --------------------------------------------------------------------------------- hoist

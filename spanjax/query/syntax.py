@@ -20,7 +20,7 @@
 Every parser turns text into generic JSON-shaped data plus a path -> (line,
 col) map and hands it to `validate.from_data`, so all forms share one set of
 checks and one error format. Printing then re-parsing gives the same AST.
-Inputs may be `str` or `bytes` (must be UTF-8).
+Inputs may be `str` or `bytes` (must be UTF-8), at most MAX_QUERY_BYTES of UTF-8.
 """
 
 from __future__ import annotations
@@ -38,16 +38,41 @@ from spanjax.query.validate import MAX_DEPTH, child_path, from_data
 
 MAX_TEXT_NESTING = 4 * MAX_DEPTH  # containers in the raw text (a node is ~2 of them)
 MAX_YAML_NODES = 200_000  # bounds alias ("billion laughs") expansion
+# Nodes PyYAML may compose (before alias expansion): its pure-Python composer does
+# ~60k nodes/s, so this keeps a hostile document (a flat 1 MB flow list) under ~1 s.
+MAX_YAML_COMPOSED = 50_000
+# Longest YAML integer scalar converted: PyYAML builds sexagesimal ints (1:59:59...)
+# by repeated big-int multiplication, quadratic in the length (~20 s at 1 MB).
+MAX_YAML_INT_CHARS = 1000
+_YAML_INT_TAG = "tag:yaml.org,2002:int"
+# Parsing is linear, but a network-facing parser still bounds its input up front
+# (1 MiB is ~250k tokens of text, past any context window; pure-Python YAML is ~2 MB/s).
+MAX_QUERY_BYTES = 1024 * 1024
+
+
+def _too_large(n: int, path: str):
+    return SpanQueryError(path, f"a query of {n} bytes", f"at most {MAX_QUERY_BYTES} bytes (MAX_QUERY_BYTES)")
 
 
 def _text(src, path="$") -> str:
     if isinstance(src, (bytes, bytearray, memoryview)):
+        raw = bytes(src)
+        if len(raw) > MAX_QUERY_BYTES:
+            raise _too_large(len(raw), path)
         try:
-            return bytes(src).decode("utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise SpanQueryError(path, f"invalid UTF-8 byte at offset {e.start}", "UTF-8 text", None, None) from None
     if not isinstance(src, str):
         raise SpanQueryError(path, describe(src), "query text (str or bytes)")
+    # A character is 1..4 UTF-8 bytes: count exactly only when the bound is in doubt
+    # ("surrogatepass": lone surrogates are reported by validation, with their path).
+    if len(src) > MAX_QUERY_BYTES:
+        raise _too_large(len(src), path)
+    if 4 * len(src) > MAX_QUERY_BYTES and not src.isascii():
+        n = len(src.encode("utf-8", "surrogatepass"))
+        if n > MAX_QUERY_BYTES:
+            raise _too_large(n, path)
     return src
 
 
@@ -179,18 +204,42 @@ def parse_json(src) -> A.Query:
 
 
 # ---------------------------------------------------------------------------------- YAML
-_YAML_FLOW = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\']|\'\')*\'|[\[\]{}]')
+_YAML_FLOW_CHAR = re.compile(r"[\[\]{}\"']")
+_YAML_DQ_BODY = re.compile(r'(?:[^"\\]|\\.)*')  # after an opening '"'
+_YAML_SQ = re.compile(r"'(?:[^']|'')*'")
 
 
 def _yaml_flow_depth_check(text: str) -> None:
-    """Reject deep flow nesting before PyYAML (whose parser is recursive and slow there)."""
-    depth = 0
-    for m in _YAML_FLOW.finditer(text):
-        c = m.group()
-        if c in "[{":
+    """Reject deep flow nesting before PyYAML (whose parser is recursive and slow there).
+
+    Brackets count outside quoted strings. Linear time: a '"' whose string never
+    closes is not retried at every later '"' (the old regex scan was quadratic on
+    an unterminated run of escaped quotes). Every '"' up to where that scan
+    stopped is escaped, so a scan from it would stop there too: those quotes
+    count as plain characters. A "'" string closes at any later "'", so one that
+    does not close means there is no later "'"."""
+    depth, i, n = 0, 0, len(text)
+    plain_dq_until = 0  # '"' before this offset cannot open a string
+    no_sq = False  # no "'" can open a string any more
+    while (m := _YAML_FLOW_CHAR.search(text, i)) is not None:
+        at, c = m.start(), m.group()
+        i = at + 1
+        if c == '"' and at >= plain_dq_until:
+            end = _YAML_DQ_BODY.match(text, at + 1).end()
+            if end < n and text[end] == '"':
+                i = end + 1
+            else:
+                plain_dq_until = end
+        elif c == "'" and not no_sq:
+            sq = _YAML_SQ.match(text, at)
+            if sq:
+                i = sq.end()
+            else:
+                no_sq = True
+        elif c in "[{":
             depth += 1
             if depth > MAX_TEXT_NESTING:
-                line, col = _Lines(text)(m.start())
+                line, col = _Lines(text)(at)
                 raise SpanQueryError(
                     "$", f"nesting deeper than {MAX_TEXT_NESTING} containers", "a shallower document", line, col
                 )
@@ -198,11 +247,29 @@ def _yaml_flow_depth_check(text: str) -> None:
             depth = max(0, depth - 1)
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that stops composing after MAX_YAML_COMPOSED nodes (PyYAML builds
+    the whole node graph before `_YamlWalk` can count it)."""
+
+    def __init__(self, text):
+        super().__init__(text)
+        self.composed = 0
+
+    def compose_node(self, parent, index):
+        self.composed += 1
+        if self.composed > MAX_YAML_COMPOSED:
+            mark = self.peek_event().start_mark
+            raise SpanQueryError(
+                "$", f"more than {MAX_YAML_COMPOSED} YAML nodes", "a smaller query", mark.line + 1, mark.column + 1
+            )
+        return super().compose_node(parent, index)
+
+
 def yaml_data(src) -> tuple[object, dict]:
     text = _text(src)
     _yaml_flow_depth_check(text)
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _BoundedLoader(text)
         try:
             node = loader.get_single_node()
             if node is None:
@@ -242,7 +309,7 @@ class _YamlWalk:
                     path, "a document nested too deeply or too large (aliases?)", "a smaller query", line, col
                 )
             if isinstance(node, yaml.ScalarNode):
-                parent[slot] = self.loader.construct_object(node, deep=True)
+                parent[slot] = self.scalar(node, path, line, col)
             elif isinstance(node, yaml.SequenceNode):
                 lst = [None] * len(node.value)
                 parent[slot] = lst
@@ -255,7 +322,7 @@ class _YamlWalk:
                 for knode, vnode in node.value:
                     if not isinstance(knode, yaml.ScalarNode):
                         raise SpanQueryError(path, "a non-scalar mapping key", "string keys", line, col)
-                    key = self.loader.construct_object(knode, deep=True)
+                    key = self.scalar(knode, path, line, col)
                     if not isinstance(key, str):
                         raise SpanQueryError(
                             path,
@@ -276,6 +343,16 @@ class _YamlWalk:
                     d[key] = None
                     stack.append((vnode, child_path(path, key), nest + 1, d, key))
         return out_root[0], self.locs
+
+    def scalar(self, node, path, line, col):
+        if node.tag == _YAML_INT_TAG and len(node.value) > MAX_YAML_INT_CHARS:
+            found = f"an integer of {len(node.value)} characters"
+            raise SpanQueryError(path, found, f"at most {MAX_YAML_INT_CHARS} characters", line, col)
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except (ValueError, OverflowError) as e:  # e.g. a decimal past Python's 4,300-digit limit
+            found = f"a scalar YAML cannot convert ({str(e)[:60]})"
+            raise SpanQueryError(path, found, "a valid value", line, col) from None
 
 
 def parse_yaml(src) -> A.Query:

@@ -7,7 +7,10 @@ the JSON path of the node, what was found, what was expected, and the line and
 column of the nearest located ancestor.
 
 Limits (documented, enforced): query nesting depth <= MAX_DEPTH (64);
-repeat n in 1..MAX_REPEAT (1024).
+repeat n in 1..MAX_REPEAT (1024); at most MAX_GENERATIONS g's in all, counted
+with every repeat multiplied out (checked before anything is expanded);
+integers fit in a signed 64-bit int (MAX_INT); text is valid Unicode (no lone
+surrogates, which cannot be encoded for the tokenizer or printed).
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from spanjax.query.errors import SpanQueryError, describe
 
 MAX_DEPTH = 64
 MAX_REPEAT = 1024
+# Total g's of one query with repeats multiplied out: nested repeats multiply
+# (1024 x 1024 from 400 bytes), so one cap bounds the whole tree.
+MAX_GENERATIONS = 4096
+MAX_INT = 2**63 - 1  # every integer field (the engine's widest integer type)
 
 NODE_TAGS = ("g", "cross", "plus", "seq", "par", "system", "user", "assistant", "repeat", "monad", "print")
 _EXPECT_NODE = "a query node: an object with exactly one key of " + ", ".join(NODE_TAGS)
@@ -79,18 +86,33 @@ class _Validator:
     def string(self, v, path, what="a string"):
         if not isinstance(v, str):
             self.fail(path, describe(v), what)
-        return v
+        return self.text(v, path)
 
-    def integer(self, v, path, lo, hi=None, what=None):
-        what = what or (f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}")
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+    def text(self, s: str, path) -> str:
+        """Reject lone surrogates (from JSON/YAML escapes): UTF-8 cannot encode them."""
+        if not s.isascii():
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as e:
+                self.fail(path, f"a lone surrogate U+{ord(s[e.start]):04X} at index {e.start}", "valid Unicode text")
+        return s
+
+    def integer(self, v, path, lo, hi=MAX_INT, what=None):
+        what = what or (f"an integer in {lo}..2**63-1" if hi == MAX_INT else f"an integer in {lo}..{hi}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or v > hi:
             self.fail(path, describe(v), what)
         return v
 
     def number(self, v, path, ok, what):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
             self.fail(path, describe(v), what)
-        return float(v)
+        try:
+            x = float(v)  # a huge int overflows here (OverflowError)
+        except OverflowError:
+            self.fail(path, describe(v), what)
+        if not math.isfinite(x) or not ok(x):
+            self.fail(path, describe(v), what)
+        return x
 
     def choice(self, v, path, options):
         if not isinstance(v, str) or v not in options:
@@ -160,7 +182,7 @@ class _Validator:
 
     def _message(self, role, body, path):
         if isinstance(body, str):
-            return A.Message(role, body)
+            return A.Message(role, self.text(body, path))
         if role == "assistant" and isinstance(body, dict):
             spec = {"content": ("content",), "token_ids": ("token_ids", "token-ids")}
             f = self.fields(body, path, spec, required=("content",), what="assistant fields")
@@ -205,7 +227,7 @@ class _Validator:
         opt("max_tokens", lambda v, p: self.integer(v, p, 1))
         opt("temperature", lambda v, p: self.number(v, p, lambda x: x >= 0, "a finite number >= 0"))
         opt("top_p", lambda v, p: self.number(v, p, lambda x: 0 < x <= 1, "a number in (0, 1]"))
-        opt("seed", lambda v, p: self.integer(v, p, 0, 2**63 - 1))
+        opt("seed", lambda v, p: self.integer(v, p, 0, MAX_INT))
         opt("adapter", lambda v, p: self.string(v, p, "an adapter name (string)"))
         opt("attention", lambda v, p: self.choice(v, p, A.ATTENTION_POLICIES))
         opt("positions", lambda v, p: self.choice(v, p, A.POSITION_POLICIES))
@@ -244,6 +266,29 @@ class _Validator:
         return A.Repeat(n, q)
 
 
+def count_generations(q: A.Query) -> int:
+    """Number of g's `q` runs, every repeat multiplied out (no expansion needed)."""
+    if isinstance(q, A.Repeat):
+        return q.n * count_generations(q.query)
+    own = 1 if isinstance(q, A.G) else 0
+    return own + sum(count_generations(c) for c in A.children(q))
+
+
+def check_generations(q: A.Query, path: str = "$", locs: dict | None = None) -> A.Query:
+    """Raise SpanQueryError when `q` asks for more than MAX_GENERATIONS g's."""
+    n = count_generations(q)
+    if n > MAX_GENERATIONS:
+        line, col = locate(locs, path)
+        raise SpanQueryError(
+            path,
+            f"a query of {n} generations (repeats multiplied out)",
+            f"at most {MAX_GENERATIONS} generations (MAX_GENERATIONS)",
+            line,
+            col,
+        )
+    return q
+
+
 def from_data(data, locs: dict | None = None, path: str = "$") -> A.Query:
     """Validate generic JSON-shaped data and build the AST (raises SpanQueryError)."""
-    return _Validator(locs).query(data, path, 1)
+    return check_generations(_Validator(locs).query(data, path, 1), path, locs)

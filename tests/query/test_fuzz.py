@@ -1,4 +1,5 @@
-"""Fuzz: malformed inputs raise only SpanQueryError (with a path), fast, never hang."""
+"""Fuzz: malformed inputs raise only SpanQueryError (with a path), fast, never hang;
+what parses also prepares and lowers with only SpanQueryError."""
 
 from __future__ import annotations
 
@@ -9,18 +10,26 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qstrategies import full_queries
 
+from spanjax.query import passes as P
 from spanjax.query import syntax as S
 from spanjax.query.errors import SpanQueryError
+from spanjax.query.fake import ByteTokenizer
+from spanjax.query.lower import lower
 from spanjax.query.validate import NODE_TAGS
 
 PER_INPUT_S = 2.0
 FUZZ = settings(max_examples=700, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 
+TOK = ByteTokenizer()
+
+
 def check(src, fmt=None):
     t0 = time.perf_counter()
     try:
-        S.parse(src, fmt)
+        q = P.prepare(S.parse(src, fmt))
+        for g in P.ready(q)[:4]:  # the first wave lowers (the rest needs their results)
+            lower(g, TOK, page_size=4)
     except SpanQueryError as e:
         assert e.path.startswith("$"), e
         assert str(e)
@@ -46,7 +55,13 @@ keys = st.sampled_from(
     )
 )
 json_like = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 10**30) | st.floats(allow_nan=True) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 10**30)
+    | st.sampled_from([2**64, 260, 10**12])  # past int64 / outside the vocabulary
+    | st.floats(allow_nan=True)
+    | st.text(max_size=8)
+    | st.sampled_from(["\ud800", "a\udfff"]),  # lone surrogates
     lambda sub: st.lists(sub, max_size=4) | st.dictionaries(keys, sub, max_size=3),
     max_leaves=25,
 )
