@@ -10,6 +10,10 @@ import os
 import numpy as np
 import pytest
 
+# The suite writes no persistent compilation cache into the user's home (and so never
+# reads one left by an earlier run): tests/engine/test_compilation_cache.py turns it on.
+os.environ.setdefault("SPANJAX_COMPILATION_CACHE", "off")
+
 # Small, CPU-friendly Llama-family configs (transformers kwargs). GQA everywhere.
 TINY_BASE = dict(
     vocab_size=96,

@@ -1,6 +1,6 @@
 """The package's import graph follows one layer order, with no cycle:
 
-    config, runs -> kernels -> models, tokenizer, adapters -> query -> engine -> tasks
+    config, runs, compilation -> kernels -> models, tokenizer, adapters -> query -> engine -> tasks
     -> training | eval -> cli, server
 
 A module may import its own layer or any layer to its left, never one to its right;
@@ -27,6 +27,7 @@ LAYERS = {
     "spanjax": 0,  # the package root (__init__, __main__ are ranked below)
     "spanjax.config": 0,
     "spanjax.runs": 0,
+    "spanjax.compilation": 0,
     "spanjax.kernels": 1,
     "spanjax.models": 2,
     "spanjax.tokenizer": 2,

@@ -139,6 +139,7 @@ def _run_query(args: argparse.Namespace) -> int:
     if args.plan_file is not None:
         raise UserError(f"unexpected argument {args.plan_file!r} (did you mean 'spanjax query plan FILE'?)")
 
+    from spanjax.compilation import use_persistent_cache
     from spanjax.engine.engine import Engine, EngineConfig
     from spanjax.engine.executor import run_query
     from spanjax.models.loading import load_model
@@ -149,6 +150,7 @@ def _run_query(args: argparse.Namespace) -> int:
         query = syntax.parse(raw, args.format or (syntax.format_for_path(args.file) if args.file != "-" else None))
     except OSError as e:
         raise UserError(f"cannot read query file: {e}") from e
+    use_persistent_cache()  # before loading: the loader's own jitted ops are cached too
     model = load_model(args.model or "smollm2-135m")
     engine = Engine(
         model,

@@ -1,0 +1,50 @@
+"""The persistent compilation cache: a second process running the same engine step shapes
+reads every executable back (writes nothing new, compiles for a fraction of the time);
+"off" writes nothing. Each run is a fresh interpreter, as a user's second CLI call is."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = """
+import json, sys
+from tiny_byte import tiny_config, tiny_model
+from spanjax.engine.engine import Engine, EngineConfig
+from spanjax.engine.executor import run_query
+
+engine = Engine(tiny_model(seed=5, cfg=tiny_config(max_position_embeddings=1024)),
+                EngineConfig(num_pages=64, page_size=4, max_tokens_per_step=32, max_seqs_per_step=4,
+                             attention="reference", compilation_cache=sys.argv[1]))
+q = {"g": {"model": "tiny", "max_tokens": 4, "input": {"cross": [
+    {"plus": [{"user": "first document"}, {"user": "second one"}]}, {"user": "question?"}]}}}
+run_query(engine, json.dumps(q))
+print(json.dumps(engine.stats()))
+"""
+
+
+def run(setting: str, tmp_path: Path) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, setting], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_reads_every_step_from_the_cache(tmp_path):
+    cache = tmp_path / "cache"
+    first = run(str(cache), tmp_path)
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any("step" in name for name in entries), entries  # the engine's jitted step is cached
+    second = run(str(cache), tmp_path)
+    assert sorted(p.name for p in cache.iterdir()) == entries  # every executable was a hit
+    assert first["compilations"] == second["compilations"] > 0  # same shapes traced
+    assert second["compile_s"] < first["compile_s"] / 2
+
+    off = tmp_path / "off"
+    run("off", tmp_path)
+    assert not off.exists() and sorted(p.name for p in cache.iterdir()) == entries
