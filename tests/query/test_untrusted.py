@@ -16,6 +16,10 @@ from spanjax.query.fake import ByteTokenizer
 from spanjax.query.lower import lower
 from spanjax.query.validate import MAX_GENERATIONS, from_data
 
+# A hang guard, not a speed claim (timings belong in benchmarks): the inputs below took
+# minutes or never finished before the fixes, and take well under a second now, so a
+# bound this loose still fails on a regression and never on a loaded 2-core machine.
+HANG_BOUND_S = 10.0
 BIG_HEX = "0x" + "f" * 20_000  # ~24,000 decimal digits: past Python's 4,300-digit limit
 BIG_BIN = "0b" + "1" * 20_000
 
@@ -105,7 +109,7 @@ def test_yaml_depth_check_linear(text):
     t0 = time.perf_counter()
     with pytest.raises(SpanQueryError):
         S.parse(text, "yaml")
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < HANG_BOUND_S
 
 
 def test_yaml_depth_check_still_counts_brackets():
@@ -126,7 +130,7 @@ def test_nested_repeat_capped_before_expansion():
     t0 = time.perf_counter()
     e = raises_at("$", src, "json")
     assert "generations" in e.found and str(MAX_GENERATIONS) in e.expected
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < HANG_BOUND_S
     # Python-built ASTs skip validation: expand_repeat checks too, before expanding.
     g = A.G("m", A.user("x"))
     q = A.Repeat(1024, A.G("m", A.Plus((A.Repeat(1024, g),))))
@@ -154,9 +158,7 @@ def test_input_size_capped():
 
 
 def test_yaml_node_count_capped_while_composing():
-    t0 = time.perf_counter()
     assert "YAML nodes" in raises_at("$", "[" + "1," * (S.MAX_YAML_COMPOSED + 10) + "1]", "yaml").found
-    assert time.perf_counter() - t0 < 1.5
 
 
 # --- 6. bounded error messages ----------------------------------------------------------
