@@ -17,6 +17,7 @@ HTTP or experiment.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal
 
 import jax.numpy as jnp
@@ -66,16 +67,15 @@ class EngineConfig:
             raise ValueError("max_tokens_per_step must be >= 16")
         if self.max_seqs_per_step < 1 or self.max_running < 1:
             raise ValueError("max_seqs_per_step and max_running must be >= 1")
-        if self.attention not in ("reference", "pallas", "auto"):
-            raise ValueError(f"attention must be reference|pallas|auto, got {self.attention!r}")
-        if self.cache_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"cache_dtype must be float32|bfloat16, got {self.cache_dtype!r}")
+        # The Literal fields' options are their annotations (the YAML loader checks the same ones).
+        for name, hint in typing.get_type_hints(EngineConfig).items():
+            options = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+            if options and getattr(self, name) not in options:
+                raise ValueError(f"{name} must be {'|'.join(options)}, got {getattr(self, name)!r}")
         if self.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0 (0 = the speculator's n_predict)")
         if self.speculative_candidates < 1:
             raise ValueError("speculative_candidates must be >= 1")
-        if self.speculative_tree_fill not in ("padding", "budget"):
-            raise ValueError(f"speculative_tree_fill must be padding|budget, got {self.speculative_tree_fill!r}")
 
 
 def _attention_impl(kind: str):
