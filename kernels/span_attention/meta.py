@@ -45,6 +45,10 @@ class SpanBatchMeta:
     # [T] int: page * page_size + offset where each token's K/V is written (-1 = padding).
     # Only the model's cache write reads it; attention alone may leave it None.
     slot_mapping: jax.Array | None = None
+    # Static promise (part of the jit cache key, not an array): every sequence has at most
+    # this many query tokens. 1 marks a decode-only batch, which the XLA path computes per
+    # sequence in one pass; None promises nothing. Implementations may ignore it.
+    max_q_len: int | None = flax.struct.field(pytree_node=False, default=None)
 
 
 class SpanShapes(NamedTuple):

@@ -31,6 +31,34 @@ def default_block_q(num_tokens: int, num_seqs: int) -> int:
     return min(64, 1 << (target.bit_length() - 1))
 
 
+def decode_attention(q, k_pages, v_pages, meta: SpanBatchMeta, q_pos, *, rope_inv_freq, sm_scale):
+    """The decode shape: at most one query token per sequence (`meta.max_q_len == 1`).
+
+    One pass per sequence over its whole block table (no tiles, no loop): a decode step's
+    attention is a few large operations instead of a loop of small ones, and the keys'
+    positions, masks and RoPE angles depend only on the metadata, so XLA computes them once
+    for all layers of an unrolled model. Work is S x M x page_size (M = the bucketed table
+    width), which for decode is what the step has to read anyway."""
+    n = check_inputs(q, k_pages, v_pages, meta, q_pos, rope_inv_freq)
+    S, M, P, Hkv, G, D, T = n.S, n.M, n.P, n.Hkv, n.G, n.D, n.T
+    tables, pos, lens = tiling.pad_block_tables(meta.block_tables, meta.block_pos, meta.block_lens, n.N, 1)
+    cu = meta.cu_q_lens.astype(jnp.int32)
+    has_token = cu[1:] > cu[:-1]  # [S]
+    tok = jnp.where(has_token, cu[:-1], T)  # the sequence's query token (T = none: dropped below)
+    slot = jnp.arange(P, dtype=jnp.int32)
+    kpos = (pos[:, :, None] + slot).reshape(S, M * P)
+    qpos = q_pos.astype(jnp.int32)[jnp.minimum(tok, T - 1)]
+    seen = (slot < lens[:, :, None]).reshape(S, M * P) & (kpos <= qpos[:, None]) & has_token[:, None]
+    qs = q[jnp.minimum(tok, T - 1)].astype(jnp.float32).reshape(S, Hkv, G, D) * sm_scale
+    k = apply_rope(k_pages[tables].astype(jnp.float32).reshape(S, M * P, Hkv, D), kpos, rope_inv_freq)
+    v = v_pages[tables].astype(jnp.float32).reshape(S, M * P, Hkv, D)
+    v = jnp.where(seen[:, :, None, None], v, 0.0)  # junk in unseen slots must not leak
+    s = jnp.einsum("shgd,skhd->shgk", qs, k)
+    p, (_, l, acc) = online_softmax_step(online_softmax_init((S, Hkv, G), D), s, seen[:, None, None, :])
+    out = online_softmax_finish(l, acc + jnp.einsum("shgk,skhd->shgd", p, v)).reshape(S, n.Hq, D)
+    return jnp.zeros((T, n.Hq, D), q.dtype).at[tok].set(out.astype(q.dtype), mode="drop")
+
+
 def span_attention_xla(
     q,
     k_pages,
@@ -43,8 +71,11 @@ def span_attention_xla(
     block_q=None,
     pages_per_step=8,
 ):
-    """Same result as `span_attention_reference`; `block_q` None picks `default_block_q`."""
+    """Same result as `span_attention_reference`; `block_q` None picks `default_block_q`.
+    A decode-only batch (`meta.max_q_len == 1`) takes `decode_attention`."""
     n = check_inputs(q, k_pages, v_pages, meta, q_pos, rope_inv_freq)
+    if meta.max_q_len == 1:
+        return decode_attention(q, k_pages, v_pages, meta, q_pos, rope_inv_freq=rope_inv_freq, sm_scale=sm_scale)
     S, Hkv, G, D, page_size = n.S, n.Hkv, n.G, n.D, n.P
     block_q = block_q or default_block_q(n.T, S)
     block_q = max(1, min(block_q, tiling.next_pow2(n.T)))

@@ -300,6 +300,20 @@ class Scheduler:
         victim.metrics.preemptions += 1
         self.waiting.appendleft(victim)
 
+    def abort(self, req: Request) -> bool:
+        """Drop a waiting or running request now: its pages go back to the pool (pages it already
+        published stay cached for others) and it finishes with reason "abort". False if it was
+        neither waiting nor running (finished already, or never added)."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+        elif req in self.running:
+            self.running.remove(req)
+            self.release(req)
+        else:
+            return False
+        req.finish_reason = "abort"
+        return True
+
     def finish(self, req: Request) -> None:
         self._register_final(req)
         self.running.remove(req)

@@ -8,12 +8,13 @@ and is updated in place. Attention is pluggable: `forward_dense` keeps a classic
 `forward_paged` writes pre-RoPE keys into a page pool and runs ragged paged span
 attention over a `SpanBatchMeta` (the engine's path; see kernels/span_attention).
 
-Weights are stored [in, out] so projections are `x @ w`.
+Weights are stored [in, out] so projections are `x @ w` (`linear`: fp32 accumulation).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import flax.struct
@@ -44,7 +45,7 @@ class LayerParams:
 @flax.struct.dataclass
 class Params:
     embed: jax.Array  # [V, H]
-    layers: LayerParams  # stacked, leading axis L
+    layers: LayerParams | tuple[LayerParams, ...]  # stacked (leading axis L), or one per layer
     final_norm: jax.Array  # [H]
     lm_head: jax.Array | None  # [H, V]; None when tied to `embed`
 
@@ -77,14 +78,48 @@ def init_params(cfg: ModelConfig, key, dtype=jnp.float32, scale=0.02) -> Params:
     )
 
 
+def unstack_layers(params: Params) -> Params:
+    """The same weights with `layers` as a tuple of per-layer LayerParams (one buffer per weight).
+
+    The decoder unrolls its layer loop over unstacked layers. Inference on CPU wants that: a
+    `lax.scan` over stacked weights slices (copies) every layer's weights out of the stack on
+    each step, which doubles a decode step's weight traffic. Training keeps them stacked (the
+    scan's compile time does not grow with depth)."""
+    if isinstance(params.layers, tuple):
+        return params
+    n = params.layers.wq.shape[0]
+    return params.replace(layers=tuple(jax.tree.map(lambda a, i=i: a[i], params.layers) for i in range(n)))
+
+
 def rms_norm(x, weight, eps):
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return (xf * weight.astype(jnp.float32)).astype(x.dtype)
 
 
+def _dot_f32(x, w, w_in_axis: int):
+    """x [..., in] contracted with w's `w_in_axis`, accumulated and returned in fp32.
+
+    Asking for an fp32 result is what makes bf16 fast on XLA CPU: a bf16 x bf16 -> bf16 dot
+    converts the whole weight to fp32 first (slower than fp32 weights), while bf16 x bf16 ->
+    fp32 runs the bf16 GEMM (2-3x faster than fp32). A single row is padded to two: XLA CPU
+    runs a one-row bf16 product (a matrix-vector product) by converting the weight as well."""
+    lead, rows = x.shape[:-1], math.prod(x.shape[:-1])
+    x2 = x.reshape(rows, x.shape[-1]).astype(w.dtype)
+    if rows == 1 and w.dtype != jnp.float32:
+        x2 = jnp.concatenate([x2, x2])
+    y = jax.lax.dot_general(x2, w, (((1,), (w_in_axis,)), ((), ())), preferred_element_type=jnp.float32)
+    return y[:rows].reshape(*lead, y.shape[-1])
+
+
+def linear(x, w):
+    """x [..., in] @ w [in, out], accumulated in fp32 and rounded to x's dtype: what transformers'
+    bf16 does too."""
+    return _dot_f32(x, w, 0).astype(x.dtype)
+
+
 def mlp(layer: LayerParams, x):
-    return (jax.nn.silu(x @ layer.w_gate) * (x @ layer.w_up)) @ layer.w_down
+    return linear(jax.nn.silu(linear(x, layer.w_gate)) * linear(x, layer.w_up), layer.w_down)
 
 
 # attention_fn(layer_index, cache, q_roped, k_raw, v, positions) -> (out, cache)
@@ -117,12 +152,9 @@ def decoder(
     lead = tokens.shape
     ids = None if adapter is None else adapter.token_ids(adapter_mask, lead)
 
-    def layer_step(carry, inputs):
-        x, cache = carry
-        layer, idx, lora = inputs
-
+    def layer_step(x, cache, layer, idx, lora):
         def proj(module, h, w):  # x W, plus the adapter's per-token delta when one is given
-            y = h @ w
+            y = linear(h, w)
             return y if adapter is None else adapter.apply(module, lora, idx, h, y, ids)
 
         h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
@@ -143,17 +175,27 @@ def decoder(
                 layer.w_down,
             )
         x = x + cfg.residual_multiplier * m
-        return (x, cache), None
+        return x, cache
 
     lora_layers = None if adapter is None else adapter.layers
-    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (params.layers, jnp.arange(cfg.num_layers), lora_layers))
+    if isinstance(params.layers, tuple):  # unstacked (see `unstack_layers`): an unrolled loop
+        for i, layer in enumerate(params.layers):
+            lora = None if lora_layers is None else jax.tree.map(lambda a, i=i: a[i], lora_layers)
+            x, cache = layer_step(x, cache, layer, i, lora)
+    else:
+
+        def scan_step(carry, inputs):
+            return layer_step(*carry, *inputs), None
+
+        (x, cache), _ = jax.lax.scan(scan_step, (x, cache), (params.layers, jnp.arange(cfg.num_layers), lora_layers))
     return rms_norm(x, params.final_norm, cfg.rms_norm_eps), cache
 
 
 def compute_logits(params: Params, cfg: ModelConfig, hidden):
     """Final hidden states [..., H] -> fp32 logits [..., V] (Granite divides by logits_scaling)."""
-    w = params.embed.T if params.lm_head is None else params.lm_head
-    return (hidden @ w).astype(jnp.float32) / cfg.logits_scaling
+    if params.lm_head is None:  # tied: contract with embed [V, H] as it lies (`embed.T` would copy it)
+        return _dot_f32(hidden, params.embed, 1) / cfg.logits_scaling
+    return _dot_f32(hidden, params.lm_head, 0) / cfg.logits_scaling
 
 
 # ----------------------------------------------------------------------------
@@ -234,6 +276,18 @@ def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp
     return PagedKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
+def _write_slots(pool, index, values):
+    """pool.at[index].set(values), out-of-range indices dropped, in place under donation.
+
+    A bf16 pool is written through its uint16 bit pattern: XLA CPU has no bf16 scatter and
+    would otherwise convert the whole pool to fp32 and back around every write."""
+    if pool.dtype != jnp.bfloat16:
+        return pool.at[index].set(values.astype(pool.dtype), mode="drop")
+    bits = jax.lax.bitcast_convert_type(pool, jnp.uint16)
+    new = jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), jnp.uint16)
+    return jax.lax.bitcast_convert_type(bits.at[index].set(new, mode="drop"), jnp.bfloat16)
+
+
 def _paged_attention(cfg: ModelConfig, inv_freq, attention_impl, meta: SpanBatchMeta, idx, cache, q, k, v, positions):
     k_all, v_all = cache
     L, N, P = k_all.shape[:3]
@@ -243,9 +297,14 @@ def _paged_attention(cfg: ModelConfig, inv_freq, attention_impl, meta: SpanBatch
     check_inputs(q, k_layer, v_layer, meta, positions, inv_freq)  # before the cache write, naming the bad field
     pages = jnp.where(meta.slot_mapping < 0, N, meta.slot_mapping // P)  # page N is out of range -> dropped
     slots = meta.slot_mapping % P
-    k_all = k_all.at[idx, pages, slots].set(k.astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[idx, pages, slots].set(v.astype(v_all.dtype), mode="drop")
-    out = attention_impl(q, k_all[idx], v_all[idx], meta, positions, rope_inv_freq=inv_freq, sm_scale=cfg.sm_scale)
+    k_all = _write_slots(k_all, (idx, pages, slots), k)
+    v_all = _write_slots(v_all, (idx, pages, slots), v)
+    # Attention sees the whole pool as L * N pages (a free reshape) and this layer's pages as
+    # page + idx * N. Slicing out `k_all[idx]` instead copies the layer's whole slice of the
+    # pool on every layer of every step: a step then costs what the pool costs, not its tokens.
+    flat = lambda x: x.reshape(L * N, *x.shape[2:])
+    meta = meta.replace(block_tables=meta.block_tables + idx * N)
+    out = attention_impl(q, flat(k_all), flat(v_all), meta, positions, rope_inv_freq=inv_freq, sm_scale=cfg.sm_scale)
     return out, (k_all, v_all)
 
 

