@@ -105,7 +105,10 @@ class LlamaCppSide:
         self.llm = Llama(
             model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=4608, n_batch=512, verbose=False
         )
-        self.tokenizer = None
+
+    def _greedy(self) -> int:
+        """Argmax of the last logits (llama-cpp-python keeps them in the context only)."""
+        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))))
 
     def run(self, length: int, streams: int, new_tokens: int, num_pages: int):
         if streams != 1:
@@ -116,10 +119,10 @@ class LlamaCppSide:
         t0 = time.perf_counter()
         self.llm.eval(ids)
         t1 = time.perf_counter()
-        token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        token = self._greedy()
         for _ in range(new_tokens - 1):
             self.llm.eval([token])
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            token = self._greedy()
         t2 = time.perf_counter()
         return length, t1 - t0, new_tokens - 1, t2 - t1
 
@@ -193,6 +196,7 @@ def main(argv=None):
     ap.add_argument("--token-budget", type=int, default=512, help="engine max_tokens_per_step")
     ap.add_argument("--new-tokens", type=int, default=33)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--only", nargs="*", default=None, help="run only the cases whose name contains one of these")
     ap.add_argument("--out", default="runs")
     ap.add_argument("--write-docs", action="store_true", help="also write docs/results/engine_bench.json")
     args = ap.parse_args(argv)
@@ -207,6 +211,8 @@ def main(argv=None):
 
     table = []
     for case in cases(args.new_tokens):
+        if args.only and not any(o in case["name"] for o in args.only):
+            continue
         row = dict(case=case["name"], kind=case["kind"], results={})
         for side, name in zip(sides, names):
             print(f"{case['name']:<34} {name} ...", flush=True)

@@ -17,7 +17,7 @@ the caller padded) still cost work here, so callers bucket the sequence count
 import jax
 import jax.numpy as jnp
 
-from spanjax.kernels.rope import apply_rope
+from spanjax.kernels.rope import apply_rope, rope_tables, rotate
 from spanjax.kernels.span_attention import tiling
 from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs
 from spanjax.kernels.span_attention.reference import online_softmax_finish, online_softmax_init, online_softmax_step
@@ -50,7 +50,11 @@ def decode_attention(q, k_pages, v_pages, meta: SpanBatchMeta, q_pos, *, rope_in
     qpos = q_pos.astype(jnp.int32)[jnp.minimum(tok, T - 1)]
     seen = (slot < lens[:, :, None]).reshape(S, M * P) & (kpos <= qpos[:, None]) & has_token[:, None]
     qs = q[jnp.minimum(tok, T - 1)].astype(jnp.float32).reshape(S, Hkv, G, D) * sm_scale
-    k = apply_rope(k_pages[tables].astype(jnp.float32).reshape(S, M * P, Hkv, D), kpos, rope_inv_freq)
+    # The angles' tables are materialized (the barrier keeps XLA from fusing sin/cos into the
+    # rotation, where they would be recomputed for every head and dimension: the most
+    # expensive part of a long decode's attention on CPU).
+    cos, sin = jax.lax.optimization_barrier(rope_tables(kpos, rope_inv_freq))
+    k = rotate(k_pages[tables].astype(jnp.float32).reshape(S, M * P, Hkv, D), cos, sin)
     v = v_pages[tables].astype(jnp.float32).reshape(S, M * P, Hkv, D)
     v = jnp.where(seen[:, :, None, None], v, 0.0)  # junk in unseen slots must not leak
     s = jnp.einsum("shgd,skhd->shgk", qs, k)
