@@ -20,6 +20,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from spanjax.cli import memory  # argparse and re only: the command list stays fast
+
 EXIT_USER_ERROR = 2
 
 
@@ -292,6 +294,43 @@ def _run_train_speculator(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- serve
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="registry name (smollm2-135m), HF directory or .gguf file")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--config", metavar="ENGINE_YAML", help="EngineConfig fields as YAML (num_pages, page_size, ...)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (all but /health)")
+    p.add_argument("--max-pending", type=int, default=256, help="HTTP requests in flight before 429 (default 256)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is aborted")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    """Load the model, build one engine and serve it (docs/server.md) until SIGTERM / Ctrl-C."""
+    import jax.numpy as jnp
+
+    from spanjax.compilation import use_persistent_cache
+    from spanjax.config import ConfigError, load
+    from spanjax.engine.engine import Engine, EngineConfig
+    from spanjax.models.loading import load_model
+    from spanjax.server import ServerConfig, serve
+
+    try:
+        engine_cfg = load(EngineConfig, args.config) if args.config else EngineConfig(num_pages=2048)
+        server_cfg = ServerConfig(
+            api_key=args.api_key, max_pending=args.max_pending, request_timeout_s=args.request_timeout
+        )
+    except (ConfigError, ValueError) as e:
+        raise UserError(str(e)) from e
+    use_persistent_cache(engine_cfg.compilation_cache)
+    engine = Engine(load_model(args.model, dtype=getattr(jnp, args.dtype)), engine_cfg)
+    serve(engine, host=args.host, port=args.port, config=server_cfg)
+    return 0
+
+
 # ---------------------------------------------------------------------------- table + main
 
 
@@ -320,6 +359,16 @@ COMMANDS: dict[str, Command] = {
         "train alora|lora|block-adapter|speculator CONFIG [KEY=VALUE ...] (resumes its run dir)",
         _add_train_args,
         _run_train,
+    ),
+    "serve": Command(
+        "serve one engine over HTTP: spnl's /v1/query/execute and the OpenAI API (docs/server.md)",
+        _add_serve_args,
+        _run_serve,
+    ),
+    "plan-memory": Command(
+        "per-device parameter, KV and activation bytes of a model config on a mesh, and the largest KV pool",
+        memory.add_arguments,
+        memory.run,
     ),
 }
 

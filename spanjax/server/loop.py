@@ -1,0 +1,365 @@
+"""One engine, one stepping thread, many requests.
+
+The jitted step blocks, so it never runs on the event loop: `EngineLoop` owns a thread that is
+the only code touching the `Engine` (submit, step, abort, stats). HTTP handlers hand it `Job`s
+through a thread-safe queue; a job reports back to its handler through a `Sink`, whose
+callbacks the loop thread schedules onto the handler's asyncio loop with
+`loop.call_soon_threadsafe` (token deltas, then one final result or error).
+
+A `Job` evaluates one span query wave by wave, as `spanjax.engine.executor.run_query` does,
+but without blocking: its first wave comes lowered from the handler (so a bad query fails
+before it reaches the loop), each later wave is lowered here when the previous one is done.
+The g's of the last wave are the job's outputs ("choices"); their text is streamed as deltas.
+An exception while lowering or submitting one job fails that job alone (its requests are
+aborted, their pages released); an exception inside `engine.step()` cannot be pinned on one
+request, so every job with a request in the engine fails and the loop carries on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from spanjax.engine.adapters import AdapterError, lower_for_engine
+from spanjax.engine.engine import Engine
+from spanjax.engine.executor import GenerationRecord, sampling_for
+from spanjax.engine.sampling import SamplingParams
+from spanjax.engine.scheduler import Request, RequestTooLarge
+from spanjax.query import ast as A
+from spanjax.query.errors import SpanQueryError
+from spanjax.query.passes import GenResult, evaluation_order, ready, substitute, value
+from spanjax.query.plan import SpanPlan
+
+log = logging.getLogger("spanjax.server")
+
+# Exceptions that are the client's fault: a 400 for that request.
+CLIENT_ERRORS = (SpanQueryError, AdapterError, RequestTooLarge, ValueError)
+
+
+class JobError(Exception):
+    """A job failed; `status` is the HTTP status its handler answers with."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def error_for(exc: BaseException) -> JobError:
+    if isinstance(exc, JobError):
+        return exc
+    if isinstance(exc, CLIENT_ERRORS):
+        return JobError(400, " ".join(str(exc).split())[:2000])
+    return JobError(500, f"internal error: {type(exc).__name__}: {str(exc)[:500]}", "internal_error")
+
+
+class Sink:
+    """Where a job's progress goes (called on the loop thread; implementations must not block)."""
+
+    def delta(self, index: int, text: str) -> None: ...
+
+    def done(self, result: JobResult) -> None: ...
+
+    def error(self, err: JobError) -> None: ...
+
+
+@dataclasses.dataclass
+class Choice:
+    index: int
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+
+
+@dataclasses.dataclass
+class JobResult:
+    value: object
+    choices: list[Choice]  # the g's of the last wave, in order
+    generations: list[GenerationRecord]  # every g, in evaluation order
+
+    def usage(self, prompt_once: bool = False) -> dict:
+        """OpenAI usage. Over every generation of a query; `prompt_once` (n choices of one
+        prompt, as OpenAI counts them) takes the prompt of the first choice only."""
+        gens = self.generations
+        if prompt_once and self.choices:
+            prompt, cached = self.choices[0].prompt_tokens, self.choices[0].cached_tokens
+            completion = sum(c.generated_tokens for c in self.choices)
+        else:
+            prompt, cached = sum(g.prompt_tokens for g in gens), sum(g.cached_tokens for g in gens)
+            completion = sum(g.generated_tokens for g in gens)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+
+class _Streamer:
+    """Text deltas of one request that are final: never retracted by a later token (a stop string
+    cuts the text; a token may end inside a UTF-8 character and decode to U+FFFD)."""
+
+    def __init__(self, holdback: int):
+        self.sent = 0
+        self.holdback = holdback  # longest stop string - 1
+
+    def delta(self, req: Request) -> str:
+        text = req.text
+        end = len(text)
+        if not req.finished:
+            end -= self.holdback
+            while end > self.sent and text[end - 1] == "\ufffd":
+                end -= 1
+        if end <= self.sent:
+            return ""
+        out, self.sent = text[self.sent : end], end
+        return out
+
+
+class Job:
+    """One query in evaluation. `query` is the prepared AST (passes.prepare), `first` its first
+    wave lowered: [(g, plan, sampling)]. A raw-prompt completion has no query: `first` alone."""
+
+    def __init__(
+        self,
+        query: A.Query | None,
+        first: list[tuple[A.G | None, SpanPlan, SamplingParams]],
+        sink: Sink,
+        stream: bool = True,
+    ):
+        self.query = query
+        self.stream = stream  # send text deltas of the last wave
+        self.pending = first
+        self.sink = sink
+        self.num_waves = len(evaluation_order(query)) if query is not None else 1
+        self.wave_index = 0
+        self.wave: list[tuple[A.G | None, Request]] = []
+        self.streamers: list[_Streamer] = []
+        self.records: list[GenerationRecord] = []
+        self.closed = False
+        self.created_s = time.perf_counter()
+
+    @property
+    def last_wave(self) -> bool:
+        return self.wave_index == self.num_waves - 1
+
+    def requests(self) -> list[Request]:
+        return [r for _, r in self.wave]
+
+    # -- on the loop thread -----------------------------------------------------------
+
+    def submit_wave(self, engine: Engine) -> None:
+        items, self.pending = self.pending, None
+        if items is None:  # lower the next wave here
+            name, tok, ps = engine.model.name, engine.model.tokenizer, engine.config.page_size
+            items = [
+                (g, lower_for_engine(g, tok, model=name, page_size=ps, adapters=engine.adapters), sampling_for(g))
+                for g in ready(self.query)
+            ]
+        self.wave = []
+        try:
+            for g, plan, sampling in items:
+                self.wave.append((g, engine.submit(plan, sampling)))
+        except BaseException:
+            self.abort(engine)
+            raise
+        holdback = lambda s: max((len(x) for x in s.stop), default=1) - 1  # noqa: E731
+        self.streamers = [_Streamer(holdback(r.sampling)) for _, r in self.wave]
+
+    def abort(self, engine: Engine) -> None:
+        for r in self.requests():
+            if not r.finished:
+                engine.abort(r)
+
+    def progress(self, engine: Engine, on_finish: Callable[[Request], None]) -> bool:
+        """Stream what is new, move to the next wave when this one is done. True when the job is over."""
+        if self.last_wave and self.stream:
+            for i, ((_, r), st) in enumerate(zip(self.wave, self.streamers)):
+                d = st.delta(r)
+                if d:
+                    self.sink.delta(i, d)
+        if not all(r.finished for r in self.requests()):
+            return False
+        eos = engine.eos_token_ids
+        for g, r in self.wave:
+            on_finish(r)
+            s = r.summary()
+            self.records.append(
+                GenerationRecord(
+                    model=g.model if g is not None else engine.model.name,
+                    text=r.text,
+                    token_ids=[t for t in r.generated if t not in eos],
+                    finish_reason=r.finish_reason,
+                    prompt_tokens=s["prompt_tokens"],
+                    cached_tokens=s["cached_tokens"],
+                    generated_tokens=s["generated_tokens"],
+                    ttft_s=s["ttft_s"],
+                    decode_tokens_per_s=s["decode_tokens_per_s"],
+                    preemptions=s["preemptions"],
+                )
+            )
+        if self.last_wave:
+            choices = [
+                Choice(i, r.text, r.finish_reason, r.metrics.prompt_tokens, r.metrics.cached_tokens, len(r.generated))
+                for i, (_, r) in enumerate(self.wave)
+            ]
+            if self.query is not None:
+                q = substitute(self.query, {g: GenResult(r.text, tuple(r.generated)) for g, r in self.wave})
+                val = value(q)
+            else:
+                val = choices[0].text if len(choices) == 1 else [c.text for c in choices]
+            self.sink.done(JobResult(val, choices, self.records))
+            return True
+        self.query = substitute(self.query, {g: GenResult(r.text, tuple(r.generated)) for g, r in self.wave})
+        self.wave_index += 1
+        self.submit_wave(engine)
+        return False
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """Engine state for /metrics and /health, written by the loop thread after every step."""
+
+    running: int = 0
+    waiting: int = 0
+    pages_total: int = 0
+    pages_used: int = 0
+    pages_cached: int = 0
+    hit_tokens: int = 0
+    miss_tokens: int = 0
+    compilations: int = 0
+    steps: int = 0
+    jobs: int = 0
+
+
+class EngineLoop:
+    """The stepping thread. `submit(job)` and `abort(job)` may be called from any thread."""
+
+    def __init__(self, engine: Engine, on_finish: Callable[[Request], None] = lambda r: None):
+        self.engine = engine
+        self.on_finish = on_finish  # per finished request, on the loop thread (metrics)
+        self.inbox: queue.Queue = queue.Queue()
+        self.jobs: list[Job] = []
+        self.snapshot = Snapshot()
+        self.step_errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spanjax-engine-loop", daemon=True)
+        self._publish()
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop after the running jobs finish (drain); jobs still queued after `timeout` are failed."""
+        self.inbox.put(("stop", None))
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join(5.0)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, job: Job) -> None:
+        self.inbox.put(("submit", job))
+
+    def abort(self, job: Job) -> None:
+        self.inbox.put(("abort", job))
+
+    # -- the thread ------------------------------------------------------------------
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        if job.closed:
+            return
+        job.closed = True
+        try:
+            job.abort(self.engine)
+        except Exception:  # noqa: BLE001  (the loop must survive; the job is failed either way)
+            log.exception("aborting a failed job")
+        if job in self.jobs:
+            self.jobs.remove(job)
+        err = error_for(exc)
+        if err.status >= 500:
+            log.error("request failed: %s", err.message, exc_info=exc)
+        job.sink.error(err)
+
+    def _command(self, kind: str, job: Job | None) -> bool:
+        if kind == "stop":
+            return True
+        if kind == "submit":
+            try:
+                job.submit_wave(self.engine)
+                self.jobs.append(job)
+            except Exception as e:  # noqa: BLE001
+                self._fail(job, e)
+        elif kind == "abort" and not job.closed:
+            self._fail(job, JobError(499, "request aborted (client gone or timed out)", "aborted"))
+        return False
+
+    def _run(self) -> None:
+        stopping = False
+        while not self._stop.is_set():
+            idle = not self.engine.has_work()
+            if stopping and idle and not self.jobs:
+                break
+            try:
+                cmd = self.inbox.get(timeout=0.05) if idle else self.inbox.get_nowait()
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                if self._command(*cmd):
+                    stopping = True
+                try:
+                    cmd = self.inbox.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if self.engine.has_work():
+                try:
+                    self.engine.step()
+                except Exception as e:  # noqa: BLE001  (not one request's fault: fail those in the engine)
+                    self.step_errors += 1
+                    log.exception("engine step failed")
+                    for job in list(self.jobs):
+                        self._fail(job, e)
+            for job in list(self.jobs):
+                try:
+                    if job.progress(self.engine, self.on_finish):
+                        job.closed = True
+                        self.jobs.remove(job)
+                except Exception as e:  # noqa: BLE001
+                    self._fail(job, e)
+            self._publish()
+        # Stopped: fail whatever is left (a forced stop, or jobs queued after the stop command).
+        for job in list(self.jobs):
+            self._fail(job, JobError(503, "server shutting down", "unavailable"))
+        while True:
+            try:
+                kind, job = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                job.sink.error(JobError(503, "server shutting down", "unavailable"))
+        self._publish()
+
+    def _publish(self) -> None:
+        e = self.engine
+        pool, sched, st = e.pool, e.scheduler, e.pool.stats
+        self.snapshot = Snapshot(
+            running=len(sched.running),
+            waiting=len(sched.waiting),
+            pages_total=pool.capacity,
+            pages_used=pool.capacity - pool.num_available(),
+            pages_cached=pool.num_cached(),
+            hit_tokens=st.hit_tokens,
+            miss_tokens=st.miss_tokens,
+            compilations=e.runner.compile_count,
+            steps=e.steps,
+            jobs=len(self.jobs),
+        )
