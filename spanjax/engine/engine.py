@@ -174,8 +174,18 @@ class Engine:
 
     # -- submission ---------------------------------------------------------------
 
-    def submit(self, plan: SpanPlan, sampling: SamplingParams = SamplingParams(), keep_logits: bool = False) -> Request:
-        """Queue one generation. Raises before any compute if it can never fit."""
+    def submit(
+        self,
+        plan: SpanPlan,
+        sampling: SamplingParams = SamplingParams(),
+        keep_logits: bool = False,
+        write_final_token: bool = False,
+    ) -> Request:
+        """Queue one generation. Raises before any compute if it can never fit.
+
+        `write_final_token`: once finished, the request stays one more step to write its last
+        token's K/V and publish its final page, so a query that re-sends the exchange (the outer
+        query of a nested g) hits all of it; waiting requests are admitted after that step."""
 
         if plan.model != self.model.name:
             raise ValueError(f"plan was lowered for model {plan.model!r}, engine runs {self.model.name!r}")
@@ -191,7 +201,9 @@ class Engine:
             plan, span_adapter = span_adapter_ids(
                 plan, self.adapters.get(plan.adapter), names.index(plan.adapter) if plan.adapter in names else -1
             )
-        req = Request(plan, sampling, span_adapter=span_adapter, keep_logits=keep_logits)
+        req = Request(
+            plan, sampling, span_adapter=span_adapter, keep_logits=keep_logits, write_final_token=write_final_token
+        )
         self.scheduler.add(req)
         return req
 

@@ -88,7 +88,10 @@ def run_query(engine: Engine, query: A.Query | str | bytes, *, optimize: bool = 
     while wave := ready(q):
         # Lower every g before submitting any, so a bad query fails before compute.
         plans = [lower_for_engine(g, tok, model=name, page_size=ps, adapters=engine.adapters) for g in wave]
-        reqs = [engine.submit(p, sampling_for(g)) for p, g in zip(plans, wave)]
+        # An inner g (not the query's root) writes its last token before releasing its pages:
+        # the outer query re-sends the exchange and then finds all of it cached.
+        inner = engine.speculator is None
+        reqs = [engine.submit(p, sampling_for(g), write_final_token=inner and g is not q) for p, g in zip(plans, wave)]
         engine.run_until_done(reqs)
         for g, r in zip(wave, reqs):
             s = r.summary()

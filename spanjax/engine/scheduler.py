@@ -77,6 +77,7 @@ class Request:
         *,
         span_adapter: tuple[int, ...] | None = None,
         keep_logits: bool = False,
+        write_final_token: bool = False,
     ):
         for s in plan.spans:
             if len(s) == 0:
@@ -92,6 +93,10 @@ class Request:
         self.metrics = RequestMetrics(prompt_tokens=plan.num_tokens, arrival_s=time.perf_counter())
         self.keep_logits = keep_logits  # record the logits of every sampled token (tests, analysis)
         self.span_adapter = span_adapter  # adapter index per span (-1 = base); None = base model throughout
+        # After finishing, compute the last sampled token's K/V too (one more step, nothing sampled)
+        # before releasing, so a later query that re-sends this exchange (a nested g's outer
+        # query) finds every one of its tokens cached, its final page included.
+        self.write_final_token = write_final_token
         self.logits: list[np.ndarray] = []
         self.speculation = Speculation()
         self._reset()
@@ -205,7 +210,11 @@ class StepItem:
     def samples(self) -> bool:
         """This chunk ends the final span's known tokens: its last logits pick the next token."""
         r = self.request
-        return self.span == r.final and self.start + self.count - len(self.draft) == len(r.span_tokens(r.final))
+        return (
+            not r.finished
+            and self.span == r.final
+            and self.start + self.count - len(self.draft) == len(r.span_tokens(r.final))
+        )
 
 
 @dataclasses.dataclass
@@ -253,7 +262,13 @@ class Scheduler:
 
     # -- admission and cache hits ---------------------------------------------
 
+    def finishing(self) -> list[Request]:
+        """Finished requests still writing their last token (`write_final_token`)."""
+        return [r for r in self.running if r.finished]
+
     def _admit(self) -> None:
+        if self.finishing():
+            return  # the pages they are about to publish may be what a waiting request asks for
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
             # Keep a margin so admitting does not immediately force preemption.

@@ -72,11 +72,15 @@ class PlainStep(StepPath):
         logits = host_logits(batch, logits)
         finished = []
         for s, it in enumerate(batch.items):
+            req = it.request
+            if req.finished and req.span_complete(req.final):  # its last token is written now
+                self.scheduler.finish(req)
+                continue
             if not it.samples:
                 continue
-            req = it.request
             self.emit(req, next_ids[s : s + 1], None if logits is None else logits[s : s + 1], now)
             if req.finished:
-                self.scheduler.finish(req)
                 finished.append(req)
+                if not req.write_final_token:
+                    self.scheduler.finish(req)
         return cache, finished

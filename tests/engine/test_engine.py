@@ -323,3 +323,29 @@ def test_abort_releases_pages_at_once(tiny_model):
     assert reqs[0].generated == alone and len(reqs[1].generated) < 12 and reqs[2].generated == []
     eng.clear_cache()
     assert eng.pool.num_available() == free_before
+
+
+def test_nested_inner_g_writes_its_final_token(tiny_model, monkeypatch):
+    """An inner g writes its last token before releasing its pages, so the outer query finds
+    every token of every inner exchange cached (not only the full pages); the answer is the
+    same as when the outer recomputes the tails."""
+    inner = [
+        A.G("m", A.Cross((A.system("Answer briefly."), A.user(q))), max_tokens=7)
+        for q in ("What color is the sky?", "Two plus two?", "Name a fruit, please.")
+    ]
+    outer = A.G("m", A.Cross((A.system("Summarize."), A.Plus(tuple(inner)), A.user("Summary:"))), max_tokens=5)
+
+    def run(write_tail: bool):
+        eng = Engine(tiny_model, EngineConfig(num_pages=256, page_size=PAGE, max_tokens_per_step=32))
+        if not write_tail:
+            submit = eng.submit
+            monkeypatch.setattr(eng, "submit", lambda p, s, **kw: submit(p, s))
+        res = run_query(eng, outer)
+        assert eng.pool.num_available() == eng.pool.capacity  # no page still held
+        return res
+
+    with_tail, without = run(True), run(False)
+    exchanges = sum(g.prompt_tokens + g.generated_tokens for g in with_tail.generations[:3])
+    assert with_tail.final.cached_tokens >= exchanges > without.final.cached_tokens
+    assert with_tail.final.token_ids == without.final.token_ids
+    assert [g.token_ids for g in with_tail.generations] == [g.token_ids for g in without.generations]
