@@ -33,7 +33,7 @@ from spanjax.eval.experiment_config import EXPERIMENT_ENGINE
 from spanjax.models.loading import load_model
 from spanjax.query import ast as A
 from spanjax.query.lower import lower
-from spanjax.query.passes import GenResult, prepare, ready, substitute
+from spanjax.query.passes import GenResult, feeds_a_prompt, prepare, ready, substitute
 from spanjax.runs import RunDir, append_items, load_items, machine, progress
 from spanjax.tasks.data import DEV, nq_open_oracle
 
@@ -103,7 +103,8 @@ def run_waves(engine, q: A.Query) -> list[tuple[float, list]]:
     while wave := ready(q):
         t0 = time.perf_counter()
         plans = [lower(g, tok, model=name, page_size=ps) for g in wave]
-        reqs = [engine.submit(p, sampling_for(g)) for p, g in zip(plans, wave)]
+        fed = feeds_a_prompt(q)  # as the executor: inner g's keep their whole exchange cached
+        reqs = [engine.submit(p, sampling_for(g), write_final_token=g in fed) for p, g in zip(plans, wave)]
         engine.run_until_done(reqs)
         waves.append((time.perf_counter() - t0, reqs))
         q = substitute(q, {g: GenResult(r.text, tuple(r.generated)) for g, r in zip(wave, reqs)})

@@ -20,7 +20,7 @@ from spanjax.engine.adapters import lower_for_engine
 from spanjax.engine.engine import Engine
 from spanjax.engine.sampling import SamplingParams
 from spanjax.query import ast as A
-from spanjax.query.passes import GenResult, prepare, ready, substitute, value
+from spanjax.query.passes import GenResult, feeds_a_prompt, prepare, ready, substitute, value
 from spanjax.query.syntax import parse
 
 
@@ -38,6 +38,23 @@ class GenerationRecord:
     ttft_s: float | None
     decode_tokens_per_s: float | None
     preemptions: int
+
+    @classmethod
+    def of(cls, model: str, request, eos_token_ids) -> GenerationRecord:
+        """The record of a finished engine request (ids without end-of-sequence, as `spanjax generate`)."""
+        s = request.summary()
+        return cls(
+            model=model,
+            text=request.text,
+            token_ids=[t for t in request.generated if t not in eos_token_ids],
+            finish_reason=request.finish_reason,
+            prompt_tokens=s["prompt_tokens"],
+            cached_tokens=s["cached_tokens"],
+            generated_tokens=s["generated_tokens"],
+            ttft_s=s["ttft_s"],
+            decode_tokens_per_s=s["decode_tokens_per_s"],
+            preemptions=s["preemptions"],
+        )
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -88,26 +105,11 @@ def run_query(engine: Engine, query: A.Query | str | bytes, *, optimize: bool = 
     while wave := ready(q):
         # Lower every g before submitting any, so a bad query fails before compute.
         plans = [lower_for_engine(g, tok, model=name, page_size=ps, adapters=engine.adapters) for g in wave]
-        # An inner g (not the query's root) writes its last token before releasing its pages:
+        # A g that feeds another g's prompt writes its last token before releasing its pages:
         # the outer query re-sends the exchange and then finds all of it cached.
-        inner = engine.speculator is None
-        reqs = [engine.submit(p, sampling_for(g), write_final_token=inner and g is not q) for p, g in zip(plans, wave)]
+        fed = feeds_a_prompt(q) if engine.speculator is None else set()
+        reqs = [engine.submit(p, sampling_for(g), write_final_token=g in fed) for p, g in zip(plans, wave)]
         engine.run_until_done(reqs)
-        for g, r in zip(wave, reqs):
-            s = r.summary()
-            records.append(
-                GenerationRecord(
-                    model=g.model,
-                    text=r.text,
-                    token_ids=[t for t in r.generated if t not in engine.eos_token_ids],  # as `spanjax generate`
-                    finish_reason=r.finish_reason,
-                    prompt_tokens=s["prompt_tokens"],
-                    cached_tokens=s["cached_tokens"],
-                    generated_tokens=s["generated_tokens"],
-                    ttft_s=s["ttft_s"],
-                    decode_tokens_per_s=s["decode_tokens_per_s"],
-                    preemptions=s["preemptions"],
-                )
-            )
+        records += [GenerationRecord.of(g.model, r, engine.eos_token_ids) for g, r in zip(wave, reqs)]
         q = substitute(q, {g: GenResult(r.text, tuple(r.generated)) for g, r in zip(wave, reqs)})
     return QueryResult(value=value(q), generations=records, wall_s=time.perf_counter() - t0)

@@ -187,6 +187,24 @@ def evaluation_order(q: A.Query) -> list[list[A.G]]:
     return [w for w in out if w]
 
 
+def feeds_a_prompt(q: A.Query) -> set[A.G]:
+    """The g's inside another g's input: their exchange is re-sent in that g's prompt, so the
+    engine keeps all of it cached for it (`Engine.submit(..., write_final_token=True)`)."""
+    fed: set[A.G] = set()
+
+    def visit(node, inside: bool) -> None:
+        if isinstance(node, A.G):
+            if inside:
+                fed.add(node)
+            visit(node.input, True)
+            return
+        for c in A.children(node):
+            visit(c, inside)
+
+    visit(q, False)
+    return fed
+
+
 def ready(q: A.Query) -> list[A.G]:
     """The g's that can run now (the first wave), or [] when everything is evaluated."""
     order = evaluation_order(q)

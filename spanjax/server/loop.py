@@ -31,7 +31,7 @@ from spanjax.engine.sampling import SamplingParams
 from spanjax.engine.scheduler import Request, RequestTooLarge
 from spanjax.query import ast as A
 from spanjax.query.errors import SpanQueryError
-from spanjax.query.passes import GenResult, evaluation_order, ready, substitute, value
+from spanjax.query.passes import GenResult, evaluation_order, feeds_a_prompt, ready, substitute, value
 from spanjax.query.plan import SpanPlan
 
 log = logging.getLogger("spanjax.server")
@@ -162,9 +162,11 @@ class Job:
                 for g in ready(self.query)
             ]
         self.wave = []
+        fed = feeds_a_prompt(self.query) if self.query is not None and engine.speculator is None else set()
         try:
             for g, plan, sampling in items:
-                self.wave.append((g, engine.submit(plan, sampling)))
+                # A g that feeds a later g's prompt writes its last token so that g finds it cached.
+                self.wave.append((g, engine.submit(plan, sampling, write_final_token=g in fed)))
         except BaseException:
             self.abort(engine)
             raise
@@ -185,24 +187,10 @@ class Job:
                     self.sink.delta(i, d)
         if not all(r.finished for r in self.requests()):
             return False
-        eos = engine.eos_token_ids
         for g, r in self.wave:
             on_finish(r)
-            s = r.summary()
-            self.records.append(
-                GenerationRecord(
-                    model=g.model if g is not None else engine.model.name,
-                    text=r.text,
-                    token_ids=[t for t in r.generated if t not in eos],
-                    finish_reason=r.finish_reason,
-                    prompt_tokens=s["prompt_tokens"],
-                    cached_tokens=s["cached_tokens"],
-                    generated_tokens=s["generated_tokens"],
-                    ttft_s=s["ttft_s"],
-                    decode_tokens_per_s=s["decode_tokens_per_s"],
-                    preemptions=s["preemptions"],
-                )
-            )
+            model = g.model if g is not None else engine.model.name
+            self.records.append(GenerationRecord.of(model, r, engine.eos_token_ids))
         if self.last_wave:
             choices = [
                 Choice(i, r.text, r.finish_reason, r.metrics.prompt_tokens, r.metrics.cached_tokens, len(r.generated))
