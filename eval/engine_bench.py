@@ -39,7 +39,7 @@ import numpy as np
 from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.engine.sampling import SamplingParams
 from spanjax.eval.bench_generate import GGUF_NAME, TEXT, _gguf_dir
-from spanjax.models.loading import load_model
+from spanjax.models.loading import load_model, load_tokenizer
 from spanjax.query import ast as A
 from spanjax.query.lower import lower
 
@@ -139,7 +139,7 @@ class TransformersSide:
         self.hf = transformers.AutoModelForCausalLM.from_pretrained(
             _gguf_dir(), gguf_file=GGUF_NAME, dtype=torch.float32
         ).eval()
-        self.tokenizer = load_model("smollm2-135m").tokenizer
+        self.tokenizer = load_tokenizer("smollm2-135m")
 
     def run(self, length: int, streams: int, new_tokens: int, num_pages: int):
         torch = self.torch

@@ -45,11 +45,12 @@ def decode_attention(q, k_pages, v_pages, meta: SpanBatchMeta, q_pos, *, rope_in
     cu = meta.cu_q_lens.astype(jnp.int32)
     has_token = cu[1:] > cu[:-1]  # [S]
     tok = jnp.where(has_token, cu[:-1], T)  # the sequence's query token (T = none: dropped below)
+    tok_in = jnp.minimum(tok, T - 1)  # where it is read from (sequences without one read junk, masked)
     slot = jnp.arange(P, dtype=jnp.int32)
     kpos = (pos[:, :, None] + slot).reshape(S, M * P)
-    qpos = q_pos.astype(jnp.int32)[jnp.minimum(tok, T - 1)]
+    qpos = q_pos.astype(jnp.int32)[tok_in]
     seen = (slot < lens[:, :, None]).reshape(S, M * P) & (kpos <= qpos[:, None]) & has_token[:, None]
-    qs = q[jnp.minimum(tok, T - 1)].astype(jnp.float32).reshape(S, Hkv, G, D) * sm_scale
+    qs = q[tok_in].astype(jnp.float32).reshape(S, Hkv, G, D) * sm_scale
     # The angles' tables are materialized (the barrier keeps XLA from fusing sin/cos into the
     # rotation, where they would be recomputed for every head and dimension: the most
     # expensive part of a long decode's attention on CPU).

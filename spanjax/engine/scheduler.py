@@ -262,12 +262,8 @@ class Scheduler:
 
     # -- admission and cache hits ---------------------------------------------
 
-    def finishing(self) -> list[Request]:
-        """Finished requests still writing their last token (`write_final_token`)."""
-        return [r for r in self.running if r.finished]
-
     def _admit(self) -> None:
-        if self.finishing():
+        if any(r.finished for r in self.running):  # still writing their last token (write_final_token)
             return  # the pages they are about to publish may be what a waiting request asks for
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
@@ -318,7 +314,13 @@ class Scheduler:
     def abort(self, req: Request) -> bool:
         """Drop a waiting or running request now: its pages go back to the pool (pages it already
         published stay cached for others) and it finishes with reason "abort". False if it was
-        neither waiting nor running (finished already, or never added)."""
+        neither waiting nor running (finished already, or never added); a finished request still
+        writing its last token (`write_final_token`) is released without it and keeps its reason."""
+        if req.finished:
+            if req in self.running:
+                self.running.remove(req)
+                self.release(req)
+            return False
         if req in self.waiting:
             self.waiting.remove(req)
         elif req in self.running:

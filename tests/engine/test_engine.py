@@ -349,3 +349,18 @@ def test_nested_inner_g_writes_its_final_token(tiny_model, monkeypatch):
     assert with_tail.final.cached_tokens >= exchanges > without.final.cached_tokens
     assert with_tail.final.token_ids == without.final.token_ids
     assert [g.token_ids for g in with_tail.generations] == [g.token_ids for g in without.generations]
+
+
+def test_abort_of_a_request_still_writing_its_last_token_keeps_its_reason(tiny_model):
+    """A finished request that is still writing its last token (write_final_token) is released by
+    abort() without that step: abort() reports False and the request keeps its finish reason."""
+    eng = Engine(tiny_model, EngineConfig(num_pages=64, page_size=PAGE, max_tokens_per_step=32))
+    plan = lower(
+        A.G(model="m", input=A.user("a short prompt")), tiny_model.tokenizer, model=tiny_model.name, page_size=PAGE
+    )
+    req = eng.submit(plan, SamplingParams(max_tokens=3, ignore_eos=True), write_final_token=True)
+    while not req.finished:
+        eng.step()
+    assert eng.has_work()  # its last token is not written yet
+    assert not eng.abort(req) and req.finish_reason == "length"
+    assert not eng.has_work() and eng.pool.num_available() == eng.pool.capacity
