@@ -304,6 +304,13 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="ENGINE_YAML", help="EngineConfig fields as YAML (num_pages, page_size, ...)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (all but /health)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve a PEFT LoRA / aLoRA directory as model NAME (repeatable; more at run time: /v1/load_lora_adapter)",
+    )
     p.add_argument("--max-pending", type=int, default=256, help="HTTP requests in flight before 429 (default 256)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is aborted")
 
@@ -317,7 +324,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     from spanjax.engine.engine import Engine, EngineConfig
     from spanjax.models.loading import load_model
     from spanjax.server import ServerConfig, serve
+    from spanjax.server.app import load_adapter
 
+    adapters = []
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--adapter {spec!r}: expected NAME=PATH")
+        adapters.append((name, path))
     try:
         engine_cfg = load(EngineConfig, args.config) if args.config else EngineConfig(num_pages=2048)
         server_cfg = ServerConfig(
@@ -327,6 +341,11 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from e
     use_persistent_cache(engine_cfg.compilation_cache)
     engine = Engine(load_model(args.model, dtype=getattr(jnp, args.dtype)), engine_cfg)
+    for name, path in adapters:
+        try:
+            engine.register_adapter(name, load_adapter(path, engine))
+        except (OSError, ValueError) as e:
+            raise UserError(f"--adapter {name}={path}: {e}") from e
     serve(engine, host=args.host, port=args.port, config=server_cfg)
     return 0
 

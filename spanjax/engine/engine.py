@@ -278,6 +278,22 @@ class Engine:
             self.clear_cache()
         self.adapters[name] = adapter
         self._bank = make_bank(list(self.adapters.values()), self.model.cfg, self.model.params.embed.dtype)
+        if self.shardings is not None:  # the step takes it replicated on the engine's mesh
+            self._bank = jax.device_put(self._bank, self.shardings.replicated)
+
+    def unregister_adapter(self, name: str) -> None:
+        """Remove an adapter and every cached page (pages keyed with it must not outlive it).
+        Refused while any adapted request runs: requests hold indices into the adapter bank,
+        and removing one shifts the indices after it."""
+        if name not in self.adapters:
+            raise KeyError(f"adapter {name!r} is not registered; the engine has {sorted(self.adapters) or 'none'}")
+        busy = [r for r in self.scheduler.running + list(self.scheduler.waiting) if r.span_adapter is not None]
+        if busy:
+            raise RuntimeError(f"cannot remove adapter {name!r}: {len(busy)} adapted requests are running or waiting")
+        self.clear_cache()
+        del self.adapters[name]
+        values = list(self.adapters.values())
+        self._bank = make_bank(values, self.model.cfg, self.model.params.embed.dtype) if values else None
 
     def clear_cache(self) -> int:
         """Forget every cached page no running request uses (cold-start runs)."""

@@ -4,7 +4,8 @@
     uvicorn.run(server.app, host="127.0.0.1", port=8000)
 
 Endpoints (docs/server.md): POST /v1/query/execute?stream=, POST /v1/chat/completions,
-POST /v1/completions, GET /v1/models, GET /health, GET /metrics.
+POST /v1/completions, GET /v1/models, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter,
+GET /health, GET /metrics.
 
 Every request is bounded before it reaches the engine: body bytes (MAX_QUERY_BYTES), n,
 max_tokens (the model's context), prompt + max_tokens summed over all of a request's g's
@@ -29,6 +30,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from spanjax.adapters.peft_format import load_peft
 from spanjax.engine.adapters import lower_for_engine
 from spanjax.engine.engine import Engine
 from spanjax.engine.executor import sampling_for
@@ -143,6 +145,8 @@ class Server:
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/load_lora_adapter", self.load_lora_adapter, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", self.unload_lora_adapter, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
         ]
@@ -493,6 +497,49 @@ class Server:
 
         return self._sse("chat" if chat else "completions", chunks())
 
+    # -- adapters at run time (vLLM's endpoints and JSON) ----------------------------------
+
+    def _adapter_name(self, body: dict) -> str:
+        name = body.get("lora_name")
+        if not isinstance(name, str) or not name or len(name) > 256:
+            raise _Fail(400, "lora_name must be a non-empty string (at most 256 characters)", param="lora_name")
+        return name
+
+    async def load_lora_adapter(self, request: Request) -> Response:
+        return await self._guard("load_lora_adapter", lambda: self._load_lora_adapter(request))
+
+    async def _load_lora_adapter(self, request: Request) -> Response:
+        body = await self._json(request)
+        name, path = self._adapter_name(body), body.get("lora_path")
+        if not isinstance(path, str) or not path:
+            raise _Fail(400, "lora_path must be the path of a PEFT adapter directory", param="lora_path")
+        if name == self.name or name in self.engine.adapters:
+            raise _Fail(400, f"the adapter {name!r} has already been loaded (unload it first)", param="lora_name")
+        try:  # reading the weights takes a while: a worker thread, not the event loop or the engine loop
+            adapter = await run_in_threadpool(load_adapter, path, self.engine)
+        except (OSError, ValueError) as e:  # a missing directory, a malformed or mismatched adapter
+            raise _Fail(400, f"cannot load adapter {name!r} from {path!r}: {e}", param="lora_path") from None
+        await asyncio.wrap_future(self.loop.call(lambda eng: eng.register_adapter(name, adapter)))
+        log.info("loaded adapter %s from %s", name, path)
+        return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
+
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        return await self._guard("unload_lora_adapter", lambda: self._unload_lora_adapter(request))
+
+    async def _unload_lora_adapter(self, request: Request) -> Response:
+        name = self._adapter_name(await self._json(request))
+        if name not in self.engine.adapters:
+            known = sorted(self.engine.adapters) or "none"
+            raise _Fail(404, f"the adapter {name!r} is not loaded; loaded: {known}", "NotFoundError", "lora_name")
+        try:
+            await asyncio.wrap_future(self.loop.call(lambda eng: eng.unregister_adapter(name)))
+        except RuntimeError as e:  # adapted requests still running: the client may retry
+            raise _Fail(409, str(e), "conflict", "lora_name", {"Retry-After": str(self.config.retry_after_s)}) from None
+        except KeyError:  # unloaded by a concurrent request
+            raise _Fail(404, f"the adapter {name!r} is not loaded", "NotFoundError", "lora_name") from None
+        log.info("unloaded adapter %s", name)
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
+
     # -- the rest -------------------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
@@ -513,6 +560,11 @@ class Server:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def load_adapter(path: str, engine: Engine):
+    """A PEFT LoRA / aLoRA directory read for the engine's model, in its parameter dtype."""
+    return load_peft(path, engine.model.cfg, dtype=engine.model.params.embed.dtype)
 
 
 def create_app(engine: Engine, config: ServerConfig | None = None) -> Server:

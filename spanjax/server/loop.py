@@ -17,6 +17,7 @@ request, so every job with a request in the engine fails and the loop carries on
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -261,6 +262,17 @@ class EngineLoop:
     def abort(self, job: Job) -> None:
         self.inbox.put(("abort", job))
 
+    def call(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
+        """Run `fn(engine)` on the loop thread between two steps (adapter loads and unloads:
+        nothing else may touch the engine while a step runs); its result or exception lands in
+        the returned future. A stopped loop fails the future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if not self.alive:
+            fut.set_exception(JobError(503, "the engine loop is not running", "unavailable"))
+        else:
+            self.inbox.put(("call", (fn, fut)))
+        return fut
+
     # -- the thread ------------------------------------------------------------------
 
     def _fail(self, job: Job, exc: BaseException) -> None:
@@ -278,7 +290,7 @@ class EngineLoop:
             log.error("request failed: %s", err.message, exc_info=exc)
         job.sink.error(err)
 
-    def _command(self, kind: str, job: Job | None) -> bool:
+    def _command(self, kind: str, job) -> bool:
         if kind == "stop":
             return True
         if kind == "submit":
@@ -287,6 +299,12 @@ class EngineLoop:
                 self.jobs.append(job)
             except Exception as e:  # noqa: BLE001
                 self._fail(job, e)
+        elif kind == "call":
+            fn, fut = job
+            try:
+                fut.set_result(fn(self.engine))
+            except Exception as e:  # noqa: BLE001  (the caller gets it; the loop carries on)
+                fut.set_exception(e)
         elif kind == "abort" and not job.closed:
             self._fail(job, JobError(499, "request aborted (client gone or timed out)", "aborted"))
         return False
@@ -334,6 +352,8 @@ class EngineLoop:
                 break
             if kind == "submit":
                 job.sink.error(JobError(503, "server shutting down", "unavailable"))
+            elif kind == "call":
+                job[1].set_exception(JobError(503, "server shutting down", "unavailable"))
         self._publish()
 
     def _publish(self) -> None:

@@ -7,6 +7,7 @@ requests, streams) up to `graceful_s`; the app's lifespan then stops the steppin
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -39,6 +40,10 @@ def serve(
 ) -> None:
     """Serve until SIGTERM / SIGINT, then drain and return."""
     server = Server(engine, config or ServerConfig())
+    # uvicorn drains on SIGTERM, then re-raises the signal under the handler it found at start: a
+    # no-op one makes a drained shutdown return normally (exit status 0) instead of dying by the signal.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(uvicorn_config(server, host, port, graceful_s, log_level)).run()
 
 
