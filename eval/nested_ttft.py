@@ -27,13 +27,12 @@ import time
 from typing import Literal
 
 from spanjax.engine.engine import Engine, EngineConfig
-from spanjax.engine.executor import sampling_for
+from spanjax.engine.executor import QueryEvaluation
 from spanjax.eval import ttft_report
 from spanjax.eval.experiment_config import EXPERIMENT_ENGINE
 from spanjax.models.loading import load_model
 from spanjax.query import ast as A
-from spanjax.query.lower import lower
-from spanjax.query.passes import GenResult, feeds_a_prompt, prepare, ready, substitute
+from spanjax.query.passes import prepare
 from spanjax.runs import RunDir, append_items, load_items, machine, progress
 from spanjax.tasks.data import DEV, nq_open_oracle
 
@@ -93,21 +92,18 @@ def outer_question(n: int) -> str:
 
 
 def run_waves(engine, q: A.Query) -> list[tuple[float, list]]:
-    """Evaluate a query as the executor does (spanjax/engine/executor.py), timing
-    each wave end to end (lowering, scheduling, every step, results on the host).
-    With outer_max_tokens=1 the last wave's time is the outer TTFT; timed here
-    rather than read from request metrics so asynchronous dispatch cannot
-    stamp the first token before its step has finished computing."""
-    tok, name, ps = engine.model.tokenizer, engine.model.name, engine.config.page_size
-    q, waves = prepare(q), []
-    while wave := ready(q):
+    """Evaluate a query with the executor's wave loop (`QueryEvaluation`), timing each wave
+    end to end (lowering, scheduling, every step, results on the host). With
+    outer_max_tokens=1 the last wave's time is the outer TTFT; timed here rather than read
+    from request metrics so asynchronous dispatch cannot stamp the first token before its
+    step has finished computing."""
+    ev, waves = QueryEvaluation(prepare(q)), []
+    while not ev.done:
         t0 = time.perf_counter()
-        plans = [lower(g, tok, model=name, page_size=ps) for g in wave]
-        fed = feeds_a_prompt(q)  # as the executor: inner g's keep their whole exchange cached
-        reqs = [engine.submit(p, sampling_for(g), write_final_token=g in fed) for p, g in zip(plans, wave)]
+        reqs = ev.submit(engine, ev.lower(engine))
         engine.run_until_done(reqs)
         waves.append((time.perf_counter() - t0, reqs))
-        q = substitute(q, {g: GenResult(r.text, tuple(r.generated)) for g, r in zip(wave, reqs)})
+        ev.collect(engine)
     return waves
 
 

@@ -1,10 +1,10 @@
 """Execute whole span queries on an Engine (docs/design.md §1, Evaluation).
 
 The query is prepared once (repeat expanded, nested nodes flattened, identical
-plus children deduplicated, inner g's hoisted), then evaluated in waves: every
-g whose inputs are ready runs in one engine batch, its result is substituted
-as an assistant message carrying the exact generated ids, and the next wave
-follows. Hoisted inner exchanges lower to the very tokens the inner
+plus children deduplicated, inner g's hoisted), then evaluated in waves
+(`QueryEvaluation`, the one wave loop): every g whose inputs are ready runs in
+one engine batch, its result is substituted as an assistant message carrying
+the exact generated ids, and the next wave follows. Hoisted inner exchanges lower to the very tokens the inner
 generation's sequence holds, so the outer query hits the pages it left.
 
 The engine serves one model: the `model` a g names is recorded, and the
@@ -14,14 +14,19 @@ engine's loaded model runs it (its name keys the cache).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 from spanjax.engine.adapters import lower_for_engine
 from spanjax.engine.engine import Engine
 from spanjax.engine.sampling import SamplingParams
+from spanjax.engine.scheduler import Request
 from spanjax.query import ast as A
-from spanjax.query.passes import GenResult, feeds_a_prompt, prepare, ready, substitute, value
+from spanjax.query.passes import GenResult, evaluation_order, feeds_a_prompt, prepare, ready, substitute, value
+from spanjax.query.plan import SpanPlan
 from spanjax.query.syntax import parse
+
+log = logging.getLogger("spanjax.query")
 
 
 @dataclasses.dataclass
@@ -95,21 +100,99 @@ def sampling_for(g: A.G) -> SamplingParams:
     )
 
 
+class QueryEvaluation:
+    """One query evaluated wave by wave, without blocking: the one wave loop that `run_query`,
+    the server's jobs and the TTFT benchmarks share.
+
+        ev = QueryEvaluation(prepared_query)
+        while not ev.done:
+            reqs = ev.submit(engine, ev.lower(engine))   # or items lowered elsewhere
+            ...step the engine until every request in reqs has finished...
+            ev.collect(engine)                            # records, substitutes; next wave
+        ev.value()
+
+    `query=None` with `items` is a raw prompt (OpenAI completions): one wave of prepared
+    (g=None, plan, sampling) items and no query value. Print nodes are logged when the
+    evaluation starts (spnl prints them; their value is '').
+    """
+
+    def __init__(self, query: A.Query | None, items: list | None = None):
+        self.query = query
+        self.num_waves = len(evaluation_order(query)) if query is not None else 1
+        self.wave_index = 0
+        self.wave: list[tuple[A.G | None, Request]] = []
+        self.records: list[GenerationRecord] = []
+        self._items = items
+        if query is not None:
+            for node in A.walk(query):
+                if isinstance(node, A.Print):
+                    log.info("print: %s", node.message)
+
+    @property
+    def done(self) -> bool:
+        return self.wave_index >= self.num_waves
+
+    @property
+    def last_wave(self) -> bool:
+        return self.wave_index == self.num_waves - 1
+
+    def lower(self, engine: Engine) -> list[tuple[A.G | None, SpanPlan, SamplingParams]]:
+        """The next wave lowered for `engine` (lowering all of it before submitting any, so a bad
+        query fails before compute); a raw prompt's items as given."""
+        if self._items is not None:
+            items, self._items = self._items, None
+            return items
+        name, tok, ps = engine.model.name, engine.model.tokenizer, engine.config.page_size
+        return [
+            (g, lower_for_engine(g, tok, model=name, page_size=ps, adapters=engine.adapters), sampling_for(g))
+            for g in ready(self.query)
+        ]
+
+    def submit(self, engine: Engine, items) -> list[Request]:
+        """Submit a lowered wave; on failure, whatever was submitted is aborted."""
+        # A g that feeds another g's prompt writes its last token before releasing its pages:
+        # the outer query re-sends the exchange and then finds all of it cached.
+        fed = feeds_a_prompt(self.query) if self.query is not None and engine.speculator is None else set()
+        self.wave = []
+        try:
+            for g, plan, sampling in items:
+                self.wave.append((g, engine.submit(plan, sampling, write_final_token=g in fed)))
+        except BaseException:
+            self.abort(engine)
+            raise
+        return self.requests()
+
+    def requests(self) -> list[Request]:
+        return [r for _, r in self.wave]
+
+    def abort(self, engine: Engine) -> None:
+        for r in self.requests():
+            if not r.finished:
+                engine.abort(r)
+
+    def collect(self, engine: Engine) -> None:
+        """Record the finished wave and substitute its results; the next wave is then ready."""
+        for g, r in self.wave:
+            model = g.model if g is not None else engine.model.name
+            self.records.append(GenerationRecord.of(model, r, engine.eos_token_ids))
+        if self.query is not None:
+            self.query = substitute(self.query, {g: GenResult(r.text, tuple(r.generated)) for g, r in self.wave})
+        self.wave_index += 1
+
+    def value(self):
+        """The query's value (after the last wave); a raw prompt's text (or texts, for n > 1)."""
+        if self.query is not None:
+            return value(self.query)
+        texts = [r.text for _, r in self.wave]
+        return texts[0] if len(texts) == 1 else texts
+
+
 def run_query(engine: Engine, query: A.Query | str | bytes, *, optimize: bool = True) -> QueryResult:
     """Evaluate a query (AST or text in any of the three forms) to its value."""
     t0 = time.perf_counter()
     q = parse(query) if isinstance(query, (str, bytes)) else query
-    q = prepare(q) if optimize else q
-    records: list[GenerationRecord] = []
-    tok, name, ps = engine.model.tokenizer, engine.model.name, engine.config.page_size
-    while wave := ready(q):
-        # Lower every g before submitting any, so a bad query fails before compute.
-        plans = [lower_for_engine(g, tok, model=name, page_size=ps, adapters=engine.adapters) for g in wave]
-        # A g that feeds another g's prompt writes its last token before releasing its pages:
-        # the outer query re-sends the exchange and then finds all of it cached.
-        fed = feeds_a_prompt(q) if engine.speculator is None else set()
-        reqs = [engine.submit(p, sampling_for(g), write_final_token=g in fed) for p, g in zip(plans, wave)]
-        engine.run_until_done(reqs)
-        records += [GenerationRecord.of(g.model, r, engine.eos_token_ids) for g, r in zip(wave, reqs)]
-        q = substitute(q, {g: GenResult(r.text, tuple(r.generated)) for g, r in zip(wave, reqs)})
-    return QueryResult(value=value(q), generations=records, wall_s=time.perf_counter() - t0)
+    ev = QueryEvaluation(prepare(q) if optimize else q)
+    while not ev.done:
+        engine.run_until_done(ev.submit(engine, ev.lower(engine)))
+        ev.collect(engine)
+    return QueryResult(value=ev.value(), generations=ev.records, wall_s=time.perf_counter() - t0)

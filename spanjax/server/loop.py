@@ -6,9 +6,9 @@ through a thread-safe queue; a job reports back to its handler through a `Sink`,
 callbacks the loop thread schedules onto the handler's asyncio loop with
 `loop.call_soon_threadsafe` (token deltas, then one final result or error).
 
-A `Job` evaluates one span query wave by wave, as `spanjax.engine.executor.run_query` does,
-but without blocking: its first wave comes lowered from the handler (so a bad query fails
-before it reaches the loop), each later wave is lowered here when the previous one is done.
+A `Job` evaluates one span query wave by wave with `executor.QueryEvaluation`, the loop
+`run_query` runs, but without blocking: its first wave comes lowered from the handler (so a bad
+query fails before it reaches the loop), each later wave is lowered here when the previous one is done.
 The g's of the last wave are the job's outputs ("choices"); their text is streamed as deltas.
 An exception while lowering or submitting one job fails that job alone (its requests are
 aborted, their pages released); an exception inside `engine.step()` cannot be pinned on one
@@ -25,14 +25,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from spanjax.engine.adapters import AdapterError, lower_for_engine
+from spanjax.engine.adapters import AdapterError
 from spanjax.engine.engine import Engine
-from spanjax.engine.executor import GenerationRecord, sampling_for
+from spanjax.engine.executor import GenerationRecord, QueryEvaluation
 from spanjax.engine.sampling import SamplingParams
 from spanjax.engine.scheduler import Request, RequestTooLarge
 from spanjax.query import ast as A
 from spanjax.query.errors import SpanQueryError
-from spanjax.query.passes import GenResult, evaluation_order, feeds_a_prompt, ready, substitute, value
 from spanjax.query.plan import SpanPlan
 
 log = logging.getLogger("spanjax.server")
@@ -123,8 +122,9 @@ class _Streamer:
 
 
 class Job:
-    """One query in evaluation. `query` is the prepared AST (passes.prepare), `first` its first
-    wave lowered: [(g, plan, sampling)]. A raw-prompt completion has no query: `first` alone."""
+    """One query in evaluation (`executor.QueryEvaluation`, the wave loop `run_query` runs, here
+    driven by the stepping thread). `query` is the prepared AST (passes.prepare), `first` its
+    first wave lowered: [(g, plan, sampling)]. A raw-prompt completion has no query: `first` alone."""
 
     def __init__(
         self,
@@ -133,79 +133,49 @@ class Job:
         sink: Sink,
         stream: bool = True,
     ):
-        self.query = query
+        self.eval = QueryEvaluation(query, first if query is None else None)
+        self.first = first if query is not None else None
         self.stream = stream  # send text deltas of the last wave
-        self.pending = first
         self.sink = sink
-        self.num_waves = len(evaluation_order(query)) if query is not None else 1
-        self.wave_index = 0
-        self.wave: list[tuple[A.G | None, Request]] = []
         self.streamers: list[_Streamer] = []
-        self.records: list[GenerationRecord] = []
         self.closed = False
         self.created_s = time.perf_counter()
 
-    @property
-    def last_wave(self) -> bool:
-        return self.wave_index == self.num_waves - 1
-
     def requests(self) -> list[Request]:
-        return [r for _, r in self.wave]
+        return self.eval.requests()
 
     # -- on the loop thread -----------------------------------------------------------
 
     def submit_wave(self, engine: Engine) -> None:
-        items, self.pending = self.pending, None
-        if items is None:  # lower the next wave here
-            name, tok, ps = engine.model.name, engine.model.tokenizer, engine.config.page_size
-            items = [
-                (g, lower_for_engine(g, tok, model=name, page_size=ps, adapters=engine.adapters), sampling_for(g))
-                for g in ready(self.query)
-            ]
-        self.wave = []
-        fed = feeds_a_prompt(self.query) if self.query is not None and engine.speculator is None else set()
-        try:
-            for g, plan, sampling in items:
-                # A g that feeds a later g's prompt writes its last token so that g finds it cached.
-                self.wave.append((g, engine.submit(plan, sampling, write_final_token=g in fed)))
-        except BaseException:
-            self.abort(engine)
-            raise
+        items, self.first = (self.first, None) if self.first is not None else (self.eval.lower(engine), None)
+        reqs = self.eval.submit(engine, items)
         holdback = lambda s: max((len(x) for x in s.stop), default=1) - 1  # noqa: E731
-        self.streamers = [_Streamer(holdback(r.sampling)) for _, r in self.wave]
+        self.streamers = [_Streamer(holdback(r.sampling)) for r in reqs]
 
     def abort(self, engine: Engine) -> None:
-        for r in self.requests():
-            if not r.finished:
-                engine.abort(r)
+        self.eval.abort(engine)
 
     def progress(self, engine: Engine, on_finish: Callable[[Request], None]) -> bool:
         """Stream what is new, move to the next wave when this one is done. True when the job is over."""
-        if self.last_wave and self.stream:
-            for i, ((_, r), st) in enumerate(zip(self.wave, self.streamers)):
+        ev = self.eval
+        if ev.last_wave and self.stream:
+            for i, (r, st) in enumerate(zip(ev.requests(), self.streamers)):
                 d = st.delta(r)
                 if d:
                     self.sink.delta(i, d)
-        if not all(r.finished for r in self.requests()):
+        if not all(r.finished for r in ev.requests()):
             return False
-        for g, r in self.wave:
+        for r in ev.requests():
             on_finish(r)
-            model = g.model if g is not None else engine.model.name
-            self.records.append(GenerationRecord.of(model, r, engine.eos_token_ids))
-        if self.last_wave:
+        last = ev.last_wave
+        ev.collect(engine)
+        if last:
             choices = [
                 Choice(i, r.text, r.finish_reason, r.metrics.prompt_tokens, r.metrics.cached_tokens, len(r.generated))
-                for i, (_, r) in enumerate(self.wave)
+                for i, r in enumerate(ev.requests())
             ]
-            if self.query is not None:
-                q = substitute(self.query, {g: GenResult(r.text, tuple(r.generated)) for g, r in self.wave})
-                val = value(q)
-            else:
-                val = choices[0].text if len(choices) == 1 else [c.text for c in choices]
-            self.sink.done(JobResult(val, choices, self.records))
+            self.sink.done(JobResult(ev.value(), choices, ev.records))
             return True
-        self.query = substitute(self.query, {g: GenResult(r.text, tuple(r.generated)) for g, r in self.wave})
-        self.wave_index += 1
         self.submit_wave(engine)
         return False
 

@@ -120,12 +120,12 @@ def test_full_queue_429_and_timeout_504(server, http):
 
 
 def test_an_exception_in_one_request_fails_only_that_request(server, http, monkeypatch):
-    import spanjax.server.loop as loop_mod
+    import spanjax.engine.executor as executor
 
     def broken(*a, **k):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(loop_mod, "lower_for_engine", broken)  # the loop lowers waves after the first
+    monkeypatch.setattr(executor, "lower_for_engine", broken)  # the loop lowers waves after the first
     nested = {"g": {"model": "tiny", "max_tokens": 2, "input": {"cross": [{"user": "a"}, QUERY]}}}
     r = http.post("/v1/query/execute", json=nested)
     assert r.status_code == 500 and "injected" in r.json()["error"]["message"]
