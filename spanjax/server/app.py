@@ -65,6 +65,7 @@ class ServerConfig:
     api_key: str | None = None  # required as `Authorization: Bearer KEY` everywhere but /health
     max_pending: int = 256  # HTTP requests in flight (queued or running); more get 429
     max_n: int = 16  # choices per OpenAI request
+    max_prompts: int = 64  # prompts in one /v1/completions request (spnl's `map` sends a list)
     request_timeout_s: float = 600.0  # a request still running after this is aborted (504)
     max_body_bytes: int = MAX_QUERY_BYTES
     max_total_tokens: int = 1 << 20  # prompt + max_tokens summed over a request's g's
@@ -432,10 +433,16 @@ class Server:
         )
         if self._check_model(common.model) is not None:
             raise oa.BadRequest("adapters are served through /v1/chat/completions and span queries", "model")
-        ids = oa.completion_prompt(body, self.engine.model.tokenizer)
-        plan = oa.raw_plan(ids, model=self.name, page_size=self.engine.config.page_size)
-        self._clip_max_tokens(common, plan)
-        first = [(None, plan, sampling_for(common.g(self.name, A.user(""), i))) for i in range(common.n)]
+        prompts = oa.completion_prompts(body, self.engine.model.tokenizer, self.config.max_prompts)
+        plans = [oa.raw_plan(ids, model=self.name, page_size=self.engine.config.page_size) for ids in prompts]
+        for plan in plans:  # clips max_tokens to the room the longest prompt leaves
+            self._clip_max_tokens(common, plan)
+        total = sum(p.num_tokens for p in plans) + len(plans) * common.n * common.max_tokens
+        if total > self.config.max_total_tokens:
+            limit = self.config.max_total_tokens
+            raise oa.BadRequest(f"prompts + n * max_tokens is more than {limit} tokens", "prompt")
+        # Choice k * n + i is the i-th sample of prompt k (OpenAI's order for a list of prompts).
+        first = [(None, p, sampling_for(common.g(self.name, A.user(""), i))) for p in plans for i in range(common.n)]
         return common, None, first
 
     async def chat_completions(self, request: Request) -> Response:
@@ -465,7 +472,7 @@ class Server:
                     "created": created,
                     "model": common.model or self.name,
                     "choices": choices,
-                    "usage": res.usage(prompt_once=True),
+                    "usage": res.usage(choices_per_prompt=common.n),
                 }  # fmt: skip
             )
 
@@ -490,7 +497,7 @@ class Server:
                     res: JobResult = ev[1]
                     yield chunk([piece(c.index, "", oa.finish_reason(c.finish_reason)) for c in res.choices])
                     if common.include_usage:
-                        yield chunk([], usage=res.usage(prompt_once=True))
+                        yield chunk([], usage=res.usage(choices_per_prompt=common.n))
                 else:
                     yield oa.error_body(ev[1].message, ev[1].kind)
             yield "[DONE]"

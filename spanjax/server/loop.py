@@ -82,12 +82,13 @@ class JobResult:
     choices: list[Choice]  # the g's of the last wave, in order
     generations: list[GenerationRecord]  # every g, in evaluation order
 
-    def usage(self, prompt_once: bool = False) -> dict:
-        """OpenAI usage. Over every generation of a query; `prompt_once` (n choices of one
-        prompt, as OpenAI counts them) takes the prompt of the first choice only."""
+    def usage(self, choices_per_prompt: int | None = None) -> dict:
+        """OpenAI usage. Over every generation of a query; with `choices_per_prompt` (OpenAI
+        requests: n choices of each prompt, as OpenAI counts them) each prompt counts once."""
         gens = self.generations
-        if prompt_once and self.choices:
-            prompt, cached = self.choices[0].prompt_tokens, self.choices[0].cached_tokens
+        if choices_per_prompt and self.choices:
+            firsts = self.choices[::choices_per_prompt]
+            prompt, cached = sum(c.prompt_tokens for c in firsts), sum(c.cached_tokens for c in firsts)
             completion = sum(c.generated_tokens for c in self.choices)
         else:
             prompt, cached = sum(g.prompt_tokens for g in gens), sum(g.cached_tokens for g in gens)

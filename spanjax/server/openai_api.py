@@ -160,23 +160,30 @@ def chat_messages(body: dict) -> A.Cross:
     return A.Cross(tuple(out))
 
 
-def completion_prompt(body: dict, tokenizer) -> list[int]:
-    """Token ids of `prompt`: a string, a one-string list, or a list of token ids."""
-    p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]
+def _prompt_ids(p, tokenizer, param: str) -> list[int]:
     if isinstance(p, str):
-        ids = list(tokenizer.encode(check_text(p, "prompt")))
+        ids = list(tokenizer.encode(check_text(p, param)))
     elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         vocab = getattr(tokenizer, "vocab_size", None)
         if vocab is not None and not all(0 <= t < vocab for t in p):
-            raise BadRequest(f"prompt token ids must be in 0..{vocab - 1}", "prompt")
+            raise BadRequest(f"prompt token ids must be in 0..{vocab - 1}", param)
         ids = list(p)
     else:
-        raise BadRequest("prompt must be a string, a list of one string, or a list of token ids", "prompt")
+        raise BadRequest("prompt must be a string, a list of token ids, or a list of either", param)
     if not ids:
-        raise BadRequest("prompt is empty", "prompt")
+        raise BadRequest("prompt is empty", param)
     return ids
+
+
+def completion_prompts(body: dict, tokenizer, max_prompts: int) -> list[list[int]]:
+    """Token ids of each prompt in `prompt`: a string or a list of token ids (one prompt), or a
+    list of strings / of token-id lists (a batch, as spnl's `map` sends)."""
+    p = body.get("prompt")
+    if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        if len(p) > max_prompts:
+            raise BadRequest(f"{len(p)} prompts in one request; at most {max_prompts} (max_prompts)", "prompt")
+        return [_prompt_ids(x, tokenizer, f"prompt[{i}]") for i, x in enumerate(p)]
+    return [_prompt_ids(p, tokenizer, "prompt")]
 
 
 def raw_plan(ids: list[int], *, model: str, page_size: int) -> SpanPlan:

@@ -65,6 +65,19 @@ def test_completions_streaming_and_not(client):
     assert len(n2.choices) == 2
 
 
+def test_completions_batch_of_prompts(client):
+    """A list of prompts (spnl's `map` sends one): choice k * n + i is sample i of prompt k."""
+    prompts = ["The sky is", "Grass is"]
+    alone = [client.completions.create(model="tiny", prompt=p, max_tokens=5, temperature=0) for p in prompts]
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+    assert r.usage.prompt_tokens == sum(len(p.encode()) for p in prompts)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=["ok", 5], max_tokens=2)
+    assert e.value.body["param"] == "prompt"
+
+
 def test_models_and_errors_in_openai_shape(client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     with pytest.raises(openai.BadRequestError) as e:

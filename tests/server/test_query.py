@@ -94,23 +94,31 @@ def test_nested_query_value_and_generations(http):
 
 
 def test_ibm_spnl_client_runs_unmodified(server):
-    """PyPI spnl, model prefix openai/, OPENAI_API_BASE at the server. Its execute() holds the GIL
-    while it waits for the HTTP answer, so it runs in its own process (in-process it would starve
-    this server's thread)."""
+    """PyPI spnl, model prefix openai/, OPENAI_API_BASE at the server: a g (chat completions) and a
+    `map` (spnl sends its inputs as one /v1/completions request with a list of prompts). Its
+    execute() holds the GIL while it waits for the HTTP answer, so it runs in its own process
+    (in-process it would starve this server's thread)."""
+    g = {"model": "openai/tiny", "max_tokens": 6, "temperature": 0.0,
+         "input": {"cross": [{"system": "Be brief."}, {"user": "Name a colour."}]}}  # fmt: skip
+    bulk = {"map": {"metadata": {"model": "openai/tiny", "max_tokens": 4, "temperature": 0.0}, "inputs": ["a", "bb"]}}
     code = (
         "import asyncio, json, spnl, sys\n"
-        "q = {'g': {'model': 'openai/tiny', 'max_tokens': 6, 'temperature': 0.0,"
-        " 'input': {'cross': [{'system': 'Be brief.'}, {'user': 'Name a colour.'}]}}}\n"
-        "r = asyncio.run(spnl.execute(json.dumps(q)))\n"
-        "sys.stderr.write(json.dumps(r.data))\n"
+        "out = [asyncio.run(spnl.execute(q)).data for q in sys.argv[1:]]\n"
+        "sys.stderr.write(json.dumps(out))\n"
     )
     env = dict(os.environ, OPENAI_API_BASE=server.url + "/v1", OPENAI_API_KEY="none", NO_PROXY="127.0.0.1")
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    argv = [sys.executable, "-c", code, json.dumps({"g": g}), json.dumps(bulk)]
+    p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr[-2000:]
-    answer = json.loads(p.stderr)
-    q = {"g": {"model": "tiny", "max_tokens": 6, "temperature": 0.0,
-               "input": {"cross": [{"system": "Be brief."}, {"user": "Name a colour."}]}}}  # fmt: skip
+    answer, mapped = json.loads(p.stderr)
     import httpx
 
-    direct = httpx.post(server.url + "/v1/query/execute", json=q, timeout=60).json()
+    direct = httpx.post(server.url + "/v1/query/execute", json={"g": dict(g, model="tiny")}, timeout=60).json()
     assert answer == direct["choices"][0]["message"]["content"]
+    alone = [
+        httpx.post(
+            server.url + "/v1/completions", json={"prompt": x, "max_tokens": 4, "temperature": 0}, timeout=60
+        ).json()["choices"][0]["text"]
+        for x in ("a", "bb")
+    ]
+    assert mapped == "\n".join(alone)  # spnl joins a map's outputs with newlines
