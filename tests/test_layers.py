@@ -1,6 +1,6 @@
 """The package's import graph follows one layer order, with no cycle:
 
-    config, runs, compilation -> kernels -> models, tokenizer, adapters -> query -> engine -> tasks
+    config, runs, compilation, distributed -> kernels -> models, tokenizer, adapters -> query -> engine -> tasks
     -> training | eval -> cli, server
 
 A module may import its own layer or any layer to its left, never one to its right;
@@ -28,6 +28,7 @@ LAYERS = {
     "spanjax.config": 0,
     "spanjax.runs": 0,
     "spanjax.compilation": 0,
+    "spanjax.distributed": 0,  # multi-host initialisation: imports only jax
     "spanjax.kernels": 1,
     "spanjax.models": 2,
     "spanjax.tokenizer": 2,

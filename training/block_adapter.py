@@ -321,21 +321,22 @@ def source(cfg, model, run_dir: Path):
         answers.append(ans)
     if not kept:
         raise ValueError("no training example fits data.max_prefix_tokens / max_suffix_tokens / max_answer_tokens")
-    (run_dir / "data.json").write_text(
-        json.dumps(
-            {
-                "source": SOURCE,
-                "questions": [kept[0].index, kept[-1].index],
-                "num_examples": len(kept),
-                "dropped_too_long": dropped,
-                "num_docs": d.num_docs,
-                "position_policies": list(d.position_policies),
-                "invocation_ids": list(inv) if alora else None,
-                "shape": {"prefix": P, "suffix": S, "answer": A},
-            },
-            indent=1,
+    if jax.process_index() == 0:  # process 0 of a multi-host run writes the run's files
+        (run_dir / "data.json").write_text(
+            json.dumps(
+                {
+                    "source": SOURCE,
+                    "questions": [kept[0].index, kept[-1].index],
+                    "num_examples": len(kept),
+                    "dropped_too_long": dropped,
+                    "num_docs": d.num_docs,
+                    "position_policies": list(d.position_policies),
+                    "invocation_ids": list(inv) if alora else None,
+                    "shape": {"prefix": P, "suffix": S, "answer": A},
+                },
+                indent=1,
+            )
         )
-    )
 
     def batch(step: int) -> BlockBatch:
         items = []

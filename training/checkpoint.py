@@ -1,4 +1,6 @@
-"""Orbax checkpoints of the train state (trained pytree, optimizer state, step)."""
+"""Orbax checkpoints of the train state (trained pytree, optimizer state, step): saved sharded
+as the arrays lie (every process of a multi-host run writes its shards), restored onto target
+shardings (training/mesh.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,13 @@ import orbax.checkpoint as ocp
 # Field names of checkpoints written before the shared training core: adapter runs stored
 # the trained pytree as `weights` (now TrainState.params).
 LEGACY_FIELDS = {"params": "weights"}
+
+
+def target(x) -> jax.ShapeDtypeStruct:
+    """What a leaf restores as: itself if abstract, else its shape, dtype and sharding."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 
 class Checkpointer:
@@ -30,8 +39,12 @@ class Checkpointer:
         return saved
 
     def restore(self, step: int, like):
-        """The state saved at `step`, with the structure of `like` (a dataclass pytree)."""
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+        """The state saved at `step`, with the structure of `like` (a dataclass pytree) and on
+        its devices: each leaf is an array (restored with its sharding) or a target
+        `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`. The checkpoint is sharded as it
+        was saved; Orbax reads each target shard's slice, so a state saved on one mesh
+        restores onto another (data=2,model=4 -> data=1,model=8, or one device)."""
+        abstract = jax.tree_util.tree_map(target, like)
         try:
             return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except ValueError:  # structure mismatch: a checkpoint with legacy field names, or not this run's

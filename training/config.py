@@ -6,6 +6,15 @@ import dataclasses
 from typing import Literal
 
 from spanjax.adapters import AdapterConfig
+from spanjax.models.sharding import parse_mesh
+
+SINGLE_DEVICE = "data=1,model=1"
+
+
+def normalize_mesh(cfg) -> None:
+    """Check a frozen config's `mesh` setting ("data=2,model=4", "model=8") and store it in full
+    ("data=1,model=8"); a bad one raises ValueError (a ConfigError naming the config at load)."""
+    object.__setattr__(cfg, "mesh", str(parse_mesh(cfg.mesh)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +89,9 @@ class TrainConfig:
     batch_size: int = 4
     checkpoint_every: int = 25
     log_every: int = 1
+    # Devices to train on: "data=D,model=M" over jax.devices() (docs/scaling.md, "Training on a mesh");
+    # the default is one device. Not part of the run's identity: a run resumes on any mesh.
+    mesh: str = SINGLE_DEVICE
     adapter: AdapterSection = AdapterSection()
     data: DataSection = DataSection()
     optim: OptimSection = OptimSection()
@@ -89,3 +101,4 @@ class TrainConfig:
         for f in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        normalize_mesh(self)

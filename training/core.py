@@ -12,6 +12,14 @@ the core owns the rest:
 - `train_loop`: Orbax checkpoints every `checkpoint_every` steps and at the end,
   `metrics.jsonl` (one line per `log_every` steps and per evaluation), a tqdm bar, eval
   callbacks (`Recipe.evals`) and hooks (e.g. `crash_after`, a simulated kill for tests).
+- On a mesh (the config's `mesh` setting, e.g. "data=2,model=4"; training/mesh.py): the
+  frozen inputs sharded by the recipe's `frozen_specs` (the base model: the "training" rules,
+  FSDP over `data`, heads and MLP over `model`), the batch over `data`, the trained pytree
+  and optimizer state by `param_specs`, and `update` jitted with those as explicit in/out
+  shardings: the same step as on one device. Checkpoints are saved sharded and restore onto
+  whatever mesh the resumed run has. One device (the default) is the unsharded path.
+  Multi-host (spanjax/distributed.py): every process runs the loop; process 0 alone writes
+  config.yaml and metrics.jsonl.
 
 Exact resume: a batch is a function of its step, the dropout key too, and the checkpoint
 holds the whole state, so a run killed after checkpoint k and resumed replays steps
@@ -23,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,10 +41,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spanjax import config as C
+from spanjax.distributed import is_main_process
 from spanjax.models import llama
 from spanjax.runs import progress
+from spanjax.training import mesh as M
 from spanjax.training.checkpoint import Checkpointer
 
 METRICS_FILE = "metrics.jsonl"
@@ -89,8 +101,10 @@ class Objective(Protocol):
         """(scalar loss, extra metrics) of the trained `params` on `batch`."""
 
 
-@functools.partial(jax.jit, static_argnames=("objective", "optim", "steps", "seed"), donate_argnums=(0,))
-def update(state: TrainState, frozen, batch, *, objective: Objective, optim, steps: int, seed: int):
+UPDATE_STATIC = ("objective", "optim", "steps", "seed")
+
+
+def _update(state: TrainState, frozen, batch, *, objective: Objective, optim, steps: int, seed: int):
     """One optimizer step: (new state, metrics: loss, grad_norm, lr, then the objective's own).
     `frozen` (e.g. the base model's parameters) is an input of the loss that never trains."""
     context = objective.context(frozen, batch)
@@ -102,6 +116,29 @@ def update(state: TrainState, frozen, batch, *, objective: Objective, optim, ste
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **extra}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+update = jax.jit(_update, static_argnames=UPDATE_STATIC, donate_argnums=(0,))
+
+
+_sharded_updates: dict = {}  # one jitted function per placement, so a repeated or resumed run reuses its compilation
+
+
+def sharded_update(mesh: Mesh, state_shardings, frozen_shardings):
+    """`update` with explicit in/out shardings on `mesh`: the state as `state_shardings` (kept
+    step to step), frozen inputs as `frozen_shardings`, the batch over `data`, metrics
+    replicated (training/mesh.py). Called like `update`."""
+    key = (mesh, *((jax.tree.structure(t), tuple(jax.tree.leaves(t))) for t in (state_shardings, frozen_shardings)))
+    if key not in _sharded_updates:
+        _sharded_updates[key] = jax.jit(
+            lambda state, frozen, batch, *static: _update(state, frozen, batch, **dict(zip(UPDATE_STATIC, static))),
+            static_argnums=tuple(range(3, 3 + len(UPDATE_STATIC))),  # no keyword arguments with in_shardings
+            donate_argnums=(0,),
+            in_shardings=(state_shardings, frozen_shardings, M.batch_sharding(mesh)),
+            out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
+        )
+    jitted = _sharded_updates[key]
+    return lambda state, frozen, batch, **static: jitted(state, frozen, batch, *(static[k] for k in UPDATE_STATIC))
 
 
 def masked_nll(params, model_cfg, h, labels, loss_mask):
@@ -116,19 +153,28 @@ def masked_nll(params, model_cfg, h, labels, loss_mask):
 # ---------------------------------------------------------------------------- the run loop
 
 
+# Config fields that say where a run computes, not what: a run may resume with another value
+# (a checkpoint saved on one mesh restores onto another).
+PLACEMENT_FIELDS = ("mesh",)
+
+
 def open_run_dir(cfg) -> Path:
-    """`cfg.out_dir/cfg.name`, created with config.yaml; an existing one must hold the same config."""
+    """`cfg.out_dir/cfg.name`, created with config.yaml (by process 0 of a multi-host run); an
+    existing one must hold the same config, up to `PLACEMENT_FIELDS`."""
     run_dir = Path(cfg.out_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / CONFIG_FILE
     if cfg_path.exists():
         old = C.from_dict(type(cfg), C.read_yaml(cfg_path))
-        if old != cfg:
+        same = {f: getattr(cfg, f) for f in PLACEMENT_FIELDS if hasattr(cfg, f)}
+        if dataclasses.replace(old, **same) != cfg:
             raise C.ConfigError(
                 f"{run_dir} holds a run of a different config ({'; '.join(C.diff(old, cfg))}); use another name"
             )
-    else:
-        cfg_path.write_text(C.dump(cfg))
+    elif is_main_process():
+        tmp = cfg_path.with_suffix(".tmp")
+        tmp.write_text(C.dump(cfg))
+        os.replace(tmp, cfg_path)
     return run_dir
 
 
@@ -154,6 +200,9 @@ class Recipe:
     postfix: Callable[[dict], dict] = lambda line: {"loss": f"{line['loss']:.4f}"}
     # Eval callbacks (steps done, state) -> fields; non-empty ones join that step's line, which is always logged.
     evals: Sequence[Callable[[int, TrainState], dict]] = ()
+    # On a mesh (training/mesh.py): mesh -> PartitionSpec pytree of `params` / `frozen`; None = replicated.
+    param_specs: Callable[[Mesh], Any] | None = None
+    frozen_specs: Callable[[Mesh], Any] | None = None
 
 
 Hook = Callable[[int, TrainState], None]  # (steps done, state) after the step is logged and checkpointed
@@ -177,27 +226,59 @@ class LoopResult:
     step_s: float  # this session's steps: batches and updates (not `prepare` or evals)
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """How a run's arrays sit on its devices: the initial state, the frozen inputs, the step
+    function and how a host batch becomes its input (identity on one device)."""
+
+    state: TrainState
+    frozen: Any
+    update: Callable
+    batch: Callable[[Any], Any]
+
+
+def place_run(recipe: Recipe, optim, steps: int, mesh: Mesh | None) -> Placement:
+    """The fresh state and frozen inputs of `recipe` on `mesh` (None: one device, unsharded)."""
+    if mesh is None:
+        return Placement(init_state(recipe.params, optim, steps), recipe.frozen, update, lambda batch: batch)
+    init = functools.partial(init_state, optim=optim, steps=steps)
+    param_specs = None if recipe.param_specs is None else recipe.param_specs(mesh)
+    state_sh = M.state_shardings(jax.eval_shape(init, recipe.params), param_specs, make_optimizer(optim, steps), mesh)
+    frozen_sh = M.named(mesh, None if recipe.frozen_specs is None else recipe.frozen_specs(mesh))
+    state = jax.jit(init, out_shardings=state_sh)(M.place(recipe.params, state_sh.params))
+    return Placement(
+        state,
+        M.place(recipe.frozen, frozen_sh),
+        sharded_update(mesh, state_sh, frozen_sh),
+        lambda batch: M.place_batch(batch, mesh),
+    )
+
+
 def train_loop(cfg, run_dir: Path, recipe: Recipe, hooks: Sequence[Hook] = ()) -> LoopResult:
     """Run (or resume) steps 0..cfg.steps-1 of `recipe` in `run_dir` (see the module docstring).
-    Reads cfg.steps, cfg.optim, cfg.seed, cfg.checkpoint_every and cfg.log_every."""
-    state = init_state(recipe.params, cfg.optim, cfg.steps)
+    Reads cfg.steps, cfg.optim, cfg.seed, cfg.checkpoint_every, cfg.log_every and cfg.mesh
+    (absent: one device)."""
+    run = place_run(recipe, cfg.optim, cfg.steps, M.mesh_from_setting(getattr(cfg, "mesh", None)))
+    state = run.state
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint_every)
     start = ckpt.latest_step() or 0
     if start:
-        state = ckpt.restore(start, state)
+        state = ckpt.restore(start, state)  # onto this run's shardings, whatever mesh saved it
+    main = is_main_process()
     metrics_path = run_dir / METRICS_FILE
-    truncate_metrics(metrics_path, start)
+    if main:
+        truncate_metrics(metrics_path, start)
     bar = progress(cfg.steps, start, f"train {recipe.desc}")
     t_run, step_s = time.perf_counter(), 0.0
     try:
-        with open(metrics_path, "a") as mf:
+        with open(metrics_path, "a") if main else open(os.devnull, "w") as mf:
             for step in range(start, cfg.steps):
                 recipe.prepare(step)
                 t0 = time.perf_counter()
-                state, metrics = update(
+                state, metrics = run.update(
                     state,
-                    recipe.frozen,
-                    recipe.batch(step),
+                    run.frozen,
+                    run.batch(recipe.batch(step)),
                     objective=recipe.objective,
                     optim=cfg.optim,
                     steps=cfg.steps,

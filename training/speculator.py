@@ -41,7 +41,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec
 
+from spanjax.distributed import is_main_process
 from spanjax.engine.dense_generate import generate
 from spanjax.engine.sampling import SamplingParams
 from spanjax.models import llama
@@ -51,6 +54,7 @@ from spanjax.runs import progress
 from spanjax.tasks.data import nq_open_oracle, passage_text
 from spanjax.training.core import Recipe, TrainState, crash_after, open_run_dir, train_loop
 from spanjax.training.data import batch_indices, prompt_ids
+from spanjax.training.mesh import to_host
 from spanjax.training.speculator_config import SpeculatorTrainConfig
 
 
@@ -306,11 +310,20 @@ def build_examples(examples: list[tuple[np.ndarray, list[int]]], L: int, H: int)
 
 
 def stage_data(cfg: SpeculatorTrainConfig, model, stage: int, run_dir: Path) -> dict:
-    """Cached arrays of stage 1 or 2 (computed once into run_dir/cache)."""
+    """Cached arrays of stage 1 or 2 (computed once into run_dir/cache). In a multi-host run
+    process 0 builds them (and stage2.jsonl) while the others wait, then every process reads them."""
     path = run_dir / "cache" / f"stage{stage}.npz"
+    if jax.process_count() > 1:
+        if is_main_process() and not path.exists():
+            _build_stage_data(cfg, model, stage, run_dir, path)
+        multihost_utils.sync_global_devices(f"speculator stage {stage} data")
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
+    return _build_stage_data(cfg, model, stage, run_dir, path)
+
+
+def _build_stage_data(cfg: SpeculatorTrainConfig, model, stage: int, run_dir: Path, path: Path) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     L, H = cfg.data.seq_len, model.cfg.hidden_size
     if stage == 1:
@@ -344,6 +357,23 @@ def make_batch(data: dict, idx: list[int], n_predict: int, lut: np.ndarray | Non
 
 
 # ---------------------------------------------------------------------------- the run loop
+
+
+def param_specs(spec_cfg: S.SpeculatorConfig, mesh) -> S.SpeculatorParams:
+    """The speculator on a mesh: its embeddings and heads (what dominates its size) split over
+    the vocabulary on `model` and over the inner dimension on `data` (FSDP), each where it
+    divides the axis; the projections and norms replicated."""
+    vocab = "model" if spec_cfg.vocab_size % mesh.shape["model"] == 0 else None
+    inner = "data" if spec_cfg.dim % mesh.shape["data"] == 0 else None
+    rep = PartitionSpec()
+    return S.SpeculatorParams(
+        emb=PartitionSpec(None, vocab, inner),  # [E, V, D]
+        proj0=rep,
+        proj=rep,
+        ln_weight=rep,
+        ln_bias=rep,
+        head=PartitionSpec(None, inner, vocab),  # [E, D, V]
+    )
 
 
 def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None = None) -> dict:
@@ -401,7 +431,9 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
     def evaluate(done: int, state: TrainState) -> dict:
         if val_idx is None or not (done % cfg.eval_every == 0 or done == cfg.steps):
             return {}
-        val.update(validate(state.params, spec_cfg, load_stage(2), val_idx, lut))
+        # Multi-host: every process validates a host copy (the trained params span the processes).
+        params = to_host(state.params) if jax.process_count() > 1 else state.params
+        val.update(validate(params, spec_cfg, load_stage(2), val_idx, lut))
         return dict(val)
 
     def postfix(line: dict) -> dict:
@@ -418,12 +450,14 @@ def train(cfg: SpeculatorTrainConfig, model=None, crash_after_step: int | None =
         log=log,
         postfix=postfix,
         evals=[evaluate],
+        param_specs=lambda mesh: param_specs(spec_cfg, mesh),
     )
     out = train_loop(cfg, run_dir, recipe, [] if crash_after_step is None else [crash_after(crash_after_step)])
     timings["train_s"] = out.step_s
-    params = jax.tree_util.tree_map(np.asarray, out.state.params)
+    params = to_host(out.state.params)
     if lut is not None:
         params = expand_vocab(params, lut)
-    spec = S.Speculator(speculator_config(cfg, model.cfg), params)
-    S.export_hf(spec, str(run_dir / "speculator"), base_model_name_or_path=cfg.model)
+    if is_main_process():
+        spec = S.Speculator(speculator_config(cfg, model.cfg), params)
+        S.export_hf(spec, str(run_dir / "speculator"), base_model_name_or_path=cfg.model)
     return {"run_dir": str(run_dir), "steps": cfg.steps, "resumed_from": out.resumed_from, **timings, **val}

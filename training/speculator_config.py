@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from spanjax.training.config import OptimSection
+from spanjax.training.config import SINGLE_DEVICE, OptimSection, normalize_mesh
 
 DEV_QUESTIONS = 2000  # nq-open-oracle questions 0..1999; 2000..2654 are held out and never trained on
 
@@ -62,6 +62,7 @@ class SpeculatorTrainConfig:
     checkpoint_every: int = 50
     log_every: int = 1
     eval_every: int = 50  # validation cadence (data.val_prompts > 0), and always after the last step
+    mesh: str = SINGLE_DEVICE  # "data=D,model=M" (docs/scaling.md, "Training on a mesh"); a run resumes on any mesh
     speculator: SpeculatorSection = SpeculatorSection()
     data: SpeculatorDataSection = SpeculatorDataSection()
     optim: OptimSection = OptimSection(lr=1e-3, warmup_steps=20, weight_decay=0.0)
@@ -74,6 +75,7 @@ class SpeculatorTrainConfig:
         for f in ("batch_size", "checkpoint_every", "log_every", "eval_every"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        normalize_mesh(self)
         if self.stage1_steps < 0 or self.stage2_steps < 0 or self.steps < 1:
             raise ValueError("stage1_steps and stage2_steps must be >= 0 with at least one step")
         d = self.data

@@ -25,17 +25,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from spanjax.adapters import Adapter, AdapterConfig, bank_from_weights, export_peft, init_adapter
+from spanjax.distributed import is_main_process
 from spanjax.models import llama
 from spanjax.models.config import ModelConfig
 from spanjax.models.loading import load_model
+from spanjax.models.sharding import param_partition_specs
 from spanjax.training import block_adapter
 from spanjax.training.answerability import build_records, evaluate_answerability, train_indices
 from spanjax.training.config import TrainConfig
 from spanjax.training.core import Objective, Recipe, crash_after, masked_nll, open_run_dir, train_loop
 from spanjax.training.data import Batch, batch_indices, encode_example, make_batch, read_jsonl
+from spanjax.training.mesh import to_host
 
 
 def batch_loss(weights, params, model_cfg, adapter_cfg: AdapterConfig, batch: Batch, cache, rng):
@@ -75,7 +77,7 @@ def answerability_records(cfg: TrainConfig, run_dir: Path) -> list[dict]:
         recs = build_records(
             train_indices(cfg.data.num_train_questions), cfg.data.num_docs, cfg.data.max_doc_words, cfg.seed
         )
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp{jax.process_index()}")  # each process of a multi-host run its own
         tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
         os.replace(tmp, path)
     return read_jsonl(path)
@@ -128,16 +130,27 @@ def train(cfg: TrainConfig, model=None, crash_after_step: int | None = None) -> 
     model = load_model(cfg.model) if model is None else model
     acfg, objective, batch = SOURCES.get(cfg.data.source, conversation_source)(cfg, model, run_dir)
     weights = init_adapter(acfg, model.cfg, jax.random.PRNGKey(cfg.seed)).weights
-    recipe = Recipe(f"{acfg.kind} {cfg.name}", weights, objective, model.params, batch)
+    recipe = Recipe(
+        f"{acfg.kind} {cfg.name}",
+        weights,
+        objective,
+        model.params,
+        batch,
+        # On a mesh: the base model by the "training" rules (FSDP over data, heads and MLP over
+        # model); the adapter weights (small) replicated.
+        frozen_specs=lambda mesh: param_partition_specs(model.cfg, model.params, "training", mesh),
+    )
     hooks = [] if crash_after_step is None else [crash_after(crash_after_step)]
     out = train_loop(cfg, run_dir, recipe, hooks)
-    adapter = Adapter(acfg, jax.tree_util.tree_map(np.asarray, out.state.params))
-    export_peft(adapter, str(run_dir / "adapter"), base_model_name_or_path=cfg.model)
+    adapter = Adapter(acfg, to_host(out.state.params))
+    if is_main_process():
+        export_peft(adapter, str(run_dir / "adapter"), base_model_name_or_path=cfg.model)
     summary = {"run_dir": str(run_dir), "steps": cfg.steps, "resumed_from": out.resumed_from, "train_s": out.wall_s}
     if cfg.eval.num_questions:
         ev = evaluate_answerability(
             model, adapter, cfg, num_questions=cfg.eval.num_questions, batch_size=cfg.eval.batch_size
         )
-        (run_dir / "eval.json").write_text(json.dumps(ev, indent=2))
+        if is_main_process():
+            (run_dir / "eval.json").write_text(json.dumps(ev, indent=2))
         summary["eval"] = ev
     return summary

@@ -245,11 +245,28 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("config", metavar="CONFIG", help="training YAML (configs/alora_answerability.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. steps=50 adapter.r=4")
+    p.add_argument(
+        "--mesh",
+        metavar="data=D,model=M",
+        help="train on a D x M device mesh (the `mesh` setting; default one device). Multi-host: run the same "
+        "command on every host with SPANJAX_COORDINATOR, SPANJAX_NUM_PROCESSES, SPANJAX_PROCESS_ID set",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _train_overrides(args: argparse.Namespace, *extra: str) -> list[str]:
+    return [*args.overrides, *extra, *([f"mesh={args.mesh}"] if args.mesh else [])]
 
 
 def _run_train(args: argparse.Namespace) -> int:
     """Train (resuming from the run directory's last checkpoint, if any) and export the adapter."""
+    from spanjax import distributed
+
+    try:
+        distributed.initialize()  # multi-host from the environment (before JAX starts); nothing on one host
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
     from spanjax.config import ConfigError, dump, load
     from spanjax.training.config import TrainConfig
     from spanjax.training.trainer import train
@@ -259,7 +276,9 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         block = args.kind == "block-adapter"
         cfg = load(
-            TrainConfig, args.config, list(args.overrides) if block else [*args.overrides, f"adapter.kind={args.kind}"]
+            TrainConfig,
+            args.config,
+            _train_overrides(args) if block else _train_overrides(args, f"adapter.kind={args.kind}"),
         )
         if block and cfg.data.source != "nq_blocks":
             raise UserError(
@@ -283,7 +302,7 @@ def _run_train_speculator(args: argparse.Namespace) -> int:
     from spanjax.training.speculator_config import SpeculatorTrainConfig
 
     try:
-        cfg = load(SpeculatorTrainConfig, args.config, args.overrides)
+        cfg = load(SpeculatorTrainConfig, args.config, _train_overrides(args))
         if args.print_config:
             print(dump(cfg), end="")
             return 0
