@@ -1,11 +1,12 @@
 """Execute whole span queries on an Engine (docs/design.md §1, Evaluation).
 
-The query is prepared once (repeat expanded, nested nodes flattened, identical
-plus children deduplicated, inner g's hoisted), then evaluated in waves
-(`QueryEvaluation`, the one wave loop): every g whose inputs are ready runs in
-one engine batch, its result is substituted as an assistant message carrying
-the exact generated ids, and the next wave follows. Hoisted inner exchanges lower to the very tokens the inner
-generation's sequence holds, so the outer query hits the pages it left.
+The query is prepared once (zip, repeat and map expanded, nested nodes
+flattened, identical plus children deduplicated, inner g's hoisted), then
+evaluated in waves (`QueryEvaluation`, the one wave loop): every g whose inputs
+are ready runs in one engine batch, its result is substituted as an assistant
+message carrying the exact generated ids, and the next wave follows. Hoisted
+inner exchanges lower to the very tokens the inner generation's sequence holds,
+so the outer query hits the pages it left.
 
 The engine serves one model: the `model` a g names is recorded, and the
 engine's loaded model runs it (its name keys the cache).
@@ -22,7 +23,16 @@ from spanjax.engine.engine import Engine
 from spanjax.engine.sampling import SamplingParams
 from spanjax.engine.scheduler import Request
 from spanjax.query import ast as A
-from spanjax.query.passes import GenResult, evaluation_order, feeds_a_prompt, prepare, ready, substitute, value
+from spanjax.query.passes import (
+    GenResult,
+    evaluation_order,
+    feeds_a_prompt,
+    prepare,
+    prints,
+    ready,
+    substitute,
+    value,
+)
 from spanjax.query.plan import SpanPlan
 from spanjax.query.syntax import parse
 
@@ -112,8 +122,7 @@ class QueryEvaluation:
         ev.value()
 
     `query=None` with `items` is a raw prompt (OpenAI completions): one wave of prepared
-    (g=None, plan, sampling) items and no query value. Print nodes are logged when the
-    evaluation starts (spnl prints them; their value is '').
+    (g=None, plan, sampling) items and no query value.
     """
 
     def __init__(self, query: A.Query | None, items: list | None = None):
@@ -123,10 +132,6 @@ class QueryEvaluation:
         self.wave: list[tuple[A.G | None, Request]] = []
         self.records: list[GenerationRecord] = []
         self._items = items
-        if query is not None:
-            for node in A.walk(query):
-                if isinstance(node, A.Print):
-                    log.info("print: %s", node.message)
 
     @property
     def done(self) -> bool:
@@ -187,10 +192,18 @@ class QueryEvaluation:
         return texts[0] if len(texts) == 1 else texts
 
 
+def log_prints(parsed: A.Query) -> None:
+    """Log a query's `print` messages (spnl prints them when it runs a query; their value is
+    ''). Called on the parsed query: `prepare` copies a zip's first part, and its prints with it."""
+    for message in prints(parsed):
+        log.info("print: %s", message)
+
+
 def run_query(engine: Engine, query: A.Query | str | bytes, *, optimize: bool = True) -> QueryResult:
     """Evaluate a query (AST or text in any of the three forms) to its value."""
     t0 = time.perf_counter()
     q = parse(query) if isinstance(query, (str, bytes)) else query
+    log_prints(q)
     ev = QueryEvaluation(prepare(q) if optimize else q)
     while not ev.done:
         engine.run_until_done(ev.submit(engine, ev.lower(engine)))

@@ -3,7 +3,8 @@ validation, optimizer passes, lowering to a span plan.
 
 Engine-facing API:
     parse(text_or_bytes, fmt=None) -> Query         (syntax.py; SpanQueryError on any problem)
-    prepare(q) -> Query                             (passes.py: expand_repeat, flatten, dedup, hoist)
+    prepare(q) -> Query                             (passes.py: expand (zip, repeat, map), flatten, dedup, hoist)
+    prints(q) -> list[str]                          (the print messages, to log; call before prepare)
     evaluation_order(q) -> list[list[G]]; ready(q) -> list[G]
     substitute(q, {G: GenResult | str}) -> Query; value(q)
     spanjax.query.lower.lower(g, tokenizer, *, page_size, model=None, adapter=None) -> SpanPlan
@@ -12,13 +13,15 @@ Engine-facing API:
 lower` gives the module; the function is also exported as `lower_g`.)
     SpanPlan.sequence_page_keys(generated_ids)      (plan.py)
 Limits for untrusted input: MAX_QUERY_BYTES (text size), MAX_DEPTH (nesting),
-MAX_GENERATIONS (g's with repeats multiplied out); every problem is a SpanQueryError.
+MAX_GENERATIONS (g's with repeats and maps multiplied out), MAX_EXPANDED_NODES (the
+prepared tree); every problem is a SpanQueryError.
 """
 
 from spanjax.query import lower  # noqa: F401  (the module; see docstring)
 from spanjax.query.ast import (
     Cross,
     G,
+    Map,
     Message,
     Monad,
     Par,
@@ -27,6 +30,7 @@ from spanjax.query.ast import (
     Query,
     Repeat,
     Seq,
+    Zip,
     assistant,
     system,
     user,
@@ -38,10 +42,14 @@ from spanjax.query.passes import (
     GenResult,
     dedup,
     evaluation_order,
+    expand,
+    expand_bulk,
     expand_repeat,
+    expand_zip,
     flatten,
     hoist,
     prepare,
+    prints,
     ready,
     substitute,
     value,
@@ -59,11 +67,12 @@ from spanjax.query.syntax import (
     to_sexpr,
     to_yaml,
 )
-from spanjax.query.validate import MAX_DEPTH, MAX_GENERATIONS, from_data
+from spanjax.query.validate import MAX_DEPTH, MAX_EXPANDED_NODES, MAX_GENERATIONS, from_data
 
 __all__ = [
     "G",
     "Cross",
+    "Map",
     "Message",
     "Monad",
     "Par",
@@ -72,6 +81,7 @@ __all__ = [
     "Query",
     "Repeat",
     "Seq",
+    "Zip",
     "assistant",
     "system",
     "user",
@@ -84,10 +94,14 @@ __all__ = [
     "GenResult",
     "dedup",
     "evaluation_order",
+    "expand",
+    "expand_bulk",
     "expand_repeat",
+    "expand_zip",
     "flatten",
     "hoist",
     "prepare",
+    "prints",
     "ready",
     "substitute",
     "value",
@@ -103,6 +117,7 @@ __all__ = [
     "to_sexpr",
     "to_yaml",
     "MAX_DEPTH",
+    "MAX_EXPANDED_NODES",
     "MAX_GENERATIONS",
     "MAX_QUERY_BYTES",
     "from_data",

@@ -10,6 +10,8 @@
 | repeat    | {"repeat": {"n": k, "g": G}} ("query" alias)     | `Repeat`  |
 | monad     | {"monad": Q}                                     | `Monad`   |
 | print     | {"print": s}  (spnl builtins use it; no tokens)  | `Print`   |
+| map       | {"map": {"metadata": {model, ...}, "inputs": [s, ...]}} | `Map` |
+| zip       | {"zip": {"first": Q1, "second": Q2}}             | `Zip`     |
 
 Extensions beyond spnl (all optional, documented in `syntax.py`):
 - `G`: `stop` (strings), `seed`, `top_p`, `adapter` (aLoRA/LoRA name),
@@ -23,6 +25,10 @@ Extensions beyond spnl (all optional, documented in `syntax.py`):
   evaluated inner `g` (see passes.substitute); lowering then emits
   `generation_prefix_ids() + token_ids` instead of re-tokenizing the text, so
   the span's pages hash exactly like the inner generation's own sequence.
+- `Map` (spnl's bulk map) also takes every optional g field in its `metadata`.
+
+`Repeat`, `Map` and `Zip` are rewritten away by `passes.expand` (run first by
+`passes.prepare`); evaluation and lowering only see the other nodes.
 """
 
 from __future__ import annotations
@@ -90,6 +96,39 @@ class Repeat:
     query: G
 
 
+# The input a `Map`'s template g carries: a placeholder (each generation's input is
+# `user(inputs[i])`), normalized so that equal maps compare and hash equal.
+MAP_INPUT = Message("user", "")
+
+
+@_frozen
+class Map:
+    """spnl's bulk map: one generation per input string, prompted by `user(input)`,
+    all with the template's settings (model, max_tokens, temperature, ...). The
+    template's own input is ignored (stored as MAP_INPUT). Its value is the list of
+    generated texts. It has no sub-queries (`children` is empty)."""
+
+    inputs: tuple[str, ...]
+    template: G
+
+    def __post_init__(self):
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        if self.template.input != MAP_INPUT:
+            object.__setattr__(self, "template", dataclasses.replace(self.template, input=MAP_INPUT))
+
+    def generations(self) -> tuple[G, ...]:
+        """The g of every input, in order (same settings, seed included; see passes.expand)."""
+        return tuple(dataclasses.replace(self.template, input=user(x)) for x in self.inputs)
+
+
+@_frozen
+class Zip:
+    """spnl's zip: `first` interleaved with the items of `second` (passes.expand_zip)."""
+
+    first: Query
+    second: Query
+
+
 @_frozen
 class Monad:
     query: Query
@@ -100,7 +139,7 @@ class Print:
     message: str
 
 
-Query = Message | Cross | Plus | Seq | Par | G | Repeat | Monad | Print
+Query = Message | Cross | Plus | Seq | Par | G | Repeat | Map | Zip | Monad | Print
 LIST_NODES = (Cross, Plus, Seq, Par)
 
 
@@ -117,7 +156,8 @@ def assistant(content: str, token_ids=None) -> Message:
 
 
 def children(q: Query) -> tuple[Query, ...]:
-    """Direct sub-queries of a node (a g's input, a repeat's g, a monad's query)."""
+    """Direct sub-queries of a node (a g's input, a repeat's g, a monad's query, a zip's
+    first and second; a map has none: its inputs are strings)."""
     if isinstance(q, LIST_NODES):
         return q.children
     if isinstance(q, G):
@@ -126,6 +166,8 @@ def children(q: Query) -> tuple[Query, ...]:
         return (q.query,)
     if isinstance(q, Monad):
         return (q.query,)
+    if isinstance(q, Zip):
+        return (q.first, q.second)
     return ()
 
 
@@ -142,6 +184,9 @@ def with_children(q: Query, new: tuple[Query, ...]) -> Query:
     if isinstance(q, Monad):
         (inner,) = new
         return Monad(inner)
+    if isinstance(q, Zip):
+        first, second = new
+        return Zip(first, second)
     return q
 
 

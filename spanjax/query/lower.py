@@ -135,8 +135,9 @@ class _Lowerer:
                 raise SpanQueryError(
                     p, "an unevaluated inner g", "its result substituted first (passes.ready/substitute)"
                 )
-            elif isinstance(n, A.Repeat):
-                raise SpanQueryError(p, "an unexpanded repeat", "passes.prepare/expand_repeat before lowering")
+            elif isinstance(n, (A.Repeat, A.Map, A.Zip)):
+                what = f"an unexpanded {type(n).__name__.lower()}"
+                raise SpanQueryError(p, what, "passes.prepare/expand before lowering")
             else:
                 raise SpanQueryError(p, type(n).__name__, "a query node")
 

@@ -4,7 +4,10 @@
   `model input max_tokens temperature top_p seed stop adapter attention
   positions` (kebab aliases `max-tokens`, `top-p` accepted). `repeat` takes
   `{"n": k, "g": {g body}}` or `{"n": k, "query": {"g": {...}}}` (printed with
-  `query`, as spnl's builtins write it).
+  `query`, as spnl's builtins write it). spnl's bulk `map` is
+  `{"map": {"metadata": {"model": M, "max_tokens": k, ...}, "inputs": ["a", ...]}}`
+  (metadata: every g field but `input`) and `zip` is
+  `{"zip": {"first": Q1, "second": Q2}}`.
 - YAML: the same tree (`yaml.safe_*` semantics; anchors allowed, bounded).
 - s-expression: `(head arg ...)` with `"strings"` (JSON escapes), numbers,
   bare symbols (`isolated`, `true`, `false`, `nil`) and `:keyword value`
@@ -16,6 +19,9 @@
       (plus [:attention A] [:positions P] Q ...)
       (system "s") (user "s") (assistant "s" [:token-ids (1 2 3)])
       (repeat N (g ...)) (monad Q) (print "s")
+      (map (metadata "model" [MAX_TOKENS [TEMPERATURE]] [:key value]...) (inputs "s" ...))
+      (zip FIRST SECOND)
+  (`metadata` takes the same arguments as a g, less its INPUT.)
 
 Every parser turns text into generic JSON-shaped data plus a path -> (line,
 col) map and hands it to `validate.from_data`, so all forms share one set of
@@ -34,13 +40,16 @@ import yaml
 
 from spanjax.query import ast as A
 from spanjax.query.errors import SpanQueryError, describe
-from spanjax.query.validate import MAX_DEPTH, child_path, from_data
+from spanjax.query.validate import MAX_DEPTH, NODE_TAGS, child_path, from_data
 
 MAX_TEXT_NESTING = 4 * MAX_DEPTH  # containers in the raw text (a node is ~2 of them)
 MAX_YAML_NODES = 200_000  # bounds alias ("billion laughs") expansion
 # Nodes PyYAML may compose (before alias expansion): its pure-Python composer does
-# ~60k nodes/s, so this keeps a hostile document (a flat 1 MB flow list) under ~1 s.
-MAX_YAML_COMPOSED = 50_000
+# ~50k nodes/s, so this keeps a hostile document (a flat 1 MB flow list) near 0.5 s
+# (50,000 took 1-3.7 s on a loaded 2-core machine: the fuzz test's bound is 1 s per
+# input). libyaml's composer is fast but recursive in C: deep block nesting
+# ("- - - ..." on one line) overflows the C stack, so it is not used.
+MAX_YAML_COMPOSED = 25_000
 # Longest YAML integer scalar converted: PyYAML builds sexagesimal ints (1:59:59...)
 # by repeated big-int multiplication, quadratic in the length (~20 s at 1 MB).
 MAX_YAML_INT_CHARS = 1000
@@ -455,6 +464,7 @@ _SX_G_KEYS = {
     "attention": "attention",
     "positions": "positions",
 }
+_SX_MAP_FORM = '(map (metadata "model" ...) (inputs "text" ...))'
 
 
 class _SexprToData:
@@ -550,31 +560,69 @@ class _SexprToData:
                 }
             }
         if head == "g":
-            pos, kw = self.split(args, p, _SX_G_KEYS)
-            if not 2 <= len(pos) <= 4:
-                self.fail(
-                    x,
-                    p,
-                    f"{len(pos)} positional arguments",
-                    '(g "model" INPUT [MAX_TOKENS [TEMPERATURE]] [:key value]...)',
-                )
-            body = {
-                "model": self.value(pos[0], child_path(p, "model")),
-                "input": self.query(pos[1], child_path(p, "input"), depth + 1),
+            return {"g": self.g_body(x, args, p, depth)}
+        if head == "zip":
+            pos, _ = self.split(args, p, {})
+            if len(pos) != 2:
+                self.fail(x, p, f"{len(pos)} arguments", "(zip FIRST SECOND)")
+            return {
+                "zip": {
+                    "first": self.query(pos[0], child_path(p, "first"), depth + 1),
+                    "second": self.query(pos[1], child_path(p, "second"), depth + 1),
+                }
             }
-            for name, y in zip(("max_tokens", "temperature"), pos[2:]):
-                if name in kw:
-                    self.fail(y, p, f"{name} given both positionally and as :{name}", "one of them")
-                body[name] = self.value(y, child_path(p, name))
-            for name, y in kw.items():
-                body[name] = self.value(y, child_path(p, name))
-            return {"g": body}
+        if head == "map":
+            return {"map": self.map_body(x, args, p)}
         self.fail(
             x.items[0],
             path,
             f"unknown node {head!r}",
-            "one of g, cross, plus, seq, par, system, user, assistant, repeat, monad, print",
+            "one of " + ", ".join(NODE_TAGS),
         )
+
+    def g_body(self, x, args, p, depth, head="g", has_input=True):
+        """A g's arguments, or (`has_input` false) a map's metadata: the same, less INPUT."""
+        pos, kw = self.split(args, p, _SX_G_KEYS)
+        lo = 2 if has_input else 1
+        if not lo <= len(pos) <= lo + 2:
+            inp = " INPUT" if has_input else ""
+            self.fail(
+                x,
+                p,
+                f"{len(pos)} positional arguments",
+                f'({head} "model"{inp} [MAX_TOKENS [TEMPERATURE]] [:key value]...)',
+            )
+        body = {"model": self.value(pos[0], child_path(p, "model"))}
+        if has_input:
+            body["input"] = self.query(pos[1], child_path(p, "input"), depth + 1)
+        for name, y in zip(("max_tokens", "temperature"), pos[lo:]):
+            if name in kw:
+                self.fail(y, p, f"{name} given both positionally and as :{name}", "one of them")
+            body[name] = self.value(y, child_path(p, name))
+        for name, y in kw.items():
+            body[name] = self.value(y, child_path(p, name))
+        return body
+
+    def map_body(self, x, args, p):
+        """(map (metadata ...) (inputs "a" ...)): the two parts in either order."""
+        pos, _ = self.split(args, p, {})
+        body = {}
+        for y in pos:
+            part = y.items[0].value if isinstance(y, _List) and y.items and isinstance(y.items[0], _Atom) else None
+            if part not in ("metadata", "inputs") or y.items[0].kind != "sym":
+                self.fail(y, p, "an argument that is not (metadata ...) or (inputs ...)", _SX_MAP_FORM)
+            if part in body:
+                self.fail(y, p, f"({part} ...) given twice", _SX_MAP_FORM)
+            pp = child_path(p, part)
+            self.mark(y, pp)
+            if part == "metadata":
+                body[part] = self.g_body(y, y.items[1:], pp, 0, head="metadata", has_input=False)
+            else:
+                body[part] = [self.value(v, child_path(pp, i)) for i, v in enumerate(y.items[1:])]
+        for part in ("metadata", "inputs"):
+            if part not in body:
+                self.fail(x, p, f"no ({part} ...)", _SX_MAP_FORM)
+        return body
 
 
 def sexpr_data(src) -> tuple[object, dict]:
@@ -652,11 +700,21 @@ def to_data(q: A.Query):
         return {"monad": to_data(q.query)}
     if isinstance(q, A.Print):
         return {"print": q.message}
+    if isinstance(q, A.Map):
+        return {"map": {"metadata": _g_settings(q.template), "inputs": list(q.inputs)}}
+    if isinstance(q, A.Zip):
+        return {"zip": {"first": to_data(q.first), "second": to_data(q.second)}}
     raise TypeError(f"not a query node: {q!r}")
 
 
 def _g_body(q: A.G) -> dict:
-    body = {"model": q.model, "input": to_data(q.input)}
+    body = _g_settings(q)
+    return {"model": body.pop("model"), "input": to_data(q.input), **body}
+
+
+def _g_settings(q: A.G) -> dict:
+    """A g's fields other than its input (a map's metadata)."""
+    body = {"model": q.model}
     for name in ("max_tokens", "temperature", "top_p", "seed", "adapter"):
         v = getattr(q, name)
         if v is not None:
@@ -703,6 +761,30 @@ def _sx_num(v) -> str:
     return repr(v)
 
 
+def _sx_g_tail(q: A.G) -> list[str]:
+    """A g's arguments after its model and input (also a map's metadata after the model)."""
+    tail = []
+    if q.max_tokens is not None:
+        tail.append(str(q.max_tokens))
+        if q.temperature is not None:
+            tail.append(_sx_num(q.temperature))
+    elif q.temperature is not None:
+        tail += [":temperature", _sx_num(q.temperature)]
+    if q.top_p is not None:
+        tail += [":top-p", _sx_num(q.top_p)]
+    if q.seed is not None:
+        tail += [":seed", str(q.seed)]
+    if q.stop:
+        tail += [":stop", "(" + " ".join(map(_sx_str, q.stop)) + ")"]
+    if q.adapter is not None:
+        tail += [":adapter", _sx_str(q.adapter)]
+    if q.attention != "prefix":
+        tail += [":attention", q.attention]
+    if q.positions != "sequential":
+        tail += [":positions", q.positions]
+    return tail
+
+
 def to_sexpr(q: A.Query, indent: int = 0) -> str:
     pad = "\n" + "  " * (indent + 1)
 
@@ -725,26 +807,14 @@ def to_sexpr(q: A.Query, indent: int = 0) -> str:
     if isinstance(q, (A.Cross, A.Seq, A.Par)):
         return block(type(q).__name__.lower(), [], q.children)
     if isinstance(q, A.G):
-        tail = []
-        if q.max_tokens is not None:
-            tail.append(str(q.max_tokens))
-            if q.temperature is not None:
-                tail.append(_sx_num(q.temperature))
-        elif q.temperature is not None:
-            tail += [":temperature", _sx_num(q.temperature)]
-        if q.top_p is not None:
-            tail += [":top-p", _sx_num(q.top_p)]
-        if q.seed is not None:
-            tail += [":seed", str(q.seed)]
-        if q.stop:
-            tail += [":stop", "(" + " ".join(map(_sx_str, q.stop)) + ")"]
-        if q.adapter is not None:
-            tail += [":adapter", _sx_str(q.adapter)]
-        if q.attention != "prefix":
-            tail += [":attention", q.attention]
-        if q.positions != "sequential":
-            tail += [":positions", q.positions]
+        tail = _sx_g_tail(q)
         return f"(g {_sx_str(q.model)}{pad}{to_sexpr(q.input, indent + 1)}" + "".join(" " + t for t in tail) + ")"
+    if isinstance(q, A.Map):
+        meta = " ".join([_sx_str(q.template.model)] + _sx_g_tail(q.template))
+        inputs = "".join(" " + _sx_str(x) for x in q.inputs)
+        return f"(map{pad}(metadata {meta}){pad}(inputs{inputs}))"
+    if isinstance(q, A.Zip):
+        return f"(zip{pad}{to_sexpr(q.first, indent + 1)}{pad}{to_sexpr(q.second, indent + 1)})"
     if isinstance(q, A.Repeat):
         return f"(repeat {q.n}{pad}{to_sexpr(q.query, indent + 1)})"
     if isinstance(q, A.Monad):

@@ -7,10 +7,13 @@ the JSON path of the node, what was found, what was expected, and the line and
 column of the nearest located ancestor.
 
 Limits (documented, enforced): query nesting depth <= MAX_DEPTH (64);
-repeat n in 1..MAX_REPEAT (1024); at most MAX_GENERATIONS g's in all, counted
-with every repeat multiplied out (checked before anything is expanded);
-integers fit in a signed 64-bit int (MAX_INT); text is valid Unicode (no lone
-surrogates, which cannot be encoded for the tokenizer or printed).
+repeat n in 1..MAX_REPEAT (1024); at most MAX_GENERATIONS g's in all (repeats
+and maps multiplied out, the copies of a zip's `first` counted) and at most
+MAX_EXPANDED_NODES nodes in the tree `passes.prepare` makes (zip, repeat and
+map expanded, inner g's hoisted), both computed from the parsed query before
+anything is expanded (`expansion`); integers fit in a
+signed 64-bit int (MAX_INT); text is valid Unicode (no lone surrogates, which
+cannot be encoded for the tokenizer or printed).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from typing import NamedTuple
 
 from spanjax.query import ast as A
 from spanjax.query.errors import SpanQueryError, describe
@@ -27,9 +31,30 @@ MAX_REPEAT = 1024
 # Total g's of one query with repeats multiplied out: nested repeats multiply
 # (1024 x 1024 from 400 bytes), so one cap bounds the whole tree.
 MAX_GENERATIONS = 4096
+# Nodes of the prepared tree (bounded from above before any rewriting). A zip copies
+# its `first` next to every item of its `second`, so nested zips double the tree per
+# level (2**60 nodes from 1 KB); a repeat copies its g's whole prompt n times; hoisting
+# copies an inner g's prompt, so nested g's double it per level (2**30 from 1 KB). The
+# passes, the evaluation loop and lowering walk the tree, microseconds a node each.
+# 1 MiB of text spells at most ~100k nodes without them.
+MAX_EXPANDED_NODES = 200_000
 MAX_INT = 2**63 - 1  # every integer field (the engine's widest integer type)
 
-NODE_TAGS = ("g", "cross", "plus", "seq", "par", "system", "user", "assistant", "repeat", "monad", "print")
+NODE_TAGS = (
+    "g",
+    "cross",
+    "plus",
+    "seq",
+    "par",
+    "system",
+    "user",
+    "assistant",
+    "repeat",
+    "map",
+    "zip",
+    "monad",
+    "print",
+)
 _EXPECT_NODE = "a query node: an object with exactly one key of " + ", ".join(NODE_TAGS)
 
 # g fields: canonical name -> accepted spellings (spnl uses snake case; kebab aliases accepted).
@@ -45,6 +70,8 @@ G_FIELDS = {
     "attention": ("attention",),
     "positions": ("positions",),
 }
+# A map's metadata: every g field but the input (each input string is one).
+MAP_METADATA_FIELDS = {k: v for k, v in G_FIELDS.items() if k != "input"}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
@@ -214,11 +241,17 @@ class _Validator:
 
     def node_g(self, body, path, depth):
         f = self.fields(body, path, G_FIELDS, required=("model", "input"), what="g fields")
+        return A.G(**self.g_settings(f, lambda: self.query(f["input"][0], f["input"][1], depth + 1)))
+
+    def g_settings(self, f, input_fn=None) -> dict:
+        """A g's fields (a g's body; a map's metadata, without `input_fn`), checked in
+        order: model, input, the rest."""
         kw = {}
         kw["model"] = self.string(*f["model"], what="a model name (string)")
         if not kw["model"]:
             self.fail(f["model"][1], "empty string", "a model name")
-        kw["input"] = self.query(f["input"][0], f["input"][1], depth + 1)
+        if input_fn is not None:
+            kw["input"] = input_fn()
 
         def opt(name, conv):
             if name in f and f[name][0] is not None:
@@ -242,7 +275,35 @@ class _Validator:
             for i, s in enumerate(kw["stop"]):
                 if not s:
                     self.fail(child_path(p, i) if isinstance(v, list) else p, "empty string", "a non-empty stop string")
-        return A.G(**kw)
+        return kw
+
+    def node_map(self, body, path, depth):
+        spec = {"metadata": ("metadata",), "inputs": ("inputs",)}
+        f = self.fields(body, path, spec, required=("metadata", "inputs"), what="map fields (metadata and inputs)")
+        mv, mp = f["metadata"]
+        meta = self.fields(mv, mp, MAP_METADATA_FIELDS, required=("model",), what="g fields other than input")
+        settings = self.g_settings(meta)
+        raw, ip = f["inputs"]
+        what = "a non-empty list of input strings"
+        if not isinstance(raw, list):
+            self.fail(ip, describe(raw), what)
+        if not raw:
+            self.fail(ip, "empty list", what)
+        if len(raw) > MAX_GENERATIONS:  # one g each: fail before checking every string
+            self.fail(ip, f"a list of {len(raw)} inputs", f"at most {MAX_GENERATIONS} (MAX_GENERATIONS)")
+        inputs = tuple(self.string(x, child_path(ip, i), "an input string") for i, x in enumerate(raw))
+        return A.Map(inputs, A.G(**settings, input=A.MAP_INPUT))
+
+    def node_zip(self, body, path, depth):
+        if isinstance(body, list):  # serde reads spnl's Zip struct from a pair too: [first, second]
+            if len(body) != 2:
+                self.fail(path, f"a list of {len(body)} items", "[first, second] or {first, second}")
+            return A.Zip(
+                self.query(body[0], child_path(path, 0), depth + 1), self.query(body[1], child_path(path, 1), depth + 1)
+            )
+        spec = {"first": ("first",), "second": ("second",)}
+        f = self.fields(body, path, spec, required=("first", "second"), what="zip fields (first and second)")
+        return A.Zip(self.query(*f["first"], depth + 1), self.query(*f["second"], depth + 1))
 
     def node_repeat(self, body, path, depth):
         spec = {"n": ("n",), "g": ("g",), "query": ("query",)}
@@ -266,23 +327,85 @@ class _Validator:
         return A.Repeat(n, q)
 
 
-def count_generations(q: A.Query) -> int:
-    """Number of g's `q` runs, every repeat multiplied out (no expansion needed)."""
+class Expansion(NamedTuple):
+    """Size of a query's tree once `passes.prepare` has rewritten it (computed without
+    rewriting). `nodes` is an upper bound, `gens` exact (the g's of `passes.expand(q)`).
+    `kind`, `items`, `item_nodes` and `item_gens` describe it as a zip's `second`: the
+    node type it becomes after zip rewriting (a zip becomes a list node) and the items
+    it contributes (a repeat or map: its g's)."""
+
+    nodes: int
+    gens: int
+    kind: type
+    items: int = 0
+    item_nodes: int = 0
+    item_gens: int = 0
+
+
+_ZIP_LISTS = A.LIST_NODES + (A.Repeat, A.Map)
+
+
+def expansion(q: A.Query, in_prompt: bool = False) -> Expansion:
+    """Nodes and g's of `q` with zip, repeat and map expanded (mirrors passes.expand) and
+    inner g's hoisted (passes.hoist): a g in another g's prompt (`in_prompt`, not under a
+    monad) becomes `plus[cross[<its input>, <it>]]`, a second copy of its prompt, so every
+    level of g nesting doubles the tree (the copies are shared objects, but every pass
+    and the evaluation loop walk them as a tree)."""
+    if isinstance(q, A.LIST_NODES):
+        kids = [expansion(c, in_prompt) for c in q.children]
+        n, g = sum(k.nodes for k in kids), sum(k.gens for k in kids)
+        return Expansion(1 + n, g, type(q), len(kids), n, g)
     if isinstance(q, A.Repeat):
-        return q.n * count_generations(q.query)
-    own = 1 if isinstance(q, A.G) else 0
-    return own + sum(count_generations(c) for c in A.children(q))
+        e = expansion(q.query, in_prompt)
+        return Expansion(1 + q.n * e.nodes, q.n * e.gens, A.Repeat, q.n, q.n * e.nodes, q.n * e.gens)
+    if isinstance(q, A.Map):
+        k, each = len(q.inputs), 5 if in_prompt else 2  # a g and its user message (hoisted: 2 * 2 + 1)
+        return Expansion(1 + each * k, k, A.Map, k, each * k, k)
+    if isinstance(q, A.Zip):
+        f, s = expansion(q.first, in_prompt), expansion(q.second, in_prompt)
+        if s.kind in _ZIP_LISTS:  # first next to every item (inside it when first is a plus)
+            nodes, gens = s.item_nodes + s.items * f.nodes, s.item_gens + s.items * f.gens
+            kind = A.Par if s.kind in (A.Repeat, A.Map) else s.kind
+            items = s.items if f.kind is A.Plus else 2 * s.items
+            return Expansion(1 + nodes, gens, kind, items, nodes, gens)
+        nodes, gens = f.nodes + s.nodes, f.gens + s.gens  # seq[first, second]
+        return Expansion(1 + nodes, gens, A.Seq, 2, nodes, gens)
+    if isinstance(q, A.G):
+        e = expansion(q.input, True)
+        nodes = 1 + e.nodes
+        return Expansion(2 * nodes + 1 if in_prompt else nodes, 1 + e.gens, A.G)
+    if isinstance(q, A.Monad):  # a monad's g's do not feed the prompt: not hoisted
+        e = expansion(q.query, False)
+        return Expansion(1 + e.nodes, e.gens, A.Monad)
+    kids = [expansion(c, in_prompt) for c in A.children(q)]
+    return Expansion(1 + sum(k.nodes for k in kids), sum(k.gens for k in kids), type(q))
+
+
+def count_generations(q: A.Query) -> int:
+    """Number of g's `q` runs, repeats and maps multiplied out and the copies of every
+    zip's `first` counted (no expansion needed; equal copies are evaluated once, but the
+    passes walk each)."""
+    return expansion(q).gens
 
 
 def check_generations(q: A.Query, path: str = "$", locs: dict | None = None) -> A.Query:
-    """Raise SpanQueryError when `q` asks for more than MAX_GENERATIONS g's."""
-    n = count_generations(q)
-    if n > MAX_GENERATIONS:
-        line, col = locate(locs, path)
+    """Raise SpanQueryError when `q`, expanded, has more than MAX_GENERATIONS g's or when,
+    prepared, it may have more than MAX_EXPANDED_NODES nodes."""
+    e = expansion(q)
+    line, col = locate(locs, path)
+    if e.gens > MAX_GENERATIONS:
         raise SpanQueryError(
             path,
-            f"a query of {n} generations (repeats multiplied out)",
+            f"a query of {e.gens} generations (repeats and maps multiplied out, zip copies counted)",
             f"at most {MAX_GENERATIONS} generations (MAX_GENERATIONS)",
+            line,
+            col,
+        )
+    if e.nodes > MAX_EXPANDED_NODES:
+        raise SpanQueryError(
+            path,
+            f"a query of {e.nodes} nodes once zip, repeat and map are expanded and inner g's hoisted",
+            f"at most {MAX_EXPANDED_NODES} nodes (MAX_EXPANDED_NODES)",
             line,
             col,
         )

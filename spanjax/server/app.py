@@ -33,7 +33,7 @@ from starlette.routing import Route
 from spanjax.adapters.peft_format import load_peft
 from spanjax.engine.adapters import lower_for_engine
 from spanjax.engine.engine import Engine
-from spanjax.engine.executor import sampling_for
+from spanjax.engine.executor import log_prints, sampling_for
 from spanjax.query import ast as A
 from spanjax.query.errors import SpanQueryError
 from spanjax.query.passes import prepare, ready
@@ -309,7 +309,9 @@ class Server:
 
     def _prepare_query(self, raw: bytes, fmt: str | None):
         """Parse, bound and lower the first wave (a worker thread)."""
-        q = prepare(parse(raw, fmt))
+        parsed = parse(raw, fmt)
+        log_prints(parsed)
+        q = prepare(parsed)
         gs = {n for n in A.walk(q) if isinstance(n, A.G)}
         new = 0
         for g in gs:

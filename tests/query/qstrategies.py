@@ -69,7 +69,6 @@ def full_queries(max_leaves=10):
         messages(text),
         st.builds(A.Message, st.just("assistant"), text, st.lists(st.integers(0, 5000), max_size=4).map(tuple)),
     )
-    leaf = st.one_of(msg, st.builds(A.Print, text))
 
     def g_of(sub):
         return st.builds(
@@ -86,6 +85,10 @@ def full_queries(max_leaves=10):
             positions=pos,
         )
 
+    # spnl's map: the template's input is a placeholder (normalized to A.MAP_INPUT).
+    maps = st.builds(A.Map, st.lists(text, min_size=1, max_size=3).map(tuple), g_of(st.just(A.MAP_INPUT)))
+    leaf = st.one_of(msg, st.builds(A.Print, text), maps)
+
     def extend(sub):
         kids = st.lists(sub, min_size=1, max_size=3).map(tuple)
         return st.one_of(
@@ -96,6 +99,7 @@ def full_queries(max_leaves=10):
             st.builds(A.Monad, sub),
             g_of(sub),
             st.builds(A.Repeat, st.integers(1, 5), g_of(sub)),
+            st.builds(A.Zip, sub, sub),
         )
 
     return st.recursive(leaf, extend, max_leaves=max_leaves)

@@ -14,7 +14,7 @@ from spanjax.query import syntax as S
 from spanjax.query.errors import MAX_FOUND_CHARS, MAX_MESSAGE_CHARS, SpanQueryError
 from spanjax.query.fake import ByteTokenizer
 from spanjax.query.lower import lower
-from spanjax.query.validate import MAX_GENERATIONS, from_data
+from spanjax.query.validate import MAX_EXPANDED_NODES, MAX_GENERATIONS, expansion, from_data
 
 # A hang guard, not a speed claim (timings belong in benchmarks): the inputs below took
 # minutes or never finished before the fixes, and take well under a second now, so a
@@ -145,6 +145,55 @@ def test_generation_cap_counts_plain_gs():
     with pytest.raises(SpanQueryError, match="generations"):
         from_data(data)
     from_data({"par": data["par"][:MAX_GENERATIONS]})
+
+
+def test_nested_zip_blowup_rejected_before_expansion():
+    # every level doubles the list: 2**40 items from a few hundred bytes (zip copies `first`)
+    text = '(par (user "a") (user "b"))'
+    for _ in range(40):
+        text = f'(zip (user "f") {text})'
+    t0 = time.perf_counter()
+    with pytest.raises(SpanQueryError) as ei:
+        S.parse(text)
+    assert "nodes" in ei.value.found and str(MAX_EXPANDED_NODES) in ei.value.expected
+    q = A.Par((A.user("a"), A.user("b")))
+    for _ in range(40):
+        q = A.Zip(A.user("f"), q)
+    with pytest.raises(SpanQueryError, match="nodes"):  # Python-built: expand checks too
+        P.prepare(q)
+    assert time.perf_counter() - t0 < HANG_BOUND_S
+
+
+def test_nested_g_hoisting_blowup_rejected():
+    # Found while bounding zip: hoisting copies every inner g's prompt next to the g, so
+    # each level of g nesting doubles the tree the passes and the evaluation loop walk:
+    # 18 levels (500 bytes) took 6 s in evaluation_order, 30 levels would take hours.
+    text = '(user "x")'
+    for i in range(30):
+        text = f'(g "m" (cross (user "f{i}") {text}))'
+    assert len(text) < 1000
+    with pytest.raises(SpanQueryError, match="nodes"):
+        S.parse(text)
+    text = '(user "x")'
+    for i in range(12):
+        text = f'(g "m" (cross (user "f{i}") {text}))'
+    q = S.parse(text)
+    prepared = P.prepare(q)
+    assert sum(1 for _ in A.walk(prepared)) <= expansion(q).nodes <= MAX_EXPANDED_NODES
+    assert len(P.evaluation_order(prepared)) == 12
+
+
+def test_repeat_of_a_long_prompt_capped():
+    # the bulk-fuzz work's finding: 1024 copies of a 2000-message prompt (37 KB) made a
+    # 2-million-node tree, seconds per pass (minutes at 1 MiB); now bounded before expansion
+    docs = [{"user": f"d{i}"} for i in range(2000)]
+    src = json.dumps({"repeat": {"n": 1024, "g": {"model": "m", "input": {"plus": docs}}}})
+    t0 = time.perf_counter()
+    e = raises_at("$", src, "json")
+    assert "nodes" in e.found and str(MAX_EXPANDED_NODES) in e.expected
+    assert time.perf_counter() - t0 < HANG_BOUND_S
+    ok = json.dumps({"repeat": {"n": 1024, "g": {"model": "m", "input": {"plus": docs[:50]}}}})
+    assert len(P.prepare(S.parse(ok)).children) == 1024
 
 
 def test_input_size_capped():

@@ -122,3 +122,21 @@ def test_ibm_spnl_client_runs_unmodified(server):
         for x in ("a", "bb")
     ]
     assert mapped == "\n".join(alone)  # spnl joins a map's outputs with newlines
+
+
+def test_spnl_operators_map_zip_print_run(http, caplog):
+    """spnl's map (value: the list of its generations, each the chat request alone), zip and print."""
+    meta = {"model": "tiny", "max_tokens": 3, "temperature": 0.0}
+    r = http.post("/v1/query/execute", json={"map": {"metadata": meta, "inputs": ["a", "bb"]}}).json()
+    chat = lambda s: http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": s}],  # noqa: E731
+                                                             "max_tokens": 3, "temperature": 0}).json()  # fmt: skip
+    assert r["value"] == [chat(s)["choices"][0]["message"]["content"] for s in ("a", "bb")]
+    assert len(r["generations"]) == 2
+    zipped = {"zip": [{"print": "zipping"}, {"par": [{"user": "x"}, {"user": "y"}]}]}
+    q = {"g": {**meta, "input": {"cross": [zipped, {"user": "go"}]}}}
+    with caplog.at_level("INFO", logger="spanjax.query"):
+        r = http.post("/v1/query/execute", json=q)
+    assert r.status_code == 200 and isinstance(r.json()["value"], str)
+    assert "print: zipping" in caplog.text
+    bad = http.post("/v1/query/execute", json={"augment": {"q": 1}})
+    assert bad.status_code == 400 and "augment" in bad.json()["error"]["message"]
