@@ -16,7 +16,9 @@
 Extensions beyond spnl (all optional, documented in `syntax.py`):
 - `G`: `stop` (strings), `seed`, `top_p`, `adapter` (aLoRA/LoRA name),
   `attention` (`prefix` | `isolated`, default prefix) and `positions`
-  (`sequential` | `parallel`, default sequential): the policies of docs/design.md §3.
+  (`sequential` | `parallel`, default sequential): the policies of docs/design.md §3;
+  `recompute_pages` (default 0): the first pages of every plus child are recomputed
+  against the context the query gives them (EPIC-style; lower.py).
 - `Plus`: per-node `attention` / `positions` overrides (None = the enclosing
   g's policy); JSON object form `{"plus": {"items": [...], "attention": "isolated"}}`.
   An override applies to that plus node's children only, not to plus nodes
@@ -88,6 +90,7 @@ class G:
     adapter: str | None = None
     attention: AttentionPolicy = "prefix"
     positions: PositionPolicy = "sequential"
+    recompute_pages: int = 0  # > 0: each plus child's first pages are recomputed in context (lower.py)
 
 
 @_frozen

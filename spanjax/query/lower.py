@@ -32,6 +32,14 @@ child. The policies come from the g (`attention`, `positions`; defaults
 prefix/sequential); a plus may override them for its own children (an
 extension; the override is not inherited by plus nodes nested inside).
 
+Recompute (`g.recompute_pages` = R > 0; EPIC, arXiv 2410.15332, and vLLM's span-aware gap
+policy): the first R pages of every single-span plus child are encoded a second time
+against the context the query actually gives them (what precedes the plus and the
+earlier children, in order: an order-dependent key); what follows the plus sees that copy
+and the child's cached tail, not its independent head. The tail keeps its cached KV and
+page keys (it still sees the independent head it was encoded with), so reuse is unchanged
+and the cost is R pages per child. See `_Lowerer.recompute_head`.
+
 Cache keys: see page_keys.py.
 
 Reuse is exact when the cached pre-RoPE KV depends only on what the key
@@ -72,10 +80,11 @@ class _Ctx:
 
 
 class _Lowerer:
-    def __init__(self, tokenizer, model, adapter, page_size, attention, positions):
+    def __init__(self, tokenizer, model, adapter, page_size, attention, positions, recompute_pages=0):
         self.tok = tokenizer
         self.model, self.adapter, self.page_size = model, adapter, page_size
         self.attention, self.positions = attention, positions
+        self.recompute = recompute_pages * page_size  # tokens at the head of each plus child
         self.spans: list[Span] = []
         self.offset = 0  # padded offset of the next span
         # spanjax.tokenizer.Tokenizer and fake.ByteTokenizer have `vocab_size`; test fakes may not.
@@ -171,8 +180,11 @@ class _Lowerer:
             own = out.groups[len(base.groups) :]
             if not own:
                 continue  # a child with no tokens (monad, print)
+            visible = list(range(n0, len(self.spans)))
+            if self.recompute and len(visible) == 1:  # one span: a document (nested pluses are left alone)
+                visible, own = self.recompute_head(n0, ctx, descs, sees, own)
             descs.append(digest("child", list(own)))
-            sees.extend(range(n0, len(self.spans)))
+            sees.extend(visible)
             cur, end = out.pos, max(end, out.pos)
         if not descs:
             return ctx
@@ -182,6 +194,54 @@ class _Lowerer:
         # follows; the question after them is recomputed rather than reused inexactly.
         group = ("plus", "parallel", sorted(descs)) if par else ("plus", "sequential", descs)
         return _Ctx(ctx.groups + (group,), ctx.sees + tuple(sees), end if par else cur)
+
+    def recompute_head(self, n0: int, ctx: _Ctx, earlier: list, earlier_sees: list, own: tuple):
+        """EPIC-style recompute of plus child span `n0`: its first `self.recompute` tokens are
+        encoded again against the context the query gives them (what precedes the plus and the
+        earlier children, in order), and what follows the plus sees that copy instead of the
+        independent one; the rest of the child (the tail) stays the independently encoded,
+        cached span, which still sees its own independent head (the KV it was cached with).
+
+            before: [child: head | tail]                         later spans see child
+            after:  [head (indep.)][tail, sees head][head', in context]   later see tail, head'
+
+        Returns (the spans later spans see, the child's key groups)."""
+        f, ps = self.spans[n0], self.page_size
+        n = min(self.recompute, len(f))
+        actual_sees = tuple(sorted(ctx.sees + tuple(earlier_sees)))
+        ckey = context_key(ctx.groups + (("recompute", list(earlier)),))  # order-dependent, as its KV
+        root = root_key(self.model, self.adapter, ckey)
+        if n == len(f):  # the whole child is the head: encode it in context, nothing to reuse
+            self.spans[n0] = dataclasses.replace(
+                f, sees=actual_sees, page_keys=chain_page_keys(root, f.token_ids, ps), context_key=ckey, base_key=root
+            )
+            return [n0], (("recompute", self.spans[n0].cache_key),)
+        k = n // ps  # n is a whole number of pages: the split keeps every page key
+        head = dataclasses.replace(f, token_ids=f.token_ids[:n], positions=f.positions[:n], page_keys=f.page_keys[:k])
+        tail = dataclasses.replace(
+            f,
+            index=n0 + 1,
+            token_ids=f.token_ids[n:],
+            start=f.start + n,
+            positions=f.positions[n:],
+            sees=tuple(sorted(f.sees + (n0,))),
+            page_keys=f.page_keys[k:],
+            base_key=head.cache_key,
+        )
+        again = Span(
+            index=n0 + 2,
+            kind="plus",
+            token_ids=head.token_ids,
+            start=self.offset,
+            positions=head.positions,
+            sees=actual_sees,
+            page_keys=chain_page_keys(root, head.token_ids, ps),
+            context_key=ckey,
+            base_key=root,
+        )
+        self.spans[n0:] = [head, tail, again]
+        self.offset += n
+        return [n0 + 1, n0 + 2], own + (("recompute", again.cache_key),)
 
 
 def lower(g: A.G, tokenizer, *, model: str | None = None, page_size: int, adapter: str | None = None) -> SpanPlan:
@@ -197,14 +257,14 @@ def lower(g: A.G, tokenizer, *, model: str | None = None, page_size: int, adapte
         raise ValueError("page_size must be >= 1")
     model = g.model if model is None else model
     adapter = g.adapter if adapter is None else adapter
-    low = _Lowerer(tokenizer, model, adapter, page_size, g.attention, g.positions)
+    low = _Lowerer(tokenizer, model, adapter, page_size, g.attention, g.positions, g.recompute_pages)
     gen = list(tokenizer.generation_prefix_ids())
     if not gen:
         gen = []
     low.run(g.input, _Ctx((), (), 0), "cross", "$.g.input", suffix=gen)
     spans = low.spans
     last = spans[-1] if spans else None
-    if last is None or last.kind != "cross" or len(last.sees) != len(spans) - 1:
+    if last is None or last.kind != "cross":
         # Prompt ends in a plus and the tokenizer has no generation prefix: nothing
         # would continue the plan; every real chat template has an assistant header.
         raise SpanQueryError(

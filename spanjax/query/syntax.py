@@ -2,7 +2,8 @@
 
 - JSON (spnl-compatible): externally tagged nodes, see ast.py. g fields are
   `model input max_tokens temperature top_p seed stop adapter attention
-  positions` (kebab aliases `max-tokens`, `top-p` accepted). `repeat` takes
+  positions recompute_pages` (kebab aliases `max-tokens`, `top-p`,
+  `recompute-pages` accepted). `repeat` takes
   `{"n": k, "g": {g body}}` or `{"n": k, "query": {"g": {...}}}` (printed with
   `query`, as spnl's builtins write it). spnl's bulk `map` is
   `{"map": {"metadata": {"model": M, "max_tokens": k, ...}, "inputs": ["a", ...]}}`
@@ -14,7 +15,8 @@
   pairs; `;` starts a comment. Forms:
       (g "model" INPUT [MAX_TOKENS [TEMPERATURE]] [:max-tokens N] [:temperature T]
          [:top-p P] [:seed S] [:stop "s" | :stop ("a" "b")] [:adapter "a"]
-         [:attention prefix|isolated] [:positions sequential|parallel])
+         [:attention prefix|isolated] [:positions sequential|parallel]
+         [:recompute-pages N])
       (cross Q ...) (seq Q ...) (par Q ...)
       (plus [:attention A] [:positions P] Q ...)
       (system "s") (user "s") (assistant "s" [:token-ids (1 2 3)])
@@ -463,6 +465,8 @@ _SX_G_KEYS = {
     "adapter": "adapter",
     "attention": "attention",
     "positions": "positions",
+    "recompute-pages": "recompute_pages",
+    "recompute_pages": "recompute_pages",
 }
 _SX_MAP_FORM = '(map (metadata "model" ...) (inputs "text" ...))'
 
@@ -725,6 +729,8 @@ def _g_settings(q: A.G) -> dict:
         body["attention"] = q.attention
     if q.positions != "sequential":
         body["positions"] = q.positions
+    if q.recompute_pages:
+        body["recompute_pages"] = q.recompute_pages
     return body
 
 
@@ -782,6 +788,8 @@ def _sx_g_tail(q: A.G) -> list[str]:
         tail += [":attention", q.attention]
     if q.positions != "sequential":
         tail += [":positions", q.positions]
+    if q.recompute_pages:
+        tail += [":recompute-pages", str(q.recompute_pages)]
     return tail
 
 

@@ -38,7 +38,8 @@ MAX_GENERATIONS = 4096
 # passes, the evaluation loop and lowering walk the tree, microseconds a node each.
 # 1 MiB of text spells at most ~100k nodes without them.
 MAX_EXPANDED_NODES = 200_000
-MAX_INT = 2**63 - 1  # every integer field (the engine's widest integer type)
+MAX_INT = 2**63 - 1
+MAX_RECOMPUTE_PAGES = 1024  # every integer field (the engine's widest integer type)
 
 NODE_TAGS = (
     "g",
@@ -69,6 +70,7 @@ G_FIELDS = {
     "adapter": ("adapter",),
     "attention": ("attention",),
     "positions": ("positions",),
+    "recompute_pages": ("recompute_pages", "recompute-pages"),
 }
 # A map's metadata: every g field but the input (each input string is one).
 MAP_METADATA_FIELDS = {k: v for k, v in G_FIELDS.items() if k != "input"}
@@ -264,6 +266,7 @@ class _Validator:
         opt("adapter", lambda v, p: self.string(v, p, "an adapter name (string)"))
         opt("attention", lambda v, p: self.choice(v, p, A.ATTENTION_POLICIES))
         opt("positions", lambda v, p: self.choice(v, p, A.POSITION_POLICIES))
+        opt("recompute_pages", lambda v, p: self.integer(v, p, 0, MAX_RECOMPUTE_PAGES))
         if "stop" in f and f["stop"][0] is not None:
             v, p = f["stop"]
             if isinstance(v, str):

@@ -33,6 +33,10 @@ VARIANTS = {
     "span-parallel": (True, "prefix", "parallel"),
     "span-sequential-isolated": (True, "isolated", "sequential"),
     "span-parallel-isolated": (True, "isolated", "parallel"),
+    # training-free recompute (EPIC-style, query/lower.py): each document's first page is
+    # encoded again in the query's context; the rest of it comes from the cache
+    "span-sequential-recompute": (True, "prefix", "sequential"),
+    "span-parallel-recompute": (True, "prefix", "parallel"),
     # with a block-attention adapter (training/block_adapter.py), registered as "lora" / "alora"
     "stock+lora": (False, "prefix", "sequential"),
     "span-sequential+lora": (True, "prefix", "sequential"),
@@ -40,6 +44,7 @@ VARIANTS = {
     "span-sequential+alora": (True, "prefix", "sequential"),
     "span-parallel+alora": (True, "prefix", "parallel"),
 }
+RECOMPUTE_PAGES = 1  # the recompute variants' head: one page per document (the default of the policy)
 # variant -> the adapter its g runs (engine name; its directory is eval.<name>_adapter)
 VARIANT_ADAPTER = {v: v.rsplit("+", 1)[1] for v in VARIANTS if "+" in v}
 BASE_VARIANTS = tuple(v for v in VARIANTS if v not in VARIANT_ADAPTER)
@@ -219,4 +224,5 @@ def make_g(ex: Example, pos: int, variant: str, model_name: str, max_tokens: int
         attention=attention,
         positions=positions,
         adapter=VARIANT_ADAPTER.get(variant),
+        recompute_pages=RECOMPUTE_PAGES if variant.endswith("-recompute") else 0,
     )

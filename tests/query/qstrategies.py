@@ -83,6 +83,7 @@ def full_queries(max_leaves=10):
             adapter=st.none() | st.text(min_size=1, max_size=5),
             attention=att,
             positions=pos,
+            recompute_pages=st.integers(0, 3),
         )
 
     # spnl's map: the template's input is a placeholder (normalized to A.MAP_INPUT).
