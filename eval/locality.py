@@ -17,12 +17,16 @@ document (its label changes), the distractors whose label shifts by one, and
 the question are recomputed. Work is submitted as one batch per gold position
 over a chunk of questions, so continuous batching fills the steps and the
 pages of position p are cached before position p+1 asks for them.
+
+`eval.shard` "i/k" runs every k-th chunk of questions; `spanjax merge` (eval/merge.py)
+joins shard (or any compatible) run directories, aggregated by `write_outputs` like a
+run. Wilson intervals and McNemar's paired test against stock: eval/stats.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import re
 import time
 from typing import Literal
 
@@ -33,14 +37,40 @@ from spanjax.engine.adapters import lower_for_engine
 from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.engine.sampling import SamplingParams
 from spanjax.eval.experiment_config import EXPERIMENT_ENGINE
+from spanjax.eval.stats import paired_test, wilson
 from spanjax.models.loading import load_model
 from spanjax.runs import RunDir, append_items, item_key, load_items, machine, progress, write_results
-from spanjax.tasks.locality import BASE_VARIANTS, EXAMPLES, VARIANT_ADAPTER, VARIANTS, Example, make_g
+from spanjax.tasks.locality import (
+    BASE_VARIANTS,
+    EXAMPLES,
+    VARIANT_ADAPTER,
+    VARIANTS,
+    Example,
+    _split_range,
+    make_g,
+)
 
 # Items are keyed (variant, question, position) and seeded per question, so a
-# run resumed with more (or fewer) questions or variants keeps every finished
-# item valid; the results cover the variants and questions of the last config.
-RESUMABLE_SCOPE = ("eval.num_questions", "eval.variants")
+# run resumed with more (or fewer) questions or variants, or another shard, keeps
+# every finished item valid; the results cover the items of the last config.
+RESUMABLE_SCOPE = ("eval.num_questions", "eval.variants", "eval.shard")
+
+# Item fields that depend on when and beside what an item ran (timing, batch, what the
+# cache held), not on the item itself: left out when two copies of an item are compared.
+RUN_STATE_FIELDS = ("ttft_s", "batch_s", "batch_size", "cached_tokens")
+
+_SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """(i, k) of a shard "i/k" (0 <= i < k); None for None."""
+    if shard is None:
+        return None
+    m = _SHARD.fullmatch(shard)
+    i, k = (int(m[1]), int(m[2])) if m else (-1, 0)
+    if not 0 <= i < k:
+        raise ValueError(f"shard must be 'i/k' with 0 <= i < k (e.g. 0/2), got {shard!r}")
+    return i, k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +89,10 @@ class LocalityEval:
     # (`spanjax train block-adapter` writes runs/<name>/adapter)
     lora_adapter: str | None = None
     alora_adapter: str | None = None
+    # "i/k": run only the question chunks (of batch_questions) whose index % k == i, so k
+    # processes split one evaluation by question (every variant and position of a question in
+    # one shard: pairs stay whole); `spanjax merge` joins their run dirs. null = everything.
+    shard: str | None = None
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -79,6 +113,12 @@ class LocalityEval:
             )
         if self.dataset == "kv" and self.num_docs > 75:
             raise ValueError("kv: num_docs must be <= 75 (there are 75 records to split)")
+        parse_shard(self.shard)  # a malformed shard fails here, naming itself
+
+    @property
+    def shard_spec(self) -> tuple[int, int] | None:
+        """(i, k) of `shard` "i/k", None for the whole evaluation."""
+        return parse_shard(self.shard)
 
     @property
     def gold_positions(self) -> tuple[int, ...]:
@@ -94,20 +134,6 @@ class LocalityConfig:
     out_dir: str = "runs"
     engine: EngineConfig = EXPERIMENT_ENGINE
     eval: LocalityEval = LocalityEval()
-
-
-# ---------------------------------------------------------------------------- metric
-
-
-def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion (sane at 0 and n)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, mid - half), min(1.0, mid + half))
 
 
 # ---------------------------------------------------------------------------- examples
@@ -138,23 +164,41 @@ def register_adapters(engine, ev: LocalityEval) -> None:
 # ---------------------------------------------------------------------------- run
 
 
-def work_order(cfg: LocalityConfig, examples: list[Example]) -> list[list[tuple[str, int, int]]]:
+def question_indices(ev: LocalityEval) -> list[int]:
+    """The eval's questions (their lines in the data file), without reading the data."""
+    return list(_split_range(ev.dataset, ev.split)[ev.first_question : ev.first_question + ev.num_questions])
+
+
+def work_order(cfg: LocalityConfig, examples: list[Example] | list[int]) -> list[list[tuple[str, int, int]]]:
     """Batches of item keys (variant, question index, gold position): per chunk
     of questions, per variant, one batch per position (pages of position p are
     cached by the time p+1 runs). Chunk-major, so an interrupted run has every
-    variant on the same questions."""
+    variant on the same questions. With `eval.shard` "i/k", only the chunks whose
+    index % k == i. `examples`: the examples, or their question indices."""
     ev = cfg.eval
+    indices = [ex if isinstance(ex, int) else ex.index for ex in examples]
+    i, k = ev.shard_spec or (0, 1)
     batches = []
-    for c in range(0, len(examples), ev.batch_questions):
-        chunk = examples[c : c + ev.batch_questions]
+    for n, c in enumerate(range(0, len(indices), ev.batch_questions)):
+        if n % k != i:
+            continue
+        chunk = indices[c : c + ev.batch_questions]
         for v in ev.variants:
             for p in ev.gold_positions:
-                batches.append([(v, ex.index, p) for ex in chunk])
+                batches.append([(v, q, p) for q in chunk])
     return batches
 
 
+def scope(cfg: LocalityConfig) -> set[tuple[str, int, int]]:
+    """The item keys the config asks for (its variants, questions, positions and shard)."""
+    return {key for batch in work_order(cfg, question_indices(cfg.eval)) for key in batch}
+
+
 def aggregate(cfg: LocalityConfig, done: dict[tuple, dict]) -> dict:
-    """Accuracy and 95% Wilson intervals per variant and gold position."""
+    """Accuracy and 95% Wilson intervals per variant and gold position, and (when `stock`
+    is a variant) McNemar's exact test of each other variant against stock on the items
+    both have (same question and position): `vs_stock` (eval/stats.py; b = pairs only the
+    variant answers correctly, c = pairs only stock does), overall and per position."""
     ev = cfg.eval
     table = {}
     for v in ev.variants:
@@ -174,21 +218,62 @@ def aggregate(cfg: LocalityConfig, done: dict[tuple, dict]) -> dict:
             "mean_prompt_tokens": float(np.mean([r["prompt_tokens"] for r in recs])) if recs else None,
             "mean_cached_tokens": float(np.mean([r["cached_tokens"] for r in recs])) if recs else None,
             "mean_item_s": float(np.mean([r["batch_s"] / r["batch_size"] for r in recs])) if recs else None,
+            "vs_stock": vs_stock(cfg, done, v),
         }
     return table
 
 
+def vs_stock(cfg: LocalityConfig, done: dict[tuple, dict], variant: str) -> dict | None:
+    """McNemar's exact test of `variant` against `stock` on their paired items, overall and per
+    gold position; None for stock itself or without stock."""
+    if variant == "stock" or "stock" not in cfg.eval.variants:
+        return None
+    pairs = {}  # (question, position) -> (variant correct, stock correct)
+    for (v, q, p), r in done.items():
+        if v == variant and ("stock", q, p) in done:
+            pairs[(q, p)] = (bool(r["correct"]), bool(done[("stock", q, p)]["correct"]))
+    return {
+        "overall": paired_test(pairs.values()),
+        "per_position": [
+            {"position": p, **paired_test(x for (_, pp), x in pairs.items() if pp == p)}
+            for p in cfg.eval.gold_positions
+        ],
+    }
+
+
+def _mark(test: dict | None) -> str:
+    """`*` significantly better than stock, `†` significantly worse, else nothing."""
+    if not test or not test["significant"]:
+        return ""
+    return "*" if test["b"] > test["c"] else "†"
+
+
 def markdown_table(cfg: LocalityConfig, table: dict) -> str:
     ps = cfg.eval.gold_positions
-    head = "| variant | " + " | ".join(f"pos {p}" for p in ps) + " | all | n/pos |"
+    head = "| variant | " + " | ".join(f"pos {p}" for p in ps) + " | all [95% CI] | n/pos |"
     sep = "|---" * (len(ps) + 3) + "|"
     lines = [head, sep]
     for v, t in table.items():
-        cells = [f"{r['accuracy']:.3f}" if r["accuracy"] is not None else "-" for r in t["per_position"]]
-        allc = f"{t['accuracy']:.3f}" if t["accuracy"] is not None else "-"
+        tests = t.get("vs_stock") or {}
+        marks = [_mark(x) for x in tests.get("per_position", [None] * len(ps))]
+        cells = [
+            f"{r['accuracy']:.3f}{m}" if r["accuracy"] is not None else "-" for r, m in zip(t["per_position"], marks)
+        ]
+        lo, hi = t["ci95"]
+        allc = (
+            f"{t['accuracy']:.3f}{_mark(tests.get('overall'))} [{lo:.3f}, {hi:.3f}]"
+            if t["accuracy"] is not None
+            else "-"
+        )
         n = min(r["n"] for r in t["per_position"])
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {allc} | {n} |")
-    return "\n".join(lines)
+    legend = "all: accuracy over every position [95% Wilson interval]."
+    if "stock" in table and len(table) > 1:
+        legend = (
+            "\\* / †: significantly better / worse than stock at 95% (McNemar's exact test on the items both "
+            "answered: same question and position); " + legend
+        )
+    return "\n".join(lines) + "\n\n" + legend
 
 
 def plot(cfg: LocalityConfig, table: dict, path) -> None:
@@ -204,8 +289,8 @@ def plot(cfg: LocalityConfig, table: dict, path) -> None:
             continue
         x = np.array([r["position"] for r in rows]) + (i - len(table) / 2) * 0.04  # dodge overlapping bars
         y = np.array([r["accuracy"] for r in rows])
-        lo = y - np.array([r["ci95"][0] for r in rows])
-        hi = np.array([r["ci95"][1] for r in rows]) - y
+        lo = np.maximum(y - np.array([r["ci95"][0] for r in rows]), 0.0)  # matplotlib refuses -1e-16
+        hi = np.maximum(np.array([r["ci95"][1] for r in rows]) - y, 0.0)
         ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=v)
     ev = cfg.eval
     ax.set_xlabel("gold document position (0 = first)")
@@ -281,25 +366,38 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
             bar.set_postfix_str(f"{todo[0][0]} pos {todo[0][2]}: {sum(r['correct'] for r in recs)}/{len(recs)}")
     finally:
         bar.close()
-    wanted = {k for b in batches for k in b}  # a resumed run may hold items outside this config's scope
+    return write_outputs(
+        cfg,
+        run_dir,
+        done,
+        model_name=model.name,
+        extra={"machine": machine(), "wall_s_this_session": time.perf_counter() - t_run, "engine": engine.stats()},
+    )
+
+
+def write_outputs(cfg: LocalityConfig, run_dir: RunDir, done: dict[tuple, dict], model_name: str, extra: dict) -> dict:
+    """Aggregate the items of `done` inside the config's scope (a resumed run, or a merge, may
+    hold more) and write results.json, summary.md and accuracy.png: the end of a run, and of
+    `spanjax merge` (eval/merge.py). `extra`: run-specific results fields (machine, engine, ...)."""
+    ev, wanted = cfg.eval, scope(cfg)
     table = aggregate(cfg, {k: r for k, r in done.items() if k in wanted})
     md = markdown_table(cfg, table)
+    adapters = sorted({VARIANT_ADAPTER[v] for v in ev.variants if v in VARIANT_ADAPTER})
     results = {
         "task": "locality",
         "name": cfg.name,
-        "model": model.name,
+        "model": model_name,
         "dataset": ev.dataset,
         "split": ev.split,
         "num_docs": ev.num_docs,
-        "machine": machine(),
-        "wall_s_this_session": time.perf_counter() - t_run,
-        "engine": engine.stats(),
-        "adapters": {name: getattr(ev, f"{name}_adapter") for name in sorted(engine.adapters)},
+        "shard": ev.shard,
+        **extra,
+        "adapters": {name: getattr(ev, f"{name}_adapter") for name in adapters},
         "accuracy": table,
         "table_markdown": md,
     }
     write_results(run_dir, results)
     (run_dir.path / "summary.md").write_text(md + "\n")
     plot(cfg, table, run_dir.path / "accuracy.png")
-    log.info("accuracy by gold position:\n%s", md)
+    run_dir.log.info("accuracy by gold position:\n%s", md)
     return results

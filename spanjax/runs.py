@@ -99,6 +99,17 @@ def open_run(cfg, resume: str | Path | None = None, scope: tuple[str, ...] = ())
     return run
 
 
+def open_dir(path: str | Path) -> RunDir:
+    """A run directory at `path` that is not a run (`spanjax merge`'s output): created if
+    missing, refused if it already holds a config or items."""
+    path = Path(path)
+    taken = [name for name in (CONFIG_FILE, ITEMS_FILE) if (path / name).exists()]
+    if taken:
+        raise C.ConfigError(f"{str(path)!r} already holds {' and '.join(taken)}; choose a new directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return RunDir(path, _logger(path), False)
+
+
 def item_key(record: dict) -> tuple:
     return tuple(record["key"])
 
@@ -127,6 +138,20 @@ def append_items(run: RunDir, records: list[dict]) -> None:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_items(run: RunDir, records: list[dict]) -> Path:
+    """Replace `items.jsonl` with `records`: compact JSON, one item per line, sorted by key
+    (a merged run's journal; diffs of two such files are item by item)."""
+    out = run.items_path
+    tmp = out.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in sorted(records, key=item_key):
+            f.write(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(out)
+    return out
 
 
 def write_results(run: RunDir, results: dict) -> Path:
