@@ -114,6 +114,16 @@ def _run_generate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- query
 
 
+def _add_mesh_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """--mesh for the commands that build an Engine (checked when the EngineConfig is made)."""
+    p.add_argument(
+        "--mesh",
+        metavar="data=D,model=M",
+        help=f"device mesh of {what}, over all devices: model=M splits heads, MLP and KV pool "
+        "(tensor parallelism); one device if not given (docs/scaling.md)",
+    )
+
+
 def _add_query_args(p: argparse.ArgumentParser) -> None:
     from spanjax.cli.plan import add_plan_arguments
 
@@ -122,6 +132,7 @@ def _add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan_file", nargs="?", metavar="PLAN_FILE", help=argparse.SUPPRESS)  # `query plan FILE`
     p.add_argument("--num-pages", type=int, default=2048, help="KV pages in the engine's pool (default 2048)")
     p.add_argument("--max-tokens-per-step", type=int, default=256, help="token budget per engine step (default 256)")
+    _add_mesh_arg(p, "the engine")
     p.add_argument(
         "--json",
         action="store_true",
@@ -153,11 +164,20 @@ def _run_query(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UserError(f"cannot read query file: {e}") from e
     use_persistent_cache()  # before loading: the loader's own jitted ops are cached too
+    try:
+        engine_cfg = EngineConfig(
+            num_pages=args.num_pages,
+            page_size=args.page_size,
+            max_tokens_per_step=args.max_tokens_per_step,
+            mesh=args.mesh,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from e
     model = load_model(args.model or "smollm2-135m")
-    engine = Engine(
-        model,
-        EngineConfig(num_pages=args.num_pages, page_size=args.page_size, max_tokens_per_step=args.max_tokens_per_step),
-    )
+    try:
+        engine = Engine(model, engine_cfg)
+    except ValueError as e:  # a mesh the devices or the model's head counts do not fit
+        raise UserError(str(e)) from e
     try:
         result = run_query(engine, query, optimize=not args.no_optimize)
     except ValueError as e:  # too long for the context or the pool, model mismatch
@@ -199,6 +219,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--resume", metavar="RUN_DIR", help="continue runs/<dir>: finished items are skipped (the config must match)"
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_mesh_arg(p, "the experiment's engine")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -206,14 +227,16 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. eval.num_questions=20")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue runs/<dir>: finished items are skipped")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_mesh_arg(p, "the experiment's engine")
 
 
 def _run_run(args: argparse.Namespace) -> int:
     from spanjax.config import ConfigError, dump
     from spanjax.eval.experiments import load_config, run
 
+    overrides = list(args.overrides) + ([f"engine.mesh={args.mesh}"] if args.mesh else [])
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
         if args.print_config:
             print(dump(cfg), end="")
             return 0
@@ -230,6 +253,25 @@ def _run_run(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     args.config = str(_configs_dir() / EVAL_PRESETS[args.preset])
     return _run_run(args)
+
+
+def _add_merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="locality run directories (e.g. the shards of a run)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the merged run directory (new)")
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    """Merge locality run directories (eval/merge.py) and print the merged table."""
+    from spanjax.config import ConfigError
+    from spanjax.eval.merge import MergeError, merge
+
+    try:
+        results, run_dir = merge(args.run_dirs, args.out)
+    except (ConfigError, MergeError) as e:
+        raise UserError(str(e)) from e
+    print(results["table_markdown"])
+    print(f"results: {run_dir.path}")
+    return 0
 
 
 # ---------------------------------------------------------------------------- train
@@ -322,6 +364,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--config", metavar="ENGINE_YAML", help="EngineConfig fields as YAML (num_pages, page_size, ...)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_mesh_arg(p, "the engine (overrides the config's)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (all but /health)")
     p.add_argument(
         "--adapter",
@@ -353,13 +396,19 @@ def _run_serve(args: argparse.Namespace) -> int:
         adapters.append((name, path))
     try:
         engine_cfg = load(EngineConfig, args.config) if args.config else EngineConfig(num_pages=2048)
+        if args.mesh:
+            engine_cfg = dataclasses.replace(engine_cfg, mesh=args.mesh)
         server_cfg = ServerConfig(
             api_key=args.api_key, max_pending=args.max_pending, request_timeout_s=args.request_timeout
         )
     except (ConfigError, ValueError) as e:
         raise UserError(str(e)) from e
     use_persistent_cache(engine_cfg.compilation_cache)
-    engine = Engine(load_model(args.model, dtype=getattr(jnp, args.dtype)), engine_cfg)
+    model = load_model(args.model, dtype=getattr(jnp, args.dtype))
+    try:
+        engine = Engine(model, engine_cfg)
+    except ValueError as e:  # a mesh the devices or the model's head counts do not fit
+        raise UserError(str(e)) from e
     for name, path in adapters:
         try:
             engine.register_adapter(name, load_adapter(path, engine))
@@ -391,6 +440,11 @@ COMMANDS: dict[str, Command] = {
         "run an experiment preset: eval locality|locality-kv|ttft-rag|ttft-nested [KEY=VALUE ...]",
         _add_eval_args,
         _run_eval,
+    ),
+    "merge": Command(
+        "merge locality run directories (shards: eval.shard=i/k) into one: merge RUN_DIR... --out DIR",
+        _add_merge_args,
+        _run_merge,
     ),
     "train": Command(
         "train a LoRA / aLoRA adapter or MLP speculator heads: "

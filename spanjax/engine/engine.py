@@ -12,6 +12,12 @@ device KV pool, the host page table (pages.py) and one step path (step.py):
 the plain step, or the speculative one (speculative.py) when a speculator is
 given; the path holds the scheduler and the jitted runner. It knows no CLI,
 HTTP or experiment.
+
+On a mesh (`EngineConfig.mesh`, e.g. "model=8"): the weights are sharded by the logical-axis
+rules (spanjax/models/sharding.py), the KV pool by kv heads over `model`, span attention runs
+per device on its own heads under `shard_map` (kernels/span_attention/sharded.py) and the
+step is jitted with explicit in/out shardings. One engine is one `data` replica; `data` > 1
+is `EngineReplicas` (replicas.py). No mesh (the default) is the single-device engine as is.
 """
 
 from __future__ import annotations
@@ -21,21 +27,25 @@ import time
 import typing
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from spanjax.adapters import make_bank
 from spanjax.compilation import compile_seconds, use_persistent_cache
 from spanjax.engine.adapters import span_adapter_ids
 from spanjax.engine.pages import PagePool
-from spanjax.engine.runner import StepRunner
+from spanjax.engine.runner import StepRunner, StepShardings
 from spanjax.engine.sampling import SamplingParams
 from spanjax.engine.scheduler import Request, Scheduler
 from spanjax.engine.speculative import SpeculativeRunner, SpeculativeScheduler, SpeculativeStep
 from spanjax.engine.step import PlainStep, StepPath
 from spanjax.kernels.span_attention import get_attention_impl
+from spanjax.kernels.span_attention.sharded import shard_heads
 from spanjax.models import llama
 from spanjax.models import speculator as spec_model
 from spanjax.models.loading import LoadedModel
+from spanjax.models.sharding import MeshSpec, make_mesh, mesh_spec_of
 from spanjax.query import ast as A
 from spanjax.query.lower import lower
 from spanjax.query.plan import SpanPlan
@@ -64,6 +74,10 @@ class EngineConfig:
     # JAX's persistent compilation cache (spanjax/compilation.py): a directory, "off", or None =
     # $SPANJAX_COMPILATION_CACHE, else the user's cache directory. Process-wide once set.
     compilation_cache: str | None = None
+    # Device mesh: "data=D,model=M" (or a MeshSpec) over jax.devices(); None = one device (the
+    # default device, no sharding). `model` splits heads, the MLP and the KV pool (tensor
+    # parallelism); `data` > 1 is that many engine replicas (EngineReplicas, replicas.py).
+    mesh: str | MeshSpec | None = None
 
     def __post_init__(self):
         if self.max_tokens_per_step < 16:
@@ -79,6 +93,12 @@ class EngineConfig:
             raise ValueError("num_speculative_tokens must be >= 0 (0 = the speculator's n_predict)")
         if self.speculative_candidates < 1:
             raise ValueError("speculative_candidates must be >= 1")
+        if self.mesh is not None:
+            mesh_spec_of(self.mesh)  # parses it: a bad mesh string fails here, naming itself
+
+    @property
+    def mesh_spec(self) -> MeshSpec | None:
+        return None if self.mesh is None else mesh_spec_of(self.mesh)
 
 
 def _attention_impl(kind: str):
@@ -87,10 +107,35 @@ def _attention_impl(kind: str):
     return get_attention_impl("reference" if kind == "reference" else kind)
 
 
+def _engine_mesh(config: EngineConfig, mesh: Mesh | None) -> Mesh | None:
+    """The engine's mesh: `mesh` (a replica's (1, model) sub-mesh), else the config's; None
+    for no mesh or a one-device one, which keeps the single-device engine exactly."""
+    if mesh is None:
+        spec = config.mesh_spec
+        if spec is None or spec.num_devices == 1:
+            return None
+        if spec.data > 1:
+            raise ValueError(
+                f"EngineConfig.mesh {spec}: one Engine is one data replica; "
+                f"EngineReplicas (spanjax/engine/replicas.py) runs data={spec.data} of them"
+            )
+        mesh = make_mesh(spec)
+    if mesh.shape["data"] != 1:
+        raise ValueError(f"an Engine's mesh must have data=1, got {mesh_spec_of(mesh)} (use EngineReplicas)")
+    return mesh
+
+
 class Engine:
-    def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig(), speculator=None):
+    def __init__(
+        self, model: LoadedModel, config: EngineConfig = EngineConfig(), speculator=None, mesh: Mesh | None = None
+    ):
+        """`mesh`: a (1, model) jax Mesh to run on instead of `config.mesh` (EngineReplicas
+        passes each replica's slice)."""
         self.model = model
         self.config = config
+        self.mesh = _engine_mesh(config, mesh)
+        if self.mesh is not None and (speculator is not None or config.speculator is not None):
+            raise ValueError("speculative decoding does not run on a mesh yet (EngineConfig.mesh with a speculator)")
         self.compilation_cache = use_persistent_cache(config.compilation_cache)
         self._compile_seconds_at_start = compile_seconds()
         # The step's weights. bf16 layers are unstacked (the decoder unrolls its layer loop):
@@ -101,9 +146,15 @@ class Engine:
         bf16 = model.params.embed.dtype == jnp.bfloat16
         self.params = llama.unstack_layers(model.params) if bf16 else model.params
         self.pool = PagePool(config.num_pages, config.page_size)
-        self.cache = llama.init_paged_cache(
+        init_cache = lambda: llama.init_paged_cache(
             model.cfg, config.num_pages, config.page_size, jnp.dtype(config.cache_dtype)
         )
+        self.shardings = None if self.mesh is None else StepShardings.build(model.cfg, self.params, self.mesh)
+        if self.shardings is None:
+            self.cache = init_cache()
+        else:  # made in place on the mesh: the whole pool never sits on one device
+            self.params = jax.device_put(self.params, self.shardings.params)
+            self.cache = jax.jit(init_cache, out_shardings=self.shardings.cache)()
         if speculator is None and config.speculator is not None:
             speculator = spec_model.load_hf(config.speculator, model.params.embed.dtype)
         self.speculator = speculator  # spanjax.models.speculator.Speculator, or None
@@ -124,9 +175,17 @@ class Engine:
             config.max_tokens_per_step,
             config.max_seqs_per_step,
             max_pages_per_seq=self.pool.capacity,
-            attention_impl=_attention_impl(config.attention),
+            attention_impl=self._attention(),
+            shardings=self.shardings,
         )
         return PlainStep(scheduler, runner, self.model.tokenizer, self.eos_token_ids)
+
+    def _attention(self):
+        """The step's span attention; on a mesh with model > 1, per device on its own heads."""
+        impl = _attention_impl(self.config.attention)
+        if self.mesh is None or self.mesh.shape["model"] == 1:
+            return impl
+        return shard_heads(impl, self.mesh, "model")
 
     def _speculative_step(self, speculator: spec_model.Speculator) -> SpeculativeStep:
         sc, cfg, config = speculator.config, self.model.cfg, self.config
@@ -277,9 +336,7 @@ class Engine:
                 raise RuntimeError(f"cannot replace adapter {name!r} while requests are running")
             self.clear_cache()
         self.adapters[name] = adapter
-        self._bank = make_bank(list(self.adapters.values()), self.model.cfg, self.model.params.embed.dtype)
-        if self.shardings is not None:  # the step takes it replicated on the engine's mesh
-            self._bank = jax.device_put(self._bank, self.shardings.replicated)
+        self._bank = self._make_bank()
 
     def unregister_adapter(self, name: str) -> None:
         """Remove an adapter and every cached page (pages keyed with it must not outlive it).
@@ -292,8 +349,15 @@ class Engine:
             raise RuntimeError(f"cannot remove adapter {name!r}: {len(busy)} adapted requests are running or waiting")
         self.clear_cache()
         del self.adapters[name]
-        values = list(self.adapters.values())
-        self._bank = make_bank(values, self.model.cfg, self.model.params.embed.dtype) if values else None
+        self._bank = self._make_bank()
+
+    def _make_bank(self):
+        """The registered adapters stacked for the step (None if none); on a mesh, replicated
+        over it, where the step takes it."""
+        if not self.adapters:
+            return None
+        bank = make_bank(list(self.adapters.values()), self.model.cfg, self.model.params.embed.dtype)
+        return bank if self.shardings is None else jax.device_put(bank, self.shardings.replicated)
 
     def clear_cache(self) -> int:
         """Forget every cached page no running request uses (cold-start runs)."""

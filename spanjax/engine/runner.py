@@ -13,16 +13,48 @@ Shapes are bucketed so the step compiles a bounded number of times:
 So at most len(T) x len(S) x len(M) compilations (`compile_bound`); in
 practice a workload touches a handful. `compile_count` counts the traces that
 actually happened.
+
+On a mesh (`StepShardings`, built by the Engine for an `EngineConfig.mesh`) the step is
+jitted with explicit in/out shardings: weights by the logical-axis rules, the KV pool by kv
+heads, the host inputs replicated, the sampled ids replicated and the logits split like the
+vocabulary; the cache is donated as on one device. Without one the step is the plain jit.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spanjax.engine.sampling import SamplingRows, sampling_arrays
 from spanjax.engine.scheduler import StepBatch, StepItem
 from spanjax.models import llama
+from spanjax.models import sharding as shd
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where the step's arguments and results live on `mesh` (inference rules)."""
+
+    mesh: Mesh
+    params: object  # pytree of NamedShardings, the shape of the engine's params
+    cache: llama.PagedKVCache  # of NamedShardings: kv heads over `model`
+    logits: NamedSharding  # [S, V]: the vocabulary's split (replicated when uneven)
+    replicated: NamedSharding
+
+    @classmethod
+    def build(cls, cfg, params, mesh: Mesh) -> StepShardings:
+        """Checks the model divides the mesh (an error names the config field)."""
+        vocab = shd.resolve_rules(cfg, "inference", mesh)["vocab"]
+        return cls(
+            mesh=mesh,
+            params=shd.named_shardings(shd.param_partition_specs(cfg, params, "inference", mesh), mesh),
+            cache=shd.named_shardings(shd.cache_partition_specs(cfg, "inference", mesh), mesh),
+            logits=NamedSharding(mesh, PartitionSpec(None, vocab)),
+            replicated=NamedSharding(mesh, PartitionSpec()),
+        )
 
 
 def power_of_two_buckets(lo: int, hi: int) -> list[int]:
@@ -52,7 +84,15 @@ def _bucket(n: int, buckets: list[int]) -> int:
 
 
 class StepRunner:
-    def __init__(self, cfg, max_tokens: int, max_seqs: int, max_pages_per_seq: int, attention_impl=None):
+    def __init__(
+        self,
+        cfg,
+        max_tokens: int,
+        max_seqs: int,
+        max_pages_per_seq: int,
+        attention_impl=None,
+        shardings: StepShardings | None = None,
+    ):
         self.cfg = cfg
         self.max_seqs = max_seqs
         self.token_buckets = power_of_two_buckets(16, max_tokens)
@@ -60,7 +100,17 @@ class StepRunner:
         self.page_buckets = power_of_two_buckets(4, 1 << max(2, (max_pages_per_seq - 1).bit_length()))
         self.compile_count = 0
         self._attention_impl = attention_impl
-        self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+        self.shardings = shardings
+        if shardings is None:
+            self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+        else:
+            r = shardings.replicated  # tokens, positions, meta, logits_indices, sampling, adapter, ids
+            self._step = jax.jit(
+                self._step_impl,
+                donate_argnums=(1,),
+                in_shardings=(shardings.params, shardings.cache, r, r, r, r, r, r, r),
+                out_shardings=(r, shardings.logits, shardings.cache),
+            )
 
     @property
     def compile_bound(self) -> int:
@@ -92,6 +142,8 @@ class StepRunner:
         `adapter` (an AdapterBank) applies per token by `batch.adapter_ids`; a
         batch with no adapted token runs the plain step (a separate trace)."""
         inputs, sampling, extra = self.padded_inputs(batch, adapter)
+        if self.shardings is not None and not extra:
+            extra = (None, None)  # in_shardings name all nine arguments
         next_ids, logits, cache = self._step(params, cache, *inputs, sampling, *extra)
         return next_ids, logits, cache
 

@@ -102,10 +102,22 @@ def make_mesh(spec: MeshSpec, devices: Sequence[jax.Device] | None = None) -> Me
     return jax.make_mesh((spec.data, spec.model), MESH_AXES, (AxisType.Auto, AxisType.Auto), devices=devices)
 
 
-def mesh_spec_of(mesh: Mesh | MeshSpec) -> MeshSpec:
+def mesh_spec_of(mesh: Mesh | MeshSpec | str) -> MeshSpec:
+    """A MeshSpec from a MeshSpec, a Mesh or a string like 'data=2,model=4'."""
     if isinstance(mesh, MeshSpec):
         return mesh
+    if isinstance(mesh, str):
+        return parse_mesh(mesh)
     return MeshSpec(**{axis: int(mesh.shape[axis]) for axis in MESH_AXES})
+
+
+def replica_meshes(mesh: Mesh) -> list[Mesh]:
+    """The (1, model) sub-mesh of every `data` index: one engine replica each.
+
+    Rows of the mesh's device array, so a replica's `model` devices are the ones
+    `jax.make_mesh` put next to each other (a ring on TPU)."""
+    axis_types = (AxisType.Auto, AxisType.Auto)
+    return [Mesh(mesh.devices[i : i + 1], MESH_AXES, axis_types=axis_types) for i in range(mesh.shape["data"])]
 
 
 # ----------------------------------------------------------------------------

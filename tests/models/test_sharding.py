@@ -25,6 +25,7 @@ from spanjax.models.memory import abstract_params, plan_memory
 from spanjax.models.sharding import (
     MeshSpec,
     cache_partition_spec,
+    mesh_spec_of,
     param_partition_specs,
     parse_mesh,
     resolve_rules,
@@ -43,6 +44,7 @@ TINY = ModelConfig(
 )
 def test_parse_mesh(text, spec):
     assert parse_mesh(text) == spec
+    assert mesh_spec_of(text) == spec  # what EngineConfig.mesh takes: a string or a MeshSpec
 
 
 @pytest.mark.parametrize(
