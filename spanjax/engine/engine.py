@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from spanjax.adapters import make_bank
 from spanjax.compilation import compile_seconds, use_persistent_cache
 from spanjax.engine.adapters import span_adapter_ids
+from spanjax.engine.aot import StepPrograms
 from spanjax.engine.pages import PagePool
 from spanjax.engine.runner import StepRunner, StepShardings
 from spanjax.engine.sampling import SamplingParams
@@ -49,6 +50,8 @@ from spanjax.models.sharding import MeshSpec, make_mesh, mesh_spec_of
 from spanjax.query import ast as A
 from spanjax.query.lower import lower
 from spanjax.query.plan import SpanPlan
+
+STEPS_DIR = "steps"  # traced engine steps (aot.py), under the compilation cache directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +140,6 @@ class Engine:
         if self.mesh is not None and (speculator is not None or config.speculator is not None):
             raise ValueError("speculative decoding does not run on a mesh yet (EngineConfig.mesh with a speculator)")
         self.compilation_cache = use_persistent_cache(config.compilation_cache)
-        self._compile_seconds_at_start = compile_seconds()
         # The step's weights. bf16 layers are unstacked (the decoder unrolls its layer loop):
         # a scan over stacked bf16 weights converts each layer's slice to fp32 on every step
         # (measured on SmolLM2-135M, 2-core CPU, one decode stream: 155 ms per step scanned vs
@@ -163,6 +165,12 @@ class Engine:
             getattr(model.tokenizer, "eos_token_ids", ())
         )
         self.step_path: StepPath = self._plain_step() if speculator is None else self._speculative_step(speculator)
+        # Step programs an earlier process traced for this engine are compiled now (persistent-cache
+        # reads), at construction rather than inside the first request's TTFT (aot.py).
+        t0 = time.perf_counter()
+        self.programs_preloaded = self.runner.preload(self.params, self.cache) if speculator is None else 0
+        self.preload_s = time.perf_counter() - t0
+        self._compile_seconds_at_start = compile_seconds()
         self.steps = 0
         self.adapters: dict = {}  # name -> spanjax.adapters.Adapter (register_adapter)
         self._bank = None  # the registered adapters stacked for the step (spanjax.adapters.AdapterBank)
@@ -177,6 +185,10 @@ class Engine:
             max_pages_per_seq=self.pool.capacity,
             attention_impl=self._attention(),
             shardings=self.shardings,
+            # One device only (a mesh's step carries shardings the stored program does not).
+            programs=StepPrograms(self.compilation_cache / STEPS_DIR, "step")
+            if self.compilation_cache is not None and self.mesh is None
+            else None,
         )
         return PlainStep(scheduler, runner, self.model.tokenizer, self.eos_token_ids)
 
@@ -368,6 +380,10 @@ class Engine:
         return {
             "steps": self.steps,
             "compilations": self.runner.compile_count,
+            # traced steps read back from disk (aot.py): each one a trace saved
+            "programs_loaded": self.runner.programs.loaded if self.runner.programs else 0,
+            "programs_preloaded": self.programs_preloaded,  # of those, compiled at construction:
+            "preload_s": round(self.preload_s, 3),  # seconds it took (not in trace_s / compile_s)
             "compile_bound": self.runner.compile_bound,
             # Seconds of tracing and of XLA compilation (persistent-cache reads included) in this
             # process since the engine was made: the part of a first TTFT that is not the model's.

@@ -28,6 +28,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from spanjax.engine import aot
+from spanjax.engine.aot import StepPrograms
 from spanjax.engine.sampling import SamplingRows, sampling_arrays
 from spanjax.engine.scheduler import StepBatch, StepItem
 from spanjax.models import llama
@@ -92,6 +94,7 @@ class StepRunner:
         max_pages_per_seq: int,
         attention_impl=None,
         shardings: StepShardings | None = None,
+        programs: StepPrograms | None = None,
     ):
         self.cfg = cfg
         self.max_seqs = max_seqs
@@ -101,6 +104,9 @@ class StepRunner:
         self.compile_count = 0
         self._attention_impl = attention_impl
         self.shardings = shardings
+        # Traced steps stored on disk (aot.py): a second process neither traces nor compiles.
+        self.programs = programs
+        self._stored: dict = {}  # bucket signature -> the stored program's step (when `programs` is set)
         if shardings is None:
             self._step = jax.jit(self._step_impl, donate_argnums=(1,))
         else:
@@ -144,8 +150,29 @@ class StepRunner:
         inputs, sampling, extra = self.padded_inputs(batch, adapter)
         if self.shardings is not None and not extra:
             extra = (None, None)  # in_shardings name all nine arguments
-        next_ids, logits, cache = self._step(params, cache, *inputs, sampling, *extra)
+        args = (params, cache, *inputs, sampling, *extra)
+        next_ids, logits, cache = self._step_for(args)(*args)
         return next_ids, logits, cache
+
+    def _step_for(self, args):
+        """The jitted step, or with stored programs the one stored for these shapes."""
+        if self.programs is None:
+            return self._step
+        key = aot.signature(args[2:])  # the bucket: weights and pool are fixed per engine
+        step = self._stored.get(key)
+        if step is None:
+            step = self.programs.load_or_export(self._step_impl, args, fixed=2, bucket=key, donate=(1,))
+            self._stored[key] = step
+        return step
+
+    def preload(self, params, cache) -> int:
+        """Compile every step program stored for this engine's weights and pool (aot.py), so the
+        first requests find them ready. Returns how many."""
+        if self.programs is None:
+            return 0
+        stored = self.programs.preload((params, cache))
+        self._stored.update(stored)
+        return len(stored)
 
     def padded_inputs(self, batch: StepBatch, adapter=None):
         """Bucketed step inputs: ((tokens, positions, meta, logits_indices), SamplingRows,

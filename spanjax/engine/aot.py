@@ -1,0 +1,161 @@
+"""Engine steps kept on disk as exported programs, so a second process does not trace them.
+
+JAX's persistent compilation cache (spanjax/compilation.py) removes XLA compilation from a
+second process, but not tracing the model into a program, which for the SmolLM2 step costs
+~0.4-0.7 s of the first query's TTFT. `StepPrograms` keeps each step bucket's traced program
+on disk (`jax.export`, StableHLO) keyed on everything that can change it: the package's
+source, the JAX version and the devices, and the structure, shapes and dtypes of every
+argument. A process that finds the file wraps it in a jit that only lowers the stored
+program (milliseconds), and the persistent cache supplies the compiled executable: no trace,
+no compile (`StepRunner.compile_count` does not move).
+
+Why programs, not compiled executables: an XLA CPU executable serialized with
+`jax.experimental.serialize_executable` failed when loaded in another process
+("Function wrapped_iota not found"); the persistent cache's own executables load fine.
+
+The program is exported over the flattened arguments (arrays only), so no pytree node needs
+a serialization registry; the output structure is pickled beside it. A file that cannot be
+read back is re-exported and replaced; writes go through a temporary file and a rename.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import jax
+from jax import export
+
+log = logging.getLogger("spanjax.engine")
+
+FORMAT = 2  # bump when the file layout changes
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 over the package's Python sources (spanjax and its kernels): a changed step
+    function must never run a program traced from the old one."""
+    import spanjax
+    import spanjax.kernels
+
+    h = hashlib.sha256()
+    roots = sorted({Path(spanjax.__file__).parent, Path(spanjax.kernels.__file__).parent})
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _leaf_signature(x) -> tuple:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):  # jax and numpy arrays
+        return (tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)))
+    return ("py", type(x).__name__, repr(x))
+
+
+def signature(args) -> tuple:
+    """What a traced step depends on in its arguments: tree structure (static fields
+    included) and every leaf's shape and dtype."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    return (str(tree), tuple(_leaf_signature(x) for x in leaves))
+
+
+class StepPrograms:
+    """Exported programs of one step function on disk, one file per argument signature.
+
+    Files are named `<name>-<scope>-<bucket>.bin`: the scope hashes what is fixed for one
+    engine (source, JAX, devices, the weights' and pool's signature), the bucket the rest of
+    the arguments. `load_or_export(fn, args, bucket, donate)` returns a callable with `fn`'s
+    signature: the stored program under a jit that donates the leaves of the arguments in
+    `donate`. `preload(fixed)` compiles every program stored for a scope up front (the
+    persistent cache supplies the executables), off the clock of the first request."""
+
+    def __init__(self, directory: str | Path, name: str):
+        self.directory = Path(directory)
+        self.name = name
+        self.loaded = 0  # programs read back from disk (each one a trace saved)
+        self.written = 0
+
+    def _scope(self, fixed) -> str:
+        devices = [(d.platform, d.device_kind) for d in jax.devices()]
+        key = repr((FORMAT, self.name, jax.__version__, devices, source_digest(), signature(fixed)))
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def path(self, fixed, bucket) -> Path:
+        b = hashlib.sha256(repr(bucket).encode()).hexdigest()[:16]
+        return self.directory / f"{self.name}-{self._scope(fixed)}-{b}.bin"
+
+    def load_or_export(self, fn, args, fixed: int, bucket, donate: tuple[int, ...] = ()):
+        """`args[:fixed]` are the engine's fixed arguments (weights, pool), `bucket` the key of
+        the rest (its signature)."""
+        path = self.path(args[:fixed], bucket)
+        stored = self._read(path)
+        if stored is None:
+            stored = self._export(fn, args, bucket, donate, path)
+        return _callable(*stored)
+
+    def preload(self, fixed) -> dict:
+        """bucket -> step for every program stored for these fixed arguments, each compiled now."""
+        out = {}
+        for path in sorted(self.directory.glob(f"{self.name}-{self._scope(fixed)}-*.bin")):
+            stored = self._read(path)
+            if stored is not None:
+                out[stored[2]] = _callable(*stored)
+        return out
+
+    def _read(self, path: Path):
+        if not path.exists():
+            return None
+        try:
+            blob, out_tree, bucket, donated = pickle.loads(path.read_bytes())
+            stored = export.deserialize(bytearray(blob)), out_tree, bucket, donated
+            self.loaded += 1
+            return stored
+        except Exception as e:  # noqa: BLE001  (unreadable: export again and replace it)
+            log.warning("re-tracing %s: its stored program did not load (%s)", path.name, e)
+            return None
+
+    def _export(self, fn, args, bucket, donate, path: Path):
+        leaves, in_tree = jax.tree_util.tree_flatten(args)
+        donated = tuple(i for i, j in enumerate(_leaf_owner(args)) if j in donate)
+        out_tree = None
+
+        def flat(*xs):
+            nonlocal out_tree
+            out, out_tree = jax.tree_util.tree_flatten(fn(*jax.tree_util.tree_unflatten(in_tree, xs)))
+            return out
+
+        exported = export.export(jax.jit(flat, donate_argnums=donated))(*leaves)
+        try:
+            blob = pickle.dumps((bytes(exported.serialize()), out_tree, bucket, donated))
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+            self.written += 1
+        except Exception as e:  # noqa: BLE001  (a cache: a failed write costs the next process a trace)
+            log.warning("could not store the step program %s: %s", path.name, e)
+        return exported, out_tree, bucket, donated
+
+
+def _callable(exported, out_tree, bucket, donated):
+    """The stored program as a step: flattened arguments in, the step's output tree out.
+    Lowered from the program's own avals and compiled now, the same way in every process, so
+    the persistent cache key is the same too."""
+    call = jax.jit(exported.call, donate_argnums=donated).lower(*exported.in_avals).compile()
+
+    def step(*args):
+        return jax.tree_util.tree_unflatten(out_tree, call(*jax.tree_util.tree_leaves(args)))
+
+    return step
+
+
+def _leaf_owner(args) -> list[int]:
+    """For each flattened leaf of the argument tuple, the index of the argument it belongs to."""
+    return [i for i, a in enumerate(args) for _ in jax.tree_util.tree_leaves(a)]
