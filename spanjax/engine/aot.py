@@ -69,21 +69,24 @@ class StepPrograms:
     """Exported programs of one step function on disk, one file per argument signature.
 
     Files are named `<name>-<scope>-<bucket>.bin`: the scope hashes what is fixed for one
-    engine (source, JAX, devices, the weights' and pool's signature), the bucket the rest of
+    engine (source, JAX, devices, the model config and attention implementation, the weights'
+    and pool's signature), the bucket the rest of
     the arguments. `load_or_export(fn, args, bucket, donate)` returns a callable with `fn`'s
     signature: the stored program under a jit that donates the leaves of the arguments in
     `donate`. `preload(fixed)` compiles every program stored for a scope up front (the
     persistent cache supplies the executables), off the clock of the first request."""
 
-    def __init__(self, directory: str | Path, name: str):
+    def __init__(self, directory: str | Path, name: str, context: str = ""):
+        """`context`: what the step closes over besides its arguments (the model config, the
+        attention implementation): constants baked into the program, so part of its key."""
         self.directory = Path(directory)
-        self.name = name
+        self.name, self.context = name, context
         self.loaded = 0  # programs read back from disk (each one a trace saved)
         self.written = 0
 
     def _scope(self, fixed) -> str:
         devices = [(d.platform, d.device_kind) for d in jax.devices()]
-        key = repr((FORMAT, self.name, jax.__version__, devices, source_digest(), signature(fixed)))
+        key = repr((FORMAT, self.name, self.context, jax.__version__, devices, source_digest(), signature(fixed)))
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def path(self, fixed, bucket) -> Path:

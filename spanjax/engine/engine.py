@@ -186,7 +186,9 @@ class Engine:
             attention_impl=self._attention(),
             shardings=self.shardings,
             # One device only (a mesh's step carries shardings the stored program does not).
-            programs=StepPrograms(self.compilation_cache / STEPS_DIR, "step")
+            programs=StepPrograms(
+                self.compilation_cache / STEPS_DIR, "step", context=repr((self.model.cfg, config.attention))
+            )
             if self.compilation_cache is not None and self.mesh is None
             else None,
         )

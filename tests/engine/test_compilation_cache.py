@@ -57,3 +57,18 @@ def test_second_process_reads_every_step_from_the_cache(tmp_path):
     off = tmp_path / "off"
     run("off", tmp_path)
     assert not off.exists() and sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) == entries
+
+
+def test_stored_programs_are_keyed_on_what_the_step_closes_over(tmp_path):
+    """Two models with the same shapes but another constant (rope_theta) never share a program."""
+    import jax.numpy as jnp
+    from tiny_byte import tiny_config
+
+    from spanjax.engine.aot import StepPrograms
+
+    fixed, bucket = (jnp.zeros((2, 3)),), ("bucket",)
+    a = StepPrograms(tmp_path, "step", context=repr(tiny_config()))
+    b = StepPrograms(tmp_path, "step", context=repr(tiny_config(rope_theta=10000.0)))
+    assert a.path(fixed, bucket) != b.path(fixed, bucket)
+    assert a.path(fixed, bucket) == StepPrograms(tmp_path, "step", context=repr(tiny_config())).path(fixed, bucket)
+    assert a.path(fixed, bucket) != a.path((jnp.zeros((2, 4)),), bucket)  # the weights' shapes
