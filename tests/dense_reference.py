@@ -13,7 +13,9 @@ from spanjax.kernels.rope import apply_rope
 from spanjax.models import llama
 
 
-def masked_dense_logits(params, cfg, tokens, positions, mask):
+def masked_dense_logits(params, cfg, tokens, positions, mask, scale=None, bias=None):
+    """`scale`, `bias` [N, N] (optional): the logit of query i for key j is
+    scale[i, j] * (q . k * sm_scale) + bias[i, j] before the mask and softmax."""
     tokens = jnp.asarray(tokens)[None]
     positions = jnp.asarray(positions)[None]
     mask = jnp.asarray(mask)
@@ -25,6 +27,10 @@ def masked_dense_logits(params, cfg, tokens, positions, mask):
         B, T = pos.shape
         qg = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
         s = jnp.einsum("bthgd,bkhd->bhgtk", qg, k) * cfg.sm_scale
+        if scale is not None:
+            s = s * jnp.asarray(scale, jnp.float32)
+        if bias is not None:
+            s = s + jnp.asarray(bias, jnp.float32)
         s = jnp.where(mask[None, None, None], s, -jnp.inf)
         p = jax.nn.softmax(s, axis=-1)
         out = jnp.einsum("bhgtk,bkhd->bthgd", p, v)
@@ -52,3 +58,15 @@ def plan_arrays(plan, generated=()):
         visible[final_start:] = True
         mask[i] = visible & (pos <= pos[i])
     return tokens, positions, mask
+
+
+def plan_logit_weights(plan, reweight, generated=()):
+    """[N, N] per-key logit scale and bias over `plan_arrays`' tokens: (scale, bias) =
+    `reweight` where a query of a non-plus span (generated tokens belong to the final span)
+    attends to a key of a plus child, (1, 0) everywhere else."""
+    span_of = np.concatenate(
+        [np.full(len(s), s.index) for s in plan.spans] + [np.full(len(generated), len(plan.spans) - 1)]
+    )
+    is_plus = np.asarray([s.kind == "plus" for s in plan.spans])
+    hit = ~is_plus[span_of][:, None] & is_plus[span_of][None, :]
+    return np.where(hit, reweight[0], 1.0), np.where(hit, reweight[1], 0.0)

@@ -6,8 +6,9 @@ padded to a power of two, >= 16 rows in all as Triton's dot requires) and walks
 that sequence's block-table entries `pages_per_block` at a time:
 
   gather pages -> RoPE the keys from block_pos (fp32) -> q.k^T as two half-dim
-  dots (rotate-half never needs a register concatenate) -> mask by block_lens and
-  positions -> fp32 online softmax -> p.V.
+  dots (rotate-half never needs a register concatenate) -> [re-weighted meta: the
+  entries' logit scale and bias, loaded with their page ids] -> mask by block_lens
+  and positions -> fp32 online softmax -> p.V.
 
 Page groups whose every entry is empty or starts after the tile's last query
 position are skipped. With `num_splits > 1` (split-KV, for long-context decode
@@ -52,18 +53,18 @@ def _span_kernel(
     bt_ref,  # [S, Mp]
     bp_ref,  # [S, Mp]
     bl_ref,  # [S, Mp]
-    invf_ref,  # [D/2] f32
-    rpos_ref,  # [R] row positions of this tile
-    q_ref,  # [R, D]
-    k_ref,  # [N, P, D] (this kv head)
-    v_ref,  # [N, P, D]
-    o_ref,  # [R, D]
-    *stat_refs,  # (m_ref [R], l_ref [R]) when split
+    *refs,  # (bs_ref, bb_ref [S, Mp] f32 when reweight,) invf_ref, rpos_ref, q_ref, k_ref, v_ref, o_ref, stats
     pages_per_block: int,
     num_splits: int,
     sm_scale: float,
     precision,
+    reweight: bool = False,
 ):
+    # invf_ref [D/2] f32; rpos_ref [R] row positions of this tile; q_ref [R, D]; k_ref, v_ref
+    # [N, P, D] (this kv head); o_ref [R, D]; then (m_ref [R], l_ref [R]) when split.
+    # bs_ref / bb_ref: block_logit_scale / block_logit_bias, only in the re-weighted program.
+    bs_ref, bb_ref = refs[:2] if reweight else (None, None)
+    invf_ref, rpos_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs = refs[2:] if reweight else refs
     t = pl.program_id(0)
     split = pl.program_id(2)
     R, D = q_ref.shape
@@ -101,6 +102,10 @@ def _span_kernel(
         k1r = (k1 * cos - k2 * sin).astype(cdt)
         k2r = (k2 * cos + k1 * sin).astype(cdt)
         s = (dot_nt(q1, k1r, precision) + dot_nt(q2, k2r, precision)) * sm_scale  # [R, K]
+        if reweight:  # the entry's logit scale and bias, repeated over its P slots
+            scale = jnp.broadcast_to(bs_ref[seq, ents][:, None], (pp, P)).reshape(K)
+            bias = jnp.broadcast_to(bb_ref[seq, ents][:, None], (pp, P)).reshape(K)
+            s = s * scale[None, :] + bias[None, :]
         seen = kval[None, :] & (kpos[None, :] <= rpos[:, None])
         s = jnp.where(seen, s, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -165,8 +170,14 @@ def span_attention_gpu(
     prep = prepare(q, k_pages, meta, q_pos, rope_inv_freq, block_q=bq, g_pad=g_pad, pages_per_block=pp)
     tb, nt, S, precision = prep.batch, prep.batch.num_tiles, n.S, prep.precision
 
+    reweight = tb.weights is not None
     kernel = functools.partial(
-        _span_kernel, pages_per_block=pp, num_splits=num_splits, sm_scale=float(sm_scale), precision=precision
+        _span_kernel,
+        pages_per_block=pp,
+        num_splits=num_splits,
+        sm_scale=float(sm_scale),
+        precision=precision,
+        reweight=reweight,
     )
     whole = lambda shape: pl.BlockSpec(shape, lambda t, h, k: (0,) * len(shape))  # noqa: E731
     Mp = tb.tables.shape[1]
@@ -177,6 +188,7 @@ def span_attention_gpu(
         whole((S, Mp)),
         whole((S, Mp)),
         whole((S, Mp)),
+        *([whole((S, Mp))] * 2 if reweight else []),
         whole((D // 2,)),
         pl.BlockSpec((None, R), lambda t, h, k: (t, 0)),
         pl.BlockSpec((None, None, R, D), lambda t, h, k: (t, h, 0, 0)),
@@ -199,7 +211,7 @@ def span_attention_gpu(
         out_shape=out_shape,
         compiler_params=None if interpret else _triton_params(num_warps, num_stages),
         interpret=interpret,
-        name=f"span_attention_gpu_bq{bq}_g{g_pad}_pp{pp}_ks{num_splits}",
+        name=f"span_attention_gpu_bq{bq}_g{g_pad}_pp{pp}_ks{num_splits}" + ("_rw" if reweight else ""),
     )(
         tb.tiles.seq,
         tb.tiles.num_blocks,
@@ -207,6 +219,7 @@ def span_attention_gpu(
         tb.tables,
         tb.pos,
         tb.lens,
+        *(tb.weights if reweight else ()),
         prep.inv_freq,
         tb.row_pos,
         tb.q,

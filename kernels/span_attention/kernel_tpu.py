@@ -10,7 +10,8 @@ VMEM; the fp32 online-softmax state (m, l, acc) lives in VMEM scratch across the
 page-group axis ("arbitrary"), the tile and split axes are "parallel".
 
 Per page and KV head: RoPE the keys from the entry's logical start position
-(fp32), q.k^T as two half-dim NT matmuls (no lane concatenate), mask by length
+(fp32), q.k^T as two half-dim NT matmuls (no lane concatenate), [re-weighted
+meta: the entry's logit scale and bias, two more SMEM scalars], mask by length
 and position, online-softmax update, p.V.
 """
 
@@ -35,11 +36,10 @@ def _tpu_kernel(
     bt_ref,  # [S * Mp] flat
     bp_ref,  # [S * Mp]
     bl_ref,  # [S * Mp]
-    # blocks
-    invf_ref,  # [1, D/2]
-    rpos_ref,  # [R, 1]
-    q_ref,  # [Hkv, R, D]
-    *refs,  # pp K pages [P, Hkv, D], pp V pages, then outputs, then scratch
+    # (bs_ref, bb_ref [S * Mp] f32: block_logit_scale / block_logit_bias, when reweight), then the
+    # blocks invf_ref [1, D/2], rpos_ref [R, 1], q_ref [Hkv, R, D], pp K pages [P, Hkv, D], pp V
+    # pages, then outputs, then scratch
+    *refs,
     pages_per_block: int,
     num_splits: int,
     blocks_per_split: int,
@@ -47,7 +47,10 @@ def _tpu_kernel(
     sm_scale: float,
     precision,
     with_stats: bool,
+    reweight: bool = False,
 ):
+    bs_ref, bb_ref = refs[:2] if reweight else (None, None)
+    invf_ref, rpos_ref, q_ref, *refs = refs[2:] if reweight else refs
     pp = pages_per_block
     k_refs, v_refs = refs[:pp], refs[pp : 2 * pp]
     rest = refs[2 * pp :]
@@ -90,6 +93,8 @@ def _tpu_kernel(
             ang = (start + col).astype(jnp.float32) * inv_freq  # [P, D2]
             cos, sin = jnp.cos(ang), jnp.sin(ang)
             seen = (row < length) & ((start + row) <= rpos)  # [R, P]
+            if reweight:  # the entry's logit scale and bias (SMEM scalars)
+                scale, bias = bs_ref[base + i], bb_ref[base + i]
             vmask = col < length  # [P, 1]
             for h in range(Hkv):
                 q = q_ref[h]  # [R, D]
@@ -99,6 +104,8 @@ def _tpu_kernel(
                 k1r = (k1 * cos - k2 * sin).astype(cdt)
                 k2r = (k2 * cos + k1 * sin).astype(cdt)
                 s = (dot_nt(q[:, :D2], k1r, precision) + dot_nt(q[:, D2:], k2r, precision)) * sm_scale
+                if reweight:
+                    s = s * scale + bias
                 s = jnp.where(seen, s, NEG)
                 m_prev = m_sc[h]  # [R, 1]
                 m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -149,8 +156,10 @@ def span_attention_tpu(
     Mp = tb.tables.shape[1]
     blocks_per_split = tiling.cdiv(Mp // pp, num_splits)
 
+    reweight = tb.weights is not None
+
     def page_map(i):
-        def index_map(t, k, j, seq, nblk, maxpos, bt, bp, bl):
+        def index_map(t, k, j, seq, nblk, maxpos, bt, *_):
             per = (nblk[t] + num_splits - 1) // num_splits
             last = jnp.maximum(jnp.minimum(nblk[t], (k + 1) * per) - 1, 0)
             blk = jnp.minimum(k * per + j, last)  # past the end: same block, no DMA
@@ -167,6 +176,7 @@ def span_attention_tpu(
         sm_scale=float(sm_scale),
         precision=precision,
         with_stats=num_splits > 1,
+        reweight=reweight,
     )
     in_specs = [
         pl.BlockSpec((1, D // 2), lambda t, k, j, *_: (0, 0)),
@@ -183,7 +193,7 @@ def span_attention_tpu(
             out_shape.append(jax.ShapeDtypeStruct((num_splits, nt, Hkv, R, 1), jnp.float32))
             out_specs.append(pl.BlockSpec((None, None, Hkv, R, 1), lambda t, k, j, *_: (k, t, 0, 0, 0)))
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=6,
+        num_scalar_prefetch=8 if reweight else 6,
         grid=(nt, num_splits, blocks_per_split),
         in_specs=in_specs,
         out_specs=out_specs,
@@ -199,7 +209,7 @@ def span_attention_tpu(
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
-        name=f"span_attention_tpu_bq{bq}_g{g_pad}_pp{pp}_ks{num_splits}",
+        name=f"span_attention_tpu_bq{bq}_g{g_pad}_pp{pp}_ks{num_splits}" + ("_rw" if reweight else ""),
     )(
         tb.tiles.seq,
         tb.tiles.num_blocks,
@@ -207,6 +217,7 @@ def span_attention_tpu(
         tb.tables.reshape(-1),
         tb.pos.reshape(-1),
         tb.lens.reshape(-1),
+        *(w.reshape(-1) for w in (tb.weights if reweight else ())),
         prep.inv_freq.reshape(1, D // 2),
         tb.row_pos[:, :, None],
         tb.q,

@@ -14,7 +14,9 @@ TPU, and the dispatcher) and the model's paged step (spanjax.models.llama) take
   sm_scale      float               softmax scale (1/sqrt(D), or a model's multiplier)
 
 Rule: a query token of sequence s at position p sees the key in slot j of
-listed page i iff j < block_lens[s, i] and block_pos[s, i] + j <= p. Tokens
+listed page i iff j < block_lens[s, i] and block_pos[s, i] + j <= p. Its logit
+is block_logit_scale[s, i] * (q . k * sm_scale) + block_logit_bias[s, i] when the
+meta carries those (optional) per-entry arrays, else q . k * sm_scale. Tokens
 past cu_q_lens[S] are padding and give zeros, as do rows that see no key at
 all. Padded sequences repeat the last cu_q_lens value (empty). Entries with
 block_lens 0 are ignored whatever their page id; values in unseen slots may be
@@ -45,10 +47,30 @@ class SpanBatchMeta:
     # [T] int: page * page_size + offset where each token's K/V is written (-1 = padding).
     # Only the model's cache write reads it; attention alone may leave it None.
     slot_mapping: jax.Array | None = None
+    # Optional attention re-weighting per block-table entry (APE-style, arXiv 2502.05431): the
+    # logit of a key listed at entry i of sequence s is scale[s, i] * (q . k * sm_scale) +
+    # bias[s, i], before the softmax (masked keys stay masked). None = scale 1 / bias 0; both
+    # None is the plain contract, and every implementation then runs its plain program.
+    block_logit_scale: jax.Array | None = None  # [S, M] float
+    block_logit_bias: jax.Array | None = None  # [S, M] float
     # Static promise (part of the jit cache key, not an array): every sequence has at most
     # this many query tokens. 1 marks a decode-only batch, which the XLA path computes per
     # sequence in one pass; None promises nothing. Implementations may ignore it.
     max_q_len: int | None = flax.struct.field(pytree_node=False, default=None)
+
+
+def reweighted(meta: SpanBatchMeta) -> bool:
+    """Whether the meta carries per-entry logit re-weighting (a static fact: pytree structure)."""
+    return meta.block_logit_scale is not None or meta.block_logit_bias is not None
+
+
+def logit_weights(meta: SpanBatchMeta):
+    """(scale, bias) [S, M] float32 of a re-weighted meta, the missing one filled (1 / 0)."""
+    shape = meta.block_tables.shape
+    scale, bias = meta.block_logit_scale, meta.block_logit_bias
+    scale = jnp.ones(shape, jnp.float32) if scale is None else jnp.asarray(scale, jnp.float32)
+    bias = jnp.zeros(shape, jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+    return scale, bias
 
 
 class SpanShapes(NamedTuple):
@@ -121,6 +143,11 @@ def check_inputs(q, k_pages, v_pages, meta: SpanBatchMeta, q_pos, rope_inv_freq=
     _kind("cu_q_lens", meta.cu_q_lens, jnp.integer, "an integer")
     _expect("q_pos", q_pos, (T,), "[T] (one per query token)")
     _kind("q_pos", q_pos, jnp.integer, "an integer")
+    for name in ("block_logit_scale", "block_logit_bias"):
+        x = getattr(meta, name)
+        if x is not None:
+            _expect(name, x, (S, M), "block_tables' shape [S, M]")
+            _kind(name, x, jnp.floating, "a floating")
     if meta.slot_mapping is not None:
         _expect("slot_mapping", meta.slot_mapping, (T,), "[T] (one per query token)")
         _kind("slot_mapping", meta.slot_mapping, jnp.integer, "an integer")

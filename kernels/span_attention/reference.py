@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from spanjax.kernels.rope import apply_rope
-from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs
+from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs, logit_weights, reweighted
 
 
 def token_sequence_ids(cu_q_lens, num_tokens):
@@ -40,6 +40,7 @@ def span_attention_reference(
     T, Hq, Hkv, G, D, page_size, M = n.T, n.Hq, n.Hkv, n.G, n.D, n.P, n.M
     block_tables, block_pos, block_lens = meta.block_tables, meta.block_pos, meta.block_lens
     seq, tok_valid = token_sequence_ids(meta.cu_q_lens, T)
+    weights = logit_weights(meta) if reweighted(meta) else None
 
     step = max(1, min(pages_per_step, M))
     num_steps = -(-M // step)
@@ -48,9 +49,12 @@ def span_attention_reference(
         block_tables = jnp.pad(block_tables, ((0, 0), (0, pad)))
         block_pos = jnp.pad(block_pos, ((0, 0), (0, pad)))
         block_lens = jnp.pad(block_lens, ((0, 0), (0, pad)))
+        if weights is not None:
+            weights = tuple(jnp.pad(w, ((0, 0), (0, pad)), constant_values=c) for w, c in zip(weights, (1.0, 0.0)))
 
     # Each token's own row of the block table, gathered once.
     tok_tables, tok_pos, tok_lens = block_tables[seq], block_pos[seq], block_lens[seq]
+    tok_weights = None if weights is None else tuple(w[seq] for w in weights)
     qg = q.astype(jnp.float32).reshape(T, Hkv, G, D) * sm_scale
     slot = jnp.arange(page_size, dtype=jnp.int32)
 
@@ -71,6 +75,9 @@ def span_attention_reference(
         # would poison the row, so unseen values are zeroed, not just weighted 0.
         v = jnp.where(seen.reshape(T, step * page_size, 1, 1), v, 0.0)
         s = jnp.einsum("thgd,tkhd->thgk", qg, k)
+        if tok_weights is not None:  # per entry, repeated over its slots: [T, 1, 1, step * P]
+            scale, bias = (jnp.repeat(w[:, cols], page_size, axis=1)[:, None, None, :] for w in tok_weights)
+            s = s * scale + bias
         p, carry = online_softmax_step((m, l, acc), s, seen)
         m, l, acc = carry
         return (m, l, acc + jnp.einsum("thgk,tkhd->thgd", p, v)), None

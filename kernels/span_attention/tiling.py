@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from spanjax.kernels.span_attention.meta import SpanBatchMeta
+from spanjax.kernels.span_attention.meta import SpanBatchMeta, logit_weights, reweighted
 
 # Row position of padding rows (tokens past a tile's length). Positions of real
 # tokens and keys are >= 0, so `key_pos <= INVALID_POS` is never true.
@@ -61,6 +61,16 @@ def pad_block_tables(block_tables, block_pos, block_lens, num_pages, pages_per_b
     tables = jnp.where(lens > 0, jnp.clip(tables, 0, num_pages - 1), 0)
     pos = jnp.pad(block_pos.astype(jnp.int32), pad)
     return tables, pos, jnp.maximum(lens, 0)
+
+
+def pad_logit_weights(meta: SpanBatchMeta, width: int):
+    """(scale, bias) [S, width] float32 of a re-weighted meta, padded like `pad_block_tables`
+    (the padding entries have length 0, so their 1 / 0 is never used); None without re-weighting."""
+    if not reweighted(meta):
+        return None
+    pad = ((0, 0), (0, width - meta.block_tables.shape[1]))
+    scale, bias = logit_weights(meta)
+    return jnp.pad(scale, pad, constant_values=1.0), jnp.pad(bias, pad)
 
 
 def make_tiles(
@@ -140,6 +150,8 @@ class TiledBatch:
     pages_per_block: int
     num_tiles: int
     num_q_heads: int
+    # [S, Mp] float32 each (block_logit_scale / block_logit_bias, padded); None without re-weighting
+    weights: tuple[jax.Array, jax.Array] | None = None
 
 
 def tile_batch(q, k_pages, meta: SpanBatchMeta, q_pos, *, block_q: int, g_pad: int, pages_per_block: int):
@@ -151,7 +163,8 @@ def tile_batch(q, k_pages, meta: SpanBatchMeta, q_pos, *, block_q: int, g_pad: i
     tables, pos, lens = pad_block_tables(meta.block_tables, meta.block_pos, meta.block_lens, N, pages_per_block)
     tiles, rpos = make_tiles(meta.cu_q_lens, q_pos, lens, T, block_q, pages_per_block, nt)
     qt, row_pos = pack_queries(q, tiles, rpos, Hkv, block_q, g_pad)
-    return TiledBatch(tables, pos, lens, tiles, qt, row_pos, block_q, g_pad, pages_per_block, nt, Hq)
+    weights = pad_logit_weights(meta, tables.shape[1])
+    return TiledBatch(tables, pos, lens, tiles, qt, row_pos, block_q, g_pad, pages_per_block, nt, Hq, weights)
 
 
 def untile(o, batch: TiledBatch, dtype, m=None, l=None):

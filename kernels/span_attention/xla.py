@@ -59,6 +59,10 @@ def decode_attention(q, k_pages, v_pages, meta: SpanBatchMeta, q_pos, *, rope_in
     v = v_pages[tables].astype(jnp.float32).reshape(S, M * P, Hkv, D)
     v = jnp.where(seen[:, :, None, None], v, 0.0)  # junk in unseen slots must not leak
     s = jnp.einsum("shgd,skhd->shgk", qs, k)
+    weights = tiling.pad_logit_weights(meta, M)
+    if weights is not None:  # per entry, repeated over its slots: [S, 1, 1, M * P]
+        scale, bias = (jnp.repeat(w, P, axis=1)[:, None, None, :] for w in weights)
+        s = s * scale + bias
     p, (_, l, acc) = online_softmax_step(online_softmax_init((S, Hkv, G), D), s, seen[:, None, None, :])
     out = online_softmax_finish(l, acc + jnp.einsum("shgk,skhd->shgd", p, v)).reshape(S, n.Hq, D)
     return jnp.zeros((T, n.Hq, D), q.dtype).at[tok].set(out.astype(q.dtype), mode="drop")
@@ -107,6 +111,9 @@ def span_attention_xla(
         kpos, valid = kpos[tiles.seq], valid[tiles.seq]
         seen = valid[:, None, None, :] & (kpos[:, None, None, :] <= row_pos[:, None, :, None])  # [nt, 1, R, K]
         s = jnp.einsum("nhrd,nkhd->nhrk", qt, k)
+        if tb.weights is not None:  # per entry, repeated over its slots, then per tile: [nt, 1, 1, K]
+            scale, bias = (jnp.repeat(w[:, cols], page_size, axis=1)[tiles.seq][:, None, None, :] for w in tb.weights)
+            s = s * scale + bias
         p, (m, l, acc) = online_softmax_step((m, l, acc), s, seen)
         return m, l, acc + jnp.einsum("nhrk,nkhd->nhrd", p, v)
 

@@ -196,6 +196,8 @@ class StepRunner:
             block_pos=pad2(batch.block_pos),
             block_lens=pad2(batch.block_lens),
             cu_q_lens=pad1(batch.cu_q_lens, S + 1, batch.cu_q_lens[-1]),
+            block_logit_scale=pad2(batch.block_logit_scale, 1.0, np.float32),
+            block_logit_bias=pad2(batch.block_logit_bias, 0.0, np.float32),
             # Decode-only batches get their own trace, which attention computes per sequence.
             max_q_len=1 if np.diff(batch.cu_q_lens).max(initial=0) <= 1 else None,
         )

@@ -15,6 +15,10 @@ Each step the scheduler
      stay cached, and it is recomputed later from its prompt and the tokens it
      already generated, so outputs do not change).
 
+A plan with `reweight` (APE-style) gets per-entry logit scales and biases next to its block
+tables (`SpanPlan.logit_weight` per listed span); a batch without such a plan carries none,
+so it runs the plain step program.
+
 Everything here is host-side numpy/python; the device step lives in runner.py.
 """
 
@@ -229,6 +233,10 @@ class StepBatch:
     cu_q_lens: np.ndarray  # [S + 1]
     logits_indices: np.ndarray  # [S] last token of each item (index into T)
     adapter_ids: np.ndarray | None = None  # [T] adapter index per token (-1 = base weights)
+    # [S, M] float32 per-entry logit scale / bias (SpanPlan.logit_weight); None when no request
+    # in the batch re-weights (the plain step program)
+    block_logit_scale: np.ndarray | None = None
+    block_logit_bias: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -408,22 +416,29 @@ class Scheduler:
                 slots.append(pages[(i - first) // ps] * ps + (i - first) % ps)
             cu.append(cu[-1] + it.count)
             adapter_ids.extend([req.span_adapter[it.span] if req.span_adapter else -1] * it.count)
-            entries = []  # (page, start_pos, valid_len)
+            entries = []  # (page, start_pos, valid_len, (logit scale, bias))
             for d in req.plan.spans[it.span].sees + (it.span,):
                 n_tok = len(req.span_tokens(d)) if d != it.span else own_len
+                w = req.plan.logit_weight(it.span, d)
                 for k, page in enumerate(req.span_pages[d][: -(-n_tok // ps)]):
-                    entries.append((page, req.span_position(d, k * ps), min(ps, n_tok - k * ps)))
+                    entries.append((page, req.span_position(d, k * ps), min(ps, n_tok - k * ps), w))
             for k, page in enumerate(it.scratch):
-                entries.append((page, req.span_position(it.span, it.start + k * ps), min(ps, it.count - k * ps)))
+                pos = req.span_position(it.span, it.start + k * ps)
+                entries.append((page, pos, min(ps, it.count - k * ps), (1.0, 0.0)))
             tables.append(entries)
         S = len(items)
         M = max(len(t) for t in tables)
         bt = np.zeros((S, M), np.int32)
         bp = np.zeros((S, M), np.int32)
         bl = np.zeros((S, M), np.int32)
+        reweight = any(it.request.plan.reweight is not None for it in items)
+        scale = np.ones((S, M), np.float32) if reweight else None
+        bias = np.zeros((S, M), np.float32) if reweight else None
         for s, entries in enumerate(tables):
-            for m, (page, pos, n) in enumerate(entries):
+            for m, (page, pos, n, w) in enumerate(entries):
                 bt[s, m], bp[s, m], bl[s, m] = page, pos, n
+                if reweight:
+                    scale[s, m], bias[s, m] = w
         cu_arr = np.asarray(cu, np.int32)
         return StepBatch(
             items=items,
@@ -436,6 +451,8 @@ class Scheduler:
             cu_q_lens=cu_arr,
             logits_indices=cu_arr[1:] - 1,
             adapter_ids=np.asarray(adapter_ids, np.int32),
+            block_logit_scale=scale,
+            block_logit_bias=bias,
         )
 
     # -- after the device step ---------------------------------------------------------

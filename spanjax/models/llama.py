@@ -322,7 +322,9 @@ def forward_paged(
     """tokens, positions [T] (flat ragged batch) -> (final hidden [T, H], cache).
 
     Writes every token's pre-RoPE K/V to `meta.slot_mapping`, then attends over
-    the pages each token's sequence lists. `attention_impl` (the span-attention
+    the pages each token's sequence lists (with the per-entry logit scale and bias
+    when `meta` carries `block_logit_scale` / `block_logit_bias`: they pass through
+    to the attention unchanged, like the rest of `meta`). `attention_impl` (the span-attention
     contract, kernels/span_attention/meta.py) defaults to the per-token jnp
     reference; the engine passes `get_attention_impl()`'s choice (the tiled XLA
     path on CPU, the Pallas kernel on GPU/TPU).

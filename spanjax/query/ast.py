@@ -18,7 +18,9 @@ Extensions beyond spnl (all optional, documented in `syntax.py`):
   `attention` (`prefix` | `isolated`, default prefix) and `positions`
   (`sequential` | `parallel`, default sequential): the policies of docs/design.md §3;
   `recompute_pages` (default 0): the first pages of every plus child are recomputed
-  against the context the query gives them (EPIC-style; lower.py).
+  against the context the query gives them (EPIC-style; lower.py);
+  `reweight` (scale, bias), default None: what follows a plus attends to the plus
+  children's keys with logit scale * logit + bias (APE-style; lower.py).
 - `Plus`: per-node `attention` / `positions` overrides (None = the enclosing
   g's policy); JSON object form `{"plus": {"items": [...], "attention": "isolated"}}`.
   An override applies to that plus node's children only, not to plus nodes
@@ -91,6 +93,8 @@ class G:
     attention: AttentionPolicy = "prefix"
     positions: PositionPolicy = "sequential"
     recompute_pages: int = 0  # > 0: each plus child's first pages are recomputed in context (lower.py)
+    # (scale, bias): non-plus spans attend to plus children's keys with logit scale * l + bias (lower.py)
+    reweight: tuple[float, float] | None = None
 
 
 @_frozen

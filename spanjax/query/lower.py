@@ -40,6 +40,14 @@ and the child's cached tail, not its independent head. The tail keeps its cached
 page keys (it still sees the independent head it was encoded with), so reuse is unchanged
 and the cost is R pages per child. See `_Lowerer.recompute_head`.
 
+Re-weighting (`g.reweight` = (scale, bias); APE, arXiv 2502.05431): a non-plus span (the
+final cross span, a cross run after a plus) attends to the keys of plus children with logits
+scale * logit + bias; everything else attends as usual (`SpanPlan.logit_weight`). Such a span's
+context key gains a ("reweight", scale, bias) group: its KV from layer 1 on depends on the
+weights, and so does the KV of every span that sees it (its key chains from this one). Plus
+children keep their keys, so documents are shared with queries that re-weight differently or
+not at all. The identity (1, 0) is no re-weighting (same plan, same keys).
+
 Cache keys: see page_keys.py.
 
 Reuse is exact when the cached pre-RoPE KV depends only on what the key
@@ -80,8 +88,9 @@ class _Ctx:
 
 
 class _Lowerer:
-    def __init__(self, tokenizer, model, adapter, page_size, attention, positions, recompute_pages=0):
+    def __init__(self, tokenizer, model, adapter, page_size, attention, positions, recompute_pages=0, reweight=None):
         self.tok = tokenizer
+        self.reweight = reweight  # (scale, bias) or None
         self.model, self.adapter, self.page_size = model, adapter, page_size
         self.attention, self.positions = attention, positions
         self.recompute = recompute_pages * page_size  # tokens at the head of each plus child
@@ -93,7 +102,12 @@ class _Lowerer:
     def emit(self, kind, tokens, ctx: _Ctx) -> _Ctx:
         if not tokens:
             return ctx
-        ckey = context_key(ctx.groups)
+        groups = ctx.groups
+        if self.reweight is not None and kind != "plus" and any(self.spans[i].kind == "plus" for i in ctx.sees):
+            # Its queries attend to the plus children re-weighted, so its KV (from layer 1 on) and
+            # everything that sees it depend on the weights: key them in (the children keep theirs).
+            groups = groups + (("reweight", *self.reweight),)
+        ckey = context_key(groups)
         base = root_key(self.model, self.adapter, ckey)
         keys = chain_page_keys(base, tokens, self.page_size)
         span = Span(
@@ -257,7 +271,8 @@ def lower(g: A.G, tokenizer, *, model: str | None = None, page_size: int, adapte
         raise ValueError("page_size must be >= 1")
     model = g.model if model is None else model
     adapter = g.adapter if adapter is None else adapter
-    low = _Lowerer(tokenizer, model, adapter, page_size, g.attention, g.positions, g.recompute_pages)
+    reweight = None if g.reweight in (None, (1.0, 0.0)) else tuple(map(float, g.reweight))  # identity: none
+    low = _Lowerer(tokenizer, model, adapter, page_size, g.attention, g.positions, g.recompute_pages, reweight)
     gen = list(tokenizer.generation_prefix_ids())
     if not gen:
         gen = []
@@ -272,6 +287,8 @@ def lower(g: A.G, tokenizer, *, model: str | None = None, page_size: int, adapte
             "a prompt whose final cross span is empty",
             "a tokenizer with a generation prefix or a trailing message",
         )
+    if not any(s.kind != "plus" and any(spans[d].kind == "plus" for d in s.sees) for s in spans):
+        reweight = None  # no span attends to a plus child from outside: nothing to re-weight
     return SpanPlan(
         spans=tuple(spans),
         page_size=page_size,
@@ -279,4 +296,5 @@ def lower(g: A.G, tokenizer, *, model: str | None = None, page_size: int, adapte
         adapter=adapter,
         attention_policy=g.attention,
         position_policy=g.positions,
+        reweight=reweight,
     )

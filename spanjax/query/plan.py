@@ -8,6 +8,10 @@ set of earlier spans; causality inside the visible set follows positions.
 The last span of every plan is a `cross` span that sees every other span and
 ends with the generation prefix (the assistant header), so decoding continues
 it and generated tokens see the whole prompt.
+
+`SpanPlan.reweight` (the g's `reweight`, APE-style) re-weights the attention of
+non-plus spans to plus children's keys; `logit_weight` states the rule, the
+scheduler writes it into the step's per-entry `block_logit_scale/bias`.
 """
 
 from __future__ import annotations
@@ -52,6 +56,17 @@ class SpanPlan:
     adapter: str | None
     attention_policy: AttentionPolicy
     position_policy: PositionPolicy
+    # (scale, bias) of the g's `reweight` (None = none): see `logit_weight`
+    reweight: tuple[float, float] | None = None
+
+    def logit_weight(self, attending: int, seen: int) -> tuple[float, float]:
+        """(scale, bias) of the logits of span `attending`'s queries for the keys of span `seen`:
+        the plan's `reweight` when a non-plus span (what follows a plus: the final cross span
+        and any cross run after a plus) attends to a plus child's keys, else (1, 0). Plus
+        children attending to their own pages or their prefix are never re-weighted."""
+        if self.reweight is not None and self.spans[seen].kind == "plus" and self.spans[attending].kind != "plus":
+            return self.reweight
+        return (1.0, 0.0)
 
     @property
     def num_tokens(self) -> int:
@@ -91,9 +106,10 @@ class SpanPlan:
         """Readable dump: one line per span (kind, start, length, pages, positions,
         visibility, key), with a token preview (decoded when a tokenizer with
         `decode` is given)."""
+        rw = "" if self.reweight is None else f" reweight=({self.reweight[0]:g}, {self.reweight[1]:g})"
         lines = [
             f"plan: model={self.model} adapter={self.adapter} attention={self.attention_policy} "
-            f"positions={self.position_policy} page_size={self.page_size}",
+            f"positions={self.position_policy} page_size={self.page_size}{rw}",
             f"      {len(self.spans)} span(s), {self.num_tokens} tokens, {self.padded_length} padded; "
             f"generation continues span {self.spans[-1].index} at position {self.generation_position}",
         ]

@@ -2,8 +2,8 @@
 
 - JSON (spnl-compatible): externally tagged nodes, see ast.py. g fields are
   `model input max_tokens temperature top_p seed stop adapter attention
-  positions recompute_pages` (kebab aliases `max-tokens`, `top-p`,
-  `recompute-pages` accepted). `repeat` takes
+  positions recompute_pages reweight` (kebab aliases `max-tokens`, `top-p`,
+  `recompute-pages` accepted; `reweight` is `{"scale": s, "bias": b}`). `repeat` takes
   `{"n": k, "g": {g body}}` or `{"n": k, "query": {"g": {...}}}` (printed with
   `query`, as spnl's builtins write it). spnl's bulk `map` is
   `{"map": {"metadata": {"model": M, "max_tokens": k, ...}, "inputs": ["a", ...]}}`
@@ -16,7 +16,7 @@
       (g "model" INPUT [MAX_TOKENS [TEMPERATURE]] [:max-tokens N] [:temperature T]
          [:top-p P] [:seed S] [:stop "s" | :stop ("a" "b")] [:adapter "a"]
          [:attention prefix|isolated] [:positions sequential|parallel]
-         [:recompute-pages N])
+         [:recompute-pages N] [:reweight-scale S] [:reweight-bias B])
       (cross Q ...) (seq Q ...) (par Q ...)
       (plus [:attention A] [:positions P] Q ...)
       (system "s") (user "s") (assistant "s" [:token-ids (1 2 3)])
@@ -467,6 +467,11 @@ _SX_G_KEYS = {
     "positions": "positions",
     "recompute-pages": "recompute_pages",
     "recompute_pages": "recompute_pages",
+    # the two fields of the g's `reweight` object
+    "reweight-scale": "reweight.scale",
+    "reweight_scale": "reweight.scale",
+    "reweight-bias": "reweight.bias",
+    "reweight_bias": "reweight.bias",
 }
 _SX_MAP_FORM = '(map (metadata "model" ...) (inputs "text" ...))'
 
@@ -604,7 +609,13 @@ class _SexprToData:
                 self.fail(y, p, f"{name} given both positionally and as :{name}", "one of them")
             body[name] = self.value(y, child_path(p, name))
         for name, y in kw.items():
-            body[name] = self.value(y, child_path(p, name))
+            if name.startswith("reweight."):  # :reweight-scale / :reweight-bias -> {"reweight": {...}}
+                sub = name.split(".")[1]
+                rp = child_path(p, "reweight")
+                self.mark(y, rp)
+                body.setdefault("reweight", {})[sub] = self.value(y, child_path(rp, sub))
+            else:
+                body[name] = self.value(y, child_path(p, name))
         return body
 
     def map_body(self, x, args, p):
@@ -731,6 +742,8 @@ def _g_settings(q: A.G) -> dict:
         body["positions"] = q.positions
     if q.recompute_pages:
         body["recompute_pages"] = q.recompute_pages
+    if q.reweight is not None:
+        body["reweight"] = {"scale": q.reweight[0], "bias": q.reweight[1]}
     return body
 
 
@@ -790,6 +803,8 @@ def _sx_g_tail(q: A.G) -> list[str]:
         tail += [":positions", q.positions]
     if q.recompute_pages:
         tail += [":recompute-pages", str(q.recompute_pages)]
+    if q.reweight is not None:
+        tail += [":reweight-scale", _sx_num(q.reweight[0]), ":reweight-bias", _sx_num(q.reweight[1])]
     return tail
 
 

@@ -71,6 +71,7 @@ G_FIELDS = {
     "attention": ("attention",),
     "positions": ("positions",),
     "recompute_pages": ("recompute_pages", "recompute-pages"),
+    "reweight": ("reweight",),
 }
 # A map's metadata: every g field but the input (each input string is one).
 MAP_METADATA_FIELDS = {k: v for k, v in G_FIELDS.items() if k != "input"}
@@ -267,6 +268,7 @@ class _Validator:
         opt("attention", lambda v, p: self.choice(v, p, A.ATTENTION_POLICIES))
         opt("positions", lambda v, p: self.choice(v, p, A.POSITION_POLICIES))
         opt("recompute_pages", lambda v, p: self.integer(v, p, 0, MAX_RECOMPUTE_PAGES))
+        opt("reweight", self.reweight)
         if "stop" in f and f["stop"][0] is not None:
             v, p = f["stop"]
             if isinstance(v, str):
@@ -279,6 +281,17 @@ class _Validator:
                 if not s:
                     self.fail(child_path(p, i) if isinstance(v, list) else p, "empty string", "a non-empty stop string")
         return kw
+
+    def reweight(self, v, path) -> tuple[float, float]:
+        """{"scale": s, "bias": b} (each optional: 1 and 0) -> (s, b); s finite > 0, b finite."""
+        spec = {"scale": ("scale",), "bias": ("bias",)}
+        f = self.fields(v, path, spec, what="reweight fields (scale, bias)")
+        scale, bias = 1.0, 0.0
+        if "scale" in f:
+            scale = self.number(*f["scale"], lambda x: x > 0, "a finite number > 0")
+        if "bias" in f:
+            bias = self.number(*f["bias"], lambda x: True, "a finite number")
+        return scale, bias
 
     def node_map(self, body, path, depth):
         spec = {"metadata": ("metadata",), "inputs": ("inputs",)}

@@ -37,6 +37,10 @@ VARIANTS = {
     # encoded again in the query's context; the rest of it comes from the cache
     "span-sequential-recompute": (True, "prefix", "sequential"),
     "span-parallel-recompute": (True, "prefix", "parallel"),
+    # training-free re-weighting (APE-style, arXiv 2502.05431; query/lower.py): the question and the
+    # answer attend to the documents with logits REWEIGHT_SCALE * logit + REWEIGHT_BIAS
+    "span-sequential-reweight": (True, "prefix", "sequential"),
+    "span-parallel-reweight": (True, "prefix", "parallel"),
     # with a block-attention adapter (training/block_adapter.py), registered as "lora" / "alora"
     "stock+lora": (False, "prefix", "sequential"),
     "span-sequential+lora": (True, "prefix", "sequential"),
@@ -45,6 +49,10 @@ VARIANTS = {
     "span-parallel+alora": (True, "prefix", "parallel"),
 }
 RECOMPUTE_PAGES = 1  # the recompute variants' head: one page per document (the default of the policy)
+# The reweight variants' (scale, bias). Placeholders (the identity: the plain span variants) until
+# they are chosen on DEV questions only (a sweep over both; never on held-out questions).
+REWEIGHT_SCALE = 1.0
+REWEIGHT_BIAS = 0.0
 # variant -> the adapter its g runs (engine name; its directory is eval.<name>_adapter)
 VARIANT_ADAPTER = {v: v.rsplit("+", 1)[1] for v in VARIANTS if "+" in v}
 BASE_VARIANTS = tuple(v for v in VARIANTS if v not in VARIANT_ADAPTER)
@@ -225,4 +233,5 @@ def make_g(ex: Example, pos: int, variant: str, model_name: str, max_tokens: int
         positions=positions,
         adapter=VARIANT_ADAPTER.get(variant),
         recompute_pages=RECOMPUTE_PAGES if variant.endswith("-recompute") else 0,
+        reweight=(REWEIGHT_SCALE, REWEIGHT_BIAS) if variant.endswith("-reweight") else None,
     )

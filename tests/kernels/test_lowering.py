@@ -65,3 +65,39 @@ def test_tpu_lowers_to_mosaic(fake_tpu, dtype, cfg):
         jax.jit(functools.partial(span_attention_tpu, **kw, **cfg)), platforms=["tpu"], disabled_checks=DISABLED
     )(*args)
     assert "tpu_custom_call" in exp.mlir_module()
+
+
+def _reweighted(args):
+    meta = args[3]
+    shape = meta.block_tables.shape
+    args[3] = meta.replace(
+        block_logit_scale=jnp.full(shape, 0.9, jnp.float32), block_logit_bias=jnp.full(shape, 0.2, jnp.float32)
+    )
+    return args
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(num_splits=4, block_q=1)])
+def test_reweighted_gpu_lowers_to_triton(cfg):
+    b = make_batch(np.random.default_rng(0), SEQS, num_q_heads=6, num_kv_heads=2, head_dim=64, page_size=16)
+    args, kw = args_kwargs(b)
+    fn = jax.jit(functools.partial(span_attention_gpu, **kw, **cfg))
+    exp = export.export(fn, platforms=["cuda"], disabled_checks=DISABLED)(*_reweighted(args))
+    assert "triton" in exp.mlir_module()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_reweighted_tpu_lowers_to_mosaic(fake_tpu, dtype):
+    """The entries' scale and bias are two more scalar-prefetched (SMEM) f32 arrays."""
+    b = make_batch(
+        np.random.default_rng(0),
+        SEQS,
+        num_q_heads=8,
+        num_kv_heads=1,
+        head_dim=128,
+        page_size=16,
+        dtype=jnp.dtype(dtype),
+    )
+    args, kw = args_kwargs(b)
+    fn = jax.jit(functools.partial(span_attention_tpu, **kw, block_q=8, pages_per_block=4))
+    exp = export.export(fn, platforms=["tpu"], disabled_checks=DISABLED)(*_reweighted(args))
+    assert "tpu_custom_call" in exp.mlir_module()

@@ -84,6 +84,8 @@ def full_queries(max_leaves=10):
             attention=att,
             positions=pos,
             recompute_pages=st.integers(0, 3),
+            reweight=st.none()
+            | st.tuples(st.floats(min_value=0.01, max_value=10), st.floats(min_value=-5, max_value=5)),
         )
 
     # spnl's map: the template's input is a placeholder (normalized to A.MAP_INPUT).
