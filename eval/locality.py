@@ -18,6 +18,10 @@ the question are recomputed. Work is submitted as one batch per gold position
 over a chunk of questions, so continuous batching fills the steps and the
 pages of position p are cached before position p+1 asks for them.
 
+With `engine.mesh` data=D > 1 the batches run on D engine replicas (`EngineReplicas`), every
+batch of a chunk of questions on one replica (its cache reuse intact); items are appended
+as each batch finishes and aggregated by key, so the table is one engine's.
+
 `eval.shard` "i/k" runs every k-th chunk of questions; `spanjax merge` (eval/merge.py)
 joins shard (or any compatible) run directories, aggregated by `write_outputs` like a
 run. Wilson intervals and McNemar's paired test against stock: eval/stats.py.
@@ -27,14 +31,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 import time
 from typing import Literal
 
 import numpy as np
 
 from spanjax.adapters import load_peft
+from spanjax.config import ConfigError
 from spanjax.engine.adapters import lower_for_engine
 from spanjax.engine.engine import Engine, EngineConfig
+from spanjax.engine.replicas import EngineReplicas
 from spanjax.engine.sampling import SamplingParams
 from spanjax.eval.experiment_config import EXPERIMENT_ENGINE
 from spanjax.eval.stats import paired_test, wilson
@@ -304,7 +311,25 @@ def plot(cfg: LocalityConfig, table: dict, path) -> None:
     plt.close(fig)
 
 
+def make_replicas(model, engine_cfg: EngineConfig) -> EngineReplicas:
+    """The run's engines: one, or with `engine.mesh` data=D > 1, D replicas (one per (1, M) row
+    of the mesh). A mesh the devices or the model do not fit is a ConfigError (one line)."""
+    try:
+        return EngineReplicas(model, engine_cfg)
+    except ValueError as e:
+        if engine_cfg.mesh is None:
+            raise
+        raise ConfigError(f"engine.mesh={engine_cfg.mesh_spec}: {e}") from e
+
+
 def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
+    """Run the config's batches (work_order) that are not done yet, appending each batch's items
+    durably as it finishes, and aggregate.
+
+    With `engine.mesh` data=D > 1 the batches run on D engine replicas (EngineReplicas), all the
+    batches of a chunk of questions on one replica, so a question's documents stay cached across
+    its gold positions and variants as on one engine; a replica's exception stops the others
+    after their current batch (the items finished are kept), then propagates."""
     log, ev = run_dir.log, cfg.eval
     model = load_model(cfg.model) if model is None else model
     tok = model.tokenizer
@@ -316,62 +341,75 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
     initial = sum(1 for b in batches for k in b if k in done)
     if initial:
         log.info("resume: %d/%d items already done, skipped", initial, total)
-    engine = Engine(model, cfg.engine)
-    register_adapters(engine, ev)
+    # The batches left, each with its chunk (its questions): the unit a replica owns.
+    pending = [([k for k in b if k not in done], tuple(q for _, q, _ in b)) for b in batches]
+    pending = [(todo, chunk) for todo, chunk in pending if todo]
+    replicas = make_replicas(model, cfg.engine)
+    if len(replicas) > 1:
+        log.info("%d engine replicas (%s); chunks of questions dealt round-robin", len(replicas), cfg.engine.mesh_spec)
+    for engine in replicas.engines:
+        register_adapters(engine, ev)
     sampling = SamplingParams(max_tokens=ev.max_tokens, temperature=0.0, seed=cfg.seed)
     bar = progress(total, initial, f"{cfg.name}")
-    t_run = time.perf_counter()
-    try:
-        for batch in batches:
-            todo = [k for k in batch if k not in done]
-            if not todo:
-                continue
-            # An aLoRA g keys its pages before the invocation as base pages (shared with the base variants).
-            plans = [
-                lower_for_engine(
-                    make_g(by_index[q], p, v, model.name, ev.max_tokens),
-                    tok,
-                    model=model.name,
-                    page_size=cfg.engine.page_size,
-                    adapters=engine.adapters,
-                )
-                for v, q, p in todo
-            ]
-            t0 = time.perf_counter()
-            reqs = [engine.submit(plan, sampling) for plan in plans]
-            engine.run_until_done(reqs)
-            dt = time.perf_counter() - t0
-            recs = []
-            for (v, q, p), r in zip(todo, reqs):
-                s = r.summary()
-                recs.append(
-                    {
-                        "key": [v, q, p],
-                        "variant": v,
-                        "question": q,
-                        "position": p,
-                        "output": r.text,
-                        "correct": by_index[q].correct(r.text),
-                        "prompt_tokens": s["prompt_tokens"],
-                        "cached_tokens": s["cached_tokens"],
-                        "ttft_s": s["ttft_s"],
-                        "batch_s": dt,
-                        "batch_size": len(todo),
-                    }
-                )
+    lock = threading.Lock()  # the items file, `done` and the bar, shared by the replicas' threads
+
+    def run_batch(engine: Engine, todo: list[tuple[str, int, int]]) -> None:
+        # An aLoRA g keys its pages before the invocation as base pages (shared with the base variants).
+        plans = [
+            lower_for_engine(
+                make_g(by_index[q], p, v, model.name, ev.max_tokens),
+                tok,
+                model=model.name,
+                page_size=cfg.engine.page_size,
+                adapters=engine.adapters,
+            )
+            for v, q, p in todo
+        ]
+        t0 = time.perf_counter()
+        reqs = [engine.submit(plan, sampling) for plan in plans]
+        engine.run_until_done(reqs)
+        dt = time.perf_counter() - t0
+        recs = []
+        for (v, q, p), r in zip(todo, reqs):
+            s = r.summary()
+            recs.append(
+                {
+                    "key": [v, q, p],
+                    "variant": v,
+                    "question": q,
+                    "position": p,
+                    "output": r.text,
+                    "correct": by_index[q].correct(r.text),
+                    "prompt_tokens": s["prompt_tokens"],
+                    "cached_tokens": s["cached_tokens"],
+                    "ttft_s": s["ttft_s"],
+                    "batch_s": dt,
+                    "batch_size": len(todo),
+                }
+            )
+        with lock:
             append_items(run_dir, recs)  # durable before counting it done
             for rec in recs:
                 done[item_key(rec)] = rec
             bar.update(len(todo))
             bar.set_postfix_str(f"{todo[0][0]} pos {todo[0][2]}: {sum(r['correct'] for r in recs)}/{len(recs)}")
+
+    t_run = time.perf_counter()
+    try:
+        replicas.map(run_batch, [todo for todo, _ in pending], groups=[chunk for _, chunk in pending])
     finally:
         bar.close()
+    stats = replicas.stats()
     return write_outputs(
         cfg,
         run_dir,
         done,
         model_name=model.name,
-        extra={"machine": machine(), "wall_s_this_session": time.perf_counter() - t_run, "engine": engine.stats()},
+        extra={
+            "machine": machine(),
+            "wall_s_this_session": time.perf_counter() - t_run,
+            "engine": stats[0] if len(stats) == 1 else {"replicas": stats},
+        },
     )
 
 

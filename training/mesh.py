@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from spanjax.models.sharding import make_mesh, parse_mesh
+from spanjax.models.sharding import make_mesh, parse_mesh, put_global
 
 BATCH_AXIS = "data"
 
@@ -59,15 +59,9 @@ def broadcast(sharding, tree):
 def place(tree, shardings):
     """`tree` (host arrays, or arrays on one device; the same values in every process) on the
     mesh. A sharding that spans other processes' devices is built from this host's copy
-    (`jax.make_array_from_callback`), every process contributing its own devices' blocks."""
-
-    def one(x, sharding):
-        if sharding.is_fully_addressable:
-            return jax.device_put(x, sharding)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree.map(one, tree, broadcast(shardings, tree))
+    (`jax.make_array_from_callback`), every process contributing its own devices' blocks
+    (`spanjax.models.sharding.put_global`, which the engine uses too)."""
+    return put_global(tree, broadcast(shardings, tree))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -39,6 +39,18 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (UserError, WeightLoadError, ChatTemplateError, FileNotFoundError, SpanQueryError, RequestTooLarge)
 
 
+def _initialize_distributed() -> None:
+    """Join the multi-host runtime the environment describes (SPANJAX_COORDINATOR,
+    SPANJAX_NUM_PROCESSES, SPANJAX_PROCESS_ID: spanjax/distributed.py) before JAX starts;
+    nothing on one host."""
+    from spanjax import distributed
+
+    try:
+        distributed.initialize()
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
 # ---------------------------------------------------------------------------- generate
 
 
@@ -151,6 +163,7 @@ def _run_query(args: argparse.Namespace) -> int:
         return run_plan(args)
     if args.plan_file is not None:
         raise UserError(f"unexpected argument {args.plan_file!r} (did you mean 'spanjax query plan FILE'?)")
+    _initialize_distributed()  # every host runs the query (one engine over all their devices); process 0 prints
 
     from spanjax.compilation import use_persistent_cache
     from spanjax.engine.engine import Engine, EngineConfig
@@ -182,6 +195,10 @@ def _run_query(args: argparse.Namespace) -> int:
         result = run_query(engine, query, optimize=not args.no_optimize)
     except ValueError as e:  # too long for the context or the pool, model mismatch
         raise UserError(str(e)) from e
+    from spanjax import distributed
+
+    if not distributed.is_main_process():
+        return 0
     if args.json:
         out = result.to_json()
         out["model"] = model.name
@@ -240,6 +257,7 @@ def _run_run(args: argparse.Namespace) -> int:
         if args.print_config:
             print(dump(cfg), end="")
             return 0
+        _initialize_distributed()  # so a multi-host launch is refused in one line, not run once per host
         results, run_dir = run(cfg, resume=args.resume)
     except ConfigError as e:
         raise UserError(str(e)) from e
@@ -302,12 +320,7 @@ def _train_overrides(args: argparse.Namespace, *extra: str) -> list[str]:
 
 def _run_train(args: argparse.Namespace) -> int:
     """Train (resuming from the run directory's last checkpoint, if any) and export the adapter."""
-    from spanjax import distributed
-
-    try:
-        distributed.initialize()  # multi-host from the environment (before JAX starts); nothing on one host
-    except ValueError as e:
-        raise UserError(str(e)) from e
+    _initialize_distributed()
 
     from spanjax.config import ConfigError, dump, load
     from spanjax.training.config import TrainConfig

@@ -46,7 +46,7 @@ from spanjax.kernels.span_attention.sharded import shard_heads
 from spanjax.models import llama
 from spanjax.models import speculator as spec_model
 from spanjax.models.loading import LoadedModel
-from spanjax.models.sharding import MeshSpec, make_mesh, mesh_spec_of
+from spanjax.models.sharding import MeshSpec, make_mesh, mesh_spec_of, put_global
 from spanjax.query import ast as A
 from spanjax.query.lower import lower
 from spanjax.query.plan import SpanPlan
@@ -155,7 +155,7 @@ class Engine:
         if self.shardings is None:
             self.cache = init_cache()
         else:  # made in place on the mesh: the whole pool never sits on one device
-            self.params = jax.device_put(self.params, self.shardings.params)
+            self.params = put_global(self.params, self.shardings.params)  # also across processes (multi-host)
             self.cache = jax.jit(init_cache, out_shardings=self.shardings.cache)()
         if speculator is None and config.speculator is not None:
             speculator = spec_model.load_hf(config.speculator, model.params.embed.dtype)
@@ -371,7 +371,7 @@ class Engine:
         if not self.adapters:
             return None
         bank = make_bank(list(self.adapters.values()), self.model.cfg, self.model.params.embed.dtype)
-        return bank if self.shardings is None else jax.device_put(bank, self.shardings.replicated)
+        return bank if self.shardings is None else put_global(bank, self.shardings.replicated)
 
     def clear_cache(self) -> int:
         """Forget every cached page no running request uses (cold-start runs)."""

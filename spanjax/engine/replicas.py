@@ -6,17 +6,24 @@
 A (D, M) mesh gives D engines, each on its own (1, M) sub-mesh (a row of the mesh's devices)
 with its own copy of the weights (sharded over its M devices), its own KV pool and its own
 scheduler: replicas share nothing, so each is exactly a single engine on fewer devices.
-`map` splits a list of items over them round-robin (item i goes to replica i % D: a fixed
-split, so a rerun sends every item to the same replica and meets the same cache), runs each
-replica's share in order on a thread of its own (a jitted step releases the GIL while it
-computes) and returns the results in the items' order.
+`map` splits a list of items over them round-robin (item i goes to replica i % D, or with
+`groups` every item of a group to one replica: a fixed split, so a rerun sends every item to
+the same replica and meets the same cache), runs each replica's share in order on a thread of
+its own (a jitted step releases the GIL while it computes) and returns the results in the
+items' order.
+
+Replicas are one process's: on a multi-host runtime (spanjax/distributed.py) every process
+would have to drive every replica, including those on other hosts' devices, so data > 1 is
+refused there; one Engine (data=1) spans the hosts' devices instead.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
+
+import jax
 
 from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.models.loading import LoadedModel
@@ -48,6 +55,11 @@ class EngineReplicas:
 
     def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig(), devices=None):
         spec = config.mesh_spec or MeshSpec()
+        if spec.data > 1 and jax.process_count() > 1:
+            raise ValueError(
+                f"engine mesh {spec}: engine replicas (data > 1) run in one process, and this runtime has "
+                f"{jax.process_count()}; use data=1 (one engine over every host's devices)"
+            )
         if spec.num_devices == 1 and devices is None:
             self.mesh = None
             self.engines = [Engine(model, config)]
@@ -61,38 +73,62 @@ class EngineReplicas:
     def __getitem__(self, i: int) -> Engine:
         return self.engines[i]
 
-    def map(self, fn: Callable[[Engine, T], R], items: Sequence[T]) -> list[R]:
-        """[fn(engine, item) for item in items], item i on replica i % D, in the items' order.
+    def map(
+        self, fn: Callable[[Engine, T], R], items: Sequence[T], groups: Sequence[Hashable] | None = None
+    ) -> list[R]:
+        """[fn(engine, item) for item in items], in the items' order.
 
-        Each replica runs its items one after another on its own thread; after an exception the
-        replicas start no further item, and the first one raised is re-raised."""
+        Item i runs on replica i % D; with `groups` (one key per item), every item of a group
+        runs on one replica, the groups dealt round-robin in the order they first appear (a
+        question's batches on one replica, which keeps their cached pages). Each replica runs
+        its items one after another, in the items' order, on its own thread. After an exception
+        (or a KeyboardInterrupt here) the replicas start no further item, the ones running
+        finish theirs, and the first exception is re-raised."""
         items = list(items)
-        parts = split_round_robin(items, len(self.engines))
+        assignment = self.assign(len(items), groups)
         if len(self.engines) == 1:
             return [fn(self.engines[0], item) for item in items]
-        results: list[list | None] = [None] * len(self.engines)
-        errors: list[BaseException | None] = [None] * len(self.engines)
+        results: list = [None] * len(items)
+        errors: list[BaseException] = []
+        stop = threading.Event()
 
-        def work(i: int) -> None:
+        def work(r: int) -> None:
             try:
-                out = []
-                for item in parts[i]:
-                    if any(e is not None for e in errors):
+                for i in assignment[r]:
+                    if stop.is_set():
                         return
-                    out.append(fn(self.engines[i], item))
-                results[i] = out
+                    results[i] = fn(self.engines[r], items[i])
             except BaseException as e:  # re-raised on the caller's thread
-                errors[i] = e
+                errors.append(e)
+                stop.set()
 
-        threads = [threading.Thread(target=work, args=(i,), name=f"engine-replica-{i}") for i in range(len(parts))]
+        threads = [
+            threading.Thread(target=work, args=(r,), name=f"engine-replica-{r}") for r in range(len(self.engines))
+        ]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
-        for e in errors:
-            if e is not None:
-                raise e
-        return merge_round_robin(results)
+        try:
+            for t in threads:
+                t.join()
+        except BaseException:  # Ctrl-C while waiting: let the running items finish, start no more
+            stop.set()
+            for t in threads:
+                t.join()
+            raise
+        if errors:
+            raise errors[0]
+        return results
+
+    def assign(self, n: int, groups: Sequence[Hashable] | None = None) -> list[list[int]]:
+        """The item indices each replica runs (see `map`), in order."""
+        if groups is not None and len(groups) != n:
+            raise ValueError(f"{len(groups)} groups for {n} items")
+        order: dict = {}  # group -> its index in order of first appearance
+        parts: list[list[int]] = [[] for _ in self.engines]
+        for i in range(n):
+            g = i if groups is None else order.setdefault(groups[i], len(order))
+            parts[g % len(self.engines)].append(i)
+        return parts
 
     def stats(self) -> list[dict]:
         return [engine.stats() for engine in self.engines]

@@ -107,6 +107,11 @@ class StepRunner:
         # Traced steps stored on disk (aot.py): a second process neither traces nor compiles.
         self.programs = programs
         self._stored: dict = {}  # bucket signature -> the stored program's step (when `programs` is set)
+        # On a mesh spanning processes (multi-host) a process can read only an array it holds
+        # whole: the logits are gathered (replicated) before the host reads them, when kept.
+        self._gather_logits = None
+        if shardings is not None and shd.spans_processes(shardings.mesh):
+            self._gather_logits = jax.jit(lambda x: x, out_shardings=shardings.replicated)
         if shardings is None:
             self._step = jax.jit(self._step_impl, donate_argnums=(1,))
         else:
@@ -152,6 +157,8 @@ class StepRunner:
             extra = (None, None)  # in_shardings name all nine arguments
         args = (params, cache, *inputs, sampling, *extra)
         next_ids, logits, cache = self._step_for(args)(*args)
+        if self._gather_logits is not None and any(it.request.keep_logits for it in batch.items):
+            logits = self._gather_logits(logits)
         return next_ids, logits, cache
 
     def _step_for(self, args):
@@ -185,8 +192,10 @@ class StepRunner:
         def pad1(x, n, fill=0):
             return np.concatenate([x, np.full(n - len(x), fill, x.dtype)])
 
-        def pad2(x):
-            out = np.zeros((S, M), np.int32)
+        def pad2(x, fill=0, dtype=np.int32):
+            if x is None:  # no re-weighting: the plain program
+                return None
+            out = np.full((S, M), fill, dtype)
             out[:s_real, :m_real] = x
             return out
 

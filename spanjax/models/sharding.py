@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from spanjax.models.config import ModelConfig
@@ -283,8 +284,32 @@ def named_shardings(specs, mesh: Mesh):
 
 
 def shard_params(params, cfg: ModelConfig, mesh: Mesh, rules: RulesArg = "inference"):
-    """`params` placed on `mesh` by the rules (jax.device_put with NamedShardings)."""
-    return jax.device_put(params, named_shardings(param_partition_specs(cfg, params, rules, mesh), mesh))
+    """`params` placed on `mesh` by the rules (`put_global` with NamedShardings)."""
+    return put_global(params, named_shardings(param_partition_specs(cfg, params, rules, mesh), mesh))
+
+
+def spans_processes(mesh: Mesh) -> bool:
+    """Whether `mesh` holds devices of other processes (a multi-host mesh)."""
+    return any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+
+
+def put_global(tree, shardings):
+    """`tree` (host arrays, or arrays on one device; the same values in every process) placed by
+    `shardings` (a pytree of them, or one sharding for every leaf). A sharding of this process's
+    devices only is `jax.device_put`; one spanning other processes' devices is built from this
+    process's copy (`jax.make_array_from_callback`), each process contributing its own devices'
+    blocks, so nothing travels between hosts. Every process must call it with the same values
+    (None leaves, empty subtrees to jax.tree, stay None)."""
+
+    def one(x, sharding):
+        if sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
 
 
 def shard_factor(spec: PartitionSpec, mesh: Mesh | MeshSpec) -> int:

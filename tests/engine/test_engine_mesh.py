@@ -80,6 +80,30 @@ def test_replicas_split_and_merge_in_order():
     with pytest.raises(RuntimeError, match="item 4"):
         replicas.map(fail, items)
 
+    # Groups: every item of a group on one replica, groups dealt in order of first appearance.
+    groups = ["a", "a", "b", "c", "b", "d", "a"]
+    assert replicas.assign(len(groups), groups) == [[0, 1, 5, 6], [2, 4], [3]]
+    out = replicas.map(lambda e, x: (e, x), list(range(7)), groups=groups)
+    assert out == [("e0", 0), ("e0", 1), ("e1", 2), ("e2", 3), ("e1", 4), ("e0", 5), ("e0", 6)]
+    with pytest.raises(ValueError, match="2 groups for 3 items"):
+        replicas.map(lambda e, x: x, [1, 2, 3], groups=["a", "b"])
+
+    # After one replica's exception the others finish their item in flight and start no other.
+    started, finished = threading.Barrier(3), []
+
+    def stop_early(engine, x):
+        if x < 3:
+            started.wait(5)  # every replica is in its first item
+        if x == 0:
+            raise RuntimeError("replica 0 failed")
+        threading.Event().wait(0.2)
+        finished.append(x)
+        return x
+
+    with pytest.raises(RuntimeError, match="replica 0 failed"):
+        replicas.map(stop_early, items)
+    assert sorted(finished) == [1, 2]
+
 
 def test_engine_on_meshes_of_eight_fake_devices():
     """Meshes (1, 8), (2, 4), (8, 1): the engine's logits equal the single-device engine's within

@@ -11,8 +11,9 @@ and tests/training/test_multihost.py):
   `Checkpointer.restore` onto explicit abstract targets on another mesh.
 - `multihost`: what every process of a multi-host run computes on the global data=2,model=4
   mesh (spanjax.distributed.initialize() reads the environment: two processes with 4 devices
-  each, or one process with 8): `CHECKS` in order, process 0 writing their results. Add a
-  check (e.g. an engine step) to `CHECKS` to compare it too.
+  each, or one process with 8): `CHECKS` in order (training steps, a sharded forward, and an
+  engine on the global (1, 8) mesh), process 0 writing their results. Add a check to `CHECKS`
+  (and its name to test_multihost.py's `COMPARED`) to compare it too.
 """
 
 from __future__ import annotations
@@ -237,7 +238,68 @@ def check_forward(out: Path, mesh) -> dict:
     return {"logits": np.asarray(logits).tolist()} if distributed.is_main_process() else {}
 
 
-CHECKS = {"train": check_train, "forward": check_forward}  # the lead adds the engine step here
+def check_engine(out: Path, mesh) -> dict:
+    """One Engine on the global (1, 8) mesh (its model axis spans both processes; (2, 4) would be
+    replicas, which are per process): two span queries submitted at once (a cross holding a plus
+    of documents, parallel positions; a cross with nested plus nodes, one sampling with
+    temperature), prefill then 4 decode steps each; every process runs the same steps."""
+    from spanjax.engine.engine import Engine, EngineConfig
+    from spanjax.engine.sampling import SamplingParams
+    from spanjax.query import ast as A
+    from spanjax.query.lower import lower
+
+    m = model()
+    config = EngineConfig(
+        num_pages=64, page_size=4, max_tokens_per_step=32, max_seqs_per_step=4, compilation_cache="off", mesh="model=8"
+    )
+    engine = Engine(m, config)
+    runner = engine.runner  # one bucket per axis: two compiled steps (mixed, decode-only), not one per shape
+    runner.token_buckets, runner.seq_buckets, runner.page_buckets = [32], [4], [32]
+    docs = tuple(A.user(text) for text in ("alpha beta gamma", "delta epsilon", "zeta eta theta iota"))
+    queries = [
+        A.G("tiny", A.Cross((A.system("read"), A.Plus(docs), A.user("which one?"))), positions="parallel"),
+        A.G(
+            "tiny",
+            A.Cross((A.system("sys"), A.Plus((A.user("a b"), A.Cross((A.user("c"), A.Plus(docs[:2]))))), A.user("q"))),
+        ),
+    ]
+    samplings = [
+        SamplingParams(max_tokens=5, ignore_eos=True),
+        SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.8, top_k=20, seed=1),
+    ]
+    reqs = [
+        engine.submit(lower(g, m.tokenizer, model="tiny", page_size=config.page_size), s, keep_logits=True)
+        for g, s in zip(queries, samplings)
+    ]
+    engine.run_until_done(reqs)
+    if not distributed.is_main_process():
+        return {}
+    refused = {}
+    if jax.process_count() > 1:  # replicas are per process; experiment runs are one process
+        from spanjax.config import ConfigError
+        from spanjax.engine.replicas import EngineReplicas
+        from spanjax.eval.experiments import check_placement
+        from spanjax.eval.locality import LocalityConfig
+
+        for name, refuse in (
+            ("replicas", lambda: EngineReplicas(m, dataclasses.replace(config, mesh="data=2,model=4"))),
+            ("experiment", lambda: check_placement(LocalityConfig())),
+        ):
+            try:
+                refuse()
+            except (ValueError, ConfigError) as e:
+                refused[name] = str(e)
+    return {
+        "refused": refused,
+        "tokens": [r.generated for r in reqs],
+        "logits": [np.stack(r.logits).tolist() for r in reqs],
+        "steps": engine.steps,
+        "processes": sorted({d.process_index for d in engine.mesh.devices.flat}),
+        "pool_shard": list(engine.cache.k.sharding.shard_shape(engine.cache.k.shape)),
+    }
+
+
+CHECKS = {"train": check_train, "forward": check_forward, "engine": check_engine}
 
 
 def multihost(out: Path) -> dict:

@@ -2,7 +2,8 @@
 loopback with 4 fake CPU devices each, joined over gloo into one runtime of 8 devices, that
 run the same program on the global data=2,model=4 mesh (two aLoRA training steps through the
 whole trainer: sharded checkpoints, process 0's metrics and export; and a sharded model
-forward) and agree with one process computing the same on 8 devices.
+forward), and one Engine on the global (1, 8) mesh (span queries: prefill and decode steps),
+and agree with one process computing the same on 8 devices.
 
 The checks each process runs are `CHECKS` in tests/training/mesh_cases.py (scenario
 `multihost`); a new one (e.g. an engine step) is compared here by adding its name to
@@ -20,7 +21,7 @@ from test_mesh_training import TOL, assert_close_trees, assert_same_curve, resul
 from spanjax import distributed
 from spanjax.distributed import Settings, settings_from_env
 
-COMPARED = ("train", "forward")
+COMPARED = ("train", "forward", "engine")
 
 
 @pytest.mark.parametrize(
@@ -105,6 +106,19 @@ def test_two_processes_agree_with_one(tmp_path):
     assert_close_trees(two["train"]["weights"], one["train"]["weights"])
     logits_two, logits_one = np.asarray(two["forward"]["logits"]), np.asarray(one["forward"]["logits"])
     assert logits_one.shape == (2, 12, 64) and np.abs(logits_two - logits_one).max() <= TOL
+    # The engine: its mesh spans both processes, each device holds one kv head of the pool; the
+    # same steps, tokens (greedy and seeded sampling) and kept logits as one process.
+    engine_two, engine_one = two["engine"], one["engine"]
+    assert engine_two["processes"] == [0, 1] and engine_one["processes"] == [0]
+    assert engine_two["pool_shard"][3] == 1 and engine_two["steps"] == engine_one["steps"]
+    assert engine_two["tokens"] == engine_one["tokens"] and all(len(t) == 5 for t in engine_one["tokens"])
+    for got, want in zip(engine_two["logits"], engine_one["logits"]):
+        got, want = np.asarray(got), np.asarray(want)
+        assert got.shape == want.shape == (5, 64) and np.abs(got - want).max() <= TOL
+        assert np.abs(want).max() > 1e-2  # not a comparison of zeros
+    # What does not span processes is refused: engine replicas (data > 1), experiment runs.
+    assert "engine replicas (data > 1) run in one process" in engine_two["refused"]["replicas"]
+    assert "experiment runs are one process" in engine_two["refused"]["experiment"]
     # The run directory: process 0 wrote the metrics (once) and the export; both wrote the checkpoint.
     run = shared / "runs" / "mh"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
