@@ -33,3 +33,13 @@ def test_a_source_checkout_runs_without_installing(tmp_path):
     out = subprocess.run([sys.executable, "-S", "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(ROOT / "training" / "__init__.py"), str(ROOT / "eval" / "__init__.py")]
+
+
+def test_test_files_have_unique_basenames():
+    """pytest imports test files as top-level modules (no __init__.py): two files with one
+    name in different folders stop the whole suite at collection."""
+    import collections
+    from pathlib import Path
+
+    names = collections.Counter(p.name for p in Path(__file__).parent.rglob("test_*.py"))
+    assert not [n for n, c in names.items() if c > 1]
