@@ -100,7 +100,8 @@ class StepPrograms:
         stored = self._read(path)
         if stored is None:
             stored = self._export(fn, args, bucket, donate, path)
-        return _callable(*stored)
+        exported, out_tree, _, donated = stored
+        return _callable(exported, out_tree, donated)
 
     def preload(self, fixed) -> dict:
         """bucket -> step for every program stored for these fixed arguments, each compiled now."""
@@ -108,7 +109,8 @@ class StepPrograms:
         for path in sorted(self.directory.glob(f"{self.name}-{self._scope(fixed)}-*.bin")):
             stored = self._read(path)
             if stored is not None:
-                out[stored[2]] = _callable(*stored)
+                exported, out_tree, bucket, donated = stored
+                out[bucket] = _callable(exported, out_tree, donated)
         return out
 
     def _read(self, path: Path):
@@ -147,7 +149,7 @@ class StepPrograms:
         return exported, out_tree, bucket, donated
 
 
-def _callable(exported, out_tree, bucket, donated):
+def _callable(exported, out_tree, donated):
     """The stored program as a step: flattened arguments in, the step's output tree out.
     Lowered from the program's own avals and compiled now, the same way in every process, so
     the persistent cache key is the same too."""

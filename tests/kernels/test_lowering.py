@@ -48,10 +48,9 @@ def test_gpu_lowers_to_triton(dtype, cfg):
     assert "triton" in exp.mlir_module()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("cfg", [dict(block_q=8, pages_per_block=4), dict(num_splits=2, block_q=1)])
-def test_tpu_lowers_to_mosaic(fake_tpu, dtype, cfg):
-    b = make_batch(
+def tpu_batch(dtype):
+    """A batch in the TPU kernel's layout: one kv head of 128 dims, 16-token pages."""
+    return make_batch(
         np.random.default_rng(0),
         SEQS,
         num_q_heads=8,
@@ -60,6 +59,12 @@ def test_tpu_lowers_to_mosaic(fake_tpu, dtype, cfg):
         page_size=16,
         dtype=jnp.dtype(dtype),
     )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cfg", [dict(block_q=8, pages_per_block=4), dict(num_splits=2, block_q=1)])
+def test_tpu_lowers_to_mosaic(fake_tpu, dtype, cfg):
+    b = tpu_batch(dtype)
     args, kw = args_kwargs(b)
     exp = export.export(
         jax.jit(functools.partial(span_attention_tpu, **kw, **cfg)), platforms=["tpu"], disabled_checks=DISABLED
@@ -88,15 +93,7 @@ def test_reweighted_gpu_lowers_to_triton(cfg):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_reweighted_tpu_lowers_to_mosaic(fake_tpu, dtype):
     """The entries' scale and bias are two more scalar-prefetched (SMEM) f32 arrays."""
-    b = make_batch(
-        np.random.default_rng(0),
-        SEQS,
-        num_q_heads=8,
-        num_kv_heads=1,
-        head_dim=128,
-        page_size=16,
-        dtype=jnp.dtype(dtype),
-    )
+    b = tpu_batch(dtype)
     args, kw = args_kwargs(b)
     fn = jax.jit(functools.partial(span_attention_tpu, **kw, block_q=8, pages_per_block=4))
     exp = export.export(fn, platforms=["tpu"], disabled_checks=DISABLED)(*_reweighted(args))
