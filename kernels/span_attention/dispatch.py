@@ -25,7 +25,7 @@ from spanjax.kernels.span_attention.kernel import span_attention_gpu
 from spanjax.kernels.span_attention.kernel_tpu import span_attention_tpu
 from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs
 from spanjax.kernels.span_attention.reference import span_attention_reference
-from spanjax.kernels.span_attention.xla import span_attention_xla
+from spanjax.kernels.span_attention.xla import prepare_meta, span_attention_xla
 
 IMPLS = ("auto", "reference", "xla", "pallas", "pallas_gpu", "pallas_tpu")
 
@@ -89,4 +89,7 @@ def get_attention_impl(impl=None, *, interpret=None, config=None):
     which = resolve_impl(impl)
     if which == "reference":
         return span_attention_reference
-    return functools.partial(span_attention, impl=which, interpret=interpret, config=config)
+    fn = functools.partial(span_attention, impl=which, interpret=interpret, config=config)
+    if which == "xla":  # per-step work done once for all layers (forward_paged calls it)
+        fn.prepare_meta = prepare_meta
+    return fn

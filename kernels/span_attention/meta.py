@@ -53,6 +53,11 @@ class SpanBatchMeta:
     # None is the plain contract, and every implementation then runs its plain program.
     block_logit_scale: jax.Array | None = None  # [S, M] float
     block_logit_bias: jax.Array | None = None  # [S, M] float
+    # Optional RoPE tables of every listed slot, (cos, sin) each [S, M * P, 1, D // 2] float32,
+    # for slot j of entry i at position block_pos[s, i] + j. A step computes them once for all
+    # layers (`xla.with_key_rope`); implementations that rotate keys in jnp use them, the
+    # others ignore them. None = each call computes what it needs.
+    key_rope: tuple[jax.Array, jax.Array] | None = None
     # Static promise (part of the jit cache key, not an array): every sequence has at most
     # this many query tokens. 1 marks a decode-only batch, which the XLA path computes per
     # sequence in one pass; None promises nothing. Implementations may ignore it.
@@ -148,6 +153,9 @@ def check_inputs(q, k_pages, v_pages, meta: SpanBatchMeta, q_pos, rope_inv_freq=
         if x is not None:
             _expect(name, x, (S, M), "block_tables' shape [S, M]")
             _kind(name, x, jnp.floating, "a floating")
+    if meta.key_rope is not None:
+        for name, x in zip(("key_rope cos", "key_rope sin"), meta.key_rope):
+            _expect(name, x, (S, M * P, 1, D // 2), "[S, M * P, 1, D // 2]")
     if meta.slot_mapping is not None:
         _expect("slot_mapping", meta.slot_mapping, (T,), "[T] (one per query token)")
         _kind("slot_mapping", meta.slot_mapping, jnp.integer, "an integer")

@@ -51,6 +51,8 @@ def shard_heads(impl, mesh: Mesh, axis: str = "model"):
             check_vma=False,
         )(q, k_pages, v_pages, meta, q_pos, rope_inv_freq)
 
+    if hasattr(impl, "prepare_meta"):  # the metadata stays replicated, so its preparation does too
+        call.prepare_meta = impl.prepare_meta
     return call
 
 

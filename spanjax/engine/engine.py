@@ -140,13 +140,13 @@ class Engine:
         if self.mesh is not None and (speculator is not None or config.speculator is not None):
             raise ValueError("speculative decoding does not run on a mesh yet (EngineConfig.mesh with a speculator)")
         self.compilation_cache = use_persistent_cache(config.compilation_cache)
-        # The step's weights. bf16 layers are unstacked (the decoder unrolls its layer loop):
-        # a scan over stacked bf16 weights converts each layer's slice to fp32 on every step
-        # (measured on SmolLM2-135M, 2-core CPU, one decode stream: 155 ms per step scanned vs
-        # 47 ms unrolled). fp32 keeps the scan: 61 vs 67 ms, and a fifth of the tracing time.
-        # Unstacking copies the weights (the LoadedModel keeps its stacked ones).
-        bf16 = model.params.embed.dtype == jnp.bfloat16
-        self.params = llama.unstack_layers(model.params) if bf16 else model.params
+        # The step's weights, unstacked: the decoder unrolls its layer loop. A `lax.scan` over
+        # stacked weights copies each layer's slice out of the stack on every step (XLA CPU
+        # cannot hand a dot a slice of a buffer): measured on SmolLM2-135M, 2-core CPU, the
+        # copies were ~7 ms of a one-stream fp32 decode step, and bf16 slices were converted to
+        # fp32 as well (155 ms per step scanned vs 47 ms unrolled). Unstacking copies the
+        # weights once (the LoadedModel keeps its stacked ones).
+        self.params = llama.unstack_layers(model.params)
         self.pool = PagePool(config.num_pages, config.page_size)
         init_cache = lambda: llama.init_paged_cache(
             model.cfg, config.num_pages, config.page_size, jnp.dtype(config.cache_dtype)

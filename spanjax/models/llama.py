@@ -331,6 +331,9 @@ def forward_paged(
     """
     attention_impl = span_attention_reference if attention_impl is None else attention_impl
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
+    prepare = getattr(attention_impl, "prepare_meta", None)  # per-step work, once for all layers
+    if prepare is not None:
+        meta = prepare(meta, cache.page_size, inv_freq)
     attention = functools.partial(_paged_attention, cfg, inv_freq, attention_impl, meta)
     hidden, (k, v) = decoder(params, cfg, tokens, positions, (cache.k, cache.v), attention, adapter, adapter_mask)
     return hidden, PagedKVCache(k=k, v=v)

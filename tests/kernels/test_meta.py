@@ -57,6 +57,10 @@ def _bad(field):
         q_pos = q_pos[:-1]
     elif field == "slot_mapping":
         meta = meta.replace(slot_mapping=jnp.zeros(q.shape[0] + 1, jnp.int32))
+    elif field == "key_rope":  # one table row short
+        S, M = meta.block_tables.shape
+        bad = jnp.zeros((S, M * k.shape[1] - 1, 1, q.shape[-1] // 2), jnp.float32)
+        meta = meta.replace(key_rope=(bad, bad))
     elif field == "rope_inv_freq":
         kw["rope_inv_freq"] = kw["rope_inv_freq"][:-1]
     elif field == "meta":
@@ -74,6 +78,7 @@ FIELDS = [
     "cu_q_lens",
     "q_pos",
     "slot_mapping",
+    "key_rope",
     "rope_inv_freq",
     "meta",
 ]

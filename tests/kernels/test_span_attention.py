@@ -17,7 +17,7 @@ from spanjax.kernels.span_attention import (
 from spanjax.kernels.span_attention.kernel import span_attention_gpu
 from spanjax.kernels.span_attention.kernel_tpu import span_attention_tpu
 from spanjax.kernels.span_attention.testing import args_kwargs, make_batch
-from spanjax.kernels.span_attention.xla import span_attention_xla
+from spanjax.kernels.span_attention.xla import prepare_meta, span_attention_xla
 
 KERNELS = {"gpu": span_attention_gpu, "tpu": span_attention_tpu}
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -199,6 +199,12 @@ def test_xla_decode_path(G, dtype):
     assert _diff(out, ref) <= TOL[dtype]
     T_real = int(batch["cu_q_lens"][-1])
     assert float(jnp.max(jnp.abs(out[T_real:].astype(jnp.float32)))) == 0.0
+    # The keys' RoPE tables computed once per step (what forward_paged does before its layers)
+    # give the same result as tables computed inside the call.
+    prepared = prepare_meta(args[3], args[1].shape[1], kw["rope_inv_freq"])
+    assert prepared.key_rope is not None
+    args[3] = prepared
+    assert _diff(jax.jit(lambda *a: span_attention_xla(*a, **kw))(*args), out) == 0.0
 
 
 def test_xla_tiled_path_bf16():
