@@ -101,11 +101,9 @@ def with_key_rope(meta: SpanBatchMeta, page_size: int, rope_inv_freq) -> SpanBat
 
 def prepare_meta(meta: SpanBatchMeta, page_size: int, rope_inv_freq) -> SpanBatchMeta:
     """What this path wants computed once per step rather than per layer: the keys' RoPE
-    tables of a decode-only batch (`with_key_rope`). Callers use it through the
+    tables (`with_key_rope`). Callers use it through the
     `prepare_meta` attribute of `get_attention_impl()`'s callable."""
-    if meta.max_q_len == 1 and meta.key_rope is None:
-        return with_key_rope(meta, page_size, rope_inv_freq)
-    return meta
+    return meta if meta.key_rope is not None else with_key_rope(meta, page_size, rope_inv_freq)
 
 
 def span_attention_xla(
@@ -134,6 +132,10 @@ def span_attention_xla(
     qt = tb.q.astype(jnp.float32) * sm_scale  # [nt, Hkv, R, D]
     R = qt.shape[2]
     slot = jnp.arange(page_size, dtype=jnp.int32)
+    key_rope = meta.key_rope
+    if key_rope is not None:  # padded like the block tables (the padding slots are never seen)
+        pad = ((0, 0), (0, (tables.shape[1] - n.M) * page_size), (0, 0), (0, 0))
+        key_rope = tuple(jnp.pad(t, pad) for t in key_rope)
 
     def body(i, carry):
         m, l, acc = carry
@@ -146,7 +148,11 @@ def span_attention_xla(
         pages = tables[:, cols]  # [S, step]
         k = k_pages[pages].astype(jnp.float32).reshape(S, step * page_size, Hkv, D)
         v = v_pages[pages].astype(jnp.float32).reshape(S, step * page_size, Hkv, D)
-        k = apply_rope(k, kpos, rope_inv_freq)[tiles.seq]
+        if key_rope is None:
+            k = apply_rope(k, kpos, rope_inv_freq)[tiles.seq]
+        else:  # tables computed once per step: inlined sin/cos run per tile, head and dimension
+            group = (jax.lax.dynamic_slice_in_dim(t, i * step * page_size, step * page_size, 1) for t in key_rope)
+            k = rotate(k, *group)[tiles.seq]
         v = jnp.where(valid[:, :, None, None], v, 0.0)[tiles.seq]  # junk in unseen slots must not leak
         kpos, valid = kpos[tiles.seq], valid[tiles.seq]
         seen = valid[:, None, None, :] & (kpos[:, None, None, :] <= row_pos[:, None, :, None])  # [nt, 1, R, K]
