@@ -50,6 +50,8 @@ from spanjax.runs import RunDir, append_items, item_key, load_items, machine, pr
 from spanjax.tasks.locality import (
     BASE_VARIANTS,
     EXAMPLES,
+    REWEIGHT_BIAS,
+    REWEIGHT_SCALE,
     VARIANT_ADAPTER,
     VARIANTS,
     Example,
@@ -96,6 +98,9 @@ class LocalityEval:
     # (`spanjax train block-adapter` writes runs/<name>/adapter)
     lora_adapter: str | None = None
     alora_adapter: str | None = None
+    # (scale, bias) of the -reweight variants' logits on the documents (choose them on split dev)
+    reweight_scale: float = REWEIGHT_SCALE
+    reweight_bias: float = REWEIGHT_BIAS
     # "i/k": run only the question chunks (of batch_questions) whose index % k == i, so k
     # processes split one evaluation by question (every variant and position of a question in
     # one shard: pairs stay whole); `spanjax merge` joins their run dirs. null = everything.
@@ -357,7 +362,7 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
         # An aLoRA g keys its pages before the invocation as base pages (shared with the base variants).
         plans = [
             lower_for_engine(
-                make_g(by_index[q], p, v, model.name, ev.max_tokens),
+                make_g(by_index[q], p, v, model.name, ev.max_tokens, (ev.reweight_scale, ev.reweight_bias)),
                 tok,
                 model=model.name,
                 page_size=cfg.engine.page_size,

@@ -49,8 +49,9 @@ VARIANTS = {
     "span-parallel+alora": (True, "prefix", "parallel"),
 }
 RECOMPUTE_PAGES = 1  # the recompute variants' head: one page per document (the default of the policy)
-# The reweight variants' (scale, bias). Placeholders (the identity: the plain span variants) until
-# they are chosen on DEV questions only (a sweep over both; never on held-out questions).
+# The reweight variants' default (scale, bias), the identity (the plain span variants) until a
+# sweep on DEV questions only chooses them (`eval.reweight_scale` / `eval.reweight_bias` set
+# them per run; never chosen on held-out questions).
 REWEIGHT_SCALE = 1.0
 REWEIGHT_BIAS = 0.0
 # variant -> the adapter its g runs (engine name; its directory is eval.<name>_adapter)
@@ -217,8 +218,16 @@ def kv_examples(
 EXAMPLES = {"nq": nq_examples, "kv": kv_examples}
 
 
-def make_g(ex: Example, pos: int, variant: str, model_name: str, max_tokens: int) -> A.G:
-    """The span query of `variant` for `ex` with its gold document at position `pos`."""
+def make_g(
+    ex: Example,
+    pos: int,
+    variant: str,
+    model_name: str,
+    max_tokens: int,
+    reweight: tuple[float, float] = (REWEIGHT_SCALE, REWEIGHT_BIAS),
+) -> A.G:
+    """The span query of `variant` for `ex` with its gold document at position `pos`;
+    `reweight` (scale, bias) is what the `-reweight` variants use."""
     span, attention, positions = VARIANTS[variant]
     docs = tuple(A.Message("user", d) for d in ex.documents(pos))
     body = (A.Plus(docs),) if span else docs
@@ -233,5 +242,5 @@ def make_g(ex: Example, pos: int, variant: str, model_name: str, max_tokens: int
         positions=positions,
         adapter=VARIANT_ADAPTER.get(variant),
         recompute_pages=RECOMPUTE_PAGES if variant.endswith("-recompute") else 0,
-        reweight=(REWEIGHT_SCALE, REWEIGHT_BIAS) if variant.endswith("-reweight") else None,
+        reweight=tuple(reweight) if variant.endswith("-reweight") else None,
     )

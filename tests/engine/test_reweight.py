@@ -141,3 +141,6 @@ def test_locality_reweight_variants():
         assert g.reweight == (L.REWEIGHT_SCALE, L.REWEIGHT_BIAS) and g.positions == positions
         assert isinstance(g.input.children[1], A.Plus)
     assert L.make_g(ex, 1, "span-parallel", "tiny", 4).reweight is None
+    # A DEV sweep sets the pair per run (eval.reweight_scale / eval.reweight_bias)
+    assert L.make_g(ex, 1, "span-parallel-reweight", "tiny", 4, (1.5, -0.5)).reweight == (1.5, -0.5)
+    assert L.make_g(ex, 1, "span-parallel", "tiny", 4, (1.5, -0.5)).reweight is None
