@@ -81,10 +81,10 @@ def init_params(cfg: ModelConfig, key, dtype=jnp.float32, scale=0.02) -> Params:
 def unstack_layers(params: Params) -> Params:
     """The same weights with `layers` as a tuple of per-layer LayerParams (one buffer per weight).
 
-    The decoder unrolls its layer loop over unstacked layers. bf16 inference on CPU wants that:
-    a `lax.scan` over stacked bf16 weights converts every layer's slice to fp32 on each step
-    (the engine unstacks bf16 weights; fp32 scans about as fast and traces far quicker).
-    Training keeps them stacked (the scan's compile time does not grow with depth)."""
+    The decoder unrolls its layer loop over unstacked layers, which inference on CPU wants: a
+    `lax.scan` over stacked weights copies every layer's slice out of the stack on each step
+    (and converts bf16 slices to fp32), so the engine unstacks. Training keeps them stacked
+    (the scan's compile time does not grow with depth)."""
     if isinstance(params.layers, tuple):
         return params
     n = params.layers.wq.shape[0]
