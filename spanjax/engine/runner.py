@@ -3,14 +3,16 @@
 Shapes are bucketed so the step compiles a bounded number of times:
 
 - tokens T: powers of two from 16 up to the token budget (the budget itself is
-  the last bucket);
+  the last bucket); a decode-only batch (at most one token per sequence) uses
+  T = S instead, in its own trace (`max_q_len`), so no bucket is added;
 - sequences S: powers of two from 1 up to `max_seqs_per_step` (padded
   sequences are empty; bucketing them keeps the attention's per-sequence work
   proportional to the real sequences);
 - block-table width M: powers of two from 4 up to the widest sequence the pool
   allows (`num_pages - 1`, rounded up to a power of two).
 
-So at most len(T) x len(S) x len(M) compilations (`compile_bound`); in
+So at most (len(T) + 1) x len(S) x len(M) compilations; `compile_bound` counts the
+prefill ones (len(T) x len(S) x len(M)); in
 practice a workload touches a handful. `compile_count` counts the traces that
 actually happened.
 
