@@ -15,11 +15,10 @@ The measured number is the outer request's TTFT: the outer wave's wall time
 with outer_max_tokens=1 (lowering, scheduling, every step, the token on the
 host), less the seconds JAX spent tracing and compiling in it (recorded apart as
 compile_s, the raw wall time as ttft_wall_s); the engine's own first-token stamp
-is recorded as engine_ttft_s. The
-wall time of the whole query (inner + outer) is recorded too. The cache is
-cleared before every measurement so both variants start cold; each trial uses
-fresh inner prompts (dev questions). One warm-up trial per n compiles the
-shapes and is discarded.
+is recorded as engine_ttft_s. The wall time of the whole query (inner + outer)
+is recorded too. The cache is cleared before every measurement so both variants
+start cold; each trial uses fresh inner prompts (dev questions). One warm-up
+trial per n compiles the shapes and is discarded.
 """
 
 from __future__ import annotations
