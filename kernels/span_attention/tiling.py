@@ -31,9 +31,12 @@ def cdiv(a, b):
 
 
 def max_num_tiles(num_tokens: int, num_seqs: int, block_q: int) -> int:
-    """Static upper bound on query tiles: each sequence adds at most one partial tile,
-    and a tile holds at least one token."""
-    return max(1, min(num_tokens, num_tokens // block_q + num_seqs))
+    """Static upper bound on query tiles. A sequence of n tokens takes ceil(n / block_q) <=
+    (n + block_q - 1) / block_q tiles, so all of them take at most
+    (T + S * (block_q - 1)) // block_q, and a tile holds at least one token. (The looser
+    T // block_q + S gave a one-sequence chunk of 32 tokens two tiles, one of them empty but
+    computed: half of a short prefill's attention.)"""
+    return max(1, min(num_tokens, (num_tokens + num_seqs * (block_q - 1)) // block_q))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,3 +124,18 @@ def test_forward_paged_checks_meta_before_writing():
         llama.forward_paged(params, cfg, toks, pos, cache, meta.replace(slot_mapping=None))
     with pytest.raises(ValueError, match="block_lens"):
         llama.forward_paged(params, cfg, toks, pos, cache, meta.replace(block_lens=jnp.zeros((1, 2), jnp.int32)))
+
+
+def test_tile_bound_holds_every_split_and_is_tight_for_one_sequence():
+    """`max_num_tiles` must cover any split of T tokens into S sequences (tiles beyond it would
+    be dropped), and a single sequence gets exactly ceil(T / block_q) tiles (no empty tile)."""
+    from spanjax.kernels.span_attention.tiling import max_num_tiles
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        S, block_q = int(rng.integers(1, 9)), int(2 ** rng.integers(0, 7))
+        lens = rng.integers(0, 80, S)
+        T = max(1, int(lens.sum()))
+        need = int(sum(-(-n // block_q) for n in lens))
+        assert need <= max_num_tiles(T, S, block_q)
+    assert max_num_tiles(32, 1, 32) == 1 and max_num_tiles(512, 1, 64) == 8 and max_num_tiles(20, 1, 32) == 1
