@@ -31,6 +31,15 @@ def default_block_q(num_tokens: int, num_seqs: int) -> int:
     return min(64, 1 << (target.bit_length() - 1))
 
 
+def key_slots(block_pos, block_lens, page_size: int):
+    """Every listed slot's key position and whether it holds a key, each [S, M * page_size]
+    (entry-major, like the gathered pages)."""
+    slot = jnp.arange(page_size, dtype=jnp.int32)
+    kpos = (block_pos.astype(jnp.int32)[:, :, None] + slot).reshape(block_pos.shape[0], -1)
+    valid = (slot < block_lens.astype(jnp.int32)[:, :, None]).reshape(block_pos.shape[0], -1)
+    return kpos, valid
+
+
 def decode_attention(q, k_pages, v_pages, meta: SpanBatchMeta, q_pos, *, rope_inv_freq, sm_scale):
     """The decode shape: at most one query token per sequence (`meta.max_q_len == 1`).
 
@@ -53,10 +62,9 @@ def decode_attention(q, k_pages, v_pages, meta: SpanBatchMeta, q_pos, *, rope_in
     has_token = cu[1:] > cu[:-1]  # [S]
     tok = jnp.where(has_token, cu[:-1], T)  # the sequence's query token (T = none: dropped below)
     tok_in = jnp.minimum(tok, T - 1)  # where it is read from (sequences without one read junk, masked)
-    slot = jnp.arange(P, dtype=jnp.int32)
-    kpos = (pos[:, :, None] + slot).reshape(S, M * P)
+    kpos, valid = key_slots(pos, lens, P)
     qpos = q_pos.astype(jnp.int32)[tok_in]
-    seen = (slot < lens[:, :, None]).reshape(S, M * P) & (kpos <= qpos[:, None]) & has_token[:, None]
+    seen = valid & (kpos <= qpos[:, None]) & has_token[:, None]
     key_rope = rope_tables(kpos, rope_inv_freq) if meta.key_rope is None else meta.key_rope
     k = rotate(k_pages[tables].astype(jnp.float32).reshape(S, M * P, Hkv, D), *key_rope)
     k = k.reshape(S, M * P, Hkv * D)
@@ -89,7 +97,7 @@ def with_key_rope(meta: SpanBatchMeta, page_size: int, rope_inv_freq) -> SpanBat
     An optimization barrier does not survive its pipeline; a conditional's result does.
     `cu_q_lens[0] >= 0` always holds."""
     S, M = meta.block_tables.shape
-    kpos = (meta.block_pos.astype(jnp.int32)[:, :, None] + jnp.arange(page_size, dtype=jnp.int32)).reshape(S, -1)
+    kpos, _ = key_slots(meta.block_pos, meta.block_lens, page_size)
     half = rope_inv_freq.shape[-1]
     tables = jax.lax.cond(
         meta.cu_q_lens[0] >= 0,
@@ -131,7 +139,6 @@ def span_attention_xla(
     tables, pos, lens, tiles, row_pos = tb.tables, tb.pos, tb.lens, tb.tiles, tb.row_pos  # row_pos [nt, R]
     qt = tb.q.astype(jnp.float32) * sm_scale  # [nt, Hkv, R, D]
     R = qt.shape[2]
-    slot = jnp.arange(page_size, dtype=jnp.int32)
     key_rope = meta.key_rope
     if key_rope is not None:  # padded like the block tables (the padding slots are never seen)
         pad = ((0, 0), (0, (tables.shape[1] - n.M) * page_size), (0, 0), (0, 0))
@@ -143,8 +150,7 @@ def span_attention_xla(
     # ~10x slower than the same loops over stored values (a 32-token question over 4k cached
     # keys, SmolLM2-135M, 2 cores: its step went 370 -> 150 ms).
     width = step * page_size
-    kpos_all = (pos[:, :, None] + slot).reshape(S, -1)
-    valid_all = (slot < lens[:, :, None]).reshape(S, -1)
+    kpos_all, valid_all = key_slots(pos, lens, page_size)
 
     def body(i, carry):
         m, l, acc = carry
