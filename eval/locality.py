@@ -57,6 +57,7 @@ from spanjax.tasks.locality import (
     Example,
     _split_range,
     make_g,
+    order_invariant,
 )
 
 # Items are keyed (variant, question, position) and seeded per question, so a
@@ -105,6 +106,10 @@ class LocalityEval:
     # processes split one evaluation by question (every variant and position of a question in
     # one shard: pairs stay whole); `spanjax merge` joins their run dirs. null = everything.
     shard: str | None = None
+    # Variants whose query is the same for every gold position (`order_invariant`: a parallel
+    # plus) run once per question, at the first gold position, and the item is recorded for
+    # every position (its copies carry `computed_at`); false runs every position.
+    order_invariant_once: bool = True
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -196,14 +201,31 @@ def work_order(cfg: LocalityConfig, examples: list[Example] | list[int]) -> list
             continue
         chunk = indices[c : c + ev.batch_questions]
         for v in ev.variants:
-            for p in ev.gold_positions:
+            for p in computed_positions(ev, v):
                 batches.append([(v, q, p) for q in chunk])
     return batches
 
 
+def computed_positions(ev: LocalityEval, variant: str) -> tuple[int, ...]:
+    """The gold positions `variant` is run at: the first only, when its query is the same at
+    every position (`order_invariant`) and `order_invariant_once` is on."""
+    once = ev.order_invariant_once and order_invariant(variant)
+    return ev.gold_positions[:1] if once else ev.gold_positions
+
+
+def recorded_keys(ev: LocalityEval, key: tuple[str, int, int]) -> list[tuple[str, int, int]]:
+    """The item keys a run of `key` (a work_order key) is recorded under: every gold position
+    when the variant runs once per question, else the key itself."""
+    v, q, _ = key
+    if len(computed_positions(ev, v)) == len(ev.gold_positions):
+        return [key]
+    return [(v, q, p) for p in ev.gold_positions]
+
+
 def scope(cfg: LocalityConfig) -> set[tuple[str, int, int]]:
     """The item keys the config asks for (its variants, questions, positions and shard)."""
-    return {key for batch in work_order(cfg, question_indices(cfg.eval)) for key in batch}
+    ev = cfg.eval
+    return {k for batch in work_order(cfg, question_indices(ev)) for key in batch for k in recorded_keys(ev, key)}
 
 
 def aggregate(cfg: LocalityConfig, done: dict[tuple, dict]) -> dict:
@@ -214,14 +236,18 @@ def aggregate(cfg: LocalityConfig, done: dict[tuple, dict]) -> dict:
     ev = cfg.eval
     table = {}
     for v in ev.variants:
-        rows, all_k, all_n = [], 0, 0
+        rows = []
         for p in ev.gold_positions:
             recs = [r for key, r in done.items() if key[0] == v and key[2] == p]
             k, n = sum(bool(r["correct"]) for r in recs), len(recs)
             lo, hi = wilson(k, n)
             rows.append({"position": p, "correct": k, "n": n, "accuracy": k / n if n else None, "ci95": [lo, hi]})
-            all_k, all_n = all_k + k, all_n + n
-        recs = [r for key, r in done.items() if key[0] == v]
+        # "all" counts what was computed: a variant run once per question has its items' copies
+        # at the other positions, which are not more evidence.
+        recs = [r for key, r in done.items() if key[0] == v and key[2] in ev.gold_positions]
+        recs = [r for r in recs if "computed_at" not in r]
+        all_k, all_n = sum(bool(r["correct"]) for r in recs), len(recs)
+        questions = len({r["question"] for r in recs})
         table[v] = {
             "per_position": rows,
             "accuracy": all_k / all_n if all_n else None,
@@ -230,6 +256,8 @@ def aggregate(cfg: LocalityConfig, done: dict[tuple, dict]) -> dict:
             "mean_prompt_tokens": float(np.mean([r["prompt_tokens"] for r in recs])) if recs else None,
             "mean_cached_tokens": float(np.mean([r["cached_tokens"] for r in recs])) if recs else None,
             "mean_item_s": float(np.mean([r["batch_s"] / r["batch_size"] for r in recs])) if recs else None,
+            # engine seconds per question (every gold position it ran at), from the batches' wall times
+            "s_per_question": sum(r["batch_s"] / r["batch_size"] for r in recs) / questions if recs else None,
             "vs_stock": vs_stock(cfg, done, v),
         }
     return table
@@ -280,6 +308,12 @@ def markdown_table(cfg: LocalityConfig, table: dict) -> str:
         n = min(r["n"] for r in t["per_position"])
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {allc} | {n} |")
     legend = "all: accuracy over every position [95% Wilson interval]."
+    once = [v for v in table if len(computed_positions(cfg.eval, v)) < len(ps)]
+    if once:
+        legend += (
+            f" Run once per question (a parallel plus is the same query at every gold position), recorded at"
+            f" every position, counted once in all: {', '.join(once)}."
+        )
     if "stock" in table and len(table) > 1:
         legend = (
             "\\* / †: significantly better / worse than stock at 95% (McNemar's exact test on the items both "
@@ -343,11 +377,12 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
     done = load_items(run_dir)
     batches = work_order(cfg, examples)
     total = sum(len(b) for b in batches)
-    initial = sum(1 for b in batches for k in b if k in done)
+    finished = lambda key: all(k in done for k in recorded_keys(ev, key))  # noqa: E731
+    initial = sum(1 for b in batches for k in b if finished(k))
     if initial:
         log.info("resume: %d/%d items already done, skipped", initial, total)
     # The batches left, each with its chunk (its questions): the unit a replica owns.
-    pending = [([k for k in b if k not in done], tuple(q for _, q, _ in b)) for b in batches]
+    pending = [([k for k in b if not finished(k)], tuple(q for _, q, _ in b)) for b in batches]
     pending = [(todo, chunk) for todo, chunk in pending if todo]
     replicas = make_replicas(model, cfg.engine)
     if len(replicas) > 1:
@@ -377,21 +412,22 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
         recs = []
         for (v, q, p), r in zip(todo, reqs):
             s = r.summary()
-            recs.append(
-                {
-                    "key": [v, q, p],
-                    "variant": v,
-                    "question": q,
-                    "position": p,
-                    "output": r.text,
-                    "correct": by_index[q].correct(r.text),
-                    "prompt_tokens": s["prompt_tokens"],
-                    "cached_tokens": s["cached_tokens"],
-                    "ttft_s": s["ttft_s"],
-                    "batch_s": dt,
-                    "batch_size": len(todo),
-                }
-            )
+            rec = {
+                "key": [v, q, p],
+                "variant": v,
+                "question": q,
+                "position": p,
+                "output": r.text,
+                "correct": by_index[q].correct(r.text),
+                "prompt_tokens": s["prompt_tokens"],
+                "cached_tokens": s["cached_tokens"],
+                "ttft_s": s["ttft_s"],
+                "batch_s": dt,
+                "batch_size": len(todo),
+            }
+            recs.append(rec)
+            copies = [k for k in recorded_keys(ev, (v, q, p)) if k[2] != p]
+            recs += [{**rec, "key": list(k), "position": k[2], "computed_at": p} for k in copies]
         with lock:
             append_items(run_dir, recs)  # durable before counting it done
             for rec in recs:

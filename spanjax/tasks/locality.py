@@ -54,6 +54,18 @@ RECOMPUTE_PAGES = 1  # the recompute variants' head: one page per document (the 
 # them per run; never chosen on held-out questions).
 REWEIGHT_SCALE = 1.0
 REWEIGHT_BIAS = 0.0
+
+
+def order_invariant(variant: str) -> bool:
+    """Whether the variant's span query is one query for every gold position: documents in a
+    `plus` under parallel positions all start at the same position and see the same context,
+    so moving the gold document only changes the order they are listed in, which the
+    attention's rule ignores. Not the recompute variants: a document's recomputed head sees
+    the documents listed before it."""
+    in_plus, _, positions = VARIANTS[variant]
+    return in_plus and positions == "parallel" and "-recompute" not in variant
+
+
 # variant -> the adapter its g runs (engine name; its directory is eval.<name>_adapter)
 VARIANT_ADAPTER = {v: v.rsplit("+", 1)[1] for v in VARIANTS if "+" in v}
 BASE_VARIANTS = tuple(v for v in VARIANTS if v not in VARIANT_ADAPTER)

@@ -58,8 +58,13 @@ def test_work_order_batches_one_position_per_chunk(tmp_path):
     exs = L.locality_examples(cfg.eval, cfg.seed)
     batches = L.work_order(cfg, exs)
     keys = [k for b in batches for k in b]
-    assert len(keys) == len(set(keys)) == len(cfg.eval.variants) * 2 * 3
+    # span-parallel-isolated's query is the same at every gold position: run at position 0 only
+    assert len(keys) == len(set(keys)) == 2 * 2 * 3 + 2
+    assert {p for v, _, p in keys if v == "span-parallel-isolated"} == {0}
     assert all(len({(v, p) for v, _, p in b}) == 1 for b in batches)
+    assert len(L.scope(cfg)) == 3 * 2 * 3  # recorded at every position
+    every = smoke_cfg(tmp_path, "eval.order_invariant_once=false")
+    assert {k for b in L.work_order(every, exs) for k in b} == L.scope(cfg)
 
 
 # ---------------------------------------------------------------------------- runs
@@ -83,8 +88,17 @@ def test_same_config_same_numbers_and_outputs(tiny_model, tmp_path):
     assert row["n"] == 2 and len(row["ci95"]) == 2
     assert load_config(d1.path / "config.yaml") == cfg  # the stored config is the resolved one
     # Span variants reuse document pages across gold positions.
-    recs = [r for r in load_items(d1).values() if r["variant"] == "span-parallel-isolated" and r["position"] > 0]
+    recs = [r for r in load_items(d1).values() if r["variant"] == "span-sequential" and r["position"] > 0]
     assert all(r["cached_tokens"] > 0 for r in recs)
+    # The once-per-question variant's copies are its position-0 items; "all" counts those once.
+    items = load_items(d1)
+    for q in (0, 1):
+        first = items[("span-parallel-isolated", q, 0)]
+        assert "computed_at" not in first
+        for p in (1, 2):
+            copy = items[("span-parallel-isolated", q, p)]
+            assert copy["computed_at"] == 0 and copy["output"] == first["output"]
+    assert res["accuracy"]["span-parallel-isolated"]["n"] == 2 and res["accuracy"]["stock"]["n"] == 6
 
 
 def _strip_timing(r):
@@ -120,8 +134,8 @@ def test_interrupt_then_resume_skips_finished_items(tiny_model, tmp_path, monkey
         Engine, "submit", lambda self, plan, *a, **k: submitted.append(plan) or real_submit(self, plan, *a, **k)
     )
     res, d = run(cfg, resume=run_dir, model=tiny_model)
-    assert d.path == run_dir and len(submitted) == 18 - 6
-    assert sum(t["n"] for t in res["accuracy"].values()) == 18
+    assert d.path == run_dir and len(submitted) == 14 - 6  # span-parallel-isolated: position 0 only
+    assert sum(t["n"] for t in res["accuracy"].values()) == 14
     # A different config cannot resume that directory.
     with pytest.raises(ConfigError, match="config differs.*eval.max_tokens"):
         open_run(smoke_cfg(tmp_path, "eval.max_tokens=9"), resume=run_dir)
@@ -133,14 +147,14 @@ def test_resume_with_more_questions_keeps_finished_items(tiny_model, tmp_path, m
     small = smoke_cfg(tmp_path, "eval.num_questions=1")
     _, d = run(small, model=tiny_model)
     first = {k: r["output"] for k, r in load_items(d).items()}
-    assert len(first) == 9 and {q for _, q, _ in first} == {0}
+    assert len(first) == 9 and {q for _, q, _ in first} == {0}  # 7 computed, 2 copies
     submitted = []
     real_submit = Engine.submit
     monkeypatch.setattr(
         Engine, "submit", lambda self, plan, *a, **k: submitted.append(plan) or real_submit(self, plan, *a, **k)
     )
     res, d2 = run(smoke_cfg(tmp_path), resume=d.path, model=tiny_model)  # num_questions=2: only question 1 is new
-    assert d2.path == d.path and len(submitted) == 9
+    assert d2.path == d.path and len(submitted) == 7
     assert all(r["n"] == 2 for t in res["accuracy"].values() for r in t["per_position"])
     assert {k: r["output"] for k, r in load_items(d2).items() if k in first} == first
     assert load_config(d.path / "config.yaml") == smoke_cfg(tmp_path)  # the run's config now says 2
