@@ -63,8 +63,8 @@ def run(cfg, resume: str | Path | None = None, model=None) -> tuple[dict, RunDir
     """Run a loaded config in a new run dir (or resume one); returns (results, run dir)."""
     _, fn = _task(cfg.task)
     check_placement(cfg)
-    scope = getattr(importlib.import_module(TASKS[cfg.task][0]), "RESUMABLE_SCOPE", ())
-    run_dir = open_run(cfg, resume, scope)
+    task = importlib.import_module(TASKS[cfg.task][0])
+    run_dir = open_run(cfg, resume, getattr(task, "RESUMABLE_SCOPE", ()), getattr(task, "RESUMABLE_WHEN_UNSET", ()))
     try:
         results = fn(cfg, run_dir, model=model)
     except KeyboardInterrupt:

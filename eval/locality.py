@@ -64,6 +64,9 @@ from spanjax.tasks.locality import (
 # run resumed with more (or fewer) questions or variants, or another shard, keeps
 # every finished item valid; the results cover the items of the last config.
 RESUMABLE_SCOPE = ("eval.num_questions", "eval.variants", "eval.shard")
+# An adapter directory a run did not have may be added when resuming it (for its adapter variants,
+# which then start); one it had may not change (its items were computed with it).
+RESUMABLE_WHEN_UNSET = ("eval.lora_adapter", "eval.alora_adapter")
 
 # Item fields that depend on when and beside what an item ran (timing, batch, what the
 # cache held), not on the item itself: left out when two copies of an item are compared.

@@ -65,9 +65,12 @@ def _logger(path: Path) -> logging.Logger:
     return log
 
 
-def open_run(cfg, resume: str | Path | None = None, scope: tuple[str, ...] = ()) -> RunDir:
+def open_run(
+    cfg, resume: str | Path | None = None, scope: tuple[str, ...] = (), settable: tuple[str, ...] = ()
+) -> RunDir:
     """A fresh `out_dir/<name>-<timestamp>/`, or `resume` (which must hold the same
-    config, up to the dotted keys in `scope`)."""
+    config, up to the dotted keys in `scope`, and keys in `settable` that were unset (None)
+    there: an adapter directory the finished items never used)."""
     if resume is not None:
         path = Path(resume)
         stored = path / CONFIG_FILE
@@ -77,7 +80,11 @@ def open_run(cfg, resume: str | Path | None = None, scope: tuple[str, ...] = ())
             old = C.from_dict(type(cfg), C.read_yaml(stored))
         except C.ConfigError as e:
             raise C.ConfigError(f"cannot resume {str(path)!r}: its {CONFIG_FILE}: {e}") from None
-        changed = [c for c in C.diff(old, cfg) if c.split(":")[0] not in scope]
+        def allowed(change: str) -> bool:
+            key, values = change.split(": ", 1)
+            return key in scope or (key in settable and values.startswith("None ->"))
+
+        changed = [c for c in C.diff(old, cfg) if not allowed(c)]
         if changed:
             raise C.ConfigError(
                 f"cannot resume {str(path)!r}: its config differs ({'; '.join(changed)}); start a new run instead"

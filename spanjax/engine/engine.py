@@ -300,8 +300,13 @@ class Engine:
         return finished
 
     def run_until_done(self, requests: list[Request] | None = None) -> None:
-        """Step until the given requests (default: all) have finished."""
-        while self.has_work() and (requests is None or not all(r.finished for r in requests)):
+        """Step until the given requests (default: all) have finished, including the step that
+        writes the last token of those submitted with `write_final_token`: that write is part of
+        their work (their pages are complete when this returns), not of what runs next."""
+        running = self.scheduler.running
+        while self.has_work() and (
+            requests is None or not all(r.finished for r in requests) or any(r in running for r in requests)
+        ):
             self.step()
 
     def generate(

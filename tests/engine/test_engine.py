@@ -365,3 +365,16 @@ def test_abort_of_a_request_still_writing_its_last_token_keeps_its_reason(tiny_m
     assert eng.has_work()  # its last token is not written yet
     assert not eng.abort(req) and req.finish_reason == "length"
     assert not eng.has_work() and eng.pool.num_available() == eng.pool.capacity
+
+
+def test_run_until_done_includes_the_last_token_write(tiny_model):
+    """run_until_done returns once the requests' pages are complete: a write_final_token request's
+    extra step belongs to its own wave, not to whatever is submitted next."""
+    eng = Engine(tiny_model, EngineConfig(num_pages=64, page_size=PAGE, max_tokens_per_step=32))
+    plan = lower(
+        A.G(model="m", input=A.user("a short prompt")), tiny_model.tokenizer, model=tiny_model.name, page_size=PAGE
+    )
+    req = eng.submit(plan, SamplingParams(max_tokens=3, ignore_eos=True), write_final_token=True)
+    eng.run_until_done([req])
+    assert req.finished and not eng.has_work()
+    assert eng.pool.num_available() == eng.pool.capacity

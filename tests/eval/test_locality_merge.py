@@ -242,3 +242,13 @@ def test_merged_half_runs_equal_one_whole_run(tiny_model, tmp_path, monkeypatch)
 
 def load_items_at(path):
     return load_items(RunDir(Path(path), logging.getLogger(__name__), True))
+
+
+def test_resume_may_add_an_adapter_directory_but_not_change_one(tmp_path):
+    cfg = smoke_cfg(tmp_path)
+    d = fake_run(cfg, [])
+    with_adapter = C.override(cfg, ["eval.variants=[stock,span-parallel+alora]", "eval.alora_adapter=a1"])
+    scope, settable = L.RESUMABLE_SCOPE, L.RESUMABLE_WHEN_UNSET
+    assert open_run(with_adapter, resume=d, scope=scope, settable=settable).path == d
+    with pytest.raises(C.ConfigError, match="eval.alora_adapter: 'a1' -> 'a2'"):
+        open_run(C.override(with_adapter, ["eval.alora_adapter=a2"]), resume=d, scope=scope, settable=settable)
