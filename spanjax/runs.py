@@ -80,6 +80,7 @@ def open_run(
             old = C.from_dict(type(cfg), C.read_yaml(stored))
         except C.ConfigError as e:
             raise C.ConfigError(f"cannot resume {str(path)!r}: its {CONFIG_FILE}: {e}") from None
+
         def allowed(change: str) -> bool:
             key, values = change.split(": ", 1)
             return key in scope or (key in settable and values.startswith("None ->"))
