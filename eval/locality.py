@@ -39,7 +39,7 @@ import numpy as np
 
 from spanjax.adapters import load_peft
 from spanjax.config import ConfigError
-from spanjax.engine.adapters import lower_for_engine
+from spanjax.engine.adapters import AdapterError, lower_for_engine
 from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.engine.replicas import EngineReplicas
 from spanjax.engine.sampling import SamplingParams
@@ -396,24 +396,29 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
         log.info("%d engine replicas (%s); chunks of questions dealt round-robin", len(replicas), cfg.engine.mesh_spec)
     for engine in replicas.engines:
         register_adapters(engine, ev)
+
+    def plan(engine: Engine, key: tuple[str, int, int]):
+        # An aLoRA g keys its pages before the invocation as base pages (shared with the base variants).
+        v, q, p = key
+        g = make_g(by_index[q], p, v, model.name, ev.max_tokens, (ev.reweight_scale, ev.reweight_bias))
+        return lower_for_engine(g, tok, model=model.name, page_size=cfg.engine.page_size, adapters=engine.adapters)
+
+    # Every variant's query for one question is lowered before any work, so a variant the task
+    # cannot run (an aLoRA whose invocation sequence its prompt lacks) stops the run now, not
+    # after hours of the variants before it in the work order.
+    for v in ev.variants:
+        try:
+            plan(replicas.engines[0], (v, examples[0].index, ev.gold_positions[0]))
+        except AdapterError as e:
+            raise ConfigError(f"eval.variants: {v} cannot run on the {ev.dataset} task's prompt: {e}") from None
     sampling = SamplingParams(max_tokens=ev.max_tokens, temperature=0.0, seed=cfg.seed)
     bar = progress(total, initial, f"{cfg.name}")
     lock = threading.Lock()  # the items file, `done` and the bar, shared by the replicas' threads
 
     def run_batch(engine: Engine, todo: list[tuple[str, int, int]]) -> None:
-        # An aLoRA g keys its pages before the invocation as base pages (shared with the base variants).
-        plans = [
-            lower_for_engine(
-                make_g(by_index[q], p, v, model.name, ev.max_tokens, (ev.reweight_scale, ev.reweight_bias)),
-                tok,
-                model=model.name,
-                page_size=cfg.engine.page_size,
-                adapters=engine.adapters,
-            )
-            for v, q, p in todo
-        ]
+        plans = [plan(engine, key) for key in todo]
         t0 = time.perf_counter()
-        reqs = [engine.submit(plan, sampling) for plan in plans]
+        reqs = [engine.submit(pl, sampling) for pl in plans]
         engine.run_until_done(reqs)
         dt = time.perf_counter() - t0
         recs = []
