@@ -335,7 +335,11 @@ def plot(cfg: LocalityConfig, table: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    # questions per position: in the title when every variant has the same, else in the legend
+    ns = {v: max((r["n"] for r in t["per_position"]), default=0) for v, t in table.items()}
+    same_n = len({n for n in ns.values() if n}) <= 1
+    top = 0.0
     for i, (v, t) in enumerate(table.items()):
         rows = [r for r in t["per_position"] if r["n"]]
         if not rows:
@@ -344,14 +348,16 @@ def plot(cfg: LocalityConfig, table: dict, path) -> None:
         y = np.array([r["accuracy"] for r in rows])
         lo = np.maximum(y - np.array([r["ci95"][0] for r in rows]), 0.0)  # matplotlib refuses -1e-16
         hi = np.maximum(np.array([r["ci95"][1] for r in rows]) - y, 0.0)
-        ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=v)
+        ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=v if same_n else f"{v} (n={ns[v]})")
+        top = max(top, float(np.max(y + hi)))
     ev = cfg.eval
     ax.set_xlabel("gold document position (0 = first)")
     ax.set_ylabel("accuracy (95% Wilson CI)")
-    ax.set_title(f"{cfg.model}, {ev.dataset}, K={ev.num_docs}, {ev.split}, n={ev.num_questions}/position")
-    ax.set_ylim(0, 1)
+    n = f"n={max(ns.values(), default=0)}/position" if same_n else "n per position in the legend"
+    ax.set_title(f"{cfg.model}, {ev.dataset}, K={ev.num_docs}, {ev.split}, {n}")
+    ax.set_ylim(0, min(1.0, max(0.5, top + 0.05)))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves overlap
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
