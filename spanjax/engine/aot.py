@@ -65,6 +65,14 @@ def signature(args) -> tuple:
     return (str(tree), tuple(_leaf_signature(x) for x in leaves))
 
 
+# At most this many stored programs are compiled at construction, the most recently used
+# first: each compiled program holds its own code sections (~900 memory maps for the unrolled
+# SmolLM2 step), and a directory that collected every bucket of many runs (70 in one scope
+# was seen) exhausted the process's map limit (vm.max_map_count, 65530) and LLVM aborted it.
+# The others compile on first use, from the persistent cache.
+PRELOAD_MAX = 24
+
+
 class StepPrograms:
     """Exported programs of one step function on disk, one file per argument signature.
 
@@ -103,10 +111,12 @@ class StepPrograms:
         exported, out_tree, _, donated = stored
         return _callable(exported, out_tree, donated)
 
-    def preload(self, fixed) -> dict:
-        """bucket -> step for every program stored for these fixed arguments, each compiled now."""
+    def preload(self, fixed, limit: int = PRELOAD_MAX) -> dict:
+        """bucket -> step for the `limit` most recently used programs stored for these fixed
+        arguments, each compiled now."""
         out = {}
-        for path in sorted(self.directory.glob(f"{self.name}-{self._scope(fixed)}-*.bin")):
+        paths = self.directory.glob(f"{self.name}-{self._scope(fixed)}-*.bin")
+        for path in sorted(paths, key=_mtime, reverse=True)[:limit]:
             stored = self._read(path)
             if stored is not None:
                 exported, out_tree, bucket, donated = stored
@@ -120,10 +130,14 @@ class StepPrograms:
             blob, out_tree, bucket, donated = pickle.loads(path.read_bytes())
             stored = export.deserialize(bytearray(blob)), out_tree, bucket, donated
             self.loaded += 1
-            return stored
         except Exception as e:  # noqa: BLE001  (unreadable: export again and replace it)
             log.warning("re-tracing %s: its stored program did not load (%s)", path.name, e)
             return None
+        try:
+            os.utime(path)  # last use, for preload's order
+        except OSError:
+            pass  # a read-only cache still serves
+        return stored
 
     def _export(self, fn, args, bucket, donate, path: Path):
         leaves, in_tree = jax.tree_util.tree_flatten(args)
@@ -147,6 +161,13 @@ class StepPrograms:
         except Exception as e:  # noqa: BLE001  (a cache: a failed write costs the next process a trace)
             log.warning("could not store the step program %s: %s", path.name, e)
         return exported, out_tree, bucket, donated
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile (another process replacing it)
+        return 0.0
 
 
 def _callable(exported, out_tree, donated):
