@@ -248,10 +248,9 @@ def aggregate(cfg: LocalityConfig, done: dict[tuple, dict]) -> dict:
         # "all" counts what was computed: a variant run once per question has its items' copies
         # at the other positions, which are not more evidence; nor are its runs at other
         # positions from a sitting with `order_invariant_once` off (the same query again), so
-        # such a variant counts its first position's item only: one query per question.
-        once = len(computed_positions(ev, v)) < len(ev.gold_positions)
-        all_positions = ev.gold_positions[:1] if once else ev.gold_positions
-        recs = [r for key, r in done.items() if key[0] == v and key[2] in all_positions]
+        # only the positions it is computed at count: one query per question.
+        positions = computed_positions(ev, v)
+        recs = [r for key, r in done.items() if key[0] == v and key[2] in positions]
         recs = [r for r in recs if "computed_at" not in r]
         all_k, all_n = sum(bool(r["correct"]) for r in recs), len(recs)
         questions = len({r["question"] for r in recs})

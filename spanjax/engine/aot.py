@@ -65,7 +65,7 @@ def signature(args) -> tuple:
     return (str(tree), tuple(_leaf_signature(x) for x in leaves))
 
 
-# At most this many stored programs are compiled at construction, the most recently used
+# At most this many stored programs are compiled at construction, the most recently loaded
 # first: each compiled program holds its own code sections (~900 memory maps for the unrolled
 # SmolLM2 step), and a directory that collected every bucket of many runs (70 in one scope
 # was seen) exhausted the process's map limit (vm.max_map_count, 65530) and LLVM aborted it.
@@ -112,7 +112,7 @@ class StepPrograms:
         return _callable(exported, out_tree, donated)
 
     def preload(self, fixed, limit: int = PRELOAD_MAX) -> dict:
-        """bucket -> step for the `limit` most recently used programs stored for these fixed
+        """bucket -> step for the `limit` most recently loaded programs stored for these fixed
         arguments, each compiled now."""
         out = {}
         paths = self.directory.glob(f"{self.name}-{self._scope(fixed)}-*.bin")
@@ -134,7 +134,7 @@ class StepPrograms:
             log.warning("re-tracing %s: its stored program did not load (%s)", path.name, e)
             return None
         try:
-            os.utime(path)  # last use, for preload's order
+            os.utime(path)  # last load (preload or first use), for preload's order
         except OSError:
             pass  # a read-only cache still serves
         return stored

@@ -74,9 +74,9 @@ def test_stored_programs_are_keyed_on_what_the_step_closes_over(tmp_path):
     assert a.path(fixed, bucket) != a.path((jnp.zeros((2, 4)),), bucket)  # the weights' shapes
 
 
-def test_preload_compiles_only_the_most_recently_used_programs(tmp_path):
+def test_preload_compiles_only_the_most_recently_loaded_programs(tmp_path):
     """A cache directory that collected many buckets preloads at most `limit` of them, the
-    most recently used first (each compiled program costs the process memory maps); the
+    most recently loaded first (each compiled program costs the process memory maps); the
     others still load on first use."""
     import jax.numpy as jnp
 
@@ -87,7 +87,7 @@ def test_preload_compiles_only_the_most_recently_used_programs(tmp_path):
     for n in (1, 2, 3, 4):
         programs.load_or_export(lambda w, x: w.sum() + x, (*fixed, jnp.ones(n)), fixed=1, bucket=n)
     path = lambda n: programs.path(fixed, n)  # noqa: E731
-    for i, n in enumerate((3, 1, 4, 2)):  # used in this order: 2 last
+    for i, n in enumerate((3, 1, 4, 2)):  # loaded in this order: 2 last
         os.utime(path(n), (1_000_000 + i, 1_000_000 + i))
     assert sorted(programs.preload(fixed, limit=2)) == [2, 4]
     step = programs.load_or_export(lambda w, x: w.sum() + x, (*fixed, jnp.ones(1)), fixed=1, bucket=1)

@@ -123,16 +123,15 @@ def test_locality_run_with_adapter_variants(tiny, tmp_path, monkeypatch):
         )
     # The kv task's question has no "Question:" message to invoke this aLoRA on: refused
     # before any item runs (the stock variant listed first computes nothing).
-    monkeypatch.setattr(Engine, "submit", lambda *a, **k: pytest.fail("an item ran"))
     kv = load_config(
         CONFIGS / "locality_kv_smoke.yaml",
         [f"out_dir={tmp_path}", "model=tiny", f"engine.page_size={PAGE}", "engine.attention=reference"]
         + ["eval.variants=[stock, span-parallel+alora]", f"eval.alora_adapter={dirs['alora']}"],
     )
-    with pytest.raises(ConfigError, match=r"span-parallel\+alora cannot run on the kv task's prompt: .*invocation"):
-        run(kv, model=model)
-    monkeypatch.undo()
-    monkeypatch.setenv("SPANJAX_NO_PROGRESS", "1")
+    with monkeypatch.context() as m:
+        m.setattr(Engine, "submit", lambda *a, **k: pytest.fail("an item ran"))
+        with pytest.raises(ConfigError, match=r"span-parallel\+alora cannot run on the kv task's prompt: .*invocation"):
+            run(kv, model=model)
     cfg = smoke_cfg(
         tmp_path,
         "eval.variants=[span-parallel, span-parallel+alora, span-parallel+lora]",
