@@ -64,7 +64,8 @@ def run(cfg, resume: str | Path | None = None, model=None) -> tuple[dict, RunDir
     _, fn = _task(cfg.task)
     check_placement(cfg)
     task = importlib.import_module(TASKS[cfg.task][0])
-    run_dir = open_run(cfg, resume, getattr(task, "RESUMABLE_SCOPE", ()), getattr(task, "RESUMABLE_WHEN_UNSET", ()))
+    scope, settable = getattr(task, "RESUMABLE_SCOPE", ()), getattr(task, "RESUMABLE_WHEN_UNSET", ())
+    run_dir = open_run(cfg, resume, scope, settable, getattr(task, "keys_unused_by", None))
     try:
         results = fn(cfg, run_dir, model=model)
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -66,11 +67,16 @@ def _logger(path: Path) -> logging.Logger:
 
 
 def open_run(
-    cfg, resume: str | Path | None = None, scope: tuple[str, ...] = (), settable: tuple[str, ...] = ()
+    cfg,
+    resume: str | Path | None = None,
+    scope: tuple[str, ...] = (),
+    settable: tuple[str, ...] = (),
+    unused_by: Callable[[list[dict]], tuple[str, ...]] | None = None,
 ) -> RunDir:
     """A fresh `out_dir/<name>-<timestamp>/`, or `resume` (which must hold the same
-    config, up to the dotted keys in `scope`, and keys in `settable` that were unset (None)
-    there: an adapter directory the finished items never used)."""
+    config, up to the dotted keys in `scope`, keys in `settable` that were unset (None)
+    there: an adapter directory the finished items never used, and the keys `unused_by(items)`
+    names: settings no finished item was computed with)."""
     if resume is not None:
         path = Path(resume)
         stored = path / CONFIG_FILE
@@ -81,9 +87,11 @@ def open_run(
         except C.ConfigError as e:
             raise C.ConfigError(f"cannot resume {str(path)!r}: its {CONFIG_FILE}: {e}") from None
 
+        free = unused_by(list(_read_items(path / ITEMS_FILE).values())) if unused_by else ()
+
         def allowed(change: str) -> bool:
             key, values = change.split(": ", 1)
-            return key in scope or (key in settable and values.startswith("None ->"))
+            return key in scope or key in free or (key in settable and values.startswith("None ->"))
 
         changed = [c for c in C.diff(old, cfg) if not allowed(c)]
         if changed:
@@ -124,10 +132,14 @@ def item_key(record: dict) -> tuple:
 
 def load_items(run: RunDir) -> dict[tuple, dict]:
     """Finished items by key; a torn last line from a kill is dropped (and redone)."""
+    return _read_items(run.items_path)
+
+
+def _read_items(items_path: Path) -> dict[tuple, dict]:
     done: dict[tuple, dict] = {}
-    if not run.items_path.exists():
+    if not items_path.exists():
         return done
-    with open(run.items_path, encoding="utf-8") as f:
+    with open(items_path, encoding="utf-8") as f:
         for line in f:
             try:
                 rec = json.loads(line)

@@ -23,7 +23,7 @@ import jax
 from spanjax.kernels.span_attention import tuning
 from spanjax.kernels.span_attention.kernel import span_attention_gpu
 from spanjax.kernels.span_attention.kernel_tpu import span_attention_tpu
-from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs
+from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs, page_values
 from spanjax.kernels.span_attention.reference import span_attention_reference
 from spanjax.kernels.span_attention.xla import prepare_meta, span_attention_xla
 
@@ -71,6 +71,7 @@ def span_attention(
     if which == "reference" or (which == "pallas_gpu" and not _gpu_ok(q, k_pages)):
         return span_attention_reference(*args, rope_inv_freq=rope_inv_freq, sm_scale=sm_scale)
     variant = "gpu" if which == "pallas_gpu" else "tpu"
+    args = (q, page_values(k_pages), page_values(v_pages), meta, q_pos)  # the kernels read bf16 natively
     if interpret is None:
         interpret = jax.default_backend() not in (("tpu",) if variant == "tpu" else ("gpu", "cuda", "rocm"))
     cfg = tuning.get_config(variant, n.T, n.S, n.M, n.P, n.Hq, n.Hkv, n.D, q.dtype)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from spanjax.kernels.rope import apply_rope
-from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs, logit_weights, reweighted
+from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs, gather_pages, logit_weights, reweighted
 
 
 def token_sequence_ids(cu_q_lens, num_tokens):
@@ -66,8 +66,8 @@ def span_attention_reference(
         lens = tok_lens[:, cols]
         kpos = starts[:, :, None] + slot  # [T, step, P_s]
         seen = (slot < lens[:, :, None]) & (kpos <= q_pos[:, None, None]) & tok_valid[:, None, None]
-        k = k_pages[pages].astype(jnp.float32)  # [T, step, P_s, Hkv, D]
-        v = v_pages[pages].astype(jnp.float32)
+        k = gather_pages(k_pages, pages)  # [T, step, P_s, Hkv, D]
+        v = gather_pages(v_pages, pages)
         k = apply_rope(k.reshape(T, step * page_size, Hkv, D), kpos.reshape(T, -1), rope_inv_freq)
         v = v.reshape(T, step * page_size, Hkv, D)
         seen = seen.reshape(T, 1, 1, step * page_size)

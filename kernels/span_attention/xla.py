@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from spanjax.kernels.rope import apply_rope, rope_tables, rotate
 from spanjax.kernels.span_attention import tiling
-from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs
+from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs, gather_pages
 from spanjax.kernels.span_attention.reference import online_softmax_finish, online_softmax_init, online_softmax_step
 
 
@@ -66,9 +66,9 @@ def decode_attention(q, k_pages, v_pages, meta: SpanBatchMeta, q_pos, *, rope_in
     qpos = q_pos.astype(jnp.int32)[tok_in]
     seen = valid & (kpos <= qpos[:, None]) & has_token[:, None]
     key_rope = rope_tables(kpos, rope_inv_freq) if meta.key_rope is None else meta.key_rope
-    k = rotate(k_pages[tables].astype(jnp.float32).reshape(S, M * P, Hkv, D), *key_rope)
+    k = rotate(gather_pages(k_pages, tables).reshape(S, M * P, Hkv, D), *key_rope)
     k = k.reshape(S, M * P, Hkv * D)
-    v = v_pages[tables].astype(jnp.float32).reshape(S, M * P, Hkv * D)
+    v = gather_pages(v_pages, tables).reshape(S, M * P, Hkv * D)
     v = jnp.where(seen[:, :, None], v, 0.0)  # junk in unseen slots must not leak
     heads = jnp.eye(Hkv, dtype=jnp.float32)
     qs = q[tok_in].astype(jnp.float32).reshape(S, Hkv, G, D) * sm_scale
@@ -161,8 +161,8 @@ def span_attention_xla(
         kpos = jax.lax.dynamic_slice_in_dim(kpos_all, i * width, width, 1)
         valid = jax.lax.dynamic_slice_in_dim(valid_all, i * width, width, 1)
         pages = tables[:, cols]  # [S, step]
-        k = k_pages[pages].astype(jnp.float32).reshape(S, width, Hkv, D)
-        v = v_pages[pages].astype(jnp.float32).reshape(S, width, Hkv, D)
+        k = gather_pages(k_pages, pages).reshape(S, width, Hkv, D)
+        v = gather_pages(v_pages, pages).reshape(S, width, Hkv, D)
         if key_rope is None:
             k = apply_rope(k, kpos, rope_inv_freq)[tiles.seq]
         else:  # tables computed once per step: inlined sin/cos run per tile, head and dimension

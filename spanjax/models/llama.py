@@ -259,8 +259,15 @@ def forward_dense(
 
 @flax.struct.dataclass
 class PagedKVCache:
+    """The page pool. A bf16 pool is stored as its uint16 bit patterns (`pool_storage_dtype`)."""
+
     k: jax.Array  # [L, num_pages, page_size, Hkv, D], keys before RoPE
     v: jax.Array
+
+    @property
+    def dtype(self):
+        """The dtype of the values held (bf16 for a pool stored as uint16 bits)."""
+        return jnp.dtype(jnp.bfloat16) if self.k.dtype == jnp.uint16 else self.k.dtype
 
     @property
     def num_pages(self) -> int:
@@ -271,21 +278,27 @@ class PagedKVCache:
         return self.k.shape[2]
 
 
+def pool_storage_dtype(dtype):
+    """What a pool of `dtype` values is stored as: bf16 as uint16 bit patterns. XLA CPU has no
+    bf16 scatter or gather and converts the whole pool around each one; a bitcast inside the
+    step does not help either (the donated buffer cannot change type in place, so the pool was
+    copied twice per step). The kernels read uint16 pools as bf16 (span_attention/meta.py)."""
+    return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
 def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> PagedKVCache:
     shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    return PagedKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    storage = pool_storage_dtype(dtype)
+    return PagedKVCache(k=jnp.zeros(shape, storage), v=jnp.zeros(shape, storage))
 
 
 def _write_slots(pool, index, values):
     """pool.at[index].set(values), out-of-range indices dropped, in place under donation.
-
-    A bf16 pool is written through its uint16 bit pattern: XLA CPU has no bf16 scatter and
-    would otherwise convert the whole pool to fp32 and back around every write."""
-    if pool.dtype != jnp.bfloat16:
+    A uint16 pool holds bf16 bits (`pool_storage_dtype`) and is written as such."""
+    if pool.dtype != jnp.uint16:
         return pool.at[index].set(values.astype(pool.dtype), mode="drop")
-    bits = jax.lax.bitcast_convert_type(pool, jnp.uint16)
-    new = jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), jnp.uint16)
-    return jax.lax.bitcast_convert_type(bits.at[index].set(new, mode="drop"), jnp.bfloat16)
+    bits = jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), jnp.uint16)
+    return pool.at[index].set(bits, mode="drop")
 
 
 def _paged_attention(cfg: ModelConfig, inv_freq, attention_impl, meta: SpanBatchMeta, idx, cache, q, k, v, positions):

@@ -255,3 +255,16 @@ def test_resume_may_add_an_adapter_directory_but_not_change_one(tmp_path):
     assert open_run(with_adapter, resume=d, scope=scope, settable=settable).path == d
     with pytest.raises(C.ConfigError, match="eval.alora_adapter: 'a1' -> 'a2'"):
         open_run(C.override(with_adapter, ["eval.alora_adapter=a2"]), resume=d, scope=scope, settable=settable)
+
+
+def test_resume_may_set_the_reweighting_until_a_reweight_item_exists(tmp_path):
+    """The re-weighting is chosen on DEV after a held-out run started: settable on resume while no
+    finished item is a -reweight variant's, fixed once one is."""
+    cfg = smoke_cfg(tmp_path)
+    plain = fake_run(cfg, [item("stock", 0, 0, True)])
+    chosen = C.override(cfg, ["eval.variants=[stock,span-parallel-reweight]", "eval.reweight_bias=-1.0"])
+    kw = dict(scope=L.RESUMABLE_SCOPE, settable=L.RESUMABLE_WHEN_UNSET, unused_by=L.keys_unused_by)
+    assert open_run(chosen, resume=plain, **kw).path == plain
+    used = fake_run(cfg, [item("stock", 0, 0, True), item("span-parallel-reweight", 0, 0, False)])
+    with pytest.raises(C.ConfigError, match=r"eval.reweight_bias: 0.0 -> -1.0"):
+        open_run(chosen, resume=used, **kw)

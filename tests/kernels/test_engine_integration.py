@@ -69,3 +69,48 @@ def test_draft_tree_batch_matches_reference(impl):
     assert float(jnp.max(jnp.abs(out - ref))) <= 1e-4
     # The pending token sees the same context in both branches (and nothing of the other branch).
     assert float(jnp.max(jnp.abs(ref[0] - ref[4]))) <= 1e-4 and float(jnp.max(jnp.abs(ref[1] - ref[5]))) > 1e-3
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_gpu", "pallas_tpu"])
+def test_bf16_pool_is_stored_as_bits_and_read_as_bf16(impl):
+    """A bf16 pool is held as uint16 bit patterns (XLA CPU has no bf16 gather or scatter): the
+    first layer's written bits are the bf16 rounding of what an fp32 pool holds, every implementation reads
+    them as bf16 (same hidden states as an fp32 pool within bf16 rounding), and the XLA step
+    never materializes the pool in fp32."""
+    cfg = config.ModelConfig(
+        vocab_size=50, hidden_size=96, intermediate_size=128, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=32
+    )
+    params = llama.init_params(cfg, jax.random.key(2), scale=0.2)
+    P, N = 16, 7
+    toks = jnp.asarray(np.random.default_rng(2).integers(0, 50, size=21), jnp.int32)
+    pos = jnp.asarray(list(range(20)) + [0], jnp.int32)
+    meta = SpanBatchMeta(
+        slot_mapping=jnp.asarray([3 * P + i for i in range(16)] + [1 * P + i for i in range(4)] + [-1], jnp.int32),
+        block_tables=jnp.asarray([[3, 1]], jnp.int32),
+        block_pos=jnp.asarray([[0, 16]], jnp.int32),
+        block_lens=jnp.asarray([[16, 4]], jnp.int32),
+        cu_q_lens=jnp.asarray([0, 20], jnp.int32),
+    )
+    attention = get_attention_impl(impl, interpret=True)
+    fwd = jax.jit(llama.forward_paged, static_argnames=("cfg", "attention_impl"))
+    ref, cache32 = fwd(params, cfg, toks, pos, llama.init_paged_cache(cfg, N, P), meta, attention)
+    pool16 = llama.init_paged_cache(cfg, N, P, dtype=jnp.bfloat16)
+    assert pool16.k.dtype == jnp.uint16 and pool16.dtype == jnp.bfloat16
+    out, cache16 = fwd(params, cfg, toks, pos, pool16, meta, attention)
+    as_bf16 = lambda x: np.asarray(jax.lax.bitcast_convert_type(x, jnp.bfloat16)).astype(np.float32)
+    for got, want in ((cache16.k, cache32.k), (cache16.v, cache32.v)):  # layer 0 (later ones read bf16)
+        np.testing.assert_array_equal(as_bf16(got[0]), np.asarray(want[0].astype(jnp.bfloat16)).astype(np.float32))
+    assert 0 < float(jnp.max(jnp.abs(out[:20] - ref[:20]))) <= 5e-2
+    if impl == "xla":  # one decode token over those 20: no fp32 copy of the pool, per layer or whole
+        decode = SpanBatchMeta(
+            slot_mapping=jnp.asarray([1 * P + 4], jnp.int32),
+            block_tables=jnp.asarray([[3, 1]], jnp.int32),
+            block_pos=jnp.asarray([[0, 16]], jnp.int32),
+            block_lens=jnp.asarray([[16, 5]], jnp.int32),
+            cu_q_lens=jnp.asarray([0, 1], jnp.int32),
+        )
+        args = (params, cfg, toks[:1], jnp.asarray([20], jnp.int32), cache16, decode, attention)
+        hlo = fwd.lower(*args).compile().as_text()
+        L, Hkv, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+        for shape in (f"f32[{L},{N},{P},{Hkv},{D}]", f"f32[{L * N},{P},{Hkv},{D}]", f"bf16[{L},{N},{P},{Hkv},{D}]"):
+            assert shape not in hlo, shape
