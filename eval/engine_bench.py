@@ -56,14 +56,17 @@ def _prompt_ids(tokenizer, length: int, shift: int = 0) -> list[int]:
 class SpanjaxSide:
     name = "spanjax"
 
-    def __init__(self, dtype: str, token_budget: int):
+    def __init__(self, dtype: str, token_budget: int, cache_dtype: str = "float32"):
         self.model = load_model("smollm2-135m", dtype=getattr(jnp, dtype))
         self.token_budget = token_budget
+        self.cache_dtype = cache_dtype
         self.engines: dict[int, Engine] = {}
 
     def _engine(self, num_pages: int) -> Engine:
         if num_pages not in self.engines:
-            config = EngineConfig(num_pages=num_pages, max_tokens_per_step=self.token_budget, max_running=8)
+            config = EngineConfig(
+                num_pages=num_pages, max_tokens_per_step=self.token_budget, max_running=8, cache_dtype=self.cache_dtype
+            )
             self.engines[num_pages] = Engine(self.model, config)
         return self.engines[num_pages]
 
@@ -191,6 +194,7 @@ def measure(side, case: dict, repeats: int) -> dict | None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16"], help="spanjax's KV pool")
     ap.add_argument("--peers", nargs="*", default=["llama.cpp", "transformers"], choices=["llama.cpp", "transformers"])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--token-budget", type=int, default=512, help="engine max_tokens_per_step")
@@ -201,13 +205,14 @@ def main(argv=None):
     ap.add_argument("--write-docs", action="store_true", help="also write docs/results/engine_bench.json")
     args = ap.parse_args(argv)
 
-    sides = [SpanjaxSide(d, args.token_budget) for d in args.dtypes]
+    sides = [SpanjaxSide(d, args.token_budget, args.cache_dtype) for d in args.dtypes]
     for peer in args.peers:
         if peer == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
             print("llama-cpp-python is not installed: skipping llama.cpp")
             continue
         sides.append(LlamaCppSide(args.threads) if peer == "llama.cpp" else TransformersSide(args.threads))
-    names = [s.name if s.name != "spanjax" else f"spanjax {d}" for s, d in zip(sides, args.dtypes + [None] * 9)]
+    kv = "" if args.cache_dtype == "float32" else f" kv {args.cache_dtype}"
+    names = [s.name if s.name != "spanjax" else f"spanjax {d}{kv}" for s, d in zip(sides, args.dtypes + [None] * 9)]
 
     table = []
     for case in cases(args.new_tokens):
@@ -252,7 +257,7 @@ def main(argv=None):
         cells = "".join(
             f"{row['results'][n]['tok_s']:>{width}.1f}" if n in row["results"] else f"{'-':>{width}}" for n in names
         )
-        ratios = ", ".join(f"{n.split()[-1]} {v:.2f}x" for n, v in row["ratio_vs_llama_cpp"].items())
+        ratios = ", ".join(f"{n.removeprefix('spanjax ')} {v:.2f}x" for n, v in row["ratio_vs_llama_cpp"].items())
         print(f"{row['case']:<34}{cells}   {ratios}")
     if pool_ratio:
         print(
@@ -267,6 +272,7 @@ def main(argv=None):
         ),
         threads=args.threads,
         token_budget=args.token_budget,
+        cache_dtype=args.cache_dtype,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         table=table,
