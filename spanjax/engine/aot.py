@@ -71,6 +71,9 @@ def signature(args) -> tuple:
 # was seen) exhausted the process's map limit (vm.max_map_count, 65530) and LLVM aborted it.
 # The others compile on first use, from the persistent cache.
 PRELOAD_MAX = 24
+# A process keeps at most this many loaded programs (StepRunner drops the least recently used):
+# dropping one frees its maps, and a long process that meets many buckets stays under the limit.
+LOADED_MAX = 32
 
 
 class StepPrograms:

@@ -25,6 +25,7 @@ vocabulary; the cache is donated as on one device. Without one the step is the p
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -116,7 +117,8 @@ class StepRunner:
         self.shardings = shardings
         # Traced steps stored on disk (aot.py): a second process neither traces nor compiles.
         self.programs = programs
-        self._stored: dict = {}  # bucket signature -> the stored program's step (when `programs` is set)
+        # bucket signature -> the stored program's step (when `programs` is set), least recently used first
+        self._stored: collections.OrderedDict = collections.OrderedDict()
         # On a mesh spanning processes (multi-host) a process can read only an array it holds
         # whole: the logits are gathered (replicated) before the host reads them, when kept.
         self._gather_logits = None
@@ -189,11 +191,18 @@ class StepRunner:
         if self.programs is None:
             return self._step
         key = aot.signature(args[2:])  # the bucket: weights and pool are fixed per engine
-        step = self._stored.get(key)
+        step = self._stored.pop(key, None)
         if step is None:
             step = self.programs.load_or_export(self._step_impl, args, fixed=2, bucket=key, donate=(1,))
-            self._stored[key] = step
+        self._keep(key, step)
         return step
+
+    def _keep(self, key, step) -> None:
+        """Remember a loaded program as the most recently used; beyond `aot.LOADED_MAX` the least
+        recently used is dropped (its memory maps freed; it loads again from disk if needed)."""
+        self._stored[key] = step
+        while len(self._stored) > aot.LOADED_MAX:
+            self._stored.popitem(last=False)
 
     def preload(self, params, cache) -> int:
         """Compile every step program stored for this engine's weights and pool (aot.py), so the
@@ -201,7 +210,8 @@ class StepRunner:
         if self.programs is None:
             return 0
         stored = self.programs.preload((params, cache))
-        self._stored.update(stored)
+        for key, step in stored.items():
+            self._keep(key, step)
         return len(stored)
 
     def padded_inputs(self, batch: StepBatch, adapter=None):

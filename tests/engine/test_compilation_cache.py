@@ -93,3 +93,29 @@ def test_preload_compiles_only_the_most_recently_loaded_programs(tmp_path):
     step = programs.load_or_export(lambda w, x: w.sum() + x, (*fixed, jnp.ones(1)), fixed=1, bucket=1)
     assert float(step(*fixed, jnp.ones(1))[0]) == 4.0
     assert len(programs.preload(fixed)) == 4  # the default cap is above this
+
+
+def test_runner_keeps_only_the_most_recently_used_loaded_programs(monkeypatch):
+    """A long process meeting many buckets drops the least recently used loaded program beyond
+    `aot.LOADED_MAX` (each holds memory maps; dropped, they are freed) and loads it again
+    from disk when it comes back."""
+    import numpy as np
+
+    from spanjax.engine import aot
+    from spanjax.engine.runner import StepRunner
+    from tiny_byte import tiny_config
+
+    class Programs:  # a StepPrograms that counts loads
+        def __init__(self):
+            self.loads = []
+
+        def load_or_export(self, fn, args, fixed, bucket, donate=()):
+            self.loads.append(args[2].shape[0])
+            return lambda *a: args[2].shape[0]
+
+    monkeypatch.setattr(aot, "LOADED_MAX", 2)
+    programs = Programs()
+    runner = StepRunner(tiny_config(), max_tokens=16, max_seqs=2, max_pages_per_seq=4, programs=programs)
+    for n in (1, 2, 1, 3, 1, 2):  # 2 is dropped when 3 comes (1 was used after it)
+        assert runner._step_for((None, None, np.zeros(n)))() == n
+    assert programs.loads == [1, 2, 3, 2] and len(runner._stored) == 2
