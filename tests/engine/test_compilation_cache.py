@@ -100,10 +100,10 @@ def test_runner_keeps_only_the_most_recently_used_loaded_programs(monkeypatch):
     `aot.LOADED_MAX` (each holds memory maps; dropped, they are freed) and loads it again
     from disk when it comes back."""
     import numpy as np
+    from tiny_byte import tiny_config
 
     from spanjax.engine import aot
     from spanjax.engine.runner import StepRunner
-    from tiny_byte import tiny_config
 
     class Programs:  # a StepPrograms that counts loads
         def __init__(self):
