@@ -3,15 +3,14 @@ path for CPU (and any backend without a Pallas kernel).
 
 Same contract as every implementation (`meta.py`), same tiling as the Pallas kernels
 (`tiling.py`): tokens are grouped into tiles of up to `block_q` tokens of ONE
-sequence, and all tiles advance together through the block table (one
-vectorized step per page group: few, large operations, which is what XLA on
-CPU runs well). Each step gathers and rotates a page group once per sequence
-and hands it to that sequence's tiles, and the loop ends after the last group
-any tile needs, not at the bucketed block-table width. The reference gathers
-per token, which is the clearest statement of the semantics but moves T times
-more KV through memory during a long prefill chunk. Unused tiles (sequences
-the caller padded) still cost work here, so callers bucket the sequence count
-(the engine does).
+sequence. The loop walks a work list of (tile, page group) items, as many items
+per iteration as there are tiles (few, large operations, which is what XLA on CPU
+runs well), so each tile costs the page groups it needs: a decode token over a
+long context does not make the short chunks beside it walk that context too. The
+reference gathers per token, which is the clearest statement of the semantics but
+moves T times more KV through memory during a long prefill chunk. Unused tiles
+(sequences the caller padded) cost nothing but their share of the packing, and
+decode-only batches take `decode_attention`.
 """
 
 import jax
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 from spanjax.kernels.rope import apply_rope, rope_tables, rotate
 from spanjax.kernels.span_attention import tiling
 from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs, gather_pages
-from spanjax.kernels.span_attention.reference import online_softmax_finish, online_softmax_init, online_softmax_step
+from spanjax.kernels.span_attention.reference import online_softmax_finish, online_softmax_init
 
 
 def default_block_q(num_tokens: int, num_seqs: int) -> int:
@@ -145,41 +144,59 @@ def span_attention_xla(
         key_rope = tuple(jnp.pad(t, pad) for t in key_rope)
 
     # Every key's position and validity, [S, keys], computed here, outside the loop, so the
-    # loop slices stored arrays: derived inside it from the page group's entries, they were
+    # loop gathers stored arrays: derived inside it from the page group's entries, they were
     # fused into the mask and exp loops as per-element index arithmetic, which XLA CPU ran
     # ~10x slower than the same loops over stored values (a 32-token question over 4k cached
     # keys, SmolLM2-135M, 2 cores: its step went 370 -> 150 ms).
     width = step * page_size
     kpos_all, valid_all = key_slots(pos, lens, page_size)
 
+    # The work list: one item per (tile, page group) the tile needs, tile-major, walked in
+    # chunks of `nt` items, so a step costs the groups its tiles need, not every tile times
+    # the longest context. (Advancing all tiles through the groups together made a decode
+    # token or a short chunk beside a long-context one walk that whole context: SmolLM2-135M,
+    # 2 cores, 7 decodes over ~1.5k keys beside 500 tokens of 150-token chunks cost 1.5-2.4 s
+    # a step, the chunks alone 0.6 s.) A chunk may hold several groups of one tile: the online
+    # softmax merges them with a scatter-max and scatter-adds into the tile's accumulators.
+    nt = tb.num_tiles
+    ends = jnp.cumsum(tiles.num_blocks)  # [nt] end of each tile's items
+    total = ends[-1]
+    slot = jnp.arange(width, dtype=jnp.int32)
+    entry = jnp.arange(step, dtype=jnp.int32)
+
     def body(i, carry):
         m, l, acc = carry
-        # K/V of this page group are gathered and rotated once per *sequence* and then
-        # indexed by tile: a prefill sequence spans many tiles, and RoPE's sin/cos were
-        # about half of a decode step's attention on CPU when done per tile.
-        cols = i * step + jnp.arange(step)
-        kpos = jax.lax.dynamic_slice_in_dim(kpos_all, i * width, width, 1)
-        valid = jax.lax.dynamic_slice_in_dim(valid_all, i * width, width, 1)
-        pages = tables[:, cols]  # [S, step]
-        k = gather_pages(k_pages, pages).reshape(S, width, Hkv, D)
-        v = gather_pages(v_pages, pages).reshape(S, width, Hkv, D)
+        w = i * nt + jnp.arange(nt, dtype=jnp.int32)
+        live = w < total
+        tile = jnp.minimum(jnp.searchsorted(ends, w, side="right").astype(jnp.int32), nt - 1)
+        group = jnp.where(live, w - (ends[tile] - tiles.num_blocks[tile]), 0)
+        seq = tiles.seq[tile]
+        keys = group[:, None] * width + slot  # [C, width] the item's key slots
+        kpos = kpos_all[seq[:, None], keys]
+        valid = valid_all[seq[:, None], keys] & live[:, None]
+        pages = tables[seq[:, None], group[:, None] * step + entry]  # [C, step]
+        k = gather_pages(k_pages, pages).reshape(nt, width, Hkv, D)
+        v = gather_pages(v_pages, pages).reshape(nt, width, Hkv, D)
         if key_rope is None:
-            k = apply_rope(k, kpos, rope_inv_freq)[tiles.seq]
+            k = apply_rope(k, kpos, rope_inv_freq)
         else:  # tables computed once per step: inlined sin/cos run per tile, head and dimension
-            group = (jax.lax.dynamic_slice_in_dim(t, i * width, width, 1) for t in key_rope)
-            k = rotate(k, *group)[tiles.seq]
-        v = jnp.where(valid[:, :, None, None], v, 0.0)[tiles.seq]  # junk in unseen slots must not leak
-        kpos, valid = kpos[tiles.seq], valid[tiles.seq]
-        seen = valid[:, None, None, :] & (kpos[:, None, None, :] <= row_pos[:, None, :, None])  # [nt, 1, R, K]
-        s = jnp.einsum("nhrd,nkhd->nhrk", qt, k)
-        if tb.weights is not None:  # per entry, repeated over its slots, then per tile: [nt, 1, 1, K]
-            scale, bias = (jnp.repeat(w[:, cols], page_size, axis=1)[tiles.seq][:, None, None, :] for w in tb.weights)
+            k = rotate(k, *(t[seq[:, None], keys] for t in key_rope))
+        v = jnp.where(valid[:, :, None, None], v, 0.0)  # junk in unseen slots must not leak
+        seen = valid[:, None, None, :] & (kpos[:, None, None, :] <= row_pos[tile][:, None, :, None])  # [C, 1, R, K]
+        s = jnp.einsum("nhrd,nkhd->nhrk", qt[tile], k)
+        if tb.weights is not None:  # per entry, repeated over its slots: [C, 1, 1, K]
+            cols = group[:, None] * step + entry
+            scale, bias = (jnp.repeat(w_[seq[:, None], cols], page_size, axis=1)[:, None, None, :] for w_ in tb.weights)
             s = s * scale + bias
-        p, (m, l, acc) = online_softmax_step((m, l, acc), s, seen)
-        return m, l, acc + jnp.einsum("nhrk,nkhd->nhrd", p, v)
+        s = jnp.where(seen, s, -jnp.inf)
+        m_new = m.at[tile].max(s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.where(seen, jnp.exp(s - m_safe[tile][..., None]), 0.0)
+        alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+        l = (l * alpha).at[tile].add(p.sum(axis=-1))
+        acc = (acc * alpha[..., None]).at[tile].add(jnp.einsum("nhrk,nkhd->nhrd", p, v))
+        return m_new, l, acc
 
-    # Walk only the page groups some tile needs (the block-table width is a bucket, often
-    # wider than every sequence); a forward-only loop, like the engine's use of it.
-    num_steps = jnp.max(tiles.num_blocks)
-    m, l, acc = jax.lax.fori_loop(0, num_steps, body, online_softmax_init((tb.num_tiles, Hkv, R), D))
+    num_chunks = (total + nt - 1) // nt
+    m, l, acc = jax.lax.fori_loop(0, num_chunks, body, online_softmax_init((nt, Hkv, R), D))
     return tiling.untile(online_softmax_finish(l, acc), tb, q.dtype)

@@ -176,6 +176,18 @@ def test_xla_tiled_path_walks_only_needed_page_groups():
     assert not np.isnan(np.asarray(out)).any() and float(jnp.max(jnp.abs(out))) == 0.0
 
 
+def test_xla_tiled_path_merges_several_groups_of_one_tile_per_iteration():
+    """The work list packs a long-context tile's page groups into the iterations that the
+    short tiles beside it leave free, several of one tile in one iteration (merged by
+    scatter-max and scatter-add): still the reference's result."""
+    seqs = [dict(prefix=300, q_len=1), dict(prefix=200, q_len=3)] + [dict(prefix=2, q_len=5)] * 5
+    batch = _batch(11, seqs, 3, 16)
+    args, kw = args_kwargs(batch)
+    ref = span_attention_reference(*args, **kw)
+    out = span_attention_xla(*args, **kw, block_q=4, pages_per_step=1)
+    assert _diff(out, ref) <= TOL["float32"]
+
+
 # Decode-only: at most one query token per sequence (an empty sequence and padding tokens included).
 DECODE = [
     dict(prefix=21, q_len=1, tail=9),
