@@ -95,19 +95,26 @@ def online_softmax_init(rows_shape, head_dim):
     )
 
 
-def online_softmax_step(carry, scores, seen):
+def online_softmax_step(carry, scores, seen, rows=None):
     """Fold one block of `scores` [..., K] (masked by `seen`) into the carry.
 
     Returns the block's unnormalized probabilities and the carry with the
     accumulator already rescaled; the caller adds `p @ v` to it. Rows that
-    have seen nothing keep max -inf and contribute exact zeros (no NaN)."""
+    have seen nothing keep max -inf and contribute exact zeros (no NaN).
+    `rows` ([n], optional): the carry row each block row folds into, several block
+    rows may share one (the caller then adds `p @ v` with `.at[rows].add`);
+    None = the block's rows are the carry's."""
     m, l, acc = carry
     s = jnp.where(seen, scores, -jnp.inf)
-    m_new = jnp.maximum(m, s.max(axis=-1))
+    if rows is None:
+        m_new = jnp.maximum(m, s.max(axis=-1))
+    else:
+        m_new = m.at[rows].max(s.max(axis=-1))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    p = jnp.where(seen, jnp.exp(s - m_safe[..., None]), 0.0)
+    p = jnp.where(seen, jnp.exp(s - (m_safe if rows is None else m_safe[rows])[..., None]), 0.0)
     alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
-    return p, (m_new, l * alpha + p.sum(axis=-1), acc * alpha[..., None])
+    l = l * alpha + p.sum(axis=-1) if rows is None else (l * alpha).at[rows].add(p.sum(axis=-1))
+    return p, (m_new, l, acc * alpha[..., None])
 
 
 def online_softmax_finish(l, acc):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from spanjax.kernels.rope import apply_rope, rope_tables, rotate
 from spanjax.kernels.span_attention import tiling
 from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs, gather_pages
-from spanjax.kernels.span_attention.reference import online_softmax_finish, online_softmax_init
+from spanjax.kernels.span_attention.reference import online_softmax_finish, online_softmax_init, online_softmax_step
 
 
 def default_block_q(num_tokens: int, num_seqs: int) -> int:
@@ -174,7 +174,8 @@ def span_attention_xla(
         keys = group[:, None] * width + slot  # [C, width] the item's key slots
         kpos = kpos_all[seq[:, None], keys]
         valid = valid_all[seq[:, None], keys] & live[:, None]
-        pages = tables[seq[:, None], group[:, None] * step + entry]  # [C, step]
+        cols = group[:, None] * step + entry  # [C, step] the item's block-table entries
+        pages = tables[seq[:, None], cols]
         k = gather_pages(k_pages, pages).reshape(nt, width, Hkv, D)
         v = gather_pages(v_pages, pages).reshape(nt, width, Hkv, D)
         if key_rope is None:
@@ -185,17 +186,10 @@ def span_attention_xla(
         seen = valid[:, None, None, :] & (kpos[:, None, None, :] <= row_pos[tile][:, None, :, None])  # [C, 1, R, K]
         s = jnp.einsum("nhrd,nkhd->nhrk", qt[tile], k)
         if tb.weights is not None:  # per entry, repeated over its slots: [C, 1, 1, K]
-            cols = group[:, None] * step + entry
             scale, bias = (jnp.repeat(w_[seq[:, None], cols], page_size, axis=1)[:, None, None, :] for w_ in tb.weights)
             s = s * scale + bias
-        s = jnp.where(seen, s, -jnp.inf)
-        m_new = m.at[tile].max(s.max(axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.where(seen, jnp.exp(s - m_safe[tile][..., None]), 0.0)
-        alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
-        l = (l * alpha).at[tile].add(p.sum(axis=-1))
-        acc = (acc * alpha[..., None]).at[tile].add(jnp.einsum("nhrk,nkhd->nhrd", p, v))
-        return m_new, l, acc
+        p, (m, l, acc) = online_softmax_step((m, l, acc), s, seen, rows=tile)
+        return m, l, acc.at[tile].add(jnp.einsum("nhrk,nkhd->nhrd", p, v))
 
     num_chunks = (total + nt - 1) // nt
     m, l, acc = jax.lax.fori_loop(0, num_chunks, body, online_softmax_init((nt, Hkv, R), D))
