@@ -1,7 +1,7 @@
 """Compilation off the user's clock: JAX's persistent compilation cache, on by default,
 and the seconds this process spends compiling (reported apart from TTFT).
 
-Where the cache lives, in order: `EngineConfig.compilation_cache` (a directory, or "off"),
+Where the cache lives, in order: `EngineConfig.compilation_cache` (a directory, "off", or "on" for the default),
 else `$SPANJAX_COMPILATION_CACHE` (the same), else `$XDG_CACHE_HOME/spanjax/jax-<version>`
 (default `~/.cache/...`). The cache is keyed by JAX on the computation, the compiler
 options and the device, so a second process running the same step shapes reads every
@@ -18,6 +18,7 @@ import jax.monitoring
 
 ENV = "SPANJAX_COMPILATION_CACHE"
 OFF = ("off", "0", "false", "no", "none")
+DEFAULT = ("", "on", "1", "true", "yes", "default")  # the default location, not a directory named "on"
 # JAX's own duration events for one jit compilation: trace to jaxpr, lower to MLIR, and the
 # backend compile (a persistent-cache read when it hits).
 TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
@@ -31,7 +32,7 @@ def cache_dir(setting: str | None = None) -> Path | None:
     value = (setting if setting is not None else os.environ.get(ENV, "")).strip()
     if value.lower() in OFF:
         return None
-    if value:
+    if value.lower() not in DEFAULT:
         return Path(value).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "spanjax" / f"jax-{jax.__version__}"

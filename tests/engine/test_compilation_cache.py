@@ -119,3 +119,15 @@ def test_runner_keeps_only_the_most_recently_used_loaded_programs(monkeypatch):
     for n in (1, 2, 1, 3, 1, 2):  # 2 is dropped when 3 comes (1 was used after it)
         assert runner._step_for((None, None, np.zeros(n)))() == n
     assert programs.loads == [1, 2, 3, 2] and len(runner._stored) == 2
+
+
+def test_on_means_the_default_location_not_a_directory_named_on(monkeypatch, tmp_path):
+    from spanjax import compilation
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    default = compilation.cache_dir("")
+    assert default.parent == tmp_path / "spanjax"
+    for value in ("on", "ON", "true", "1"):
+        assert compilation.cache_dir(value) == default
+    assert compilation.cache_dir("off") is None
+    assert compilation.cache_dir(str(tmp_path / "elsewhere")) == tmp_path / "elsewhere"
