@@ -34,6 +34,7 @@ from spanjax.engine.dense_generate import generate
 from spanjax.engine.sampling import SamplingParams
 from spanjax.models.llama import compute_logits, forward_dense, init_dense_cache
 from spanjax.models.loading import load_model
+from spanjax.runs import cpu_model
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = (
@@ -202,7 +203,7 @@ def main(argv=None):
         weights=f"{GGUF_NAME} dequantized to fp32 (both sides)",
         machine=dict(
             platform=platform.platform(),
-            processor=platform.processor(),
+            processor=cpu_model(),
             cpus=os.cpu_count(),
             jax_devices=[str(d) for d in jax.devices()],
         ),

@@ -42,6 +42,7 @@ from spanjax.eval.bench_generate import GGUF_NAME, TEXT, _gguf_dir
 from spanjax.models.loading import load_model, load_tokenizer
 from spanjax.query import ast as A
 from spanjax.query.lower import lower
+from spanjax.runs import cpu_model
 
 PREFILL_LENGTHS = (512, 2048, 4096)
 DECODE_CONTEXT = 512
@@ -267,9 +268,7 @@ def main(argv=None):
 
     result = dict(
         command="python -m spanjax.eval.engine_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        machine=dict(
-            platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(), jax=jax.__version__
-        ),
+        machine=dict(platform=platform.platform(), processor=cpu_model(), cpus=os.cpu_count(), jax=jax.__version__),
         threads=args.threads,
         token_budget=args.token_budget,
         cache_dtype=args.cache_dtype,

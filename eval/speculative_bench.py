@@ -41,6 +41,7 @@ from spanjax.models.loading import load_model
 from spanjax.models.speculator import load_hf
 from spanjax.query import ast as A
 from spanjax.query.lower import lower
+from spanjax.runs import cpu_model
 from spanjax.tasks.data import HELD_OUT, nq_open_oracle
 
 
@@ -105,7 +106,7 @@ def main(argv=None) -> dict:
         "speculator_config": dataclasses.asdict(spec.config),
         "max_tokens": args.max_tokens,
         "questions": [args.first_question, args.first_question + args.num_prompts],
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.platform()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cpus, {platform.platform()}",
         "load_average_start": os.getloadavg(),
         "cases": [],
     }

@@ -44,11 +44,33 @@ class RunDir:
         return self.path / ITEMS_FILE
 
 
+# Instruction sets that change what is fast on a CPU here (bf16 GEMMs need AVX512-BF16 or AMX).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the CPU_FEATURES it lists, e.g. "AMD EPYC [avx2]". The machines
+    one benchmark runs on across sittings differ (an AVX512-BF16 Xeon, an AVX2-only EPYC), and
+    which dtype is faster depends on it; platform.processor() is empty on Linux."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return f"{name} [{' '.join(x for x in CPU_FEATURES if x in flags)}]"
+
+
 def machine() -> str:
     """A one-line description of where the numbers came from."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    proc = platform.processor() or platform.machine()
-    return f"{platform.system()} {proc}, {os.cpu_count()} cpus visible, load avg {load:.1f}"
+    return f"{platform.system()} {cpu_model()}, {os.cpu_count()} cpus visible, load avg {load:.1f}"
 
 
 def _logger(path: Path) -> logging.Logger:
