@@ -358,7 +358,9 @@ def plot(cfg: LocalityConfig, table: dict, path) -> None:
         y = np.array([r["accuracy"] for r in rows])
         lo = np.maximum(y - np.array([r["ci95"][0] for r in rows]), 0.0)  # matplotlib refuses -1e-16
         hi = np.maximum(np.array([r["ci95"][1] for r in rows]) - y, 0.0)
-        ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=v if same_n else f"{v} (n={ns[v]})")
+        # tab20 dark shades, then light ones with another marker: the default cycle repeats after ten
+        style = dict(color=plt.cm.tab20((2 * i) % 20 + (i // 10) % 2), marker="osD^v"[(i // 10) % 5])
+        ax.errorbar(x, y, yerr=[lo, hi], capsize=3, label=v if same_n else f"{v} (n={ns[v]})", **style)
         top = max(top, float(np.max(y + hi)))
     ev = cfg.eval
     ax.set_xlabel("gold document position (0 = first)")
