@@ -22,7 +22,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -34,7 +33,7 @@ from spanjax.engine.dense_generate import generate
 from spanjax.engine.sampling import SamplingParams
 from spanjax.models.llama import compute_logits, forward_dense, init_dense_cache
 from spanjax.models.loading import load_model
-from spanjax.runs import cpu_model
+from spanjax.runs import machine_record
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = (
@@ -201,12 +200,7 @@ def main(argv=None):
     result = dict(
         model="smollm2-135m",
         weights=f"{GGUF_NAME} dequantized to fp32 (both sides)",
-        machine=dict(
-            platform=platform.platform(),
-            processor=cpu_model(),
-            cpus=os.cpu_count(),
-            jax_devices=[str(d) for d in jax.devices()],
-        ),
+        machine=dict(machine_record(), jax_devices=[str(d) for d in jax.devices()]),
         versions=dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__),
         torch_threads=torch.get_num_threads(),
         load_average_at_end=os.getloadavg(),

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.engine.executor import run_query
 from spanjax.models.loading import load_model
 from spanjax.query import syntax
-from spanjax.runs import cpu_model
+from spanjax.runs import machine_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,12 +74,7 @@ def main(argv=None) -> dict:
     ratio = procs[1]["ttft_s"] / warm["ttft_s"]
     result = {
         "command": "python -m spanjax.eval.cold_start " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": cpu_model(),
-            "cpus": os.cpu_count(),
-            "jax": jax.__version__,
-        },
+        "machine": machine_record(),
         "query": os.path.relpath(args.query, ROOT),
         "first_process": procs[0],
         "second_process": procs[1],

@@ -28,11 +28,9 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,7 +40,7 @@ from spanjax.eval.bench_generate import GGUF_NAME, TEXT, _gguf_dir
 from spanjax.models.loading import load_model, load_tokenizer
 from spanjax.query import ast as A
 from spanjax.query.lower import lower
-from spanjax.runs import cpu_model
+from spanjax.runs import machine_record
 
 PREFILL_LENGTHS = (512, 2048, 4096)
 DECODE_CONTEXT = 512
@@ -268,7 +266,7 @@ def main(argv=None):
 
     result = dict(
         command="python -m spanjax.eval.engine_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        machine=dict(platform=platform.platform(), processor=cpu_model(), cpus=os.cpu_count(), jax=jax.__version__),
+        machine=machine_record(),
         threads=args.threads,
         token_budget=args.token_budget,
         cache_dtype=args.cache_dtype,

@@ -67,6 +67,13 @@ def cpu_model() -> str:
     return f"{name} [{' '.join(x for x in CPU_FEATURES if x in flags)}]"
 
 
+def machine_record() -> dict:
+    """What benchmark results record of the machine: platform, CPU (`cpu_model`), cpus, JAX."""
+    import jax
+
+    return dict(platform=platform.platform(), processor=cpu_model(), cpus=os.cpu_count(), jax=jax.__version__)
+
+
 def machine() -> str:
     """A one-line description of where the numbers came from."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from spanjax.runs import CPU_FEATURES, cpu_model, machine
+from spanjax.runs import CPU_FEATURES, cpu_model, machine, machine_record
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="Linux only")
@@ -16,3 +16,4 @@ def test_cpu_model_names_the_model_and_its_listed_features():
     assert described.startswith(name)
     assert described.endswith("[" + " ".join(f for f in CPU_FEATURES if f in flags) + "]")
     assert described in machine()
+    assert machine_record()["processor"] == described
