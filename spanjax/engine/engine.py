@@ -64,6 +64,10 @@ class EngineConfig:
     # "reference" (the jnp reference), "pallas", or "auto" (Pallas on GPU/TPU, the XLA path on CPU)
     attention: Literal["auto", "reference", "pallas"] = "auto"
     cache_dtype: Literal["float32", "bfloat16"] = "float32"
+    # The step's layer loop: "unrolled" (fastest per step on CPU, see Engine.__init__) or "scan"
+    # (one `lax.scan` over the stacked weights: compiles ~10x faster for a 30-layer model, so
+    # short runs and tests that meet many shape buckets spend less time compiling than running).
+    layer_loop: Literal["unrolled", "scan"] = "unrolled"
     # Speculative decoding (spanjax/engine/speculative.py): a Hugging Face MLPSpeculator directory
     # (or pass a loaded Speculator to Engine); None = off.
     speculator: str | None = None
@@ -145,8 +149,9 @@ class Engine:
         # cannot hand a dot a slice of a buffer): measured on SmolLM2-135M, 2-core CPU, the
         # copies were ~7 ms of a one-stream fp32 decode step, and bf16 slices were converted to
         # fp32 as well (155 ms per step scanned vs 47 ms unrolled). Unstacking copies the
-        # weights once (the LoadedModel keeps its stacked ones).
-        self.params = llama.unstack_layers(model.params)
+        # weights once (the LoadedModel keeps its stacked ones). `layer_loop="scan"` keeps them
+        # stacked: slower steps, much faster compilation.
+        self.params = llama.unstack_layers(model.params) if config.layer_loop == "unrolled" else model.params
         self.pool = PagePool(config.num_pages, config.page_size)
         init_cache = lambda: llama.init_paged_cache(
             model.cfg, config.num_pages, config.page_size, jnp.dtype(config.cache_dtype)

@@ -1,4 +1,9 @@
-"""The paged engine on the real SmolLM2-135M weights."""
+"""The paged engine on the real SmolLM2-135M weights.
+
+The engines here scan their layers (`layer_loop="scan"`): a 30-layer unrolled step takes ~14 s
+to compile on a 2-core CPU and these tests meet a dozen shape buckets; the unrolled loop
+computes the same (test_engine.py::test_scan_layer_loop_equals_the_dense_mask) and runs in
+every other engine test."""
 
 import pytest
 
@@ -53,7 +58,15 @@ def test_paged_engine_matches_dense_generator_on_concurrent_stock_prompts(smollm
     tok = smollm2.tokenizer
     sampling = SamplingParams(max_tokens=12)
     engine = Engine(
-        smollm2, EngineConfig(num_pages=256, page_size=16, max_tokens_per_step=256, max_seqs_per_step=8, max_running=8)
+        smollm2,
+        EngineConfig(
+            num_pages=256,
+            page_size=16,
+            max_tokens_per_step=256,
+            max_seqs_per_step=8,
+            max_running=8,
+            layer_loop="scan",
+        ),
     )
     plans = [lower(A.G(smollm2.name, A.Cross(tuple(m))), tok, model=smollm2.name, page_size=16) for m in prompts()]
     dense_ids = []
@@ -74,7 +87,7 @@ def test_paged_engine_matches_dense_generator_on_concurrent_stock_prompts(smollm
 def test_nested_generation_reuses_inner_exchanges(smollm2):
     """An outer g over a plus of inner g's: the inner exchanges hit the pages the
     inner generations left (cached_tokens shows it)."""
-    engine = Engine(smollm2, EngineConfig(num_pages=512, page_size=16))
+    engine = Engine(smollm2, EngineConfig(num_pages=512, page_size=16, layer_loop="scan"))
     inner = [
         A.G(
             smollm2.name,

@@ -243,7 +243,10 @@ def test_smollm2_with_untrained_speculator_matches_plain_engine(smollm2, tmp_pat
         for q in questions
     ]
     sampling = SamplingParams(max_tokens=10)
-    cfg = EngineConfig(num_pages=128, page_size=16, max_tokens_per_step=64, max_seqs_per_step=4, max_running=4)
+    # Scanned layers: the unrolled 30-layer step compiles ~10x slower (test_engine_smollm2.py).
+    cfg = EngineConfig(
+        num_pages=128, page_size=16, max_tokens_per_step=64, max_seqs_per_step=4, max_running=4, layer_loop="scan"
+    )
     want = [r.generated for r in Engine(smollm2, cfg).generate(plans, sampling)]
     eng = Engine(smollm2, EngineConfig(**{**cfg.__dict__, "speculator": str(tmp_path / "spec")}))
     assert [r.generated for r in eng.generate(plans, sampling)] == want
