@@ -89,7 +89,7 @@ def test_scan_layer_loop_equals_the_dense_mask(tiny_model):
     assert not isinstance(engine.params.layers, tuple)  # stacked: the scan path runs
     g = A.G("tiny", random_prompt(np.random.default_rng(11)), positions="parallel")
     plan = lower(g, tiny_model.tokenizer, model="tiny", page_size=PAGE)
-    req = engine.submit(plan, SamplingParams(max_tokens=4), keep_logits=True)
+    req = engine.submit(plan, SamplingParams(max_tokens=4, ignore_eos=True), keep_logits=True)
     engine.run_until_done([req])
     assert len(req.logits) == 4 and check_against_reference(tiny_model, plan, req) < 1e-4
 

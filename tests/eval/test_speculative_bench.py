@@ -1,11 +1,13 @@
 """eval/speculative_bench.py end to end on SmolLM2 with a small random speculator: one case per
 batch size and draft-tree size, outputs identical to the plain engine's, a results file."""
 
+import functools
 import json
 
 import jax
 import pytest
 
+from spanjax.engine.engine import EngineConfig
 from spanjax.models import speculator as S
 
 
@@ -14,6 +16,9 @@ def test_speculative_bench_reports_each_tree_size(tmp_path, monkeypatch, smollm2
     from spanjax.eval import speculative_bench
 
     monkeypatch.setattr("spanjax.models.loading.load_model", lambda name: smollm2)
+    # Scanned layers: the unrolled 30-layer step compiles ~10x slower and the outputs, not the
+    # speed, are under test here (tests/engine/test_engine_smollm2.py).
+    monkeypatch.setattr(speculative_bench, "EngineConfig", functools.partial(EngineConfig, layer_loop="scan"))
     sc = S.SpeculatorConfig(emb_dim=576, vocab_size=smollm2.cfg.vocab_size, inner_dim=32, n_predict=2)
     S.export_hf(S.Speculator(sc, S.init_speculator(sc, jax.random.PRNGKey(0))), str(tmp_path / "spec"))
     res = speculative_bench.main(
