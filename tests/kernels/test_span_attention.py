@@ -200,9 +200,11 @@ DECODE = [
 
 @pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_xla_decode_path(G, dtype):
+@pytest.mark.parametrize("keys_major_min_seqs", [2, 10**6])  # the keys-major and the queries-major scores
+def test_xla_decode_path(G, dtype, keys_major_min_seqs, monkeypatch):
     """A batch promising one query token per sequence (meta.max_q_len == 1) takes the one-pass
     decode path; it equals the reference, junk pages and padding tokens included."""
+    monkeypatch.setattr("spanjax.kernels.span_attention.xla.KEYS_MAJOR_MIN_SEQS", keys_major_min_seqs)
     batch = _batch(G + 40, DECODE, G, 16, dtype=getattr(jnp, dtype))
     args, kw = args_kwargs(batch)
     ref = span_attention_reference(*args, **kw)
