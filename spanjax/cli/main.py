@@ -67,6 +67,11 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop strings (the text is cut before them)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--quantized",
+        action="store_true",
+        help="keep a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU decode reads 4-bit weights; same values)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
 
 
@@ -91,7 +96,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from e
 
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=getattr(jnp, args.dtype))
+    model = load_model(args.model, dtype=getattr(jnp, args.dtype), quantized=args.quantized)
     t1 = time.perf_counter()
     try:
         result = complete(model, prompt, sampling, chat=args.chat)
@@ -144,6 +149,12 @@ def _add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan_file", nargs="?", metavar="PLAN_FILE", help=argparse.SUPPRESS)  # `query plan FILE`
     p.add_argument("--num-pages", type=int, default=2048, help="KV pages in the engine's pool (default 2048)")
     p.add_argument("--max-tokens-per-step", type=int, default=256, help="token budget per engine step (default 256)")
+    p.add_argument(
+        "--quantized",
+        action="store_true",
+        help="keep a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU decode reads 4-bit weights; same values)",
+    )
+
     _add_mesh_arg(p, "the engine")
     p.add_argument(
         "--json",
@@ -186,7 +197,7 @@ def _run_query(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise UserError(str(e)) from e
-    model = load_model(args.model or "smollm2-135m")
+    model = load_model(args.model or "smollm2-135m", quantized=args.quantized)
     try:
         engine = Engine(model, engine_cfg)
     except ValueError as e:  # a mesh the devices or the model's head counts do not fit
@@ -377,6 +388,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--config", metavar="ENGINE_YAML", help="EngineConfig fields as YAML (num_pages, page_size, ...)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--quantized",
+        action="store_true",
+        help="keep a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU decode reads 4-bit weights; same values)",
+    )
     _add_mesh_arg(p, "the engine (overrides the config's)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (all but /health)")
     p.add_argument(
@@ -417,7 +433,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         raise UserError(str(e)) from e
     use_persistent_cache(engine_cfg.compilation_cache)
-    model = load_model(args.model, dtype=getattr(jnp, args.dtype))
+    model = load_model(args.model, dtype=getattr(jnp, args.dtype), quantized=args.quantized)
     try:
         engine = Engine(model, engine_cfg)
     except ValueError as e:  # a mesh the devices or the model's head counts do not fit

@@ -31,6 +31,9 @@ from pathlib import Path
 import jax
 from jax import export
 
+from spanjax.kernels.quantized_matmul import cpu as quantized_cpu
+from spanjax.models.llama import has_quantized_weights
+
 log = logging.getLogger("spanjax.engine")
 
 FORMAT = 2  # bump when the file layout changes
@@ -46,7 +49,7 @@ def source_digest() -> str:
     h = hashlib.sha256()
     roots = sorted({Path(spanjax.__file__).parent, Path(spanjax.kernels.__file__).parent})
     for root in roots:
-        for path in sorted(root.rglob("*.py")):
+        for path in sorted([*root.rglob("*.py"), *root.rglob("*.cc")]):  # .cc: the FFI kernels' sources
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()
@@ -97,7 +100,12 @@ class StepPrograms:
 
     def _scope(self, fixed) -> str:
         devices = [(d.platform, d.device_kind) for d in jax.devices()]
-        key = repr((FORMAT, self.name, self.context, jax.__version__, devices, source_digest(), signature(fixed)))
+        # Quantized weights trace to the C++ kernel only where it is available (and registering it
+        # here is what lets a stored program that calls it run in a fresh process).
+        kernel = quantized_cpu.available() if has_quantized_weights(fixed) else None
+        key = repr(
+            (FORMAT, self.name, self.context, jax.__version__, devices, source_digest(), signature(fixed), kernel)
+        )
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def path(self, fixed, bucket) -> Path:
@@ -152,7 +160,10 @@ class StepPrograms:
             out, out_tree = jax.tree_util.tree_flatten(fn(*jax.tree_util.tree_unflatten(in_tree, xs)))
             return out
 
-        exported = export.export(jax.jit(flat, donate_argnums=donated))(*leaves)
+        # Our own FFI targets carry no cross-version guarantee; the scope key (sources, jax
+        # version) already ties a stored program to the build that made it.
+        own = [export.DisabledSafetyCheck.custom_call(t) for t in quantized_cpu.TARGETS.values()]
+        exported = export.export(jax.jit(flat, donate_argnums=donated), disabled_checks=own)(*leaves)
         try:
             blob = pickle.dumps((bytes(exported.serialize()), out_tree, bucket, donated))
             self.directory.mkdir(parents=True, exist_ok=True)

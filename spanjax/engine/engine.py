@@ -143,6 +143,8 @@ class Engine:
         self.mesh = _engine_mesh(config, mesh)
         if self.mesh is not None and (speculator is not None or config.speculator is not None):
             raise ValueError("speculative decoding does not run on a mesh yet (EngineConfig.mesh with a speculator)")
+        if self.mesh is not None and llama.has_quantized_weights(model.params):
+            raise ValueError("block-quantized weights run on one device: load the model without quantized=True")
         self.compilation_cache = use_persistent_cache(config.compilation_cache)
         # The step's weights, unstacked: the decoder unrolls its layer loop. A `lax.scan` over
         # stacked weights copies each layer's slice out of the stack on every step (XLA CPU

@@ -1,6 +1,9 @@
-"""Load a llama-family GGUF file: config, dequantized parameters, tokenizer metadata.
+"""Load a llama-family GGUF file: config, parameters, tokenizer metadata.
 
-Weights are dequantized to float32 with `gguf.quants.dequantize` (the reference
+With `quantized=True`, matrices stored as Q4_0, Q4_1 or Q8_0 stay block-quantized
+(`spanjax.kernels.quantized_matmul.BlockQuantized`, the same blocks, only split into arrays):
+a CPU decode step then reads 4-bit weights, as llama.cpp does. Otherwise weights are
+dequantized to float32 with `gguf.quants.dequantize` (the reference
 implementation that ships with llama.cpp's Python package) and then cast to the
 requested dtype, so a GGUF model computes with the exact values llama.cpp and
 transformers' GGUF loader see. llama.cpp's converter permutes the rows of the
@@ -15,9 +18,11 @@ import dataclasses
 import os
 
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spanjax.kernels.quantized_matmul import BlockQuantized
 from spanjax.models.config import ModelConfig, RopeScaling
 from spanjax.models.errors import WeightLoadError
 from spanjax.models.llama import LayerParams, Params
@@ -92,6 +97,26 @@ def dequantize_tensor(tensor, path: str = "<gguf>") -> np.ndarray:
     # ggml lists dims fastest-first; numpy wants them slowest-first.
     shape = tuple(int(d) for d in reversed(tensor.shape))
     return np.asarray(out, dtype=np.float32).reshape(shape)
+
+
+# GGUF block layouts this loader can keep quantized: bytes per block of 32 weights.
+_KEPT_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def quantized_tensor(tensor) -> BlockQuantized | None:
+    """A Q4_0 / Q4_1 / Q8_0 matrix as BlockQuantized numpy arrays [out, in / 32, ...]; None for
+    other types. Q4_0 (w = d * (q - 8)) becomes q4 with offset -8 d (exact in fp16)."""
+    name = tensor.tensor_type.name
+    if name not in _KEPT_BLOCK_BYTES or len(tensor.shape) != 2:
+        return None
+    out_features = int(tensor.shape[1])
+    blocks = np.asarray(tensor.data).reshape(out_features, -1, _KEPT_BLOCK_BYTES[name])
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    if name == "Q8_0":
+        return BlockQuantized(blocks[..., 2:].copy().view(np.int8), scale, None, "q8")
+    if name == "Q4_1":
+        return BlockQuantized(blocks[..., 4:].copy(), scale, blocks[..., 2:4].copy().view(np.float16)[..., 0], "q4")
+    return BlockQuantized(blocks[..., 2:].copy(), scale, (scale.astype(np.float32) * -8).astype(np.float16), "q4")
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -171,8 +196,13 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizerData:
     return read_tokenizer_data(_open(path), path)
 
 
-def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfig, Params, GGUFTokenizerData]:
-    """Read a llama-architecture GGUF file into (config, params, tokenizer data)."""
+def load_gguf(
+    path: str | os.PathLike, dtype=jnp.float32, quantized: bool = False
+) -> tuple[ModelConfig, Params, GGUFTokenizerData]:
+    """Read a llama-architecture GGUF file into (config, params, tokenizer data).
+
+    quantized: keep Q4_0 / Q4_1 / Q8_0 matrices (layers, embedding, LM head) block-quantized
+    where every layer stores that field in a kept type; the rest is dequantized to `dtype`."""
     path = os.fspath(path)
     reader = _open(path)
 
@@ -198,9 +228,27 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfig, 
             raise WeightLoadError(f"{path}: missing tensor {name!r}")
         return dequantize_tensor(t, path)
 
-    per_layer: dict[str, list[np.ndarray]] = {field: [] for field in _LAYER_TENSORS.values()}
+    def layer_tensor(i, gname):
+        t = tensors.get(f"blk.{i}.{gname}.weight")
+        if t is None:
+            raise WeightLoadError(f"{path}: missing tensor 'blk.{i}.{gname}.weight'")
+        return t
+
+    def keep(gname) -> bool:  # every layer's tensor of this field in one kept type
+        kinds = {layer_tensor(i, gname).tensor_type.name for i in range(num_layers)}
+        return quantized and len(kinds) == 1 and kinds <= set(_KEPT_BLOCK_BYTES)
+
+    per_layer: dict[str, list] = {field: [] for field in _LAYER_TENSORS.values()}
+    kept = {gname for gname in _LAYER_TENSORS if keep(gname)}
     for i in range(num_layers):
         for gname, field in _LAYER_TENSORS.items():
+            if gname in kept:
+                w = quantized_tensor(layer_tensor(i, gname))  # [out, in] blocks; rows permuted as below
+                if gname in ("attn_q", "attn_k"):
+                    heads = n_head if gname == "attn_q" else n_kv
+                    w = jax.tree.map(lambda a, heads=heads: unpermute_qk(a, heads), w)
+                per_layer[field].append(w)
+                continue
             w = get(f"blk.{i}.{gname}.weight")
             if gname == "attn_q":
                 w = unpermute_qk(w, n_head)
@@ -210,9 +258,19 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfig, 
             per_layer[field].append(w.T if w.ndim == 2 else w)
 
     def to_jax(a):
+        if isinstance(a, BlockQuantized):
+            return jax.tree.map(jnp.asarray, a)
         return jnp.asarray(a, dtype=dtype)
 
-    embed = get("token_embd.weight")
+    def matrix(name):  # embedding / LM head: [out, in] blocks when kept, else dense [out, in]
+        t = tensors.get(name)
+        kept = quantized_tensor(t) if quantized and t is not None else None
+        return kept if kept is not None else get(name)
+
+    def stack(ws):
+        return jax.tree.map(lambda *a: np.stack(a), *ws) if isinstance(ws[0], BlockQuantized) else np.stack(ws)
+
+    embed = matrix("token_embd.weight")
     eos_ids = tuple(i for i in (tok.eos_token_id,) if i is not None)
     cfg = ModelConfig(
         vocab_size=vocab,
@@ -231,13 +289,15 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfig, 
         bos_token_id=tok.bos_token_id,
         eos_token_ids=eos_ids,
     )
-    if embed.shape != (vocab, hidden):
-        raise WeightLoadError(f"{path}: token_embd.weight has shape {embed.shape}, expected {(vocab, hidden)}")
-    layers = LayerParams(**{field: to_jax(np.stack(ws)) for field, ws in per_layer.items()})
+    embed_shape = (embed.out_features, embed.in_features) if isinstance(embed, BlockQuantized) else embed.shape
+    if embed_shape != (vocab, hidden):
+        raise WeightLoadError(f"{path}: token_embd.weight has shape {embed_shape}, expected {(vocab, hidden)}")
+    lm_head = None if tied else matrix("output.weight")
+    layers = LayerParams(**{field: to_jax(stack(ws)) for field, ws in per_layer.items()})
     params = Params(
         embed=to_jax(embed),
         layers=layers,
         final_norm=to_jax(get("output_norm.weight")),
-        lm_head=None if tied else to_jax(get("output.weight").T),
+        lm_head=None if tied else to_jax(lm_head if isinstance(lm_head, BlockQuantized) else lm_head.T),
     )
     return cfg, params, tok

@@ -8,7 +8,9 @@ and is updated in place. Attention is pluggable: `forward_dense` keeps a classic
 `forward_paged` writes pre-RoPE keys into a page pool and runs ragged paged span
 attention over a `SpanBatchMeta` (the engine's path; see kernels/span_attention).
 
-Weights are stored [in, out] so projections are `x @ w` (`linear`: fp32 accumulation).
+Weights are stored [in, out] so projections are `x @ w` (`linear`: fp32 accumulation), or
+block-quantized [out, in] as GGUF stores them (`BlockQuantized`, see kernels/quantized_matmul:
+`linear` dispatches on the type, so any matrix field may be either).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from spanjax.kernels.quantized_matmul import BlockQuantized, quantized_matmul, take_rows
 from spanjax.kernels.rope import apply_rope
 from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs
 from spanjax.kernels.span_attention.reference import span_attention_reference
@@ -87,7 +90,7 @@ def unstack_layers(params: Params) -> Params:
     (the scan's compile time does not grow with depth)."""
     if isinstance(params.layers, tuple):
         return params
-    n = params.layers.wq.shape[0]
+    n = params.layers.attn_norm.shape[0]
     return params.replace(layers=tuple(jax.tree.map(lambda a, i=i: a[i], params.layers) for i in range(n)))
 
 
@@ -114,8 +117,23 @@ def _dot_f32(x, w, w_in_axis: int):
 
 def linear(x, w):
     """x [..., in] @ w [in, out], accumulated in fp32 and rounded to x's dtype: what transformers'
-    bf16 does too."""
+    bf16 does too. A block-quantized w ([out, in]) goes through `quantized_matmul`."""
+    if isinstance(w, BlockQuantized):
+        return quantized_matmul(x, w).astype(x.dtype)
     return _dot_f32(x, w, 0).astype(x.dtype)
+
+
+def has_quantized_weights(tree) -> bool:
+    """Whether any leaf of `tree` (Params, or anything holding them) is block-quantized."""
+    is_q = lambda x: isinstance(x, BlockQuantized)  # noqa: E731
+    return any(is_q(x) for x in jax.tree.leaves(tree, is_leaf=is_q))
+
+
+def embed_tokens(params: Params, tokens):
+    """Rows of the embedding table for `tokens` (only those rows are expanded when quantized)."""
+    if isinstance(params.embed, BlockQuantized):
+        return take_rows(params.embed, tokens)
+    return params.embed[tokens]
 
 
 def mlp(layer: LayerParams, x):
@@ -148,7 +166,7 @@ def decoder(
     (-1 = base weights); None applies adapter 0 everywhere.
     """
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
-    x = params.embed[tokens] * jnp.asarray(cfg.embedding_multiplier, params.embed.dtype)
+    x = embed_tokens(params, tokens) * jnp.asarray(cfg.embedding_multiplier, params.embed.dtype)
     lead = tokens.shape
     ids = None if adapter is None else adapter.token_ids(adapter_mask, lead)
 
@@ -193,6 +211,9 @@ def decoder(
 
 def compute_logits(params: Params, cfg: ModelConfig, hidden):
     """Final hidden states [..., H] -> fp32 logits [..., V] (Granite divides by logits_scaling)."""
+    head = params.embed if params.lm_head is None else params.lm_head
+    if isinstance(head, BlockQuantized):  # [V, H] blocks either way
+        return quantized_matmul(hidden, head) / cfg.logits_scaling
     if params.lm_head is None:  # tied: contract with embed [V, H] as it lies (`embed.T` would copy it)
         return _dot_f32(hidden, params.embed, 1) / cfg.logits_scaling
     return _dot_f32(hidden, params.lm_head, 0) / cfg.logits_scaling

@@ -85,7 +85,9 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     raise ModelNotFoundError(f"{path}: expected a Hugging Face directory or a .gguf file")
 
 
-def load_model(name_or_path: str, dtype=jnp.float32) -> LoadedModel:
+def load_model(name_or_path: str, dtype=jnp.float32, quantized: bool = False) -> LoadedModel:
+    """quantized: keep a GGUF's Q4_0 / Q4_1 / Q8_0 matrices block-quantized (fast CPU decode,
+    the same weight values; see spanjax.kernels.quantized_matmul). Other files ignore it."""
     dtype = jnp.float32 if dtype is None else dtype
     path = resolve(name_or_path)
     name = name_or_path if name_or_path in REGISTRY else os.path.abspath(path)
@@ -96,7 +98,7 @@ def load_model(name_or_path: str, dtype=jnp.float32) -> LoadedModel:
         except FileNotFoundError as e:
             raise WeightLoadError(str(e)) from e
     elif path.endswith(".gguf"):
-        cfg, params, tok_data = load_gguf(path, dtype)
+        cfg, params, tok_data = load_gguf(path, dtype, quantized=quantized)
         try:
             tokenizer = Tokenizer.from_gguf(tok_data)
         except ValueError as e:

@@ -107,3 +107,20 @@ def test_nested_generation_reuses_inner_exchanges(smollm2):
     # Every full page of every inner exchange is a hit; only partial tail pages are not.
     assert res.final.cached_tokens >= inner_tokens - 3 * 16
     assert res.final.text
+
+
+def test_engine_on_kept_quantized_weights_matches_the_dense_generator(smollm2_gguf_path):
+    # The GGUF's Q4_1 / Q8_0 blocks kept as stored (decode steps run the CPU kernel, prefill
+    # expands the blocks): the engine's greedy tokens equal the dense generator's on the same weights.
+    from spanjax.kernels.quantized_matmul import BlockQuantized
+    from spanjax.models.loading import load_model
+
+    model = load_model(smollm2_gguf_path, quantized=True)
+    assert isinstance(model.params.layers.w_up, BlockQuantized)
+    tok, sampling = model.tokenizer, SamplingParams(max_tokens=10)
+    msgs = prompts()[:4]
+    plans = [lower(A.G(model.name, A.Cross(tuple(m))), tok, model=model.name, page_size=16) for m in msgs]
+    want = [r.token_ids for r in dense_generate(model, [list(p.spans[-1].token_ids) for p in plans], sampling)]
+    engine = Engine(model, EngineConfig(num_pages=64, max_tokens_per_step=256, max_running=4, layer_loop="scan"))
+    got = [[t for t in r.generated if t not in engine.eos_token_ids] for r in engine.generate(plans, sampling)]
+    assert got == want

@@ -13,8 +13,9 @@ from gguf import GGMLQuantizationType as QT
 
 from spanjax.engine.dense_generate import generate
 from spanjax.engine.sampling import SamplingParams
+from spanjax.kernels.quantized_matmul import BlockQuantized, dequantize
 from spanjax.models.errors import WeightLoadError
-from spanjax.models.gguf import dequantize_tensor, load_gguf, permute_qk, unpermute_qk
+from spanjax.models.gguf import dequantize_tensor, load_gguf, permute_qk, quantized_tensor, unpermute_qk
 from spanjax.models.llama import compute_logits, forward_dense, init_dense_cache
 
 # ----------------------------------------------------------------------------- helpers
@@ -73,6 +74,18 @@ def _random_k_blocks(rng, n_blocks, block_bytes, half_at):
 # ----------------------------------------------------------------------------- dequantization per type
 
 ROWS, COLS = 4, 512  # COLS is a multiple of the K-quant super-block (256)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1])
+def test_kept_blocks_expand_to_the_dequantized_values(tmp_path, qtype):
+    # quantized=True keeps these blocks as they are stored; expanded, they must be the values
+    # transformers' independent dequantizer gives (Q4_0 becomes q4 with offset -8 d).
+    x = np.random.default_rng(int(qtype)).standard_normal((ROWS, COLS)).astype(np.float32)
+    raw = gguf.quants.quantize(x, qtype)
+    tensor = gguf.GGUFReader(_write_gguf(tmp_path / "t.gguf", {"w": (raw, qtype)})).tensors[0]
+    kept = quantized_tensor(tensor)
+    assert isinstance(kept, BlockQuantized) and kept.format == ("q8" if qtype == QT.Q8_0 else "q4")
+    np.testing.assert_array_equal(np.asarray(dequantize(kept)), _reference_dequant(raw, qtype, (ROWS, COLS)))
 
 
 @pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1])
@@ -331,6 +344,32 @@ def test_smollm2_logits_match_transformers(smollm2, hf_smollm2):
         with torch.no_grad():
             ref = hf_smollm2(torch.tensor([ids])).logits[0].numpy()
         np.testing.assert_allclose(logits[i, : len(ids)], ref, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_smollm2_kept_quantized_matches_transformers(smollm2_gguf_path, hf_smollm2):
+    # The Q4_1 / Q8_0 blocks kept as stored: a prompt (more rows than the CPU kernel takes: the
+    # expand-then-dot path) and then one decode token for each of 4 sequences (4 rows: the kernel),
+    # against transformers' forward over prompt + token.
+    import torch
+
+    cfg, params, _ = load_gguf(smollm2_gguf_path, quantized=True)
+    assert isinstance(params.layers.wq, BlockQuantized) and isinstance(params.embed, BlockQuantized)
+    ids = [[1, 504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2124][: 6 + i] for i in range(4)]
+    T = max(map(len, ids))
+    tokens = np.zeros((4, T), np.int32)
+    positions = np.full((4, T), T + 1, np.int32)  # padding sits outside the cache
+    for i, seq in enumerate(ids):
+        tokens[i, : len(seq)], positions[i, : len(seq)] = seq, np.arange(len(seq))
+    cache = init_dense_cache(cfg, 4, T + 1)
+    _, cache = forward_dense(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache)
+    nxt = np.array([[42], [7], [1999], [3]], np.int32)
+    pos = np.array([[len(seq)] for seq in ids], np.int32)
+    hidden, _ = forward_dense(params, cfg, jnp.asarray(nxt), jnp.asarray(pos), cache)
+    logits = np.asarray(compute_logits(params, cfg, hidden[:, 0]))
+    for i, seq in enumerate(ids):
+        with torch.no_grad():
+            ref = hf_smollm2(torch.tensor([seq + [int(nxt[i, 0])]])).logits[0, -1].numpy()
+        np.testing.assert_allclose(logits[i], ref, atol=LOGITS_ATOL, rtol=0)
 
 
 def test_smollm2_greedy_matches_transformers(smollm2, hf_smollm2):

@@ -1,0 +1,59 @@
+"""Products with block-quantized weights (GGUF Q4_1 / Q8_0 kept as they are stored).
+
+`quantized_matmul(x, w)` is what models call. On CPU, for few rows (a decode step), it runs
+the C++ kernel (`cpu_kernel.cc`), which reads 20 bytes per 32 weights where an fp32 matrix
+reads 128: decode on CPU is bound by reading weights. For more rows (prefill), and on other
+platforms, it expands the blocks to fp32 and runs XLA's dot (`reference.py`): there the
+product's arithmetic, not the weight read, is the cost.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from spanjax.kernels.quantized_matmul import cpu
+from spanjax.kernels.quantized_matmul.format import BLOCK, FORMATS, BlockQuantized, check
+from spanjax.kernels.quantized_matmul.reference import dequantize, quantized_matmul_reference, take_rows
+
+# Up to this many rows the CPU kernel beats expanding the weights for XLA's GEMM (measured
+# in docs/results/engine_bench.md); above it the GEMM's arithmetic dominates.
+KERNEL_MAX_ROWS = 16
+
+__all__ = [
+    "BLOCK",
+    "FORMATS",
+    "KERNEL_MAX_ROWS",
+    "BlockQuantized",
+    "check",
+    "dequantize",
+    "quantized_matmul",
+    "quantized_matmul_reference",
+    "take_rows",
+]
+
+
+def quantized_matmul(x, w: BlockQuantized, impl: str = "auto") -> jax.Array:
+    """x [..., in] times w [out, in] transposed -> fp32 [..., out].
+
+    impl: "auto" (the CPU kernel where it applies, else the reference), "cpu", "reference"."""
+    if x.shape[-1] != w.in_features or w.q.ndim != 3:
+        raise ValueError(f"x [..., {x.shape[-1]}] against a quantized matrix of shape {tuple(w.q.shape)}")
+    lead, rows = x.shape[:-1], math.prod(x.shape[:-1])
+    use_kernel = impl == "cpu" or (impl == "auto" and rows <= KERNEL_MAX_ROWS and cpu.available())
+    if impl == "cpu" and not cpu.available():
+        raise RuntimeError(f"the quantized CPU kernel is unavailable: {cpu.unavailable_reason()}")
+    if not use_kernel or rows == 0:
+        return quantized_matmul_reference(x, w)
+    x2 = x.reshape(rows, x.shape[-1])
+
+    def on_cpu(x2):
+        return cpu.quantized_matmul_cpu(x2, w)
+
+    def elsewhere(x2):
+        return quantized_matmul_reference(x2, w)
+
+    y = jax.lax.platform_dependent(x2, cpu=on_cpu, default=elsewhere)
+    return y.reshape(*lead, w.out_features).astype(jnp.float32)

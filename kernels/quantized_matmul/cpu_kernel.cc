@@ -1,0 +1,294 @@
+// Block-quantized matrix products for XLA CPU, called through the XLA FFI.
+//
+// y[r, n] = sum_k x[r, k] * w[n, k], with w stored the way GGUF stores it: blocks of 32
+// weights along k, each with an fp16 scale d (and, for 4-bit, an fp16 offset m):
+//   q4 (GGUF Q4_1): w = d * q + m, q in 0..15, byte j of a block holds elements j (low
+//                   nibble) and j + 16 (high nibble);
+//   q8 (GGUF Q8_0): w = d * q, q in -128..127.
+// Each block is expanded to fp32 in registers (exactly the values the dequantized model
+// has) and multiplied with fp32 activations, so the only difference from a dense fp32
+// product is the summation order. The point is bandwidth: a decode step reads every weight
+// once, and 4-bit blocks are 20 bytes per 32 weights against 128 in fp32.
+//
+// Rows of x are processed eight at a time against one expanded block, so a decode batch of
+// several sequences reads the weights once. Columns n are split into chunks claimed from an
+// atomic counter by the calling thread and by the kernel's helper threads (`Helpers`); the
+// caller never waits for a chunk nobody has claimed, so a busy helper cannot stall it.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kBlock = 32;
+constexpr int kRowTile = 8;
+
+inline float HalfToFloat(uint16_t h) { return _cvtsh_ss(h); }
+
+inline float HorizontalSum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 shuf = _mm_movehdup_ps(lo);
+  __m128 sums = _mm_add_ps(lo, shuf);
+  shuf = _mm_movehl_ps(shuf, sums);
+  sums = _mm_add_ss(sums, shuf);
+  return _mm_cvtss_f32(sums);
+}
+
+// The 32 weights of one block as four vectors of eight fp32 values, in k order.
+struct Expanded {
+  __m256 w[4];
+};
+
+inline __m256 BytesToFloat(__m128i bytes8_u) {  // low 8 bytes, unsigned
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8_u));
+}
+
+inline Expanded ExpandQ4(const uint8_t* qs, float d, float m) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(bytes, low_mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
+  const __m256 vd = _mm256_set1_ps(d);
+  const __m256 vm = _mm256_set1_ps(m);
+  Expanded e;
+  e.w[0] = _mm256_fmadd_ps(BytesToFloat(lo), vd, vm);
+  e.w[1] = _mm256_fmadd_ps(BytesToFloat(_mm_srli_si128(lo, 8)), vd, vm);
+  e.w[2] = _mm256_fmadd_ps(BytesToFloat(hi), vd, vm);
+  e.w[3] = _mm256_fmadd_ps(BytesToFloat(_mm_srli_si128(hi, 8)), vd, vm);
+  return e;
+}
+
+inline Expanded ExpandQ8(const int8_t* qs, float d) {
+  const __m256 vd = _mm256_set1_ps(d);
+  Expanded e;
+  for (int i = 0; i < 4; ++i) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * i));
+    e.w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), vd);
+  }
+  return e;
+}
+
+struct Problem {
+  const float* x;        // [R, K]
+  const uint8_t* q;      // [N, K / 32, bytes_per_block]
+  const uint16_t* d;     // [N, K / 32] fp16 scales
+  const uint16_t* m;     // [N, K / 32] fp16 offsets (q4 only)
+  float* y;              // [R, N]
+  int64_t rows, cols, depth;  // R, N, K
+  bool four_bit;
+};
+
+// Rows [r0, r0 + RB) of y for columns [n0, n1). Few rows get several accumulators per row so
+// the FMAs of one block do not wait on each other (their latency, not the loads, would bound
+// a one-row product).
+template <int RB>
+void RowTile(const Problem& p, int64_t r0, int64_t n0, int64_t n1) {
+  constexpr int kAcc = RB == 1 ? 4 : (RB <= 3 ? 2 : 1);
+  const int64_t blocks = p.depth / kBlock;
+  const int64_t block_bytes = p.four_bit ? kBlock / 2 : kBlock;
+  const float* x = p.x + r0 * p.depth;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 acc[RB][kAcc];
+    for (int r = 0; r < RB; ++r)
+      for (int a = 0; a < kAcc; ++a) acc[r][a] = _mm256_setzero_ps();
+    const uint8_t* qn = p.q + n * blocks * block_bytes;
+    const uint16_t* dn = p.d + n * blocks;
+    const uint16_t* mn = p.four_bit ? p.m + n * blocks : nullptr;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const Expanded e = p.four_bit
+                             ? ExpandQ4(qn + b * block_bytes, HalfToFloat(dn[b]), HalfToFloat(mn[b]))
+                             : ExpandQ8(reinterpret_cast<const int8_t*>(qn + b * block_bytes), HalfToFloat(dn[b]));
+      const float* xb = x + b * kBlock;
+      for (int r = 0; r < RB; ++r) {
+        const float* xr = xb + r * p.depth;
+        for (int i = 0; i < 4; ++i)
+          acc[r][i % kAcc] = _mm256_fmadd_ps(e.w[i], _mm256_loadu_ps(xr + 8 * i), acc[r][i % kAcc]);
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      __m256 total = acc[r][0];
+      for (int a = 1; a < kAcc; ++a) total = _mm256_add_ps(total, acc[r][a]);
+      p.y[(r0 + r) * p.cols + n] = HorizontalSum(total);
+    }
+  }
+}
+
+void Columns(const Problem& p, int64_t n0, int64_t n1) {
+  int64_t r = 0;
+  for (; r + kRowTile <= p.rows; r += kRowTile) RowTile<kRowTile>(p, r, n0, n1);
+  switch (p.rows - r) {
+    case 1: RowTile<1>(p, r, n0, n1); break;
+    case 2: RowTile<2>(p, r, n0, n1); break;
+    case 3: RowTile<3>(p, r, n0, n1); break;
+    case 4: RowTile<4>(p, r, n0, n1); break;
+    case 5: RowTile<5>(p, r, n0, n1); break;
+    case 6: RowTile<6>(p, r, n0, n1); break;
+    case 7: RowTile<7>(p, r, n0, n1); break;
+    default: break;
+  }
+}
+
+// Column chunks shared between the caller and the helper threads.
+struct Work {
+  Problem problem;
+  int64_t chunk_cols = 0;
+  int64_t num_chunks = 0;
+  // Own cache lines: the counters change while every thread reads the fields above.
+  alignas(64) std::atomic<int64_t> next{0};
+  alignas(64) std::atomic<int64_t> finished{0};
+
+  void RunChunks() {
+    const Problem p = problem;  // a private copy, next to nothing another thread writes
+    for (int64_t c = next.fetch_add(1); c < num_chunks; c = next.fetch_add(1)) {
+      const int64_t n0 = c * chunk_cols;
+      Columns(p, n0, std::min(p.cols, n0 + chunk_cols));
+      finished.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// The kernel's own helper threads. XLA's intra-op pool would do, but its threads sleep
+// between tasks and a decode step's products take 10-100 us each, about what waking a
+// thread costs: measured, its helpers joined too late to take any chunk. These spin for a
+// short while after each product (the next one of a decode step comes within microseconds)
+// and then sleep, so prefill and idle processes do not pay for them.
+class Helpers {
+ public:
+  static Helpers& Get() {
+    static Helpers* helpers = new Helpers();  // never destroyed: threads outlive static teardown
+    return *helpers;
+  }
+
+  int64_t size() const { return static_cast<int64_t>(threads_.size()); }
+
+  // Runs `work` with the helpers; false (nothing done) when another product holds them.
+  bool Run(const std::shared_ptr<Work>& work) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = work;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    work->RunChunks();
+    // Every chunk is claimed now; wait only for those still being computed.
+    while (work->finished.load(std::memory_order_acquire) < work->num_chunks) _mm_pause();
+    return true;
+  }
+
+ private:
+  static constexpr auto kSpin = std::chrono::microseconds(300);
+
+  Helpers() {
+    const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+    for (int64_t i = 0; i + 1 < cores; ++i) threads_.emplace_back([this] { Loop(); });
+    for (auto& t : threads_) t.detach();
+  }
+
+  void Loop() {
+    uint64_t seen = generation_.load(std::memory_order_acquire);
+    for (;;) {
+      auto start = std::chrono::steady_clock::now();
+      for (int i = 0; generation_.load(std::memory_order_acquire) == seen; ++i) {
+        _mm_pause();
+        if ((i & 255) == 255 && std::chrono::steady_clock::now() - start > kSpin) {
+          std::unique_lock<std::mutex> lock(mutex_);
+          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          break;
+        }
+      }
+      std::shared_ptr<Work> work;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        work = job_;
+        seen = generation_.load(std::memory_order_acquire);
+      }
+      if (work) work->RunChunks();
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex busy_;   // one product at a time uses the helpers
+  std::mutex mutex_;  // guards job_ and the sleep
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  std::shared_ptr<Work> job_;
+};
+
+ffi::Error Run(const Problem& problem) {
+  if (problem.depth % kBlock != 0) return ffi::Error::InvalidArgument("K must be a multiple of 32");
+  Helpers& helpers = Helpers::Get();
+  const int64_t threads = 1 + helpers.size();
+  // About four chunks per thread (balance), none narrower than 16 columns.
+  auto work = std::make_shared<Work>();
+  work->problem = problem;
+  work->chunk_cols = std::max<int64_t>(16, (problem.cols + 4 * threads - 1) / (4 * threads));
+  work->num_chunks = (problem.cols + work->chunk_cols - 1) / work->chunk_cols;
+  if (work->num_chunks < 2 || !helpers.Run(work)) work->RunChunks();
+  return ffi::Error::Success();
+}
+
+Problem MakeProblem(ffi::Buffer<ffi::F32> x, const void* q, ffi::Buffer<ffi::F16> d, const uint16_t* m,
+                    ffi::ResultBuffer<ffi::F32> y, bool four_bit) {
+  const auto xd = x.dimensions();
+  const auto yd = y->dimensions();
+  Problem p{};
+  p.x = x.typed_data();
+  p.q = static_cast<const uint8_t*>(q);
+  p.d = d.typed_data();
+  p.m = m;
+  p.y = y->typed_data();
+  p.rows = xd[0];
+  p.depth = xd[1];
+  p.cols = yd[1];
+  p.four_bit = four_bit;
+  return p;
+}
+
+ffi::Error Q4Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
+                    ffi::Buffer<ffi::F16> m, ffi::ResultBuffer<ffi::F32> y) {
+  return Run(MakeProblem(x, q.typed_data(), d, m.typed_data(), y, true));
+}
+
+ffi::Error Q8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F16> d,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  return Run(MakeProblem(x, q.typed_data(), d, nullptr, y, false));
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpanjaxQ4Matmul, Q4Matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpanjaxQ8Matmul, Q8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+extern "C" int SpanjaxCpuSupported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}

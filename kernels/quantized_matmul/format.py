@@ -1,0 +1,64 @@
+"""`BlockQuantized`: a weight matrix kept in GGUF's block-quantized form.
+
+Blocks of 32 weights along the input axis, each with an fp16 scale (and for 4-bit an fp16
+offset), exactly as GGUF's Q4_1 and Q8_0 store them; only the layout is split into arrays
+(codes, scales, offsets) so it is a pytree. Rows are the matrix's *outputs*: `q[n]` holds
+the weights that make output n, which is what a matrix-vector product streams.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+BLOCK = 32
+FORMATS = ("q4", "q8")  # q4 = GGUF Q4_1 (w = d * q + m), q8 = GGUF Q8_0 (w = d * q)
+
+
+@flax.struct.dataclass
+class BlockQuantized:
+    """A matrix [out, in] as blocks of 32 along `in`; leading axes (stacked layers) allowed.
+
+    q4: `q` uint8 [..., out, in / 32, 16], byte j holds element j (low nibble) and j + 16
+    (high nibble); `offset` fp16 [..., out, in / 32]. q8: `q` int8 [..., out, in / 32, 32],
+    `offset` None. `scale` fp16 [..., out, in / 32] in both.
+    """
+
+    q: jax.Array
+    scale: jax.Array
+    offset: jax.Array | None
+    format: str = flax.struct.field(pytree_node=False)
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[-3]
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[-2] * BLOCK
+
+    @property
+    def dtype(self):
+        """The dtype its products compute and return: fp32 (what the blocks expand to)."""
+        return jnp.dtype(jnp.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.size * a.dtype.itemsize for a in (self.q, self.scale, self.offset) if a is not None)
+
+
+def check(w: BlockQuantized) -> None:
+    if w.format not in FORMATS:
+        raise ValueError(f"unknown block-quantized format {w.format!r} (known: {', '.join(FORMATS)})")
+    per_block = BLOCK // 2 if w.format == "q4" else BLOCK
+    want_dtype = jnp.uint8 if w.format == "q4" else jnp.int8
+    if w.q.ndim < 3 or w.q.shape[-1] != per_block or w.q.dtype != want_dtype:
+        raise ValueError(
+            f"{w.format} codes must be {jnp.dtype(want_dtype).name} [..., out, in/32, {per_block}], "
+            f"got {w.q.dtype} {tuple(w.q.shape)}"
+        )
+    if w.scale.shape != w.q.shape[:-1] or (w.offset is not None and w.offset.shape != w.q.shape[:-1]):
+        raise ValueError(f"scale/offset must be {tuple(w.q.shape[:-1])}")
+    if (w.offset is None) != (w.format == "q8"):
+        raise ValueError("q4 needs an offset array, q8 has none")

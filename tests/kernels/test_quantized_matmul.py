@@ -1,0 +1,85 @@
+"""Block-quantized products: the C++ CPU kernel against the jnp reference (expand, then dot)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spanjax.kernels.quantized_matmul import (
+    KERNEL_MAX_ROWS,
+    BlockQuantized,
+    check,
+    cpu,
+    dequantize,
+    quantized_matmul,
+    quantized_matmul_reference,
+    take_rows,
+)
+
+
+def random_blocks(rng, fmt, out_features, in_features, lead=()):
+    shape = (*lead, out_features, in_features // 32)
+    scale = jnp.asarray(rng.uniform(0.001, 0.05, shape).astype(np.float16))
+    if fmt == "q4":
+        q = rng.integers(0, 256, (*shape, 16), dtype=np.uint8)
+        offset = jnp.asarray(rng.uniform(-0.4, 0.0, shape).astype(np.float16))
+    else:
+        q = rng.integers(-128, 128, (*shape, 32), dtype=np.int8)
+        offset = None
+    return BlockQuantized(jnp.asarray(q), scale, offset, fmt)
+
+
+def test_dequantize_lays_out_nibbles_and_scales():
+    # One q4 block: byte j holds element j (low nibble) and element j + 16 (high nibble).
+    q = np.arange(16, dtype=np.uint8) | (np.arange(16, dtype=np.uint8)[::-1] << 4)
+    half, minus_one = jnp.full((1, 1), 0.5, jnp.float16), jnp.full((1, 1), -1, jnp.float16)
+    w = BlockQuantized(jnp.asarray(q[None, None]), half, minus_one, "q4")
+    want = np.concatenate([np.arange(16), np.arange(16)[::-1]]) * 0.5 - 1
+    np.testing.assert_array_equal(np.asarray(dequantize(w))[0], want)
+    codes = jnp.arange(-16, 16, dtype=jnp.int8)[None, None]
+    q8 = BlockQuantized(codes, jnp.full((1, 1), 0.25, jnp.float16), None, "q8")
+    np.testing.assert_array_equal(np.asarray(dequantize(q8))[0], np.arange(-16, 16) * 0.25)
+
+
+@pytest.mark.skipif(not cpu.available(), reason=f"CPU kernel unavailable: {cpu.unavailable_reason()}")
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 16])
+def test_cpu_kernel_equals_reference(fmt, rows):
+    # 200 outputs: column chunks that do not divide evenly; 13 rows: an 8-row tile and a 5-row rest.
+    rng = np.random.default_rng(rows)
+    w = random_blocks(rng, fmt, 200, 576)
+    x = jnp.asarray(rng.standard_normal((rows, 576)).astype(np.float32))
+    got = jax.jit(lambda x, w: quantized_matmul(x, w, impl="cpu"))(x, w)
+    want = quantized_matmul_reference(x, w)
+    assert got.shape == (rows, 200) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()), rtol=0)
+
+
+def test_auto_dispatch_keeps_leading_axes_and_large_row_counts_use_the_reference():
+    rng = np.random.default_rng(0)
+    w = random_blocks(rng, "q4", 64, 96)
+    for lead in [(2, 3), (KERNEL_MAX_ROWS + 5,)]:
+        x = jnp.asarray(rng.standard_normal((*lead, 96)).astype(np.float32))
+        got = jax.jit(quantized_matmul)(x, w)
+        assert got.shape == (*lead, 64)
+        np.testing.assert_allclose(got, quantized_matmul_reference(x, w), atol=1e-4, rtol=0)
+
+
+def test_take_rows_expands_only_the_rows_asked_for():
+    w = random_blocks(np.random.default_rng(1), "q8", 50, 64)
+    ids = jnp.asarray([[3, 7], [49, 0]])
+    np.testing.assert_array_equal(take_rows(w, ids), np.asarray(dequantize(w))[np.asarray(ids)])
+
+
+def test_bad_shapes_and_formats_are_refused():
+    w = random_blocks(np.random.default_rng(2), "q4", 8, 64)
+    with pytest.raises(ValueError, match="against a quantized matrix"):
+        quantized_matmul(jnp.ones((2, 65)), w)
+    with pytest.raises(ValueError, match="q4 needs an offset"):
+        check(w.replace(offset=None))
+    with pytest.raises(ValueError, match="unknown block-quantized format"):
+        check(w.replace(format="q3"))
+    with pytest.raises(ValueError, match="codes must be"):
+        check(w.replace(q=w.q[..., :8]))
