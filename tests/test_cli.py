@@ -54,7 +54,7 @@ def test_generate_json_matches_library(smollm2, monkeypatch):
     from spanjax.models import loading
 
     # Reuse the session's model instead of loading it again (the CLI imports load_model at call time).
-    monkeypatch.setattr(loading, "load_model", lambda name, dtype=None: smollm2)
+    monkeypatch.setattr(loading, "load_model", lambda name, dtype=None, quantized=False: smollm2)
     args = [
         "generate",
         "--model",
@@ -74,6 +74,19 @@ def test_generate_json_matches_library(smollm2, monkeypatch):
     ref = complete(smollm2, "The three primary colors are", SamplingParams(max_tokens=12, stop=("\n\n",)))
     assert out["token_ids"] == ref.token_ids and out["text"] == ref.text
     assert out["prompt_tokens"] == ref.prompt_tokens
+
+
+def test_quantized_flag_reaches_the_loader(smollm2, monkeypatch):
+    from spanjax.models import loading
+
+    seen = []
+    monkeypatch.setattr(
+        loading, "load_model", lambda name, dtype=None, quantized=False: seen.append(quantized) or smollm2
+    )
+    args = ["generate", "--prompt", "Hi", "--max-tokens", "1", "--json"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(args) == 0 and main([*args, "--quantized"]) == 0
+    assert seen == [False, True]
 
 
 def test_missing_model_path_is_one_line_error(tmp_path, capsys):
