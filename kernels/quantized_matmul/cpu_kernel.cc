@@ -93,31 +93,47 @@ struct Problem {
   bool four_bit;
 };
 
+// n fp16 values to fp32, eight at a time.
+inline void HalvesToFloats(const uint16_t* h, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) out[i] = HalfToFloat(h[i]);
+}
+
 // Rows [r0, r0 + RB) of y for columns [n0, n1). Few rows get several accumulators per row so
 // the FMAs of one block do not wait on each other (their latency, not the loads, would bound
-// a one-row product).
-template <int RB>
+// a one-row product). A column's scales (and offsets) are converted to fp32 up front, eight
+// per instruction, so a block broadcasts them from memory instead of converting two scalars:
+// at one row the kernel is bound by instructions, not by reading memory.
+template <bool kFourBit, int RB>
 void RowTile(const Problem& p, int64_t r0, int64_t n0, int64_t n1) {
   constexpr int kAcc = RB == 1 ? 4 : (RB <= 3 ? 2 : 1);
+  constexpr int64_t kGroup = 64;  // blocks whose scales are converted at once
+  constexpr int64_t block_bytes = kFourBit ? kBlock / 2 : kBlock;
   const int64_t blocks = p.depth / kBlock;
-  const int64_t block_bytes = p.four_bit ? kBlock / 2 : kBlock;
   const float* x = p.x + r0 * p.depth;
+  alignas(32) float scales[kGroup];
+  alignas(32) float offsets[kGroup];
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc[RB][kAcc];
     for (int r = 0; r < RB; ++r)
       for (int a = 0; a < kAcc; ++a) acc[r][a] = _mm256_setzero_ps();
     const uint8_t* qn = p.q + n * blocks * block_bytes;
-    const uint16_t* dn = p.d + n * blocks;
-    const uint16_t* mn = p.four_bit ? p.m + n * blocks : nullptr;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const Expanded e = p.four_bit
-                             ? ExpandQ4(qn + b * block_bytes, HalfToFloat(dn[b]), HalfToFloat(mn[b]))
-                             : ExpandQ8(reinterpret_cast<const int8_t*>(qn + b * block_bytes), HalfToFloat(dn[b]));
-      const float* xb = x + b * kBlock;
-      for (int r = 0; r < RB; ++r) {
-        const float* xr = xb + r * p.depth;
-        for (int i = 0; i < 4; ++i)
-          acc[r][i % kAcc] = _mm256_fmadd_ps(e.w[i], _mm256_loadu_ps(xr + 8 * i), acc[r][i % kAcc]);
+    for (int64_t g = 0; g < blocks; g += kGroup) {
+      const int64_t count = std::min(kGroup, blocks - g);
+      HalvesToFloats(p.d + n * blocks + g, count, scales);
+      if (kFourBit) HalvesToFloats(p.m + n * blocks + g, count, offsets);
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t b = g + j;
+        const Expanded e = kFourBit ? ExpandQ4(qn + b * block_bytes, scales[j], offsets[j])
+                                    : ExpandQ8(reinterpret_cast<const int8_t*>(qn + b * block_bytes), scales[j]);
+        const float* xb = x + b * kBlock;
+        for (int r = 0; r < RB; ++r) {
+          const float* xr = xb + r * p.depth;
+          for (int i = 0; i < 4; ++i)
+            acc[r][i % kAcc] = _mm256_fmadd_ps(e.w[i], _mm256_loadu_ps(xr + 8 * i), acc[r][i % kAcc]);
+        }
       }
     }
     for (int r = 0; r < RB; ++r) {
@@ -128,20 +144,30 @@ void RowTile(const Problem& p, int64_t r0, int64_t n0, int64_t n1) {
   }
 }
 
-void Columns(const Problem& p, int64_t n0, int64_t n1) {
+template <bool kFourBit>
+void ColumnsOf(const Problem& p, int64_t n0, int64_t n1) {
   int64_t r = 0;
-  for (; r + kRowTile <= p.rows; r += kRowTile) RowTile<kRowTile>(p, r, n0, n1);
+  for (; r + kRowTile <= p.rows; r += kRowTile) RowTile<kFourBit, kRowTile>(p, r, n0, n1);
   switch (p.rows - r) {
-    case 1: RowTile<1>(p, r, n0, n1); break;
-    case 2: RowTile<2>(p, r, n0, n1); break;
-    case 3: RowTile<3>(p, r, n0, n1); break;
-    case 4: RowTile<4>(p, r, n0, n1); break;
-    case 5: RowTile<5>(p, r, n0, n1); break;
-    case 6: RowTile<6>(p, r, n0, n1); break;
-    case 7: RowTile<7>(p, r, n0, n1); break;
+    case 1: RowTile<kFourBit, 1>(p, r, n0, n1); break;
+    case 2: RowTile<kFourBit, 2>(p, r, n0, n1); break;
+    case 3: RowTile<kFourBit, 3>(p, r, n0, n1); break;
+    case 4: RowTile<kFourBit, 4>(p, r, n0, n1); break;
+    case 5: RowTile<kFourBit, 5>(p, r, n0, n1); break;
+    case 6: RowTile<kFourBit, 6>(p, r, n0, n1); break;
+    case 7: RowTile<kFourBit, 7>(p, r, n0, n1); break;
     default: break;
   }
 }
+
+void Columns(const Problem& p, int64_t n0, int64_t n1) {
+  if (p.four_bit) {
+    ColumnsOf<true>(p, n0, n1);
+  } else {
+    ColumnsOf<false>(p, n0, n1);
+  }
+}
+
 
 // Column chunks shared between the caller and the helper threads.
 struct Work {
