@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 
 from spanjax.kernels.quantized_matmul import cpu
 from spanjax.kernels.quantized_matmul.format import BLOCK, FORMATS, BlockQuantized, check
@@ -39,6 +38,7 @@ def quantized_matmul(x, w: BlockQuantized, impl: str = "auto") -> jax.Array:
     """x [..., in] times w [out, in] transposed -> fp32 [..., out].
 
     impl: "auto" (the CPU kernel where it applies, else the reference), "cpu", "reference"."""
+    check(w)  # trace time: a malformed pytree fails here, not inside the kernel
     if x.shape[-1] != w.in_features or w.q.ndim != 3:
         raise ValueError(f"x [..., {x.shape[-1]}] against a quantized matrix of shape {tuple(w.q.shape)}")
     lead, rows = x.shape[:-1], math.prod(x.shape[:-1])
@@ -56,4 +56,4 @@ def quantized_matmul(x, w: BlockQuantized, impl: str = "auto") -> jax.Array:
         return quantized_matmul_reference(x2, w)
 
     y = jax.lax.platform_dependent(x2, cpu=on_cpu, default=elsewhere)
-    return y.reshape(*lead, w.out_features).astype(jnp.float32)
+    return y.reshape(*lead, w.out_features)
