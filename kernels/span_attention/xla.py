@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from spanjax.kernels.rope import apply_rope, rope_tables, rotate
-from spanjax.kernels.span_attention import tiling
+from spanjax.kernels.span_attention import cpu, tiling
 from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs, gather_pages
 from spanjax.kernels.span_attention.reference import online_softmax_finish, online_softmax_init, online_softmax_step
 
@@ -136,10 +136,16 @@ def span_attention_xla(
     pages_per_step=8,
 ):
     """Same result as `span_attention_reference`; `block_q` None picks `default_block_q`.
-    A decode-only batch (`meta.max_q_len == 1`) takes `decode_attention`."""
+    A decode-only batch (`meta.max_q_len == 1`) takes the C++ kernel on CPU where it is built
+    (`cpu.py`), else `decode_attention`."""
     n = check_inputs(q, k_pages, v_pages, meta, q_pos, rope_inv_freq)
     if meta.max_q_len == 1:
-        return decode_attention(q, k_pages, v_pages, meta, q_pos, rope_inv_freq=rope_inv_freq, sm_scale=sm_scale)
+        args = (q, k_pages, v_pages, meta, q_pos)
+        jnp_path = lambda: decode_attention(*args, rope_inv_freq=rope_inv_freq, sm_scale=sm_scale)  # noqa: E731
+        if not cpu.supports(n, k_pages.dtype):
+            return jnp_path()
+        kernel = lambda: cpu.decode_attention_cpu(*args, n, rope_inv_freq=rope_inv_freq, sm_scale=sm_scale)  # noqa: E731
+        return jax.lax.platform_dependent(cpu=kernel, default=jnp_path)
     S, Hkv, G, D, page_size = n.S, n.Hkv, n.G, n.D, n.P
     block_q = block_q or default_block_q(n.T, S)
     block_q = max(1, min(block_q, tiling.next_pow2(n.T)))

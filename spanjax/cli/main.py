@@ -67,11 +67,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop strings (the text is cut before them)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument(
-        "--quantized",
-        action="store_true",
-        help="keep a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU decode reads 4-bit weights; same values)",
-    )
+    _add_quantized_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
 
 
@@ -131,6 +127,17 @@ def _run_generate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- query
 
 
+def _add_quantized_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantized",
+        nargs="?",
+        const="exact",
+        choices=["exact", "int8"],
+        help="keep a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU decode reads 4-bit weights; same values); "
+        "'--quantized int8' also rounds decode activations to int8, llama.cpp's way (faster, approximate)",
+    )
+
+
 def _add_mesh_arg(p: argparse.ArgumentParser, what: str) -> None:
     """--mesh for the commands that build an Engine (checked when the EngineConfig is made)."""
     p.add_argument(
@@ -149,11 +156,7 @@ def _add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan_file", nargs="?", metavar="PLAN_FILE", help=argparse.SUPPRESS)  # `query plan FILE`
     p.add_argument("--num-pages", type=int, default=2048, help="KV pages in the engine's pool (default 2048)")
     p.add_argument("--max-tokens-per-step", type=int, default=256, help="token budget per engine step (default 256)")
-    p.add_argument(
-        "--quantized",
-        action="store_true",
-        help="keep a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU decode reads 4-bit weights; same values)",
-    )
+    _add_quantized_arg(p)
 
     _add_mesh_arg(p, "the engine")
     p.add_argument(
@@ -388,11 +391,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--config", metavar="ENGINE_YAML", help="EngineConfig fields as YAML (num_pages, page_size, ...)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument(
-        "--quantized",
-        action="store_true",
-        help="keep a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU decode reads 4-bit weights; same values)",
-    )
+    _add_quantized_arg(p)
     _add_mesh_arg(p, "the engine (overrides the config's)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (all but /health)")
     p.add_argument(

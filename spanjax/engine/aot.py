@@ -31,8 +31,7 @@ from pathlib import Path
 import jax
 from jax import export
 
-from spanjax.kernels.quantized_matmul import cpu as quantized_cpu
-from spanjax.models.llama import has_quantized_weights
+from spanjax.kernels import cpu_library
 
 log = logging.getLogger("spanjax.engine")
 
@@ -49,7 +48,7 @@ def source_digest() -> str:
     h = hashlib.sha256()
     roots = sorted({Path(spanjax.__file__).parent, Path(spanjax.kernels.__file__).parent})
     for root in roots:
-        for path in sorted([*root.rglob("*.py"), *root.rglob("*.cc")]):  # .cc: the FFI kernels' sources
+        for path in sorted([*root.rglob("*.py"), *root.rglob("*.cc"), *root.rglob("*.h")]):  # C++: the FFI kernels
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()
@@ -100,9 +99,9 @@ class StepPrograms:
 
     def _scope(self, fixed) -> str:
         devices = [(d.platform, d.device_kind) for d in jax.devices()]
-        # Quantized weights trace to the C++ kernel only where it is available (and registering it
-        # here is what lets a stored program that calls it run in a fresh process).
-        kernel = quantized_cpu.available() if has_quantized_weights(fixed) else None
+        # A step traces to the C++ CPU kernels only where they are available (and registering
+        # them here is what lets a stored program that calls them run in a fresh process).
+        kernel = cpu_library.available() if "cpu" in {d.platform for d in jax.devices()} else None
         key = repr(
             (FORMAT, self.name, self.context, jax.__version__, devices, source_digest(), signature(fixed), kernel)
         )
@@ -162,7 +161,7 @@ class StepPrograms:
 
         # Our own FFI targets carry no cross-version guarantee; the scope key (sources, jax
         # version) already ties a stored program to the build that made it.
-        own = [export.DisabledSafetyCheck.custom_call(t) for t in quantized_cpu.TARGETS.values()]
+        own = [export.DisabledSafetyCheck.custom_call(t) for t in cpu_library.TARGETS]
         exported = export.export(jax.jit(flat, donate_argnums=donated), disabled_checks=own)(*leaves)
         try:
             blob = pickle.dumps((bytes(exported.serialize()), out_tree, bucket, donated))

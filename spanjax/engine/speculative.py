@@ -165,11 +165,13 @@ class SpeculativeRunner(StepRunner):
 
 
 def _copy_slots(cache: llama.PagedKVCache, src, dst) -> llama.PagedKVCache:
-    N, P = cache.k.shape[1:3]
-    page = jnp.where(dst < 0, N, dst // P)  # -1 = padding: out of range, dropped
+    N, P = cache.num_pages, cache.page_size
+    layers = N * jnp.arange(cache.num_layers)[:, None]  # every layer's row of page 0 (flat pool)
+    rows = jnp.where(dst < 0, cache.k.shape[0], layers + dst // P)  # -1 = padding: out of range, dropped
+    src_rows = layers + jnp.maximum(src, 0) // P
 
     def move(x):
-        return x.at[:, page, dst % P].set(x[:, jnp.maximum(src, 0) // P, src % P], mode="drop")
+        return x.at[rows, dst % P].set(x[src_rows, src % P], mode="drop")
 
     return cache.replace(k=move(cache.k), v=move(cache.v))
 

@@ -280,10 +280,17 @@ def forward_dense(
 
 @flax.struct.dataclass
 class PagedKVCache:
-    """The page pool. A bf16 pool is stored as its uint16 bit patterns (`pool_storage_dtype`)."""
+    """The page pool, every layer's pages in one array: layer l's page i is row l * num_pages + i.
+    A bf16 pool is stored as its uint16 bit patterns (`pool_storage_dtype`).
 
-    k: jax.Array  # [L, num_pages, page_size, Hkv, D], keys before RoPE
+    Flat, not [L, num_pages, ...]: the attention addresses all layers' pages as one pool (a
+    layer's block table plus l * num_pages), and a reshape between a layer's cache write and
+    its reader made XLA CPU duplicate the write into a second, reshaped buffer with copies of
+    the whole pool around it whenever the reader was an FFI kernel (or the step's output)."""
+
+    k: jax.Array  # [num_layers * num_pages, page_size, Hkv, D], keys before RoPE
     v: jax.Array
+    num_layers: int = flax.struct.field(pytree_node=False, default=1)
 
     @property
     def dtype(self):
@@ -292,11 +299,16 @@ class PagedKVCache:
 
     @property
     def num_pages(self) -> int:
-        return self.k.shape[1]
+        """Pages per layer."""
+        return self.k.shape[0] // self.num_layers
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[1]
+
+    def by_layer(self, x: jax.Array) -> jax.Array:
+        """`x` (self.k or self.v) as [num_layers, num_pages, page_size, Hkv, D], for inspection."""
+        return x.reshape(self.num_layers, self.num_pages, *x.shape[1:])
 
 
 def pool_storage_dtype(dtype):
@@ -308,9 +320,9 @@ def pool_storage_dtype(dtype):
 
 
 def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> PagedKVCache:
-    shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers * num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
     storage = pool_storage_dtype(dtype)
-    return PagedKVCache(k=jnp.zeros(shape, storage), v=jnp.zeros(shape, storage))
+    return PagedKVCache(k=jnp.zeros(shape, storage), v=jnp.zeros(shape, storage), num_layers=cfg.num_layers)
 
 
 def _write_slots(pool, index, values):
@@ -322,23 +334,23 @@ def _write_slots(pool, index, values):
     return pool.at[index].set(bits, mode="drop")
 
 
-def _paged_attention(cfg: ModelConfig, inv_freq, attention_impl, meta: SpanBatchMeta, idx, cache, q, k, v, positions):
+def _paged_attention(
+    cfg: ModelConfig, inv_freq, attention_impl, meta: SpanBatchMeta, num_pages: int, idx, cache, q, k, v, positions
+):
+    """One layer's cache write and attention over the flat pool (`PagedKVCache`): this layer's
+    page i is row idx * N + i."""
     k_all, v_all = cache
-    L, N, P = k_all.shape[:3]
+    N, P = num_pages, k_all.shape[1]
     if meta.slot_mapping is None:
         raise ValueError("forward_paged: meta.slot_mapping is missing (where each token's K/V is written)")
-    k_layer, v_layer = (jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in cache)
+    k_layer, v_layer = (jax.ShapeDtypeStruct((N, *x.shape[1:]), x.dtype) for x in cache)
     check_inputs(q, k_layer, v_layer, meta, positions, inv_freq)  # before the cache write, naming the bad field
-    pages = jnp.where(meta.slot_mapping < 0, N, meta.slot_mapping // P)  # page N is out of range -> dropped
+    pages = jnp.where(meta.slot_mapping < 0, k_all.shape[0], idx * N + meta.slot_mapping // P)  # out of range: dropped
     slots = meta.slot_mapping % P
-    k_all = _write_slots(k_all, (idx, pages, slots), k)
-    v_all = _write_slots(v_all, (idx, pages, slots), v)
-    # Attention sees the whole pool as L * N pages (a free reshape) and this layer's pages as
-    # page + idx * N. Slicing out `k_all[idx]` instead copies the layer's whole slice of the
-    # pool on every layer of every step: a step then costs what the pool costs, not its tokens.
-    flat = lambda x: x.reshape(L * N, *x.shape[2:])
+    k_all = _write_slots(k_all, (pages, slots), k)
+    v_all = _write_slots(v_all, (pages, slots), v)
     meta = meta.replace(block_tables=meta.block_tables + idx * N)
-    out = attention_impl(q, flat(k_all), flat(v_all), meta, positions, rope_inv_freq=inv_freq, sm_scale=cfg.sm_scale)
+    out = attention_impl(q, k_all, v_all, meta, positions, rope_inv_freq=inv_freq, sm_scale=cfg.sm_scale)
     return out, (k_all, v_all)
 
 
@@ -368,6 +380,11 @@ def forward_paged(
     prepare = getattr(attention_impl, "prepare_meta", None)  # per-step work, once for all layers
     if prepare is not None:
         meta = prepare(meta, cache.page_size, inv_freq)
-    attention = functools.partial(_paged_attention, cfg, inv_freq, attention_impl, meta)
+    # Every layer writes into and attends over the one flat pool (layer l's page i is row
+    # l * N + i). Slicing out a layer's pages instead copies its whole slice of the pool on
+    # every layer of every step: a step then costs what the pool costs, not its tokens.
+    if cache.num_layers != cfg.num_layers:
+        raise ValueError(f"forward_paged: the pool holds {cache.num_layers} layers, the model has {cfg.num_layers}")
+    attention = functools.partial(_paged_attention, cfg, inv_freq, attention_impl, meta, cache.num_pages)
     hidden, (k, v) = decoder(params, cfg, tokens, positions, (cache.k, cache.v), attention, adapter, adapter_mask)
-    return hidden, PagedKVCache(k=k, v=v)
+    return hidden, cache.replace(k=k, v=v)

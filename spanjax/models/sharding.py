@@ -138,8 +138,8 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "layers.w_up": ("layers", "embed", "mlp"),
     "layers.w_down": ("layers", "mlp", "embed"),  # [L, I, H]
 }
-# PagedKVCache.k / .v: [L, num_pages, page_size, Hkv, D]
-CACHE_AXES: tuple[str, ...] = ("layers", "pages", "page", "kv_heads", "head_dim")
+# PagedKVCache.k / .v: [L * num_pages, page_size, Hkv, D] (every layer's pages in one array)
+CACHE_AXES: tuple[str, ...] = ("pages", "page", "kv_heads", "head_dim")
 
 # Logical axis -> the ModelConfig field whose size it splits (checked for divisibility).
 SIZE_FIELDS = {
@@ -276,7 +276,7 @@ def cache_partition_spec(cfg: ModelConfig, rules: RulesArg, mesh: Mesh | MeshSpe
 def cache_partition_specs(cfg: ModelConfig, rules: RulesArg, mesh: Mesh | MeshSpec):
     """The PagedKVCache pytree of specs (what `jax.jit`'s in/out shardings take)."""
     spec = cache_partition_spec(cfg, rules, mesh)
-    return PagedKVCache(k=spec, v=spec)
+    return PagedKVCache(k=spec, v=spec, num_layers=cfg.num_layers)
 
 
 def named_shardings(specs, mesh: Mesh):

@@ -120,7 +120,7 @@ def test_engine_on_meshes_of_eight_fake_devices():
         assert r["replicas"] == mesh[0] and r["items"] == 8, r
         assert r["tokens_equal"] and r["err"] <= 1e-5, r
         assert r["scale"] > 1e-2, r  # the comparison is not of zeros
-        assert r["pool_shard"][3] == 8 // mesh[1], r  # kv heads per device
+        assert r["pool_shard"][2] == 8 // mesh[1], r  # kv heads per device
         assert r["pool_collectives"] == [], r
         assert r["placed"] and r["devices"] == [list(range(i * mesh[1], (i + 1) * mesh[1])) for i in range(mesh[0])], r
     assert max(out["attention_err"]) <= 1e-5, out["attention_err"]
@@ -167,7 +167,7 @@ def _smollm2_worker():
         # Scanned layers: the unrolled 30-layer step compiles ~10x slower (test_engine_smollm2.py).
         engine = Engine(model, EngineConfig(num_pages=256, mesh=mesh, layer_loop="scan"))
         out[name] = run_query(engine, query).final.token_ids
-    out["pool_shard_kv_heads"] = engine.cache.k.sharding.shard_shape(engine.cache.k.shape)[3]
+    out["pool_shard_kv_heads"] = engine.cache.k.sharding.shard_shape(engine.cache.k.shape)[2]
     print(json.dumps(out))
 
 
@@ -234,7 +234,7 @@ def _pool_collectives(engine):
     meta = SpanBatchMeta(z(S, M), z(S, M), z(S, M), z(S + 1), z(T))
     sampling = SamplingRows(np.zeros(S, np.float32), z(S), np.ones(S, np.float32), np.zeros(S, np.uint32), z(S))
     hlo = runner._step.lower(engine.params, cache, z(T), z(T), meta, z(S), sampling, None, None).compile().as_text()
-    layer_share = int(np.prod(cache.k.sharding.shard_shape(cache.k.shape)[1:]))
+    layer_share = int(np.prod(cache.k.sharding.shard_shape(cache.k.shape))) // cache.num_layers
     found = []
     for line in hlo.splitlines():
         m = re.search(r"= (.*?) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\(", line)

@@ -53,7 +53,8 @@ def _pages(engine, plan, spans):
     for s in spans:
         for key in s.page_keys:
             page = engine.pool._index[key]
-            out[key] = (page, np.asarray(engine.cache.k[:, page]), np.asarray(engine.cache.v[:, page]))
+            k, v = (engine.cache.by_layer(x)[:, page] for x in (engine.cache.k, engine.cache.v))
+            out[key] = (page, np.asarray(k), np.asarray(v))
     return out
 
 

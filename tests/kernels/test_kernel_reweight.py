@@ -105,7 +105,11 @@ def test_every_variant_equals_dense_reweighted_attention(impl):
     assert np.abs(plain - ref).max() > 1e-2  # the re-weighting changes the result
 
 
-def test_xla_decode_path_equals_dense_reweighted_attention():
+@pytest.mark.parametrize("cpu_kernel", [True, False])
+def test_xla_decode_path_equals_dense_reweighted_attention(cpu_kernel, monkeypatch):
+    """Both decode paths: the C++ kernel (where built) and the jnp pass."""
+    if not cpu_kernel:
+        monkeypatch.setattr("spanjax.kernels.span_attention.cpu.supports", lambda *a: False)
     b, scale, bias = _batch(2, DECODE)
     ref = dense_reweighted(b, scale, bias)
     out = _call(span_attention_xla, b, jnp.asarray(scale), jnp.asarray(bias), max_q_len=1)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from spanjax.kernels import cpu_library
 from spanjax.kernels.span_attention import (
     get_attention_impl,
     resolve_impl,
@@ -198,18 +199,30 @@ DECODE = [
 ]
 
 
+# The decode paths: the C++ kernel (cpu_decode.cc) and the jnp one-pass path with its
+# keys-major and queries-major scores.
+DECODE_PATHS = {"cpu_kernel": None, "keys_major": 2, "queries_major": 10**6}
+
+
 @pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("keys_major_min_seqs", [2, 10**6])  # the keys-major and the queries-major scores
-def test_xla_decode_path(G, dtype, keys_major_min_seqs, monkeypatch):
-    """A batch promising one query token per sequence (meta.max_q_len == 1) takes the one-pass
-    decode path; it equals the reference, junk pages and padding tokens included."""
-    monkeypatch.setattr("spanjax.kernels.span_attention.xla.KEYS_MAJOR_MIN_SEQS", keys_major_min_seqs)
+@pytest.mark.parametrize("path", list(DECODE_PATHS))
+def test_xla_decode_path(G, dtype, path, monkeypatch):
+    """A batch promising one query token per sequence (meta.max_q_len == 1) takes the decode
+    path (the C++ kernel on CPU, else one jnp pass); it equals the reference, junk pages and
+    padding tokens included."""
+    if path == "cpu_kernel" and not cpu_library.available():
+        pytest.skip(f"C++ CPU kernels unavailable: {cpu_library.unavailable_reason()}")
+    if path != "cpu_kernel":
+        monkeypatch.setattr("spanjax.kernels.span_attention.cpu.supports", lambda *a: False)
+        monkeypatch.setattr("spanjax.kernels.span_attention.xla.KEYS_MAJOR_MIN_SEQS", DECODE_PATHS[path])
     batch = _batch(G + 40, DECODE, G, 16, dtype=getattr(jnp, dtype))
     args, kw = args_kwargs(batch)
     ref = span_attention_reference(*args, **kw)
     args[3] = args[3].replace(max_q_len=1)
-    out = jax.jit(lambda *a: span_attention_xla(*a, **kw))(*args)
+    call = jax.jit(lambda *a: span_attention_xla(*a, **kw))
+    assert ("spanjax_decode_attention" in call.lower(*args).as_text()) == (path == "cpu_kernel")
+    out = call(*args)
     assert _diff(out, ref) <= TOL[dtype]
     T_real = int(batch["cu_q_lens"][-1])
     assert float(jnp.max(jnp.abs(out[T_real:].astype(jnp.float32)))) == 0.0

@@ -97,7 +97,7 @@ def test_specs_follow_the_rules():
     assert specs.embed == P("model", "data") and specs.lm_head == P("data", "model")
     assert specs.layers.wq == P(None, "data", "model") and specs.layers.wo == P(None, "model", "data")
     assert specs.layers.w_down == P(None, "model", "data") and specs.layers.attn_norm == P()
-    assert cache_partition_spec(TINY, "inference", MeshSpec(2, 4)) == P(None, None, None, "model")
+    assert cache_partition_spec(TINY, "inference", MeshSpec(2, 4)) == P(None, None, "model")
 
 
 @pytest.mark.parametrize("rules", ["inference", "training"])
