@@ -63,13 +63,34 @@ struct Problem {
   float sm_scale;
 };
 
+// exp(x) for eight floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial
+// (Cephes' expf coefficients): within ~2 ulp of expf, and exp(-inf) = 0 (masked rows never get
+// here: every score is finite, and the running max is subtracted first).
+inline __m256 Exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));  // below: 0 after the final scaling anyway
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 struct Scratch {
-  std::vector<float> scores;      // [keys, G]
+  std::vector<float> scores;      // [G, keys] (padded to a multiple of 8 per head)
   std::vector<int64_t> offsets;   // [keys] element offset of each seen key's value row
 };
 
 // One (sequence, KV head): every seen key is rotated and scored against the G query heads
-// in one visit, then the values are summed with the softmax weights.
+// in one visit; then each head's softmax weights (eight at a time) and its weighted sum of the
+// values, D/8 accumulators held in registers per 32 dimensions.
 template <typename KV>
 void Attend(const Problem<KV>& p, int64_t s, int64_t h, Scratch& scratch) {
   const int64_t t = p.cu[s];
@@ -81,7 +102,8 @@ void Attend(const Problem<KV>& p, int64_t s, int64_t h, Scratch& scratch) {
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) q[g * D + d] = p.q[(t * p.Hq + h * G + g) * D + d] * p.sm_scale;
 
-  scratch.scores.resize(p.M * p.P * G);
+  const int64_t stride = (p.M * p.P + 7) / 8 * 8;  // per head, a multiple of 8
+  scratch.scores.resize(G * stride);
   scratch.offsets.resize(p.M * p.P);
   float* scores = scratch.scores.data();
   int64_t seen = 0;
@@ -103,10 +125,12 @@ void Attend(const Problem<KV>& p, int64_t s, int64_t h, Scratch& scratch) {
         _mm256_store_ps(key + half + d, _mm256_fmadd_ps(k2, vc, _mm256_mul_ps(k1, vs)));
       }
       for (int64_t g = 0; g < G; ++g) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8)
-          acc = _mm256_fmadd_ps(_mm256_load_ps(q + g * D + d), _mm256_load_ps(key + d), acc);
-        scores[seen * G + g] = scale * HorizontalSum(acc) + bias;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+          acc0 = _mm256_fmadd_ps(_mm256_load_ps(q + g * D + d), _mm256_load_ps(key + d), acc0);
+          acc1 = _mm256_fmadd_ps(_mm256_load_ps(q + g * D + d + 8), _mm256_load_ps(key + d + 8), acc1);
+        }
+        scores[g * stride + seen] = scale * HorizontalSum(_mm256_add_ps(acc0, acc1)) + bias;
       }
       scratch.offsets[seen] = row;
       ++seen;
@@ -114,35 +138,43 @@ void Attend(const Problem<KV>& p, int64_t s, int64_t h, Scratch& scratch) {
   }
   if (seen == 0) return;
 
-  float total[kMaxGroup];
+  const int64_t full = seen / 8 * 8;
   for (int64_t g = 0; g < G; ++g) {
+    float* w = scores + g * stride;
     float m = -std::numeric_limits<float>::infinity();
-    for (int64_t e = 0; e < seen; ++e) m = std::max(m, scores[e * G + g]);
+    for (int64_t e = 0; e < seen; ++e) m = std::max(m, w[e]);
     if (!std::isfinite(m)) m = 0.0f;
-    float l = 0.0f;
-    for (int64_t e = 0; e < seen; ++e) {
-      const float w = std::exp(scores[e * G + g] - m);
-      scores[e * G + g] = w;
-      l += w;
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 sum8 = _mm256_setzero_ps();
+    int64_t e = 0;
+    for (; e < full; e += 8) {
+      const __m256 x = Exp8(_mm256_sub_ps(_mm256_loadu_ps(w + e), vm));
+      _mm256_storeu_ps(w + e, x);
+      sum8 = _mm256_add_ps(sum8, x);
     }
-    total[g] = l;
-  }
-  alignas(32) float acc[kMaxGroup * kMaxHeadDim];
-  std::memset(acc, 0, sizeof(float) * G * D);
-  for (int64_t e = 0; e < seen; ++e) {
-    const KV* value = p.v + scratch.offsets[e];
-    for (int64_t d = 0; d < D; d += 8) {
-      const __m256 x = Load8(value + d);
-      for (int64_t g = 0; g < G; ++g) {
-        float* a = acc + g * D + d;
-        _mm256_store_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(scores[e * G + g]), x, _mm256_load_ps(a)));
-      }
+    float total = HorizontalSum(sum8);
+    for (; e < seen; ++e) {
+      w[e] = std::exp(w[e] - m);
+      total += w[e];
     }
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    const float inv = total[g] > 0.0f ? 1.0f / total[g] : 0.0f;
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
     float* o = p.out + (t * p.Hq + h * G + g) * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {  // 4 accumulators = 32 dimensions in registers
+      const int64_t width = std::min<int64_t>(32, D - d0);  // D % 16 == 0: 16 or 32
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t k = 0; k < seen; ++k) {
+        const KV* value = p.v + scratch.offsets[k] + d0;
+        const __m256 wk = _mm256_set1_ps(w[k]);
+        acc[0] = _mm256_fmadd_ps(wk, Load8(value), acc[0]);
+        acc[1] = _mm256_fmadd_ps(wk, Load8(value + 8), acc[1]);
+        if (width == 32) {
+          acc[2] = _mm256_fmadd_ps(wk, Load8(value + 16), acc[2]);
+          acc[3] = _mm256_fmadd_ps(wk, Load8(value + 24), acc[3]);
+        }
+      }
+      const __m256 vinv = _mm256_set1_ps(inv);
+      for (int a = 0; a < width / 8; ++a) _mm256_storeu_ps(o + d0 + 8 * a, _mm256_mul_ps(acc[a], vinv));
+    }
   }
 }
 
