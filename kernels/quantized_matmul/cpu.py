@@ -19,7 +19,6 @@ def quantized_matmul_cpu(x2, w: BlockQuantized) -> jax.Array:
     out = jax.ShapeDtypeStruct((x2.shape[0], w.out_features), jnp.float32)
     call = jax.ffi.ffi_call(TARGETS[w.format], out)
     x2 = x2.astype(jnp.float32)
-    flag = dict(int8_activations=bool(w.int8_activations))
     if w.format == "q4":
-        return call(x2, w.q, w.scale, w.offset, **flag)
-    return call(x2, w.q, w.scale, **flag)
+        return call(x2, w.q, w.scale, w.offset)
+    return call(x2, w.q, w.scale)

@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
-#include <vector>
 
 #include "cpu_threads.h"
 #include "xla/ffi/api/ffi.h"
@@ -86,10 +85,6 @@ struct Problem {
   float* y;              // [R, N]
   int64_t rows, cols, depth;  // R, N, K
   bool four_bit;
-  // int8 activations (`QuantizeRows`), when the caller asked for them; else null.
-  const int8_t* xq = nullptr;   // [R, K]
-  const float* xd = nullptr;    // [R, K / 32] each block's scale
-  const float* xsum = nullptr;  // [R, K / 32] each block's exact fp32 sum (the q4 offset term)
 };
 
 // n fp16 values to fp32, eight at a time.
@@ -144,129 +139,10 @@ void RowTile(const Problem& p, int64_t r0, int64_t n0, int64_t n1) {
 }
 
 
-// ---- int8 activations (opt-in: it rounds the activations, as llama.cpp does) ----
-//
-// Each row's block of 32 activations becomes int8 codes with one fp32 scale, like GGUF's
-// Q8_0: dx = max|x| / 127, qx = round(x * (1 / dx)) (nearest even). A block's product is then
-// an integer dot product, 32 multiply-adds in two instructions (maddubs + madd), instead of
-// expanding 32 weights to fp32 (~30 instructions per block, what bounds the fp32 path):
-//   q4: sum_k (d q_k + m) x_k ~= d dx sum_k q_k qx_k + m sum_k x_k   (sum_k x_k exact)
-//   q8: sum_k d q_k x_k       ~= d dx sum_k q_k qx_k
-// The semantics in jnp: `reference.quantized_matmul_int8_reference`.
 
-void QuantizeRows(const float* x, int64_t rows, int64_t depth, int8_t* xq, float* xd, float* xsum) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  const int64_t blocks = depth / kBlock;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* xb = x + r * depth + b * kBlock;
-      __m256 v[4];
-      __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-      for (int i = 0; i < 4; ++i) {
-        v[i] = _mm256_loadu_ps(xb + 8 * i);
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-        sum = _mm256_add_ps(sum, v[i]);
-      }
-      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-      const float d = _mm_cvtss_f32(m4) / 127.0f;
-      const __m256 inv = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
-      __m256i q[4];
-      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // nearest even
-      // int32 -> int8 in k order (the packs interleave 128-bit lanes; the permute undoes it)
-      const __m256i q16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + r * depth + b * kBlock),
-                          _mm256_permutevar8x32_epi32(q16, order));
-      xd[r * blocks + b] = d;
-      xsum[r * blocks + b] = HorizontalSum(sum);
-    }
-  }
-}
-
-inline __m256i UnpackQ4(const uint8_t* qs) {  // 32 codes 0..15 in k order
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i low_mask = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(bytes, low_mask);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
-  return _mm256_set_m128i(hi, lo);
-}
-
-// 8 int32 partial sums of sum_k w_k * x_k for unsigned w (q4 codes) or signed w (q8).
 template <bool kFourBit>
-inline __m256 IntegerDot(__m256i w, __m256i x) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i pairs;
-  if (kFourBit) {
-    pairs = _mm256_maddubs_epi16(w, x);
-  } else {  // maddubs multiplies unsigned by signed: move w's sign onto x
-    pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-  }
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-}
-
-template <bool kFourBit, int RB>
-void RowTileInt8(const Problem& p, int64_t r0, int64_t n0, int64_t n1) {
-  constexpr int kAcc = RB == 1 ? 2 : 1;
-  constexpr int64_t kGroup = 64;
-  constexpr int64_t block_bytes = kFourBit ? kBlock / 2 : kBlock;
-  const int64_t blocks = p.depth / kBlock;
-  const int8_t* xq = p.xq + r0 * p.depth;
-  const float* xd = p.xd + r0 * blocks;
-  const float* xsum = p.xsum + r0 * blocks;
-  alignas(32) float scales[kGroup];
-  alignas(32) float offsets[kGroup];
-  for (int64_t n = n0; n < n1; ++n) {
-    __m256 acc[RB][kAcc];
-    float offset_terms[RB] = {};
-    for (int r = 0; r < RB; ++r)
-      for (int a = 0; a < kAcc; ++a) acc[r][a] = _mm256_setzero_ps();
-    const uint8_t* qn = p.q + n * blocks * block_bytes;
-    for (int64_t g = 0; g < blocks; g += kGroup) {
-      const int64_t count = std::min(kGroup, blocks - g);
-      HalvesToFloats(p.d + n * blocks + g, count, scales);
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t b = g + j;
-        const __m256i w = kFourBit ? UnpackQ4(qn + b * block_bytes)
-                                   : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qn + b * block_bytes));
-        for (int r = 0; r < RB; ++r) {
-          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * p.depth + b * kBlock));
-          const __m256 factor = _mm256_set1_ps(scales[j] * xd[r * blocks + b]);
-          acc[r][j % kAcc] = _mm256_fmadd_ps(IntegerDot<kFourBit>(w, x), factor, acc[r][j % kAcc]);
-        }
-      }
-      if (kFourBit) {  // sum_b m_b * sum_k x_k, eight blocks per instruction
-        HalvesToFloats(p.m + n * blocks + g, count, offsets);
-        for (int r = 0; r < RB; ++r) {
-          const float* sums = xsum + r * blocks + g;
-          __m256 t = _mm256_setzero_ps();
-          int64_t j = 0;
-          for (; j + 8 <= count; j += 8) t = _mm256_fmadd_ps(_mm256_load_ps(offsets + j), _mm256_loadu_ps(sums + j), t);
-          float tail = HorizontalSum(t);
-          for (; j < count; ++j) tail += offsets[j] * sums[j];
-          offset_terms[r] += tail;
-        }
-      }
-    }
-    for (int r = 0; r < RB; ++r) {
-      __m256 total = acc[r][0];
-      for (int a = 1; a < kAcc; ++a) total = _mm256_add_ps(total, acc[r][a]);
-      p.y[(r0 + r) * p.cols + n] = HorizontalSum(total) + offset_terms[r];
-    }
-  }
-}
-
-template <bool kFourBit, bool kInt8>
 void ColumnsOf(const Problem& p, int64_t n0, int64_t n1) {
-  auto tile = [&](auto rows_tag, int64_t r) {
-    constexpr int RB = decltype(rows_tag)::value;
-    if (kInt8) {
-      RowTileInt8<kFourBit, RB>(p, r, n0, n1);
-    } else {
-      RowTile<kFourBit, RB>(p, r, n0, n1);
-    }
-  };
+  auto tile = [&](auto rows_tag, int64_t r) { RowTile<kFourBit, decltype(rows_tag)::value>(p, r, n0, n1); };
   int64_t r = 0;
   for (; r + kRowTile <= p.rows; r += kRowTile) tile(std::integral_constant<int, kRowTile>{}, r);
   switch (p.rows - r) {
@@ -282,28 +158,17 @@ void ColumnsOf(const Problem& p, int64_t n0, int64_t n1) {
 }
 
 void Columns(const Problem& p, int64_t n0, int64_t n1) {
-  const bool int8 = p.xq != nullptr;
   if (p.four_bit) {
-    int8 ? ColumnsOf<true, true>(p, n0, n1) : ColumnsOf<true, false>(p, n0, n1);
+    ColumnsOf<true>(p, n0, n1);
   } else {
-    int8 ? ColumnsOf<false, true>(p, n0, n1) : ColumnsOf<false, false>(p, n0, n1);
+    ColumnsOf<false>(p, n0, n1);
   }
 }
 
 
 
-ffi::Error Run(Problem problem, bool int8_activations) {
+ffi::Error Run(const Problem& problem) {
   if (problem.depth % kBlock != 0) return ffi::Error::InvalidArgument("K must be a multiple of 32");
-  std::vector<int8_t> xq;
-  std::vector<float> xd, xsum;
-  if (int8_activations) {  // once per call, on the calling thread (R x K is small)
-    const int64_t blocks = problem.rows * (problem.depth / kBlock);
-    xq.resize(problem.rows * problem.depth);
-    xd.resize(blocks);
-    xsum.resize(blocks);
-    QuantizeRows(problem.x, problem.rows, problem.depth, xq.data(), xd.data(), xsum.data());
-    problem.xq = xq.data(), problem.xd = xd.data(), problem.xsum = xsum.data();
-  }
   // About four chunks per thread (balance), none narrower than 16 columns.
   const int64_t threads = spanjax::Helpers::Get().threads();
   const int64_t chunk_cols = std::max<int64_t>(16, (problem.cols + 4 * threads - 1) / (4 * threads));
@@ -334,13 +199,13 @@ Problem MakeProblem(ffi::Buffer<ffi::F32> x, const void* q, ffi::Buffer<ffi::F16
 }
 
 ffi::Error Q4Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
-                    ffi::Buffer<ffi::F16> m, bool int8_activations, ffi::ResultBuffer<ffi::F32> y) {
-  return Run(MakeProblem(x, q.typed_data(), d, m.typed_data(), y, true), int8_activations);
+                    ffi::Buffer<ffi::F16> m, ffi::ResultBuffer<ffi::F32> y) {
+  return Run(MakeProblem(x, q.typed_data(), d, m.typed_data(), y, true));
 }
 
 ffi::Error Q8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F16> d,
-                    bool int8_activations, ffi::ResultBuffer<ffi::F32> y) {
-  return Run(MakeProblem(x, q.typed_data(), d, nullptr, y, false), int8_activations);
+                    ffi::ResultBuffer<ffi::F32> y) {
+  return Run(MakeProblem(x, q.typed_data(), d, nullptr, y, false));
 }
 
 }  // namespace
@@ -351,7 +216,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpanjaxQ4Matmul, Q4Matmul,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Attr<bool>("int8_activations")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpanjaxQ8Matmul, Q8Matmul,
@@ -359,5 +223,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpanjaxQ8Matmul, Q8Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Attr<bool>("int8_activations")
                                   .Ret<ffi::Buffer<ffi::F32>>());

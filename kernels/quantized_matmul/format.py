@@ -29,11 +29,6 @@ class BlockQuantized:
     scale: jax.Array
     offset: jax.Array | None
     format: str = flax.struct.field(pytree_node=False)
-    # How the CPU kernel multiplies (static, so part of every jit key): False = activations in
-    # fp32 against the expanded blocks (exact up to summation order); True = activations rounded
-    # to int8 blocks and integer dot products, llama.cpp's way (faster, approximate; see
-    # `reference.quantized_matmul_int8_reference`). Only the kernel's few-row products use it.
-    int8_activations: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def out_features(self) -> int:

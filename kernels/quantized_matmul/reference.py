@@ -1,5 +1,4 @@
-"""Pure jnp semantics of block-quantized products: expand the blocks, then an fp32 dot; and the
-int8-activation product the CPU kernel runs when a matrix asks for it."""
+"""Pure jnp semantics of block-quantized products: expand the blocks, then an fp32 dot."""
 
 from __future__ import annotations
 
@@ -36,26 +35,3 @@ def quantized_matmul_reference(x, w: BlockQuantized) -> jax.Array:
     return jax.lax.dot_general(
         x.astype(jnp.float32), dequantize(w), (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )
-
-
-def quantize_activations(x):
-    """x [..., in] as GGUF Q8_0-style blocks of 32: (codes int8 [..., in / 32, 32], scale
-    [..., in / 32], exact block sums [..., in / 32]); scale = max|x| / 127, codes =
-    round(x * (1 / scale)), nearest even, as the kernel rounds."""
-    xb = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
-    scale = jnp.max(jnp.abs(xb), axis=-1) / 127.0
-    inv = jnp.where(scale != 0, 1.0 / jnp.where(scale != 0, scale, 1.0), 0.0)
-    codes = jnp.round(xb * inv[..., None]).astype(jnp.int8)
-    return codes, scale, xb.sum(axis=-1)
-
-
-def quantized_matmul_int8_reference(x, w: BlockQuantized) -> jax.Array:
-    """What the CPU kernel computes for `w.int8_activations`: per block b of 32,
-    d_b dx_b sum_k q_k qx_k (+ m_b sum_k x_k for q4), summed over blocks. fp32 [..., out]."""
-    codes, xscale, xsum = quantize_activations(x)  # [..., B, 32], [..., B], [..., B]
-    wq = unpack_codes(w).astype(jnp.int32)  # [out, B, 32]
-    dots = jnp.einsum("...bk,obk->...ob", codes.astype(jnp.int32), wq).astype(jnp.float32)
-    y = jnp.sum(dots * w.scale.astype(jnp.float32) * xscale[..., None, :], axis=-1)
-    if w.offset is not None:
-        y = y + jnp.einsum("...b,ob->...o", xsum, w.offset.astype(jnp.float32))
-    return y

@@ -130,11 +130,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _add_quantized_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantized",
-        nargs="?",
-        const="exact",
-        choices=["exact", "int8"],
-        help="keep a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU decode reads 4-bit weights; same values); "
-        "'--quantized int8' also rounds decode activations to int8, llama.cpp's way (faster, approximate)",
+        action="store_true",
+        help="keep a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU decode reads 4-bit weights; same values)",
     )
 
 

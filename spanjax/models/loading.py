@@ -12,10 +12,8 @@ import importlib.util
 import os
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 
-from spanjax.kernels.quantized_matmul import BlockQuantized
 from spanjax.models.config import ModelConfig
 from spanjax.models.errors import WeightLoadError
 from spanjax.models.gguf import load_gguf, read_gguf_tokenizer
@@ -87,18 +85,9 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     raise ModelNotFoundError(f"{path}: expected a Hugging Face directory or a .gguf file")
 
 
-# `load_model(quantized=...)`: how a GGUF's block-quantized matrices are kept.
-QUANTIZED_MODES = {False: None, None: None, True: "exact", "exact": "exact", "int8": "int8"}
-
-
-def load_model(name_or_path: str, dtype=jnp.float32, quantized: bool | str | None = False) -> LoadedModel:
-    """quantized: True / "exact" keeps a GGUF's Q4_0 / Q4_1 / Q8_0 matrices block-quantized (fast
-    CPU decode, the same weight values; see spanjax.kernels.quantized_matmul); "int8" also has
-    the CPU kernel round decode activations to int8 blocks (llama.cpp's way: faster,
-    approximate). Other files ignore it."""
-    if quantized not in QUANTIZED_MODES:
-        raise ValueError(f"quantized={quantized!r}: expected one of False, True, 'exact', 'int8'")
-    mode = QUANTIZED_MODES[quantized]
+def load_model(name_or_path: str, dtype=jnp.float32, quantized: bool = False) -> LoadedModel:
+    """quantized: keep a GGUF's Q4_0 / Q4_1 / Q8_0 matrices block-quantized (fast CPU decode,
+    the same weight values; see spanjax.kernels.quantized_matmul). Other files ignore it."""
     dtype = jnp.float32 if dtype is None else dtype
     path = resolve(name_or_path)
     name = name_or_path if name_or_path in REGISTRY else os.path.abspath(path)
@@ -109,13 +98,7 @@ def load_model(name_or_path: str, dtype=jnp.float32, quantized: bool | str | Non
         except FileNotFoundError as e:
             raise WeightLoadError(str(e)) from e
     elif path.endswith(".gguf"):
-        cfg, params, tok_data = load_gguf(path, dtype, quantized=mode is not None)
-        if mode == "int8":
-            params = jax.tree.map(
-                lambda w: w.replace(int8_activations=True) if isinstance(w, BlockQuantized) else w,
-                params,
-                is_leaf=lambda w: isinstance(w, BlockQuantized),
-            )
+        cfg, params, tok_data = load_gguf(path, dtype, quantized=bool(quantized))
         try:
             tokenizer = Tokenizer.from_gguf(tok_data)
         except ValueError as e:
