@@ -32,7 +32,8 @@ def run_cases(scenario: str, out: Path, devices: int = 8, env: dict | None = Non
     """Start `mesh_cases.py SCENARIO OUT` with `devices` fake CPU devices (and `env`)."""
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+        # conftest's flags (-O0) and the fake devices
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
         "SPANJAX_NO_PROGRESS": "1",
         **(env or {}),
