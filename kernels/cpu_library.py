@@ -1,7 +1,7 @@
 """The C++ CPU kernels, one shared library: built on first use, registered as XLA FFI targets.
 
 Sources: `quantized_matmul/cpu_kernel.cc` (block-quantized products) and
-`span_attention/cpu_decode.cc` (decode attention), with the helper threads they share
+`span_attention/cpu_attention.cc` (decode and prefill attention), with the helper threads they share
 (`cpu_threads.h`: one pool per process, which is why they are one library). It is compiled
 with the system's C++ compiler into a per-user cache directory, named by a hash of the
 sources, the flags and the jaxlib version, so a machine builds it once (~10 s). Callers fall
@@ -26,7 +26,8 @@ import jaxlib
 
 _HERE = os.path.dirname(__file__)
 SOURCES = tuple(
-    os.path.join(_HERE, f) for f in ("cpu_library.cc", "quantized_matmul/cpu_kernel.cc", "span_attention/cpu_decode.cc")
+    os.path.join(_HERE, f)
+    for f in ("cpu_library.cc", "quantized_matmul/cpu_kernel.cc", "span_attention/cpu_attention.cc")
 )
 HEADERS = (os.path.join(_HERE, "cpu_threads.h"),)
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c")
@@ -36,6 +37,8 @@ TARGETS = {
     "spanjax_q8_matmul": "SpanjaxQ8Matmul",
     "spanjax_decode_attention_f32": "SpanjaxDecodeAttentionF32",
     "spanjax_decode_attention_bf16": "SpanjaxDecodeAttentionBf16",
+    "spanjax_prefill_attention_f32": "SpanjaxPrefillAttentionF32",
+    "spanjax_prefill_attention_bf16": "SpanjaxPrefillAttentionBf16",
 }
 ENV_SWITCH = "SPANJAX_CPU_KERNELS"  # "0" turns the kernels off
 ENV_CACHE = "SPANJAX_KERNEL_CACHE"  # where built libraries go (default ~/.cache/spanjax/kernels)

@@ -136,16 +136,28 @@ def span_attention_xla(
     pages_per_step=8,
 ):
     """Same result as `span_attention_reference`; `block_q` None picks `default_block_q`.
-    A decode-only batch (`meta.max_q_len == 1`) takes the C++ kernel on CPU where it is built
-    (`cpu.py`), else `decode_attention`."""
+    On CPU, where the C++ kernels are built and take the shapes (`cpu.py`), the call is one
+    kernel call (decode-only batches, `meta.max_q_len == 1`, their own); elsewhere decode-only
+    batches take `decode_attention` and the rest the tiled loop below."""
     n = check_inputs(q, k_pages, v_pages, meta, q_pos, rope_inv_freq)
+    args = (q, k_pages, v_pages, meta, q_pos)
     if meta.max_q_len == 1:
-        args = (q, k_pages, v_pages, meta, q_pos)
         jnp_path = lambda: decode_attention(*args, rope_inv_freq=rope_inv_freq, sm_scale=sm_scale)  # noqa: E731
-        if not cpu.supports(n, k_pages.dtype):
-            return jnp_path()
-        kernel = lambda: cpu.decode_attention_cpu(*args, n, rope_inv_freq=rope_inv_freq, sm_scale=sm_scale)  # noqa: E731
-        return jax.lax.platform_dependent(cpu=kernel, default=jnp_path)
+    else:
+        jnp_path = lambda: tiled_attention(  # noqa: E731
+            *args, n, rope_inv_freq=rope_inv_freq, sm_scale=sm_scale, block_q=block_q, pages_per_step=pages_per_step
+        )
+    if not cpu.supports(n, k_pages.dtype):
+        return jnp_path()
+    kernel = lambda: cpu.attention_cpu(*args, n, rope_inv_freq=rope_inv_freq, sm_scale=sm_scale)  # noqa: E731
+    return jax.lax.platform_dependent(cpu=kernel, default=jnp_path)
+
+
+def tiled_attention(
+    q, k_pages, v_pages, meta: SpanBatchMeta, q_pos, n, *, rope_inv_freq, sm_scale, block_q, pages_per_step
+):
+    """Any batch, as tiles of query tokens over page groups (the module docstring); `n` from
+    `check_inputs`."""
     S, Hkv, G, D, page_size = n.S, n.Hkv, n.G, n.D, n.P
     block_q = block_q or default_block_q(n.T, S)
     block_q = max(1, min(block_q, tiling.next_pow2(n.T)))

@@ -28,7 +28,8 @@ DECODE = [dict(prefix=21, q_len=1, tail=9), dict(prefix=7, children=[12, 3, 20],
 
 IMPLS = {
     "reference": span_attention_reference,
-    "xla": functools.partial(span_attention_xla, block_q=2, pages_per_step=2),
+    "xla": functools.partial(span_attention_xla, block_q=2, pages_per_step=2),  # the C++ kernels where built
+    "xla-jnp": functools.partial(span_attention_xla, block_q=2, pages_per_step=2),  # its jnp paths
     "gpu": functools.partial(span_attention_gpu, interpret=True, block_q=4, pages_per_block=2),
     "gpu-split": functools.partial(span_attention_gpu, interpret=True, block_q=1, pages_per_block=1, num_splits=2),
     "tpu": functools.partial(span_attention_tpu, interpret=True, block_q=2, pages_per_block=2),
@@ -94,8 +95,14 @@ def _call(fn, b, scale, bias, **meta_fields):
     return np.asarray(jax.jit(lambda *a: fn(*a, **kw))(*args))
 
 
+def _jnp_paths_if(impl, monkeypatch):
+    if impl == "xla-jnp":
+        monkeypatch.setattr("spanjax.kernels.span_attention.cpu.supports", lambda *a: False)
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_every_variant_equals_dense_reweighted_attention(impl):
+def test_every_variant_equals_dense_reweighted_attention(impl, monkeypatch):
+    _jnp_paths_if(impl, monkeypatch)
     b, scale, bias = _batch(1, MIXED)
     ref = dense_reweighted(b, scale, bias)
     out = _call(IMPLS[impl], b, jnp.asarray(scale), jnp.asarray(bias))
@@ -116,8 +123,9 @@ def test_xla_decode_path_equals_dense_reweighted_attention(cpu_kernel, monkeypat
     np.testing.assert_allclose(out, ref, atol=2e-5)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "gpu", "tpu"])
-def test_identity_weights_equal_the_plain_path(impl):
+@pytest.mark.parametrize("impl", ["reference", "xla", "xla-jnp", "gpu", "tpu"])
+def test_identity_weights_equal_the_plain_path(impl, monkeypatch):
+    _jnp_paths_if(impl, monkeypatch)
     b, _, _ = _batch(3, MIXED[:2])
     args, kw = args_kwargs(b)
     plain = np.asarray(IMPLS[impl](*args, **kw))

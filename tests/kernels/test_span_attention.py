@@ -135,10 +135,70 @@ def test_reference_masks_nonfinite_pad_slots():
     assert _diff(out, ref) <= TOL["float32"]
 
 
+@pytest.fixture
+def jnp_paths(monkeypatch):
+    """The XLA path without the C++ CPU kernels: its jnp tiled loop and decode pass."""
+    monkeypatch.setattr("spanjax.kernels.span_attention.cpu.supports", lambda *a: False)
+
+
+def _needs_cpu_kernels():
+    if not cpu_library.available():
+        pytest.skip(f"C++ CPU kernels unavailable: {cpu_library.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("G", [1, 3, 8])
+@pytest.mark.parametrize("P", [16, 32])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_prefill_kernel(G, P, dtype):
+    """Any batch not promised decode-only takes the C++ prefill kernel on CPU (cpu_attention.cc):
+    the reference's result, padding tokens zero; a block-table bucket far wider than every
+    sequence, junk page ids and NaN in pages nobody lists change nothing; a batch without query
+    tokens gives zeros."""
+    _needs_cpu_kernels()
+    batch = _batch(G * 10 + P + 100, MIXED, G, P, dtype=getattr(jnp, dtype))
+    args, kw = args_kwargs(batch)
+    ref = span_attention_reference(*args, **kw)
+    call = jax.jit(lambda *a: span_attention_xla(*a, **kw))
+    assert "spanjax_prefill_attention" in call.lower(*args).as_text()
+    out = call(*args)
+    assert _diff(out, ref) <= TOL[dtype]
+    T_real = int(batch["cu_q_lens"][-1])
+    assert float(jnp.max(jnp.abs(out[T_real:].astype(jnp.float32)))) == 0.0
+    if dtype == "float32" and G == 3:
+        q, k_pages, v_pages, meta, q_pos = args
+        wide = 8 * meta.block_tables.shape[1]
+        pad = ((0, 0), (0, wide - meta.block_tables.shape[1]))
+        lens = np.asarray(meta.block_lens)
+        k_nan = np.asarray(k_pages).copy()
+        k_nan[np.setdiff1d(np.arange(k_pages.shape[0]), np.asarray(meta.block_tables)[lens > 0])] = np.nan
+        wide_meta = meta.replace(
+            block_tables=np.pad(np.asarray(meta.block_tables), pad, constant_values=10**6),
+            block_pos=np.pad(np.asarray(meta.block_pos), pad),
+            block_lens=np.pad(lens, pad),
+        )
+        assert _diff(call(q, k_nan, v_pages, wide_meta, q_pos), ref) <= TOL[dtype]
+        empty = meta.replace(cu_q_lens=np.zeros_like(np.asarray(meta.cu_q_lens)))
+        assert float(jnp.max(jnp.abs(call(q, k_pages, v_pages, empty, q_pos)))) == 0.0
+
+
+def test_cpu_prefill_kernel_long_tiles_and_key_blocks():
+    """Chunks longer than one tile of query tokens over contexts of several key blocks (the
+    kernel's tiles and online softmax), unsorted query positions within a sequence included."""
+    _needs_cpu_kernels()
+    seqs = [dict(prefix=150, q_len=70), dict(prefix=33, children=[40, 70], parallel=True, q_len=37)]
+    batch = _batch(77, seqs, 3, 16)
+    order = np.random.default_rng(0).permutation(70)  # the first sequence's tokens shuffled
+    for name in ("q", "q_pos"):
+        batch[name][:70] = batch[name][:70][order]
+    args, kw = args_kwargs(batch)
+    out = jax.jit(lambda *a: span_attention_xla(*a, **kw))(*args)
+    assert _diff(out, span_attention_reference(*args, **kw)) <= TOL["float32"]
+
+
 @pytest.mark.parametrize("G", [1, 3, 8])
 @pytest.mark.parametrize("P", [16, 32])
 @pytest.mark.parametrize("block_q", [1, 4, 64])
-def test_xla_tiled_path_fp32(G, P, block_q):
+def test_xla_tiled_path_fp32(G, P, block_q, jnp_paths):
     """The tiled jnp path (the CPU default) equals the per-token reference."""
     batch = _batch(G * 10 + P + block_q, MIXED, G, P)
     args, kw = args_kwargs(batch)
@@ -149,7 +209,7 @@ def test_xla_tiled_path_fp32(G, P, block_q):
     assert float(jnp.max(jnp.abs(out[T_real:]))) == 0.0
 
 
-def test_xla_tiled_path_walks_only_needed_page_groups():
+def test_xla_tiled_path_walks_only_needed_page_groups(jnp_paths):
     """The tiled path stops after the last page group any tile needs: a block-table bucket
     far wider than every sequence (junk page ids and NaN in the pages it never lists)
     changes nothing, and a batch with no query tokens walks no group and gives zeros."""
@@ -177,7 +237,7 @@ def test_xla_tiled_path_walks_only_needed_page_groups():
     assert not np.isnan(np.asarray(out)).any() and float(jnp.max(jnp.abs(out))) == 0.0
 
 
-def test_xla_tiled_path_merges_several_groups_of_one_tile_per_iteration():
+def test_xla_tiled_path_merges_several_groups_of_one_tile_per_iteration(jnp_paths):
     """The work list packs a long-context tile's page groups into the iterations that the
     short tiles beside it leave free, several of one tile in one iteration (merged by
     scatter-max and scatter-add): still the reference's result."""
@@ -199,7 +259,7 @@ DECODE = [
 ]
 
 
-# The decode paths: the C++ kernel (cpu_decode.cc) and the jnp one-pass path with its
+# The decode paths: the C++ kernel (cpu_attention.cc) and the jnp one-pass path with its
 # keys-major and queries-major scores.
 DECODE_PATHS = {"cpu_kernel": None, "keys_major": 2, "queries_major": 10**6}
 
@@ -211,8 +271,8 @@ def test_xla_decode_path(G, dtype, path, monkeypatch):
     """A batch promising one query token per sequence (meta.max_q_len == 1) takes the decode
     path (the C++ kernel on CPU, else one jnp pass); it equals the reference, junk pages and
     padding tokens included."""
-    if path == "cpu_kernel" and not cpu_library.available():
-        pytest.skip(f"C++ CPU kernels unavailable: {cpu_library.unavailable_reason()}")
+    if path == "cpu_kernel":
+        _needs_cpu_kernels()
     if path != "cpu_kernel":
         monkeypatch.setattr("spanjax.kernels.span_attention.cpu.supports", lambda *a: False)
         monkeypatch.setattr("spanjax.kernels.span_attention.xla.KEYS_MAJOR_MIN_SEQS", DECODE_PATHS[path])
@@ -234,7 +294,7 @@ def test_xla_decode_path(G, dtype, path, monkeypatch):
     assert _diff(jax.jit(lambda *a: span_attention_xla(*a, **kw))(*args), out) == 0.0
 
 
-def test_xla_tiled_path_bf16():
+def test_xla_tiled_path_bf16(jnp_paths):
     batch = _batch(5, MIXED, 3, 16, dtype=jnp.bfloat16)
     args, kw = args_kwargs(batch)
     assert _diff(span_attention_xla(*args, **kw), span_attention_reference(*args, **kw)) <= TOL["bfloat16"]

@@ -1,0 +1,496 @@
+// Span attention on XLA CPU, called through the XLA FFI: one kernel for decode batches (at most
+// one query token per sequence) and one for every other batch (prefill chunks, mixed batches).
+// Same contract as every implementation (meta.py): keys are stored before RoPE and rotated
+// here with the step's key tables; a query sees slot j of listed entry i iff
+// j < block_lens[s, i] and block_pos[s, i] + j <= q_pos; the logit is
+// scale[s, i] * (q . k * sm_scale) + bias[s, i].
+//
+// Why C++, decode: the jnp decode path (xla.py `decode_attention`) is a handful of large XLA
+// ops, each a pass over all of the step's keys in memory (gather, rotate, a block-diagonal
+// product, mask, exp, a second product), ~8 ms of a ~20 ms one-stream SmolLM2 step after 512
+// tokens and most of an 8-stream one. Here each (sequence, KV head) reads its keys once,
+// rotates each in registers, and scores it against the head's G query heads while it is
+// there, then sums the values weighted by the softmax.
+//
+// Why C++, prefill: the jnp tiled path's loop over (tile, page group) items runs each page
+// group as separate XLA ops (gather, rotate, product, mask, online-softmax update) with the
+// tiles' scores in memory between them; on two cores a 4,096-token prompt spent about two
+// thirds of its time there. Here a work item is (sequence, KV head, tile of query tokens): the
+// tile's rows (tokens x the KV head's G query heads) stay in cache while blocks of 32 keys are
+// rotated, scored, masked and folded into an online softmax, FlashAttention-style.
+//
+// Work items are shared with the helper threads (`cpu_threads.h`).
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "cpu_threads.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMaxGroup = 16;   // query heads per KV head
+constexpr int64_t kMaxHeadDim = 256;
+
+inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 Load8(const uint16_t* p) {  // bf16 bit patterns -> fp32 (exact)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline float HorizontalSum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+template <typename KV>
+struct Problem {
+  const float* q;  // [T, Hq, D], RoPE applied
+  const KV* k;     // [pages, P, Hkv, D], before RoPE
+  const KV* v;
+  const int32_t* tables;  // [S, M]
+  const int32_t* pos;
+  const int32_t* lens;
+  const int32_t* cu;     // [S + 1]
+  const int32_t* q_pos;  // [T]
+  const float* cos;      // [S, M * P, D / 2]
+  const float* sin;
+  const float* scale;  // [S, M]
+  const float* bias;
+  float* out;  // [T, Hq, D]
+  int64_t T, Hq, Hkv, D, S, M, P, pages;
+  float sm_scale;
+};
+
+// exp(x) for eight floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial
+// (Cephes' expf coefficients): within ~2 ulp of expf, and exp(-inf) = 0 (masked rows never get
+// here: every score is finite, and the running max is subtracted first).
+inline __m256 Exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));  // below: 0 after the final scaling anyway
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+struct Scratch {
+  std::vector<float> scores;      // [G, keys] (padded to a multiple of 8 per head)
+  std::vector<int64_t> offsets;   // [keys] element offset of each seen key's value row
+};
+
+// One (sequence, KV head): every seen key is rotated and scored against the G query heads
+// in one visit; then each head's softmax weights (eight at a time) and its weighted sum of the
+// values, D/8 accumulators held in registers per 32 dimensions.
+template <typename KV>
+void Attend(const Problem<KV>& p, int64_t s, int64_t h, Scratch& scratch) {
+  const int64_t t = p.cu[s];
+  if (p.cu[s + 1] <= t || t < 0 || t >= p.T) return;  // no query token: its rows stay zero
+  const int64_t G = p.Hq / p.Hkv, D = p.D, half = D / 2;
+  const int64_t qp = p.q_pos[t];
+  alignas(32) float q[kMaxGroup * kMaxHeadDim];
+  alignas(32) float key[kMaxHeadDim];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) q[g * D + d] = p.q[(t * p.Hq + h * G + g) * D + d] * p.sm_scale;
+
+  const int64_t stride = (p.M * p.P + 7) / 8 * 8;  // per head, a multiple of 8
+  scratch.scores.resize(G * stride);
+  scratch.offsets.resize(p.M * p.P);
+  float* scores = scratch.scores.data();
+  int64_t seen = 0;
+  for (int64_t i = 0; i < p.M; ++i) {
+    const int64_t entry = s * p.M + i;
+    const int64_t page = p.tables[entry];
+    if (page < 0 || page >= p.pages) continue;  // unused entries (block_lens 0) carry any id
+    const int64_t visible = std::min<int64_t>({p.lens[entry], p.P, qp - p.pos[entry] + 1});
+    const float scale = p.scale ? p.scale[entry] : 1.0f;
+    const float bias = p.bias ? p.bias[entry] : 0.0f;
+    for (int64_t j = 0; j < visible; ++j) {
+      const int64_t row = ((page * p.P + j) * p.Hkv + h) * D;
+      const float* c = p.cos + (entry * p.P + j) * half;
+      const float* sn = p.sin + (entry * p.P + j) * half;
+      for (int64_t d = 0; d < half; d += 8) {  // rotate-half RoPE, as rope.py `rotate`
+        const __m256 k1 = Load8(p.k + row + d), k2 = Load8(p.k + row + half + d);
+        const __m256 vc = _mm256_loadu_ps(c + d), vs = _mm256_loadu_ps(sn + d);
+        _mm256_store_ps(key + d, _mm256_fmsub_ps(k1, vc, _mm256_mul_ps(k2, vs)));
+        _mm256_store_ps(key + half + d, _mm256_fmadd_ps(k2, vc, _mm256_mul_ps(k1, vs)));
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+          acc0 = _mm256_fmadd_ps(_mm256_load_ps(q + g * D + d), _mm256_load_ps(key + d), acc0);
+          acc1 = _mm256_fmadd_ps(_mm256_load_ps(q + g * D + d + 8), _mm256_load_ps(key + d + 8), acc1);
+        }
+        scores[g * stride + seen] = scale * HorizontalSum(_mm256_add_ps(acc0, acc1)) + bias;
+      }
+      scratch.offsets[seen] = row;
+      ++seen;
+    }
+  }
+  if (seen == 0) return;
+
+  const int64_t full = seen / 8 * 8;
+  for (int64_t g = 0; g < G; ++g) {
+    float* w = scores + g * stride;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t e = 0; e < seen; ++e) m = std::max(m, w[e]);
+    if (!std::isfinite(m)) m = 0.0f;
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 sum8 = _mm256_setzero_ps();
+    int64_t e = 0;
+    for (; e < full; e += 8) {
+      const __m256 x = Exp8(_mm256_sub_ps(_mm256_loadu_ps(w + e), vm));
+      _mm256_storeu_ps(w + e, x);
+      sum8 = _mm256_add_ps(sum8, x);
+    }
+    float total = HorizontalSum(sum8);
+    for (; e < seen; ++e) {
+      w[e] = std::exp(w[e] - m);
+      total += w[e];
+    }
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    float* o = p.out + (t * p.Hq + h * G + g) * D;
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {  // 4 accumulators = 32 dimensions in registers
+      const int64_t width = std::min<int64_t>(32, D - d0);  // D % 16 == 0: 16 or 32
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t k = 0; k < seen; ++k) {
+        const KV* value = p.v + scratch.offsets[k] + d0;
+        const __m256 wk = _mm256_set1_ps(w[k]);
+        acc[0] = _mm256_fmadd_ps(wk, Load8(value), acc[0]);
+        acc[1] = _mm256_fmadd_ps(wk, Load8(value + 8), acc[1]);
+        if (width == 32) {
+          acc[2] = _mm256_fmadd_ps(wk, Load8(value + 16), acc[2]);
+          acc[3] = _mm256_fmadd_ps(wk, Load8(value + 24), acc[3]);
+        }
+      }
+      const __m256 vinv = _mm256_set1_ps(inv);
+      for (int a = 0; a < width / 8; ++a) _mm256_storeu_ps(o + d0 + 8 * a, _mm256_mul_ps(acc[a], vinv));
+    }
+  }
+}
+
+// ---- prefill: any number of query tokens per sequence ----
+
+constexpr int64_t kTileRows = 96;  // query rows (tokens x G heads) of one work item, at most
+constexpr int64_t kKeyBlock = 32;  // keys scored together: four 8-wide vectors per row
+
+struct TileScratch {
+  std::vector<float> q, acc;  // [rows, D]: scaled queries; unnormalized outputs
+  // Per row, sized to a multiple of 8 (vector passes over rows): running max, this block's
+  // max, this block's rescale of the row's sums, and the running sums as 8 partial sums.
+  std::vector<float> m, block_max, corr, l8;
+  std::vector<int32_t> row_pos;  // per row: its token's position (INT32_MIN: a padding row)
+  std::vector<float> keys_t;     // [D, kKeyBlock]: the block's rotated keys, transposed
+  std::vector<float> values;     // [kKeyBlock, D] as fp32
+  std::vector<float> scores;     // [rows, kKeyBlock]: logits, then softmax weights
+  alignas(32) int32_t key_pos[kKeyBlock];
+  alignas(32) float key_scale[kKeyBlock], key_bias[kKeyBlock];
+};
+
+// Two rows' accumulators for 8 * kVectors dimensions from d0, rescaled by their rows' `corr`,
+// plus the block's softmax weights times its values. kVectors is a constant so that the
+// accumulators live in registers (a runtime count left them on the stack: 2x slower).
+template <int kVectors>
+inline void AccumulateValues(TileScratch& w, int64_t r, int64_t D, int64_t d0, int64_t nk) {
+  const float* p0 = w.scores.data() + r * kKeyBlock;
+  const float* p1 = p0 + kKeyBlock;
+  float* o0 = w.acc.data() + r * D + d0;
+  float* o1 = o0 + D;
+  const __m256 c0 = _mm256_set1_ps(w.corr[r]), c1 = _mm256_set1_ps(w.corr[r + 1]);
+  __m256 a0[kVectors], a1[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    a0[v] = _mm256_mul_ps(_mm256_loadu_ps(o0 + 8 * v), c0);
+    a1[v] = _mm256_mul_ps(_mm256_loadu_ps(o1 + 8 * v), c1);
+  }
+  const float* value = w.values.data() + d0;
+  for (int64_t k = 0; k < nk; ++k, value += D) {
+    const __m256 w0 = _mm256_broadcast_ss(p0 + k), w1 = _mm256_broadcast_ss(p1 + k);
+    for (int v = 0; v < kVectors; ++v) {
+      const __m256 x = _mm256_loadu_ps(value + 8 * v);
+      a0[v] = _mm256_fmadd_ps(w0, x, a0[v]);
+      a1[v] = _mm256_fmadd_ps(w1, x, a1[v]);
+    }
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    _mm256_storeu_ps(o0 + 8 * v, a0[v]);
+    _mm256_storeu_ps(o1 + 8 * v, a1[v]);
+  }
+}
+
+// Scores one block of `nk` keys (columns past nk: zero keys at position INT32_MAX) against
+// every row, and folds it into the rows' online softmax. Rows go in pairs (the caller pads
+// them to an even count), so each loaded key vector feeds two rows' accumulators. The
+// softmax's per-row bookkeeping runs eight rows at a time and keeps the sums as vectors:
+// done per row with a scalar exp and a horizontal sum, it cost more than the QK product.
+inline void FoldKeyBlock(TileScratch& w, int64_t rows, int64_t D, int64_t nk, bool weighted) {
+  const float* kt = w.keys_t.data();
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  // Logits, masked to -inf where unseen, and each row's block max.
+  for (int64_t r = 0; r < rows; r += 2) {
+    __m256 a[2][4];
+    for (auto& row : a)
+      for (auto& x : row) x = _mm256_setzero_ps();
+    const float* q0 = w.q.data() + r * D;
+    const float* q1 = q0 + D;
+    for (int64_t d = 0; d < D; ++d) {
+      const __m256 b0 = _mm256_broadcast_ss(q0 + d), b1 = _mm256_broadcast_ss(q1 + d);
+      for (int v = 0; v < 4; ++v) {
+        const __m256 k = _mm256_loadu_ps(kt + d * kKeyBlock + 8 * v);
+        a[0][v] = _mm256_fmadd_ps(b0, k, a[0][v]);
+        a[1][v] = _mm256_fmadd_ps(b1, k, a[1][v]);
+      }
+    }
+    for (int i = 0; i < 2; ++i) {
+      const int64_t row = r + i;
+      float* s = w.scores.data() + row * kKeyBlock;
+      const __m256i qp = _mm256_set1_epi32(w.row_pos[row]);
+      __m256 mx = neg_inf;
+      for (int v = 0; v < 4; ++v) {
+        __m256 x = a[i][v];
+        if (weighted)
+          x = _mm256_fmadd_ps(x, _mm256_load_ps(w.key_scale + 8 * v), _mm256_load_ps(w.key_bias + 8 * v));
+        const __m256i kp = _mm256_load_si256(reinterpret_cast<const __m256i*>(w.key_pos + 8 * v));
+        x = _mm256_blendv_ps(x, neg_inf, _mm256_castsi256_ps(_mm256_cmpgt_epi32(kp, qp)));  // key after query
+        _mm256_storeu_ps(s + 8 * v, x);
+        mx = _mm256_max_ps(mx, x);
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      w.block_max[row] = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    }
+  }
+  // New running maxima and the rescale of what the rows summed so far, eight rows at a time;
+  // a row that has seen nothing yet keeps max -inf and rescales its (zero) sums by 0.
+  for (int64_t r = 0; r < rows; r += 8) {
+    const __m256 m_old = _mm256_loadu_ps(w.m.data() + r);
+    const __m256 m_new = _mm256_max_ps(m_old, _mm256_loadu_ps(w.block_max.data() + r));
+    const __m256 fresh = _mm256_cmp_ps(m_old, neg_inf, _CMP_EQ_OQ);
+    _mm256_storeu_ps(w.corr.data() + r, _mm256_blendv_ps(Exp8(_mm256_sub_ps(m_old, m_new)), _mm256_setzero_ps(), fresh));
+    _mm256_storeu_ps(w.m.data() + r, m_new);
+  }
+  // Softmax weights (exactly 0 where masked: Exp8 floors at e^-87) and the sums.
+  for (int64_t row = 0; row < rows; ++row) {
+    float* s = w.scores.data() + row * kKeyBlock;
+    const __m256 vm = _mm256_set1_ps(w.m[row]);
+    __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(w.l8.data() + 8 * row), _mm256_set1_ps(w.corr[row]));
+    for (int v = 0; v < 4; ++v) {
+      const __m256 x = _mm256_loadu_ps(s + 8 * v);
+      const __m256 e = _mm256_and_ps(Exp8(_mm256_sub_ps(x, vm)), _mm256_cmp_ps(x, neg_inf, _CMP_NEQ_OQ));
+      _mm256_storeu_ps(s + 8 * v, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    _mm256_storeu_ps(w.l8.data() + 8 * row, sum);
+  }
+  // acc = acc * corr + weights @ values, two rows at a time.
+  for (int64_t r = 0; r < rows; r += 2) {
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      if (D - d0 >= 32)  // D % 16 == 0: 32 or 16 dimensions left
+        AccumulateValues<4>(w, r, D, d0, nk);
+      else
+        AccumulateValues<2>(w, r, D, d0, nk);
+    }
+  }
+}
+
+// One (sequence, KV head, tokens [t0, t1)): the tile's rows are its tokens x the KV head's G
+// query heads. Keys are collected in listing order, kKeyBlock at a time, from the entries
+// whose slots some token of the tile may see; each key is rotated once per tile.
+template <typename KV>
+void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t t1, TileScratch& w) {
+  const int64_t G = p.Hq / p.Hkv, D = p.D, half = D / 2;
+  const int64_t rows = (t1 - t0) * G, padded = (rows + 1) / 2 * 2;
+  w.q.assign(padded * D, 0.0f);
+  w.acc.assign(padded * D, 0.0f);
+  const int64_t padded8 = (rows + 7) / 8 * 8;
+  w.m.assign(padded8, -std::numeric_limits<float>::infinity());
+  w.block_max.assign(padded8, -std::numeric_limits<float>::infinity());
+  w.corr.assign(padded8, 0.0f);
+  w.l8.assign(8 * padded8, 0.0f);
+  w.row_pos.assign(padded, std::numeric_limits<int32_t>::min());
+  w.keys_t.assign(D * kKeyBlock, 0.0f);
+  w.values.assign(kKeyBlock * D, 0.0f);
+  w.scores.resize(padded * kKeyBlock);
+  int64_t q_max = std::numeric_limits<int64_t>::min();
+  for (int64_t t = t0; t < t1; ++t) {
+    const int32_t qp = p.q_pos[t];
+    q_max = std::max<int64_t>(q_max, qp);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = (t - t0) * G + g;
+      w.row_pos[r] = qp;
+      const float* src = p.q + (t * p.Hq + h * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) w.q[r * D + d] = src[d] * p.sm_scale;
+    }
+  }
+  const bool weighted = p.scale != nullptr;
+  int64_t nk = 0;
+  auto fold = [&] {
+    for (int64_t k = nk; k < kKeyBlock; ++k) {  // the block's unused columns: never seen
+      w.key_pos[k] = std::numeric_limits<int32_t>::max();
+      w.key_scale[k] = 1.0f, w.key_bias[k] = 0.0f;
+      for (int64_t d = 0; d < D; ++d) w.keys_t[d * kKeyBlock + k] = 0.0f;
+    }
+    FoldKeyBlock(w, padded, D, nk, weighted);
+    nk = 0;
+  };
+  alignas(32) float key[kMaxHeadDim];
+  for (int64_t i = 0; i < p.M; ++i) {
+    const int64_t entry = s * p.M + i;
+    const int64_t page = p.tables[entry];
+    if (page < 0 || page >= p.pages) continue;  // unused entries (block_lens 0) carry any id
+    const int64_t visible = std::min<int64_t>({p.lens[entry], p.P, q_max - p.pos[entry] + 1});
+    for (int64_t j = 0; j < visible; ++j) {
+      const int64_t row = ((page * p.P + j) * p.Hkv + h) * D;
+      const float* c = p.cos + (entry * p.P + j) * half;
+      const float* sn = p.sin + (entry * p.P + j) * half;
+      for (int64_t d = 0; d < half; d += 8) {  // rotate-half RoPE, as rope.py `rotate`
+        const __m256 k1 = Load8(p.k + row + d), k2 = Load8(p.k + row + half + d);
+        const __m256 vc = _mm256_loadu_ps(c + d), vs = _mm256_loadu_ps(sn + d);
+        _mm256_store_ps(key + d, _mm256_fmsub_ps(k1, vc, _mm256_mul_ps(k2, vs)));
+        _mm256_store_ps(key + half + d, _mm256_fmadd_ps(k2, vc, _mm256_mul_ps(k1, vs)));
+      }
+      for (int64_t d = 0; d < D; ++d) w.keys_t[d * kKeyBlock + nk] = key[d];
+      float* value = w.values.data() + nk * D;
+      for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(value + d, Load8(p.v + row + d));
+      w.key_pos[nk] = static_cast<int32_t>(p.pos[entry] + j);
+      if (weighted) w.key_scale[nk] = p.scale[entry], w.key_bias[nk] = p.bias[entry];
+      if (++nk == kKeyBlock) fold();
+    }
+  }
+  if (nk > 0) fold();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = t0 + r / G, g = r % G;
+    const float l = HorizontalSum(_mm256_loadu_ps(w.l8.data() + 8 * r));
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // saw nothing: zeros
+    float* o = p.out + (t * p.Hq + h * G + g) * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = w.acc[r * D + d] * inv;
+  }
+}
+
+// Runs `kernel` over the buffers of one call: the shapes checked, the output zeroed (padding
+// tokens and rows that see nothing stay zero).
+template <typename KV, ffi::DataType kType, typename Kernel>
+ffi::Error RunAttention(const char* name, ffi::Buffer<ffi::F32> q, ffi::Buffer<kType> k, ffi::Buffer<kType> v,
+                        ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> lens,
+                        ffi::Buffer<ffi::S32> cu, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::F32> cos,
+                        ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                        float sm_scale, ffi::ResultBuffer<ffi::F32> out, Kernel kernel) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  const auto td = tables.dimensions();
+  Problem<KV> p{};
+  p.T = qd[0], p.Hq = qd[1], p.D = qd[2];
+  p.pages = kd[0], p.P = kd[1], p.Hkv = kd[2];
+  p.S = td[0], p.M = td[1];
+  if (p.D % 16 != 0 || p.D > kMaxHeadDim || p.Hkv < 1 || p.Hq % p.Hkv != 0 || p.Hq / p.Hkv > kMaxGroup)
+    return ffi::Error::InvalidArgument(std::string(name) + ": unsupported head layout");
+  p.q = q.typed_data();
+  p.k = reinterpret_cast<const KV*>(k.typed_data());
+  p.v = reinterpret_cast<const KV*>(v.typed_data());
+  p.tables = tables.typed_data(), p.pos = pos.typed_data(), p.lens = lens.typed_data();
+  p.cu = cu.typed_data(), p.q_pos = q_pos.typed_data();
+  p.cos = cos.typed_data(), p.sin = sin.typed_data();
+  p.scale = scale.element_count() ? scale.typed_data() : nullptr;  // empty = plain contract
+  p.bias = bias.element_count() ? bias.typed_data() : nullptr;
+  p.out = out->typed_data();
+  p.sm_scale = sm_scale;
+  std::memset(p.out, 0, sizeof(float) * p.T * p.Hq * p.D);
+  kernel(p);
+  return ffi::Error::Success();
+}
+
+template <typename KV>
+void DecodeAll(const Problem<KV>& p) {
+  spanjax::ParallelFor(p.S * p.Hkv, [p](int64_t item) {
+    thread_local Scratch scratch;
+    Attend(p, item / p.Hkv, item % p.Hkv, scratch);
+  });
+}
+
+template <typename KV>
+void PrefillAll(const Problem<KV>& p) {
+  struct Tile {
+    int64_t s, t0, t1;
+  };
+  const int64_t tokens = std::max<int64_t>(1, kTileRows / (p.Hq / p.Hkv));
+  std::vector<Tile> tiles;
+  for (int64_t s = 0; s < p.S; ++s) {
+    const int64_t a = std::max<int64_t>(0, p.cu[s]), b = std::min<int64_t>(p.T, p.cu[s + 1]);
+    for (int64_t t0 = a; t0 < b; t0 += tokens) tiles.push_back({s, t0, std::min(b, t0 + tokens)});
+  }
+  const int64_t items = static_cast<int64_t>(tiles.size()) * p.Hkv;
+  // Last tiles first: a sequence's later tokens see more keys, and the longest items should
+  // not be the ones left for the end.
+  spanjax::ParallelFor(items, [&p, &tiles, items](int64_t item) {
+    thread_local TileScratch scratch;
+    const int64_t i = items - 1 - item;
+    const Tile& tile = tiles[i / p.Hkv];
+    AttendTile(p, tile.s, i % p.Hkv, tile.t0, tile.t1, scratch);
+  });
+}
+
+template <typename KV, ffi::DataType kType>
+ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<kType> k, ffi::Buffer<kType> v,
+                           ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> lens,
+                           ffi::Buffer<ffi::S32> cu, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::F32> cos,
+                           ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                           float sm_scale, ffi::ResultBuffer<ffi::F32> out) {
+  return RunAttention<KV, kType>("decode attention", q, k, v, tables, pos, lens, cu, q_pos, cos, sin, scale, bias,
+                                 sm_scale, out, DecodeAll<KV>);
+}
+
+template <typename KV, ffi::DataType kType>
+ffi::Error PrefillAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<kType> k, ffi::Buffer<kType> v,
+                            ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> lens,
+                            ffi::Buffer<ffi::S32> cu, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::F32> cos,
+                            ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                            float sm_scale, ffi::ResultBuffer<ffi::F32> out) {
+  return RunAttention<KV, kType>("prefill attention", q, k, v, tables, pos, lens, cu, q_pos, cos, sin, scale, bias,
+                                 sm_scale, out, PrefillAll<KV>);
+}
+
+#define SPANJAX_ATTENTION_BINDING(kType)          \
+  ffi::Ffi::Bind()                             \
+      .Arg<ffi::Buffer<ffi::F32>>()            \
+      .Arg<ffi::Buffer<kType>>()               \
+      .Arg<ffi::Buffer<kType>>()               \
+      .Arg<ffi::Buffer<ffi::S32>>()            \
+      .Arg<ffi::Buffer<ffi::S32>>()            \
+      .Arg<ffi::Buffer<ffi::S32>>()            \
+      .Arg<ffi::Buffer<ffi::S32>>()            \
+      .Arg<ffi::Buffer<ffi::S32>>()            \
+      .Arg<ffi::Buffer<ffi::F32>>()            \
+      .Arg<ffi::Buffer<ffi::F32>>()            \
+      .Arg<ffi::Buffer<ffi::F32>>()            \
+      .Arg<ffi::Buffer<ffi::F32>>()            \
+      .Attr<float>("sm_scale")                 \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpanjaxDecodeAttentionF32, (DecodeAttention<float, ffi::F32>),
+                              SPANJAX_ATTENTION_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpanjaxDecodeAttentionBf16, (DecodeAttention<uint16_t, ffi::U16>),
+                              SPANJAX_ATTENTION_BINDING(ffi::U16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpanjaxPrefillAttentionF32, (PrefillAttention<float, ffi::F32>),
+                              SPANJAX_ATTENTION_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpanjaxPrefillAttentionBf16, (PrefillAttention<uint16_t, ffi::U16>),
+                              SPANJAX_ATTENTION_BINDING(ffi::U16));
