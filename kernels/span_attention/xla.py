@@ -1,5 +1,6 @@
-"""Ragged paged span attention in plain jnp, blocked by query tiles: the fast
-path for CPU (and any backend without a Pallas kernel).
+"""Ragged paged span attention in plain jnp, blocked by query tiles: the path for any backend
+without a Pallas kernel, and for CPU where the C++ kernels (`cpu.py`) are not built or do not
+take the shapes; on CPU with them, `span_attention_xla` is one kernel call.
 
 Same contract as every implementation (`meta.py`), same tiling as the Pallas kernels
 (`tiling.py`): tokens are grouped into tiles of up to `block_q` tokens of ONE

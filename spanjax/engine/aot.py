@@ -188,9 +188,15 @@ def _callable(exported, out_tree, donated):
     Lowered from the program's own avals and compiled now, the same way in every process, so
     the persistent cache key is the same too."""
     call = jax.jit(exported.call, donate_argnums=donated).lower(*exported.in_avals).compile()
+    # The weights come back every step as the same object; their ~700 leaves are flattened
+    # once, not per step (~0.3 ms of a ~15 ms SmolLM2 decode step on 2 cores). Parameter pytrees
+    # are immutable (flax.struct), so the same object has the same leaves.
+    last_params = [None, ()]
 
-    def step(*args):
-        return jax.tree_util.tree_unflatten(out_tree, call(*jax.tree_util.tree_leaves(args)))
+    def step(params, *rest):
+        if last_params[0] is not params:
+            last_params[:] = [params, tuple(jax.tree_util.tree_leaves(params))]
+        return jax.tree_util.tree_unflatten(out_tree, call(*last_params[1], *jax.tree_util.tree_leaves(rest)))
 
     return step
 
