@@ -42,7 +42,7 @@ def _quiet(monkeypatch):
 def test_replica_run_gives_the_one_device_items(tmp_path):
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",  # conftest's -O0 kept
         JAX_PLATFORMS="cpu",
         SPANJAX_NO_PROGRESS="1",
         PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
