@@ -95,6 +95,21 @@ inline __m256 Exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// The key stored at element offset `row` of the pool, rotated with the RoPE tables of listed
+// slot `slot` (entry * P + j) into `key` (32-byte aligned, D floats).
+template <typename KV>
+inline void RotateKey(const Problem<KV>& p, int64_t row, int64_t slot, float* key) {
+  const int64_t half = p.D / 2;
+  const float* c = p.cos + slot * half;
+  const float* sn = p.sin + slot * half;
+  for (int64_t d = 0; d < half; d += 8) {  // rotate-half RoPE, as rope.py `rotate`
+    const __m256 k1 = Load8(p.k + row + d), k2 = Load8(p.k + row + half + d);
+    const __m256 vc = _mm256_loadu_ps(c + d), vs = _mm256_loadu_ps(sn + d);
+    _mm256_store_ps(key + d, _mm256_fmsub_ps(k1, vc, _mm256_mul_ps(k2, vs)));
+    _mm256_store_ps(key + half + d, _mm256_fmadd_ps(k2, vc, _mm256_mul_ps(k1, vs)));
+  }
+}
+
 struct Scratch {
   std::vector<float> scores;      // [G, keys] (padded to a multiple of 8 per head)
   std::vector<int64_t> offsets;   // [keys] element offset of each seen key's value row
@@ -107,7 +122,7 @@ template <typename KV>
 void Attend(const Problem<KV>& p, int64_t s, int64_t h, Scratch& scratch) {
   const int64_t t = p.cu[s];
   if (p.cu[s + 1] <= t || t < 0 || t >= p.T) return;  // no query token: its rows stay zero
-  const int64_t G = p.Hq / p.Hkv, D = p.D, half = D / 2;
+  const int64_t G = p.Hq / p.Hkv, D = p.D;
   const int64_t qp = p.q_pos[t];
   alignas(32) float q[kMaxGroup * kMaxHeadDim];
   alignas(32) float key[kMaxHeadDim];
@@ -128,14 +143,7 @@ void Attend(const Problem<KV>& p, int64_t s, int64_t h, Scratch& scratch) {
     const float bias = p.bias ? p.bias[entry] : 0.0f;
     for (int64_t j = 0; j < visible; ++j) {
       const int64_t row = ((page * p.P + j) * p.Hkv + h) * D;
-      const float* c = p.cos + (entry * p.P + j) * half;
-      const float* sn = p.sin + (entry * p.P + j) * half;
-      for (int64_t d = 0; d < half; d += 8) {  // rotate-half RoPE, as rope.py `rotate`
-        const __m256 k1 = Load8(p.k + row + d), k2 = Load8(p.k + row + half + d);
-        const __m256 vc = _mm256_loadu_ps(c + d), vs = _mm256_loadu_ps(sn + d);
-        _mm256_store_ps(key + d, _mm256_fmsub_ps(k1, vc, _mm256_mul_ps(k2, vs)));
-        _mm256_store_ps(key + half + d, _mm256_fmadd_ps(k2, vc, _mm256_mul_ps(k1, vs)));
-      }
+      RotateKey(p, row, entry * p.P + j, key);
       for (int64_t g = 0; g < G; ++g) {
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
@@ -312,7 +320,7 @@ inline void FoldKeyBlock(TileScratch& w, int64_t rows, int64_t D, int64_t nk, bo
 // whose slots some token of the tile may see; each key is rotated once per tile.
 template <typename KV>
 void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t t1, TileScratch& w) {
-  const int64_t G = p.Hq / p.Hkv, D = p.D, half = D / 2;
+  const int64_t G = p.Hq / p.Hkv, D = p.D;
   const int64_t rows = (t1 - t0) * G, padded = (rows + kRowGroup - 1) / kRowGroup * kRowGroup;
   w.q.assign(padded * D, 0.0f);
   w.acc.assign(padded * D, 0.0f);
@@ -355,14 +363,7 @@ void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t 
     const int64_t visible = std::min<int64_t>({p.lens[entry], p.P, q_max - p.pos[entry] + 1});
     for (int64_t j = 0; j < visible; ++j) {
       const int64_t row = ((page * p.P + j) * p.Hkv + h) * D;
-      const float* c = p.cos + (entry * p.P + j) * half;
-      const float* sn = p.sin + (entry * p.P + j) * half;
-      for (int64_t d = 0; d < half; d += 8) {  // rotate-half RoPE, as rope.py `rotate`
-        const __m256 k1 = Load8(p.k + row + d), k2 = Load8(p.k + row + half + d);
-        const __m256 vc = _mm256_loadu_ps(c + d), vs = _mm256_loadu_ps(sn + d);
-        _mm256_store_ps(key + d, _mm256_fmsub_ps(k1, vc, _mm256_mul_ps(k2, vs)));
-        _mm256_store_ps(key + half + d, _mm256_fmadd_ps(k2, vc, _mm256_mul_ps(k1, vs)));
-      }
+      RotateKey(p, row, entry * p.P + j, key);
       for (int64_t d = 0; d < D; ++d) w.keys_t[d * kKeyBlock + nk] = key[d];
       float* value = w.values.data() + nk * D;
       for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(value + d, Load8(p.v + row + d));
