@@ -7,10 +7,13 @@ with the system's C++ compiler into a per-user cache directory, named by a hash 
 sources, the flags and the jaxlib version, so a machine builds it once (~10 s). Callers fall
 back to their jnp paths when it cannot be used: no compiler, a CPU without AVX2/FMA/F16C, a
 failed build, or `SPANJAX_CPU_KERNELS=0`; the reason is kept in `unavailable_reason()`.
+The library is built for AVX2; where the CPU has AVX512, kernels that have a 16-wide path take
+it at run time (`cpu_isa.h`; `set_avx512` switches it off, e.g. to test the AVX2 paths).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import functools
@@ -29,7 +32,7 @@ SOURCES = tuple(
     os.path.join(_HERE, f)
     for f in ("cpu_library.cc", "quantized_matmul/cpu_kernel.cc", "span_attention/cpu_attention.cc")
 )
-HEADERS = (os.path.join(_HERE, "cpu_threads.h"),)
+HEADERS = tuple(os.path.join(_HERE, f) for f in ("cpu_threads.h", "cpu_isa.h"))
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c")
 # FFI target name -> exported handler symbol
 TARGETS = {
@@ -44,6 +47,7 @@ ENV_SWITCH = "SPANJAX_CPU_KERNELS"  # "0" turns the kernels off
 ENV_CACHE = "SPANJAX_KERNEL_CACHE"  # where built libraries go (default ~/.cache/spanjax/kernels)
 
 _reason: str | None = None
+_lib: ctypes.CDLL | None = None
 
 
 def _cache_dir() -> str:
@@ -81,7 +85,7 @@ def _build() -> str:
 @functools.cache
 def available() -> bool:
     """Whether the kernels are built and registered (once per process)."""
-    global _reason
+    global _reason, _lib
     if os.environ.get(ENV_SWITCH, "1") == "0":
         _reason = f"{ENV_SWITCH}=0"
         return False
@@ -92,6 +96,7 @@ def available() -> bool:
             return False
         for name, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        _lib = lib
     except (OSError, RuntimeError) as e:
         _reason = str(e)
         warnings.warn(f"spanjax: the C++ CPU kernels are unavailable, using the jnp paths ({e})", stacklevel=2)
@@ -102,3 +107,33 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     available()
     return _reason
+
+
+def avx512_supported() -> bool:
+    """Whether the kernels can take their AVX512 paths on this CPU (False without the library)."""
+    return available() and bool(_lib.SpanjaxAvx512Supported())
+
+
+def set_avx512(on: bool) -> bool:
+    """Turns the kernels' AVX512 paths on (where supported) or off for this process; returns
+    whether they were on. They are on by default where the CPU has AVX512F/BW/VL/DQ; off is
+    for checking the AVX2 paths on such a machine and for comparing the two."""
+    if not available():
+        return False
+    return bool(_lib.SpanjaxSetAvx512(int(on)))
+
+
+@contextlib.contextmanager
+def avx512(on: bool):
+    """`set_avx512(on)` for the `with` block. Each kernel call reads the switch, so programs
+    compiled before it follow it."""
+    was = set_avx512(on)
+    try:
+        yield
+    finally:
+        set_avx512(was)
+
+
+def vector_widths() -> list[bool]:
+    """The AVX512 switch's settings worth testing here: off, and on where the CPU has it."""
+    return [False, True] if avx512_supported() else [False]

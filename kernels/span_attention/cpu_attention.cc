@@ -33,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "cpu_threads.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -110,57 +111,191 @@ inline void RotateKey(const Problem<KV>& p, int64_t row, int64_t slot, float* ke
   }
 }
 
+// ---- decode: at most one query token per sequence ----
+
+// Listed pages per decode work item. A sequence's keys are split into chunks (split-K, as in
+// flash-decoding) so that one long sequence still keeps every thread busy, and each chunk
+// reads its tokens' keys for all KV heads at once: a token's heads are adjacent in the pool,
+// so a chunk streams whole pages from memory. Items by (sequence, KV head) read each page
+// three times with gaps and ran at ~14 GB/s, a third of what the cores can stream: decode
+// attention is bound by reading the pool (8 sequences x 520 tokens, SmolLM2: 6.4 MB a layer).
+constexpr int64_t kChunkEntries = 4;
+
 struct Scratch {
-  std::vector<float> scores;      // [G, keys] (padded to a multiple of 8 per head)
-  std::vector<int64_t> offsets;   // [keys] element offset of each seen key's value row
+  std::vector<float> q;          // [Hq, D] scaled queries
+  std::vector<float> scores;     // [Hq, stride]: logits, then softmax weights
+  std::vector<int64_t> offsets;  // [keys] element offset of each seen token's row (all heads)
 };
 
-// One (sequence, KV head): every seen key is rotated and scored against the G query heads
-// in one visit; then each head's softmax weights (eight at a time) and its weighted sum of the
-// values, D/8 accumulators held in registers per 32 dimensions.
-template <typename KV>
-void Attend(const Problem<KV>& p, int64_t s, int64_t h, Scratch& scratch) {
-  const int64_t t = p.cu[s];
-  if (p.cu[s + 1] <= t || t < 0 || t >= p.T) return;  // no query token: its rows stay zero
-  const int64_t G = p.Hq / p.Hkv, D = p.D;
-  const int64_t qp = p.q_pos[t];
-  alignas(32) float q[kMaxGroup * kMaxHeadDim];
-  alignas(32) float key[kMaxHeadDim];
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) q[g * D + d] = p.q[(t * p.Hq + h * G + g) * D + d] * p.sm_scale;
+// Tokens ahead whose keys and values are requested while a token is scored: the hardware
+// prefetcher does not cross pages, and each page is a separate stream.
+constexpr int64_t kPrefetchAhead = 4;
 
-  const int64_t stride = (p.M * p.P + 7) / 8 * 8;  // per head, a multiple of 8
-  scratch.scores.resize(G * stride);
-  scratch.offsets.resize(p.M * p.P);
+template <typename KV>
+inline void PrefetchToken(const Problem<KV>& p, int64_t row) {
+  const int64_t bytes = p.Hkv * p.D * static_cast<int64_t>(sizeof(KV));
+  const char* k = reinterpret_cast<const char*>(p.k + row);
+  const char* v = reinterpret_cast<const char*>(p.v + row);
+  for (int64_t b = 0; b < bytes; b += 64) {
+    _mm_prefetch(k + b, _MM_HINT_T0);
+    _mm_prefetch(v + b, _MM_HINT_T1);  // read in the second pass
+  }
+}
+
+// The partial softmax of one chunk, per query head: [max, sum, D unnormalized outputs].
+inline int64_t PartialSize(int64_t D) { return D + 2; }
+
+// The vector work of a decode chunk, 8-wide (AVX2) and 16-wide (AVX512): `Score` rotates one
+// token's key for each KV head and writes its logits against the head's G query heads to
+// `scores[hq * stride]`; `WeightedValues` sums the seen tokens' values of one query head,
+// weighted, into `out` (D floats, unnormalized).
+struct DecodeOps8 {
+  template <typename KV>
+  static void Score(const Problem<KV>& p, int64_t base, int64_t slot, const float* q, float scale, float bias,
+                    float* scores, int64_t stride) {
+    const int64_t G = p.Hq / p.Hkv, D = p.D;
+    alignas(32) float key[kMaxHeadDim];
+    for (int64_t h = 0; h < p.Hkv; ++h) {
+      RotateKey(p, base + h * D, slot, key);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qh = q + (h * G + g) * D;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+          acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_load_ps(key + d), acc0);
+          acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d + 8), _mm256_load_ps(key + d + 8), acc1);
+        }
+        scores[(h * G + g) * stride] = scale * HorizontalSum(_mm256_add_ps(acc0, acc1)) + bias;
+      }
+    }
+  }
+
+  template <typename KV>
+  static void WeightedValues(const Problem<KV>& p, const int64_t* rows, int64_t seen, const float* w,
+                             int64_t head_offset, float* out) {
+    for (int64_t d0 = 0; d0 < p.D; d0 += 32) {  // 4 accumulators = 32 dimensions in registers
+      const int64_t width = std::min<int64_t>(32, p.D - d0);  // D % 16 == 0: 16 or 32
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t k = 0; k < seen; ++k) {
+        const KV* value = p.v + rows[k] + head_offset + d0;
+        const __m256 wk = _mm256_set1_ps(w[k]);
+        acc[0] = _mm256_fmadd_ps(wk, Load8(value), acc[0]);
+        acc[1] = _mm256_fmadd_ps(wk, Load8(value + 8), acc[1]);
+        if (width == 32) {
+          acc[2] = _mm256_fmadd_ps(wk, Load8(value + 16), acc[2]);
+          acc[3] = _mm256_fmadd_ps(wk, Load8(value + 24), acc[3]);
+        }
+      }
+      for (int a = 0; a < width / 8; ++a) _mm256_storeu_ps(out + d0 + 8 * a, acc[a]);
+    }
+  }
+};
+
+SPANJAX_AVX512 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+SPANJAX_AVX512 inline __m512 Load16(const uint16_t* p) {  // bf16 bit patterns -> fp32 (exact)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Half the instructions of DecodeOps8 for the same work; needs D % 32 == 0 (whole 16-wide
+// halves for the rotation).
+struct DecodeOps16 {
+  template <typename KV>
+  SPANJAX_AVX512 static void Score(const Problem<KV>& p, int64_t base, int64_t slot, const float* q, float scale,
+                                   float bias, float* scores, int64_t stride) {
+    const int64_t G = p.Hq / p.Hkv, D = p.D, half = D / 2;
+    const float* c = p.cos + slot * half;
+    const float* sn = p.sin + slot * half;
+    alignas(64) float key[kMaxHeadDim];
+    for (int64_t h = 0; h < p.Hkv; ++h) {
+      const KV* k = p.k + base + h * D;
+      for (int64_t d = 0; d < half; d += 16) {  // rotate-half RoPE, as RotateKey
+        const __m512 k1 = Load16(k + d), k2 = Load16(k + half + d);
+        const __m512 vc = _mm512_loadu_ps(c + d), vs = _mm512_loadu_ps(sn + d);
+        _mm512_store_ps(key + d, _mm512_fmsub_ps(k1, vc, _mm512_mul_ps(k2, vs)));
+        _mm512_store_ps(key + half + d, _mm512_fmadd_ps(k2, vc, _mm512_mul_ps(k1, vs)));
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qh = q + (h * G + g) * D;
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 32) {
+          acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_load_ps(key + d), acc0);
+          acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 16), _mm512_load_ps(key + d + 16), acc1);
+        }
+        scores[(h * G + g) * stride] = scale * _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + bias;
+      }
+    }
+  }
+
+  template <typename KV>
+  SPANJAX_AVX512 static void WeightedValues(const Problem<KV>& p, const int64_t* rows, int64_t seen, const float* w,
+                                            int64_t head_offset, float* out) {
+    for (int64_t d0 = 0; d0 < p.D; d0 += 64) {  // 4 accumulators = 64 dimensions in registers
+      const int64_t width = std::min<int64_t>(64, p.D - d0);  // D % 32 == 0: 32 or 64
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t k = 0; k < seen; ++k) {
+        const KV* value = p.v + rows[k] + head_offset + d0;
+        const __m512 wk = _mm512_set1_ps(w[k]);
+        acc[0] = _mm512_fmadd_ps(wk, Load16(value), acc[0]);
+        acc[1] = _mm512_fmadd_ps(wk, Load16(value + 16), acc[1]);
+        if (width == 64) {
+          acc[2] = _mm512_fmadd_ps(wk, Load16(value + 32), acc[2]);
+          acc[3] = _mm512_fmadd_ps(wk, Load16(value + 48), acc[3]);
+        }
+      }
+      for (int a = 0; a < width / 16; ++a) _mm512_storeu_ps(out + d0 + 16 * a, acc[a]);
+    }
+  }
+};
+
+// One chunk of sequence s (listed entries [i0, i1)): every seen token's key is rotated per KV
+// head and scored against that head's G query heads while it is in registers; then each
+// query head's softmax weights (eight at a time) and its weighted sum of the values. Writes
+// the chunk's partials for every head.
+template <typename KV, typename Ops>
+void AttendChunk(const Problem<KV>& p, int64_t s, int64_t i0, int64_t i1, float* partial, Scratch& scratch) {
+  const int64_t t = p.cu[s];
+  const int64_t G = p.Hq / p.Hkv, D = p.D, Hq = p.Hq;
+  const int64_t qp = p.q_pos[t];
+  scratch.q.resize(Hq * D);
+  float* q = scratch.q.data();
+  for (int64_t e = 0; e < Hq * D; ++e) q[e] = p.q[t * Hq * D + e] * p.sm_scale;
+  const int64_t cap = (i1 - i0) * p.P;
+  const int64_t stride = (cap + 7) / 8 * 8;  // per head, a multiple of 8
+  scratch.scores.resize(Hq * stride);
+  scratch.offsets.resize(cap);
   float* scores = scratch.scores.data();
   int64_t seen = 0;
-  for (int64_t i = 0; i < p.M; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     const int64_t entry = s * p.M + i;
     const int64_t page = p.tables[entry];
     if (page < 0 || page >= p.pages) continue;  // unused entries (block_lens 0) carry any id
     const int64_t visible = std::min<int64_t>({p.lens[entry], p.P, qp - p.pos[entry] + 1});
     const float scale = p.scale ? p.scale[entry] : 1.0f;
     const float bias = p.bias ? p.bias[entry] : 0.0f;
+    // The page after this one, for prefetching across the page boundary.
+    int64_t next_page = -1;
+    for (int64_t n = i + 1; n < i1 && next_page < 0; ++n)
+      if (p.tables[s * p.M + n] >= 0 && p.tables[s * p.M + n] < p.pages && p.lens[s * p.M + n] > 0)
+        next_page = p.tables[s * p.M + n];
     for (int64_t j = 0; j < visible; ++j) {
-      const int64_t row = ((page * p.P + j) * p.Hkv + h) * D;
-      RotateKey(p, row, entry * p.P + j, key);
-      for (int64_t g = 0; g < G; ++g) {
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) {
-          acc0 = _mm256_fmadd_ps(_mm256_load_ps(q + g * D + d), _mm256_load_ps(key + d), acc0);
-          acc1 = _mm256_fmadd_ps(_mm256_load_ps(q + g * D + d + 8), _mm256_load_ps(key + d + 8), acc1);
-        }
-        scores[g * stride + seen] = scale * HorizontalSum(_mm256_add_ps(acc0, acc1)) + bias;
-      }
-      scratch.offsets[seen] = row;
-      ++seen;
+      const int64_t base = (page * p.P + j) * p.Hkv * D;
+      if (j + kPrefetchAhead < visible)
+        PrefetchToken(p, base + kPrefetchAhead * p.Hkv * D);
+      else if (next_page >= 0)
+        PrefetchToken(p, (next_page * p.P + j + kPrefetchAhead - visible) * p.Hkv * D);
+      Ops::Score(p, base, entry * p.P + j, q, scale, bias, scores + seen, stride);
+      scratch.offsets[seen++] = base;
     }
   }
-  if (seen == 0) return;
-
   const int64_t full = seen / 8 * 8;
-  for (int64_t g = 0; g < G; ++g) {
-    float* w = scores + g * stride;
+  for (int64_t hq = 0; hq < Hq; ++hq) {
+    float* out = partial + hq * PartialSize(D);
+    float* acc_out = out + 2;
+    if (seen == 0) {  // nothing here: a partial that the merge skips
+      out[0] = 0.0f, out[1] = 0.0f;
+      continue;
+    }
+    float* w = scores + hq * stride;
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t e = 0; e < seen; ++e) m = std::max(m, w[e]);
     if (!std::isfinite(m)) m = 0.0f;
@@ -177,24 +312,34 @@ void Attend(const Problem<KV>& p, int64_t s, int64_t h, Scratch& scratch) {
       w[e] = std::exp(w[e] - m);
       total += w[e];
     }
-    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-    float* o = p.out + (t * p.Hq + h * G + g) * D;
-    for (int64_t d0 = 0; d0 < D; d0 += 32) {  // 4 accumulators = 32 dimensions in registers
-      const int64_t width = std::min<int64_t>(32, D - d0);  // D % 16 == 0: 16 or 32
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int64_t k = 0; k < seen; ++k) {
-        const KV* value = p.v + scratch.offsets[k] + d0;
-        const __m256 wk = _mm256_set1_ps(w[k]);
-        acc[0] = _mm256_fmadd_ps(wk, Load8(value), acc[0]);
-        acc[1] = _mm256_fmadd_ps(wk, Load8(value + 8), acc[1]);
-        if (width == 32) {
-          acc[2] = _mm256_fmadd_ps(wk, Load8(value + 16), acc[2]);
-          acc[3] = _mm256_fmadd_ps(wk, Load8(value + 24), acc[3]);
-        }
-      }
-      const __m256 vinv = _mm256_set1_ps(inv);
-      for (int a = 0; a < width / 8; ++a) _mm256_storeu_ps(o + d0 + 8 * a, _mm256_mul_ps(acc[a], vinv));
+    out[0] = m, out[1] = total;
+    Ops::WeightedValues(p, scratch.offsets.data(), seen, w, (hq / G) * D, acc_out);
+  }
+}
+
+// Sequence s's output from its chunks' partials: each chunk's sums rescaled to the largest
+// max, then normalized. Chunks that saw nothing (sum 0) are skipped; a row that saw nothing
+// stays zero.
+inline void MergeChunks(const float* partials, int64_t chunks, int64_t Hq, int64_t D, float* out) {
+  const int64_t size = PartialSize(D);
+  for (int64_t hq = 0; hq < Hq; ++hq) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* part = partials + (c * Hq + hq) * size;
+      if (part[1] > 0.0f) m = std::max(m, part[0]);
     }
+    if (m == -std::numeric_limits<float>::infinity()) continue;
+    float total = 0.0f;
+    float* o = out + hq * D;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* part = partials + (c * Hq + hq) * size;
+      if (part[1] <= 0.0f) continue;
+      const float f = std::exp(part[0] - m);
+      total += f * part[1];
+      for (int64_t d = 0; d < D; ++d) o[d] += f * part[2 + d];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
   }
 }
 
@@ -416,10 +561,25 @@ ffi::Error RunAttention(const char* name, ffi::Buffer<ffi::F32> q, ffi::Buffer<k
 
 template <typename KV>
 void DecodeAll(const Problem<KV>& p) {
-  spanjax::ParallelFor(p.S * p.Hkv, [p](int64_t item) {
+  const int64_t per_seq = (p.M + kChunkEntries - 1) / kChunkEntries;
+  std::vector<int64_t> seqs;  // sequences with a query token
+  for (int64_t s = 0; s < p.S; ++s)
+    if (p.cu[s + 1] > p.cu[s] && p.cu[s] >= 0 && p.cu[s] < p.T) seqs.push_back(s);
+  const int64_t items = static_cast<int64_t>(seqs.size()) * per_seq, size = p.Hq * PartialSize(p.D);
+  std::vector<float> partials(items * size);
+  const bool wide = spanjax::UseAvx512() && p.D % 32 == 0;
+  spanjax::ParallelFor(items, [&](int64_t item) {
     thread_local Scratch scratch;
-    Attend(p, item / p.Hkv, item % p.Hkv, scratch);
+    const int64_t s = seqs[item / per_seq], i0 = item % per_seq * kChunkEntries, i1 = std::min(p.M, i0 + kChunkEntries);
+    float* partial = partials.data() + item * size;
+    if (wide) {
+      AttendChunk<KV, DecodeOps16>(p, s, i0, i1, partial, scratch);
+    } else {
+      AttendChunk<KV, DecodeOps8>(p, s, i0, i1, partial, scratch);
+    }
   });
+  for (size_t n = 0; n < seqs.size(); ++n)
+    MergeChunks(partials.data() + n * per_seq * size, per_seq, p.Hq, p.D, p.out + p.cu[seqs[n]] * p.Hq * p.D);
 }
 
 template <typename KV>

@@ -97,6 +97,16 @@ def _sample_rows(logits, temperature, top_k, top_p, seeds, steps):
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+def greedy_tokens(logits):
+    """jnp.argmax over the last axis (the first of equal maxima; a NaN counts as the maximum),
+    as a max and a min over positions: XLA CPU runs argmax's paired (value, index) reduction
+    ~5x slower, ~1 ms a step for eight rows of a 49k vocabulary."""
+    V = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
 @jax.jit
 def sample_tokens(logits, temperature, top_k, top_p, seeds, steps):
     """logits [B, V]; temperature, top_p [B] f32; top_k [B] int; seeds [B] uint32; steps [B] int -> ids [B] int32.
@@ -106,7 +116,7 @@ def sample_tokens(logits, temperature, top_k, top_p, seeds, steps):
     """
     logits = logits.astype(jnp.float32)
     temperature = temperature.astype(jnp.float32)
-    greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_ids = greedy_tokens(logits)
     sampled = temperature > 0
 
     def draw():

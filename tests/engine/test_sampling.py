@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spanjax.engine.sampling import SamplingParams, sample_tokens, sampling_arrays
+from spanjax.engine.sampling import SamplingParams, greedy_tokens, sample_tokens, sampling_arrays
 
 B, V = 8, 64  # one shape for the whole module: one compile
 
@@ -53,6 +53,14 @@ def test_greedy_is_argmax():
     np.testing.assert_array_equal(_run(logits, 0.0, 0, 1.0, np.arange(B)), logits.argmax(-1))
     # Greedy rows ignore top-k/top-p/seed entirely.
     np.testing.assert_array_equal(_run(logits, 0.0, 3, 0.2, 7, steps=5), logits.argmax(-1))
+
+    # Ties take the first of the maxima, and a NaN counts as the maximum, as np.argmax does.
+    tied = np.zeros((3, 7), np.float32)
+    tied[0, [2, 5]] = 1.0
+    tied[1, [4, 6]] = np.nan
+    tied[2] = -np.inf
+    np.testing.assert_array_equal(greedy_tokens(tied), tied.argmax(-1))
+    np.testing.assert_array_equal(greedy_tokens(tied), [2, 4, 0])
 
 
 def test_top_k_one_is_greedy():

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from spanjax.kernels import cpu_library
 from spanjax.kernels.quantized_matmul import (
     KERNEL_MAX_ROWS,
     BlockQuantized,
@@ -51,10 +52,13 @@ def test_cpu_kernel_equals_reference(fmt, rows):
     rng = np.random.default_rng(rows)
     w = random_blocks(rng, fmt, 200, 576)
     x = jnp.asarray(rng.standard_normal((rows, 576)).astype(np.float32))
-    got = jax.jit(lambda x, w: quantized_matmul(x, w, impl="cpu"))(x, w)
+    call = jax.jit(lambda x, w: quantized_matmul(x, w, impl="cpu"))
     want = quantized_matmul_reference(x, w)
-    assert got.shape == (rows, 200) and got.dtype == jnp.float32
-    np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()), rtol=0)
+    for wide in cpu_library.vector_widths():  # the AVX2 kernel, and the AVX512 one where it runs
+        with cpu_library.avx512(wide):
+            got = call(x, w)
+        assert got.shape == (rows, 200) and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()), rtol=0, err_msg=f"avx512={wide}")
 
 
 def test_auto_dispatch_keeps_leading_axes_and_large_row_counts_use_the_reference():

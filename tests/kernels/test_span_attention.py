@@ -282,8 +282,10 @@ def test_xla_decode_path(G, dtype, path, monkeypatch):
     args[3] = args[3].replace(max_q_len=1)
     call = jax.jit(lambda *a: span_attention_xla(*a, **kw))
     assert ("spanjax_decode_attention" in call.lower(*args).as_text()) == (path == "cpu_kernel")
-    out = call(*args)
-    assert _diff(out, ref) <= TOL[dtype]
+    for wide in cpu_library.vector_widths() if path == "cpu_kernel" else [False]:
+        with cpu_library.avx512(wide):  # the kernel's AVX2 and AVX512 paths
+            out = call(*args)
+        assert _diff(out, ref) <= TOL[dtype], f"avx512={wide}"
     T_real = int(batch["cu_q_lens"][-1])
     assert float(jnp.max(jnp.abs(out[T_real:].astype(jnp.float32)))) == 0.0
     # The keys' RoPE tables computed once per step (what forward_paged does before its layers)
