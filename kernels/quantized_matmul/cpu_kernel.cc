@@ -143,51 +143,76 @@ void RowTile(const Problem& p, int64_t r0, int64_t n0, int64_t n1) {
   }
 }
 
-// RowTile with 16-wide vectors: a block is elements 0-15 and 16-31. Two accumulators per row
-// (sixteen at eight rows, of 32 registers) keep enough FMAs in flight.
-template <bool kFourBit, int RB>
-SPANJAX_AVX512 void RowTile512(const Problem& p, int64_t r0, int64_t n0, int64_t n1) {
+// One block of column n as two 16-wide vectors: elements 0-15 and 16-31.
+template <bool kFourBit>
+SPANJAX_AVX512 inline void Expand16(const uint8_t* qs, float d, float m, __m512& w0, __m512& w1) {
+  const __m512 vd = _mm512_set1_ps(d);
+  if constexpr (kFourBit) {  // low nibbles: elements 0-15, high nibbles: 16-31
+    const __m128i low_mask = _mm_set1_epi8(0x0F);
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m512 vm = _mm512_set1_ps(m);
+    w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low_mask))), vd, vm);
+    w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask))),
+                         vd, vm);
+  } else {
+    const __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16));
+    w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0)), vd);
+    w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1)), vd);
+  }
+}
+
+// RowTile with 16-wide vectors, kCols columns at a time: with several rows, two columns share
+// each load of x (the loads, not the FMAs, bound one column at eight rows). One column keeps
+// two accumulators per row so its FMAs do not wait on each other.
+template <bool kFourBit, int RB, int kCols>
+SPANJAX_AVX512 void Columns512(const Problem& p, int64_t r0, int64_t n) {
   constexpr int64_t kGroup = 64;
+  constexpr int kAcc = kCols == 1 ? 2 : 1;
   constexpr int64_t block_bytes = kFourBit ? kBlock / 2 : kBlock;
   const int64_t blocks = p.depth / kBlock;
   const float* x = p.x + r0 * p.depth;
-  alignas(64) float scales[kGroup];
-  alignas(64) float offsets[kGroup];
-  const __m128i low_mask = _mm_set1_epi8(0x0F);
-  for (int64_t n = n0; n < n1; ++n) {
-    __m512 acc[RB][2];
-    for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    const uint8_t* qn = p.q + n * blocks * block_bytes;
-    for (int64_t g = 0; g < blocks; g += kGroup) {
-      const int64_t count = std::min(kGroup, blocks - g);
-      HalvesToFloats(p.d + n * blocks + g, count, scales);
-      if (kFourBit) HalvesToFloats(p.m + n * blocks + g, count, offsets);
-      for (int64_t j = 0; j < count; ++j) {
-        const uint8_t* qs = qn + (g + j) * block_bytes;
-        const __m512 vd = _mm512_set1_ps(scales[j]);
-        __m512 w0, w1;
-        if constexpr (kFourBit) {  // low nibbles: elements 0-15, high nibbles: 16-31
-          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-          const __m512 vm = _mm512_set1_ps(offsets[j]);
-          const __m128i lo = _mm_and_si128(bytes, low_mask);
-          const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
-          w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), vd, vm);
-          w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), vd, vm);
-        } else {
-          const __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-          const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16));
-          w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0)), vd);
-          w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1)), vd);
-        }
-        const float* xb = x + (g + j) * kBlock;
-        for (int r = 0; r < RB; ++r) {
-          acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + r * p.depth), acc[r][0]);
-          acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + r * p.depth + 16), acc[r][1]);
+  alignas(64) float scales[kCols][kGroup];
+  alignas(64) float offsets[kCols][kGroup];
+  __m512 acc[RB][kCols][kAcc];
+  for (auto& row : acc)
+    for (auto& col : row)
+      for (auto& a : col) a = _mm512_setzero_ps();
+  for (int64_t g = 0; g < blocks; g += kGroup) {
+    const int64_t count = std::min(kGroup, blocks - g);
+    for (int c = 0; c < kCols; ++c) {
+      HalvesToFloats(p.d + (n + c) * blocks + g, count, scales[c]);
+      if (kFourBit) HalvesToFloats(p.m + (n + c) * blocks + g, count, offsets[c]);
+    }
+    for (int64_t j = 0; j < count; ++j) {
+      __m512 w[kCols][2];
+      for (int c = 0; c < kCols; ++c)
+        Expand16<kFourBit>(p.q + ((n + c) * blocks + g + j) * block_bytes, scales[c][j], kFourBit ? offsets[c][j] : 0.0f,
+                           w[c][0], w[c][1]);
+      const float* xb = x + (g + j) * kBlock;
+      for (int r = 0; r < RB; ++r) {
+        const __m512 x0 = _mm512_loadu_ps(xb + r * p.depth), x1 = _mm512_loadu_ps(xb + r * p.depth + 16);
+        for (int c = 0; c < kCols; ++c) {
+          acc[r][c][0] = _mm512_fmadd_ps(w[c][0], x0, acc[r][c][0]);
+          acc[r][c][kAcc - 1] = _mm512_fmadd_ps(w[c][1], x1, acc[r][c][kAcc - 1]);
         }
       }
     }
-    for (int r = 0; r < RB; ++r) p.y[(r0 + r) * p.cols + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
   }
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < kCols; ++c) {
+      __m512 total = acc[r][c][0];
+      if (kAcc == 2) total = _mm512_add_ps(total, acc[r][c][kAcc - 1]);
+      p.y[(r0 + r) * p.cols + n + c] = _mm512_reduce_add_ps(total);
+    }
+}
+
+template <bool kFourBit, int RB>
+SPANJAX_AVX512 void RowTile512(const Problem& p, int64_t r0, int64_t n0, int64_t n1) {
+  constexpr int kCols = RB >= 4 ? 2 : 1;
+  int64_t n = n0;
+  for (; n + kCols <= n1; n += kCols) Columns512<kFourBit, RB, kCols>(p, r0, n);
+  for (; n < n1; ++n) Columns512<kFourBit, RB, 1>(p, r0, n);
 }
 
 template <bool kFourBit, bool kWide>
