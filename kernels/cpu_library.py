@@ -36,8 +36,7 @@ HEADERS = tuple(os.path.join(_HERE, f) for f in ("cpu_threads.h", "cpu_isa.h"))
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c")
 # FFI target name -> exported handler symbol
 TARGETS = {
-    "spanjax_q4_matmul": "SpanjaxQ4Matmul",
-    "spanjax_q8_matmul": "SpanjaxQ8Matmul",
+    "spanjax_quantized_matmuls": "SpanjaxQuantizedMatmuls",
     "spanjax_decode_attention_f32": "SpanjaxDecodeAttentionF32",
     "spanjax_decode_attention_bf16": "SpanjaxDecodeAttentionBf16",
     "spanjax_prefill_attention_f32": "SpanjaxPrefillAttentionF32",

@@ -30,6 +30,7 @@ __all__ = [
     "dequantize",
     "quantized_matmul",
     "quantized_matmul_reference",
+    "quantized_matmuls",
     "take_rows",
 ]
 
@@ -38,22 +39,29 @@ def quantized_matmul(x, w: BlockQuantized, impl: str = "auto") -> jax.Array:
     """x [..., in] times w [out, in] transposed -> fp32 [..., out].
 
     impl: "auto" (the CPU kernel where it applies, else the reference), "cpu", "reference"."""
-    check(w)  # trace time: a malformed pytree fails here, not inside the kernel
-    if x.shape[-1] != w.in_features or w.q.ndim != 3:
-        raise ValueError(f"x [..., {x.shape[-1]}] against a quantized matrix of shape {tuple(w.q.shape)}")
+    return quantized_matmuls(x, (w,), impl)[0]
+
+
+def quantized_matmuls(x, ws: tuple[BlockQuantized, ...], impl: str = "auto") -> tuple[jax.Array, ...]:
+    """`quantized_matmul(x, w)` for each w of `ws`, the same x: on CPU one kernel call for all
+    (a layer's q, k and v projections; gate and up), so the small ones do not each pay a call."""
+    for w in ws:
+        check(w)  # trace time: a malformed pytree fails here, not inside the kernel
+        if x.shape[-1] != w.in_features or w.q.ndim != 3:
+            raise ValueError(f"x [..., {x.shape[-1]}] against a quantized matrix of shape {tuple(w.q.shape)}")
     lead, rows = x.shape[:-1], math.prod(x.shape[:-1])
     use_kernel = impl == "cpu" or (impl == "auto" and rows <= KERNEL_MAX_ROWS and cpu.available())
     if impl == "cpu" and not cpu.available():
         raise RuntimeError(f"the quantized CPU kernel is unavailable: {cpu.unavailable_reason()}")
     if not use_kernel or rows == 0:
-        return quantized_matmul_reference(x, w)
+        return tuple(quantized_matmul_reference(x, w) for w in ws)
     x2 = x.reshape(rows, x.shape[-1])
 
     def on_cpu(x2):
-        return cpu.quantized_matmul_cpu(x2, w)
+        return cpu.quantized_matmuls_cpu(x2, ws)
 
     def elsewhere(x2):
-        return quantized_matmul_reference(x2, w)
+        return tuple(quantized_matmul_reference(x2, w) for w in ws)
 
-    y = jax.lax.platform_dependent(x2, cpu=on_cpu, default=elsewhere)
-    return y.reshape(*lead, w.out_features)
+    ys = jax.lax.platform_dependent(x2, cpu=on_cpu, default=elsewhere)
+    return tuple(y.reshape(*lead, w.out_features) for y, w in zip(ys, ws, strict=True))

@@ -8,9 +8,11 @@
 // Why C++, decode: the jnp decode path (xla.py `decode_attention`) is a handful of large XLA
 // ops, each a pass over all of the step's keys in memory (gather, rotate, a block-diagonal
 // product, mask, exp, a second product), ~8 ms of a ~20 ms one-stream SmolLM2 step after 512
-// tokens and most of an 8-stream one. Here each (sequence, KV head) reads its keys once,
-// rotates each in registers, and scores it against the head's G query heads while it is
-// there, then sums the values weighted by the softmax.
+// tokens and most of an 8-stream one. Here a work item is a chunk of one sequence's pages
+// (split-K): it reads each token's keys for every KV head together, rotates each in registers
+// and scores it against the head's G query heads, then sums the values weighted by its
+// partial softmax; the chunks of a sequence are merged at the end. Where the CPU has AVX512
+// the vector work is 16-wide (`cpu_isa.h`).
 //
 // Why C++, prefill: the jnp tiled path's loop over (tile, page group) items runs each page
 // group as separate XLA ops (gather, rotate, product, mask, online-softmax update) with the

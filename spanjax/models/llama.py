@@ -23,7 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from spanjax.kernels.quantized_matmul import BlockQuantized, quantized_matmul, take_rows
+from spanjax.kernels.quantized_matmul import BlockQuantized, quantized_matmul, quantized_matmuls, take_rows
 from spanjax.kernels.rope import apply_rope
 from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs
 from spanjax.kernels.span_attention.reference import span_attention_reference
@@ -123,6 +123,14 @@ def linear(x, w):
     return _dot_f32(x, w, 0).astype(x.dtype)
 
 
+def linears(x, ws):
+    """`linear(x, w)` for each w of `ws`; block-quantized ones in one product call (on CPU one
+    kernel call: a decode step's small k and v products would each pay a call's fixed cost)."""
+    if all(isinstance(w, BlockQuantized) for w in ws):
+        return tuple(y.astype(x.dtype) for y in quantized_matmuls(x, tuple(ws)))
+    return tuple(linear(x, w) for w in ws)
+
+
 def has_quantized_weights(tree) -> bool:
     """Whether any leaf of `tree` (Params, or anything holding them) is block-quantized."""
     is_q = lambda x: isinstance(x, BlockQuantized)  # noqa: E731
@@ -137,7 +145,8 @@ def embed_tokens(params: Params, tokens):
 
 
 def mlp(layer: LayerParams, x):
-    return linear(jax.nn.silu(linear(x, layer.w_gate)) * linear(x, layer.w_up), layer.w_down)
+    gate, up = linears(x, (layer.w_gate, layer.w_up))
+    return linear(jax.nn.silu(gate) * up, layer.w_down)
 
 
 # attention_fn(layer_index, cache, q_roped, k_raw, v, positions) -> (out, cache)
@@ -176,9 +185,13 @@ def decoder(
             return y if adapter is None else adapter.apply(module, lora, idx, h, y, ids)
 
         h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-        q = proj("q_proj", h, layer.wq).reshape(*lead, cfg.num_heads, cfg.head_dim)
-        k = proj("k_proj", h, layer.wk).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-        v = proj("v_proj", h, layer.wv).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+        if adapter is None:
+            q, k, v = linears(h, (layer.wq, layer.wk, layer.wv))
+        else:
+            q, k, v = (proj(m, h, w) for m, w in (("q_proj", layer.wq), ("k_proj", layer.wk), ("v_proj", layer.wv)))
+        q = q.reshape(*lead, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
         q = apply_rope(q, positions, inv_freq)
         attn, cache = attention_fn(idx, cache, q, k, v, positions)
         attn = attn.reshape(*lead, cfg.num_heads * cfg.head_dim)

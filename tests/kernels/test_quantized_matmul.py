@@ -16,6 +16,7 @@ from spanjax.kernels.quantized_matmul import (
     dequantize,
     quantized_matmul,
     quantized_matmul_reference,
+    quantized_matmuls,
     take_rows,
 )
 
@@ -59,6 +60,20 @@ def test_cpu_kernel_equals_reference(fmt, rows):
             got = call(x, w)
         assert got.shape == (rows, 200) and got.dtype == jnp.float32
         np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()), rtol=0, err_msg=f"avx512={wide}")
+
+
+@pytest.mark.skipif(not cpu.available(), reason=f"CPU kernel unavailable: {cpu.unavailable_reason()}")
+def test_several_products_in_one_kernel_call():
+    """q, k, v-like products of one x (q4 and q8 mixed, column counts that split unevenly into
+    chunks) in one call: one kernel call in the program, each result its own reference's."""
+    rng = np.random.default_rng(7)
+    ws = (random_blocks(rng, "q4", 200, 576), random_blocks(rng, "q8", 72, 576), random_blocks(rng, "q4", 17, 576))
+    x = jnp.asarray(rng.standard_normal((5, 576)).astype(np.float32))
+    call = jax.jit(lambda x, ws: quantized_matmuls(x, ws, impl="cpu"))
+    assert call.lower(x, ws).as_text().count(cpu.TARGET) == 1
+    for got, w in zip(call(x, ws), ws, strict=True):
+        want = quantized_matmul_reference(x, w)
+        np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()), rtol=0)
 
 
 def test_auto_dispatch_keeps_leading_axes_and_large_row_counts_use_the_reference():
