@@ -319,35 +319,30 @@ void AttendChunk(const Problem<KV>& p, int64_t s, int64_t i0, int64_t i1, float*
   }
 }
 
-// Sequence s's output from its chunks' partials: each chunk's sums rescaled to the largest
-// max, then normalized. Chunks that saw nothing (sum 0) are skipped; a row that saw nothing
-// stays zero.
-inline void MergeChunks(const float* partials, int64_t chunks, int64_t Hq, int64_t D, float* out) {
-  const int64_t size = PartialSize(D);
-  for (int64_t hq = 0; hq < Hq; ++hq) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t c = 0; c < chunks; ++c) {
-      const float* part = partials + (c * Hq + hq) * size;
-      if (part[1] > 0.0f) m = std::max(m, part[0]);
-    }
-    if (m == -std::numeric_limits<float>::infinity()) continue;
-    float total = 0.0f;
-    float* o = out + hq * D;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const float* part = partials + (c * Hq + hq) * size;
-      if (part[1] <= 0.0f) continue;
-      const float f = std::exp(part[0] - m);
-      total += f * part[1];
-      for (int64_t d = 0; d < D; ++d) o[d] += f * part[2 + d];
-    }
-    const float inv = 1.0f / total;
-    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+// One output row from its chunks' partials (the first at `first`, the next ones `stride`
+// floats apart): each chunk's sums rescaled to the largest max, then normalized. Chunks that
+// saw nothing (sum 0) are skipped; a row that saw nothing stays zero.
+inline void MergeRow(const float* first, int64_t stride, int64_t chunks, int64_t D, float* out) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < chunks; ++c)
+    if (first[c * stride + 1] > 0.0f) m = std::max(m, first[c * stride]);
+  if (m == -std::numeric_limits<float>::infinity()) return;
+  float total = 0.0f;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* part = first + c * stride;
+    if (part[1] <= 0.0f) continue;
+    const float f = std::exp(part[0] - m);
+    total += f * part[1];
+    for (int64_t d = 0; d < D; ++d) out[d] += f * part[2 + d];
   }
+  const float inv = 1.0f / total;
+  for (int64_t d = 0; d < D; ++d) out[d] *= inv;
 }
 
 // ---- prefill: any number of query tokens per sequence ----
 
 constexpr int64_t kTileRows = 96;  // query rows (tokens x G heads) of one work item, at most
+constexpr int64_t kMinSplitEntries = 8;  // listed entries per chunk when a tile's keys are split
 constexpr int64_t kKeyBlock = 32;  // keys scored together: four 8-wide vectors per row
 constexpr int kRowGroup = 3;       // rows whose accumulators share each loaded key or value
 
@@ -462,11 +457,14 @@ inline void FoldKeyBlock(TileScratch& w, int64_t rows, int64_t D, int64_t nk, bo
   }
 }
 
-// One (sequence, KV head, tokens [t0, t1)): the tile's rows are its tokens x the KV head's G
-// query heads. Keys are collected in listing order, kKeyBlock at a time, from the entries
-// whose slots some token of the tile may see; each key is rotated once per tile.
+// One (sequence, KV head, tokens [t0, t1), listed entries [i0, i1)): the tile's rows are its
+// tokens x the KV head's G query heads. Keys are collected in listing order, kKeyBlock at a
+// time, from the entries whose slots some token of the tile may see; each key is rotated once
+// per tile. Writes the rows' outputs, or with `partial` their partial softmax (as the decode
+// chunks: max, sum, unnormalized output; PartialSize(D) floats a row) for MergeRow.
 template <typename KV>
-void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t t1, TileScratch& w) {
+void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t t1, int64_t i0, int64_t i1,
+                float* partial, TileScratch& w) {
   const int64_t G = p.Hq / p.Hkv, D = p.D;
   const int64_t rows = (t1 - t0) * G, padded = (rows + kRowGroup - 1) / kRowGroup * kRowGroup;
   w.q.assign(padded * D, 0.0f);
@@ -503,7 +501,7 @@ void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t 
     nk = 0;
   };
   alignas(32) float key[kMaxHeadDim];
-  for (int64_t i = 0; i < p.M; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     const int64_t entry = s * p.M + i;
     const int64_t page = p.tables[entry];
     if (page < 0 || page >= p.pages) continue;  // unused entries (block_lens 0) carry any id
@@ -523,6 +521,12 @@ void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t 
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = t0 + r / G, g = r % G;
     const float l = HorizontalSum(_mm256_loadu_ps(w.l8.data() + 8 * r));
+    if (partial != nullptr) {
+      float* part = partial + r * PartialSize(D);
+      part[0] = l > 0.0f ? w.m[r] : 0.0f, part[1] = l;
+      std::copy(w.acc.begin() + r * D, w.acc.begin() + (r + 1) * D, part + 2);
+      continue;
+    }
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // saw nothing: zeros
     float* o = p.out + (t * p.Hq + h * G + g) * D;
     for (int64_t d = 0; d < D; ++d) o[d] = w.acc[r * D + d] * inv;
@@ -581,9 +585,14 @@ void DecodeAll(const Problem<KV>& p) {
     }
   });
   for (size_t n = 0; n < seqs.size(); ++n)
-    MergeChunks(partials.data() + n * per_seq * size, per_seq, p.Hq, p.D, p.out + p.cu[seqs[n]] * p.Hq * p.D);
+    for (int64_t hq = 0; hq < p.Hq; ++hq)
+      MergeRow(partials.data() + n * per_seq * size + hq * PartialSize(p.D), size, per_seq, p.D,
+               p.out + (p.cu[seqs[n]] * p.Hq + hq) * p.D);
 }
 
+// Work items are (tile, KV head) and, when those are too few to keep the threads busy (a
+// question of a few tokens after thousands of cached ones: one tile, Hkv items), each tile's
+// listed entries are split into chunks whose partial softmaxes are merged afterwards.
 template <typename KV>
 void PrefillAll(const Problem<KV>& p) {
   struct Tile {
@@ -591,19 +600,46 @@ void PrefillAll(const Problem<KV>& p) {
   };
   const int64_t tokens = std::max<int64_t>(1, kTileRows / (p.Hq / p.Hkv));
   std::vector<Tile> tiles;
+  int64_t used = 0;  // listed entries up to the last one any sequence uses
   for (int64_t s = 0; s < p.S; ++s) {
     const int64_t a = std::max<int64_t>(0, p.cu[s]), b = std::min<int64_t>(p.T, p.cu[s + 1]);
     for (int64_t t0 = a; t0 < b; t0 += tokens) tiles.push_back({s, t0, std::min(b, t0 + tokens)});
+    if (b > a)
+      for (int64_t i = p.M - 1; i >= used; --i)
+        if (p.lens[s * p.M + i] > 0 && p.tables[s * p.M + i] >= 0 && p.tables[s * p.M + i] < p.pages) {
+          used = i + 1;
+          break;
+        }
   }
-  const int64_t items = static_cast<int64_t>(tiles.size()) * p.Hkv;
+  const int64_t base_items = static_cast<int64_t>(tiles.size()) * p.Hkv;
+  const int64_t want = 8 * spanjax::Helpers::Get().threads();  // items for an even share
+  const int64_t split = base_items == 0 || base_items >= want
+                            ? 1
+                            : std::max<int64_t>(1, std::min((want + base_items - 1) / base_items, used / kMinSplitEntries));
+  const int64_t per_chunk = split == 1 ? p.M : (used + split - 1) / split;
+  const int64_t items = base_items * split, part_rows = kTileRows * PartialSize(p.D);
+  std::vector<float> partials(split > 1 ? items * part_rows : 0);
   // Last tiles first: a sequence's later tokens see more keys, and the longest items should
   // not be the ones left for the end.
-  spanjax::ParallelFor(items, [&p, &tiles, items](int64_t item) {
+  spanjax::ParallelFor(items, [&](int64_t item) {
     thread_local TileScratch scratch;
-    const int64_t i = items - 1 - item;
-    const Tile& tile = tiles[i / p.Hkv];
-    AttendTile(p, tile.s, i % p.Hkv, tile.t0, tile.t1, scratch);
+    const int64_t i = items - 1 - item, c = i % split, th = i / split;
+    const Tile& tile = tiles[th / p.Hkv];
+    const int64_t i0 = c * per_chunk, i1 = split == 1 ? p.M : std::min(used, i0 + per_chunk);
+    AttendTile(p, tile.s, th % p.Hkv, tile.t0, tile.t1, i0, i1, split > 1 ? partials.data() + i * part_rows : nullptr,
+               scratch);
   });
+  if (split == 1) return;
+  const int64_t G = p.Hq / p.Hkv;
+  for (int64_t th = 0; th < base_items; ++th) {
+    const Tile& tile = tiles[th / p.Hkv];
+    const int64_t h = th % p.Hkv;
+    for (int64_t r = 0; r < (tile.t1 - tile.t0) * G; ++r) {
+      const int64_t t = tile.t0 + r / G, g = r % G;
+      MergeRow(partials.data() + th * split * part_rows + r * PartialSize(p.D), part_rows, split, p.D,
+               p.out + (t * p.Hq + h * G + g) * p.D);
+    }
+  }
 }
 
 template <typename KV, ffi::DataType kType>

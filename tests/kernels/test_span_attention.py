@@ -195,6 +195,20 @@ def test_cpu_prefill_kernel_long_tiles_and_key_blocks():
     assert _diff(out, span_attention_reference(*args, **kw)) <= TOL["float32"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_prefill_kernel_splits_few_tiles_over_long_contexts(dtype):
+    """A few query tokens after a long span-structured context: one tile per sequence, fewer
+    (tile, KV head) items than the threads want, so each tile's entries are split into chunks
+    (here 38+ entries, at least 8 a chunk) whose partial softmaxes are merged; a short
+    sequence beside it has chunks with nothing to see."""
+    _needs_cpu_kernels()
+    seqs = [dict(prefix=300, children=[120, 90, 100], parallel=True, q_len=6), dict(prefix=20, q_len=3)]
+    batch = _batch(91, seqs, 3, 16, dtype=getattr(jnp, dtype))
+    args, kw = args_kwargs(batch)
+    out = jax.jit(lambda *a: span_attention_xla(*a, **kw))(*args)
+    assert _diff(out, span_attention_reference(*args, **kw)) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("G", [1, 3, 8])
 @pytest.mark.parametrize("P", [16, 32])
 @pytest.mark.parametrize("block_q", [1, 4, 64])
