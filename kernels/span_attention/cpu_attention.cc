@@ -119,8 +119,8 @@ inline void RotateKey(const Problem<KV>& p, int64_t row, int64_t slot, float* ke
 // flash-decoding) so that one long sequence still keeps every thread busy, and each chunk
 // reads its tokens' keys for all KV heads at once: a token's heads are adjacent in the pool,
 // so a chunk streams whole pages from memory. Items by (sequence, KV head) read each page
-// three times with gaps and ran at ~14 GB/s, a third of what the cores can stream: decode
-// attention is bound by reading the pool (8 sequences x 520 tokens, SmolLM2: 6.4 MB a layer).
+// three times with gaps and streamed ~14 GB/s, chunks ~25 GB/s: decode attention at several
+// sequences is bound by reading the pool (8 sequences x 520 tokens, SmolLM2: 6.4 MB a layer).
 constexpr int64_t kChunkEntries = 4;
 
 struct Scratch {
@@ -317,6 +317,14 @@ void AttendChunk(const Problem<KV>& p, int64_t s, int64_t i0, int64_t i1, float*
     out[0] = m, out[1] = total;
     Ops::WeightedValues(p, scratch.offsets.data(), seen, w, (hq / G) * D, acc_out);
   }
+}
+
+// The calling thread's buffer for a call's chunk partials, kept between calls (a decode step
+// calls once per layer) and not cleared: every chunk writes all of its partials.
+inline std::vector<float>& PartialsBuffer(int64_t size) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+  return buffer;
 }
 
 // One output row from its chunks' partials (the first at `first`, the next ones `stride`
@@ -572,7 +580,7 @@ void DecodeAll(const Problem<KV>& p) {
   for (int64_t s = 0; s < p.S; ++s)
     if (p.cu[s + 1] > p.cu[s] && p.cu[s] >= 0 && p.cu[s] < p.T) seqs.push_back(s);
   const int64_t items = static_cast<int64_t>(seqs.size()) * per_seq, size = p.Hq * PartialSize(p.D);
-  std::vector<float> partials(items * size);
+  std::vector<float>& partials = PartialsBuffer(items * size);
   const bool wide = spanjax::UseAvx512() && p.D % 32 == 0;
   spanjax::ParallelFor(items, [&](int64_t item) {
     thread_local Scratch scratch;
@@ -618,7 +626,7 @@ void PrefillAll(const Problem<KV>& p) {
                             : std::max<int64_t>(1, std::min((want + base_items - 1) / base_items, used / kMinSplitEntries));
   const int64_t per_chunk = split == 1 ? p.M : (used + split - 1) / split;
   const int64_t items = base_items * split, part_rows = kTileRows * PartialSize(p.D);
-  std::vector<float> partials(split > 1 ? items * part_rows : 0);
+  std::vector<float>& partials = PartialsBuffer(split > 1 ? items * part_rows : 0);
   // Last tiles first: a sequence's later tokens see more keys, and the longest items should
   // not be the ones left for the end.
   spanjax::ParallelFor(items, [&](int64_t item) {
