@@ -163,57 +163,36 @@ SPANJAX_AVX512 inline void Expand16(const uint8_t* qs, float d, float m, __m512&
   }
 }
 
-// RowTile with 16-wide vectors, kCols columns at a time: with several rows, two columns share
-// each load of x (the loads, not the FMAs, bound one column at eight rows). One column keeps
-// two accumulators per row so its FMAs do not wait on each other.
-template <bool kFourBit, int RB, int kCols>
-SPANJAX_AVX512 void Columns512(const Problem& p, int64_t r0, int64_t n) {
+// RowTile with 16-wide vectors. Two accumulators per row keep its FMAs from waiting on each
+// other. (Two columns sharing each load of x were tried at eight rows: no measurable change,
+// the 16 FMAs per block bound it.)
+template <bool kFourBit, int RB>
+SPANJAX_AVX512 void RowTile512(const Problem& p, int64_t r0, int64_t n0, int64_t n1) {
   constexpr int64_t kGroup = 64;
-  constexpr int kAcc = kCols == 1 ? 2 : 1;
   constexpr int64_t block_bytes = kFourBit ? kBlock / 2 : kBlock;
   const int64_t blocks = p.depth / kBlock;
   const float* x = p.x + r0 * p.depth;
-  alignas(64) float scales[kCols][kGroup];
-  alignas(64) float offsets[kCols][kGroup];
-  __m512 acc[RB][kCols][kAcc];
-  for (auto& row : acc)
-    for (auto& col : row)
-      for (auto& a : col) a = _mm512_setzero_ps();
-  for (int64_t g = 0; g < blocks; g += kGroup) {
-    const int64_t count = std::min(kGroup, blocks - g);
-    for (int c = 0; c < kCols; ++c) {
-      HalvesToFloats(p.d + (n + c) * blocks + g, count, scales[c]);
-      if (kFourBit) HalvesToFloats(p.m + (n + c) * blocks + g, count, offsets[c]);
-    }
-    for (int64_t j = 0; j < count; ++j) {
-      __m512 w[kCols][2];
-      for (int c = 0; c < kCols; ++c)
-        Expand16<kFourBit>(p.q + ((n + c) * blocks + g + j) * block_bytes, scales[c][j], kFourBit ? offsets[c][j] : 0.0f,
-                           w[c][0], w[c][1]);
-      const float* xb = x + (g + j) * kBlock;
-      for (int r = 0; r < RB; ++r) {
-        const __m512 x0 = _mm512_loadu_ps(xb + r * p.depth), x1 = _mm512_loadu_ps(xb + r * p.depth + 16);
-        for (int c = 0; c < kCols; ++c) {
-          acc[r][c][0] = _mm512_fmadd_ps(w[c][0], x0, acc[r][c][0]);
-          acc[r][c][kAcc - 1] = _mm512_fmadd_ps(w[c][1], x1, acc[r][c][kAcc - 1]);
+  alignas(64) float scales[kGroup];
+  alignas(64) float offsets[kGroup];
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 acc[RB][2];
+    for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < blocks; g += kGroup) {
+      const int64_t count = std::min(kGroup, blocks - g);
+      HalvesToFloats(p.d + n * blocks + g, count, scales);
+      if (kFourBit) HalvesToFloats(p.m + n * blocks + g, count, offsets);
+      for (int64_t j = 0; j < count; ++j) {
+        __m512 w0, w1;
+        Expand16<kFourBit>(p.q + (n * blocks + g + j) * block_bytes, scales[j], kFourBit ? offsets[j] : 0.0f, w0, w1);
+        const float* xb = x + (g + j) * kBlock;
+        for (int r = 0; r < RB; ++r) {
+          acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + r * p.depth), acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + r * p.depth + 16), acc[r][1]);
         }
       }
     }
+    for (int r = 0; r < RB; ++r) p.y[(r0 + r) * p.cols + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
   }
-  for (int r = 0; r < RB; ++r)
-    for (int c = 0; c < kCols; ++c) {
-      __m512 total = acc[r][c][0];
-      if (kAcc == 2) total = _mm512_add_ps(total, acc[r][c][kAcc - 1]);
-      p.y[(r0 + r) * p.cols + n + c] = _mm512_reduce_add_ps(total);
-    }
-}
-
-template <bool kFourBit, int RB>
-SPANJAX_AVX512 void RowTile512(const Problem& p, int64_t r0, int64_t n0, int64_t n1) {
-  constexpr int kCols = RB >= 4 ? 2 : 1;
-  int64_t n = n0;
-  for (; n + kCols <= n1; n += kCols) Columns512<kFourBit, RB, kCols>(p, r0, n);
-  for (; n < n1; ++n) Columns512<kFourBit, RB, 1>(p, r0, n);
 }
 
 template <bool kFourBit, bool kWide>
