@@ -57,8 +57,11 @@ class SpanjaxSide:
     name = "spanjax"
 
     def __init__(self, dtype: str, token_budget: int, cache_dtype: str = "float32"):
-        # "quantized": fp32 compute on the GGUF's own Q4_1 / Q8_0 blocks (kernels/quantized_matmul)
-        quantized = dtype == "quantized"
+        # "quantized": fp32 compute on the GGUF's own Q4_1 / Q8_0 blocks (kernels/quantized_matmul);
+        # "quantized-int8": the same weights, decode products with int8 activations as llama.cpp
+        # computes them (EngineConfig.int8_activations)
+        quantized = dtype.startswith("quantized")
+        self.int8_activations = dtype == "quantized-int8"
         weights_dtype = jnp.float32 if quantized else getattr(jnp, dtype)
         self.model = load_model("smollm2-135m", dtype=weights_dtype, quantized=quantized)
         self.token_budget = token_budget
@@ -68,7 +71,11 @@ class SpanjaxSide:
     def _engine(self, num_pages: int) -> Engine:
         if num_pages not in self.engines:
             config = EngineConfig(
-                num_pages=num_pages, max_tokens_per_step=self.token_budget, max_running=8, cache_dtype=self.cache_dtype
+                num_pages=num_pages,
+                max_tokens_per_step=self.token_budget,
+                max_running=8,
+                cache_dtype=self.cache_dtype,
+                int8_activations=self.int8_activations,
             )
             self.engines[num_pages] = Engine(self.model, config)
         return self.engines[num_pages]
@@ -196,7 +203,7 @@ def measure(side, case: dict, repeats: int) -> dict | None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    dtypes = ["float32", "bfloat16", "quantized"]
+    dtypes = ["float32", "bfloat16", "quantized", "quantized-int8"]
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=dtypes)
     ap.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16"], help="spanjax's KV pool")
     ap.add_argument("--peers", nargs="*", default=["llama.cpp", "transformers"], choices=["llama.cpp", "transformers"])

@@ -5,10 +5,15 @@
 #pragma once
 
 #define SPANJAX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+// The int8 products (quantized_matmul/cpu_int8.cc) have no AVX2 version: they need VNNI.
+#define SPANJAX_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 
 namespace spanjax {
 
 // On where the CPU has AVX512F/BW/VL/DQ, unless switched off.
 bool UseAvx512();
+
+// Whether the CPU has AVX512F/BW/VL/DQ and AVX512-VNNI (the switch above does not apply).
+bool VnniSupported();
 
 }  // namespace spanjax

@@ -20,6 +20,8 @@ std::atomic<bool> use_avx512{Avx512Supported()};
 
 bool UseAvx512() { return use_avx512.load(std::memory_order_relaxed); }
 
+bool VnniSupported() { return Avx512Supported() && __builtin_cpu_supports("avx512vnni"); }
+
 }  // namespace spanjax
 
 extern "C" int SpanjaxCpuSupported() {
@@ -28,6 +30,8 @@ extern "C" int SpanjaxCpuSupported() {
 }
 
 extern "C" int SpanjaxAvx512Supported() { return spanjax::Avx512Supported(); }
+
+extern "C" int SpanjaxVnniSupported() { return spanjax::VnniSupported(); }
 
 // Turns the AVX512 paths on (where supported) or off; returns whether they were on.
 extern "C" int SpanjaxSetAvx512(int on) {

@@ -1,6 +1,7 @@
 """The C++ CPU kernels, one shared library: built on first use, registered as XLA FFI targets.
 
-Sources: `quantized_matmul/cpu_kernel.cc` (block-quantized products) and
+Sources: `quantized_matmul/cpu_kernel.cc` (block-quantized products),
+`quantized_matmul/cpu_int8.cc` (the same with int8 activations, AVX512-VNNI) and
 `span_attention/cpu_attention.cc` (decode and prefill attention), with the helper threads they share
 (`cpu_threads.h`: one pool per process, which is why they are one library). It is compiled
 with the system's C++ compiler into a per-user cache directory, named by a hash of the
@@ -30,13 +31,19 @@ import jaxlib
 _HERE = os.path.dirname(__file__)
 SOURCES = tuple(
     os.path.join(_HERE, f)
-    for f in ("cpu_library.cc", "quantized_matmul/cpu_kernel.cc", "span_attention/cpu_attention.cc")
+    for f in (
+        "cpu_library.cc",
+        "quantized_matmul/cpu_kernel.cc",
+        "quantized_matmul/cpu_int8.cc",
+        "span_attention/cpu_attention.cc",
+    )
 )
 HEADERS = tuple(os.path.join(_HERE, f) for f in ("cpu_threads.h", "cpu_isa.h"))
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c")
 # FFI target name -> exported handler symbol
 TARGETS = {
     "spanjax_quantized_matmuls": "SpanjaxQuantizedMatmuls",
+    "spanjax_quantized_matmuls_int8": "SpanjaxQuantizedMatmulsInt8",
     "spanjax_decode_attention_f32": "SpanjaxDecodeAttentionF32",
     "spanjax_decode_attention_bf16": "SpanjaxDecodeAttentionBf16",
     "spanjax_prefill_attention_f32": "SpanjaxPrefillAttentionF32",
@@ -111,6 +118,11 @@ def unavailable_reason() -> str | None:
 def avx512_supported() -> bool:
     """Whether the kernels can take their AVX512 paths on this CPU (False without the library)."""
     return available() and bool(_lib.SpanjaxAvx512Supported())
+
+
+def vnni_supported() -> bool:
+    """Whether the int8 products (`quantized_matmul/cpu_int8.cc`, AVX512-VNNI) run here."""
+    return available() and bool(_lib.SpanjaxVnniSupported())
 
 
 def set_avx512(on: bool) -> bool:

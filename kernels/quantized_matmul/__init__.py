@@ -14,7 +14,8 @@ import math
 import jax
 
 from spanjax.kernels.quantized_matmul import cpu
-from spanjax.kernels.quantized_matmul.format import BLOCK, FORMATS, BlockQuantized, check
+from spanjax.kernels.quantized_matmul.format import BLOCK, FORMATS, BlockQuantized, LaneCodes, check
+from spanjax.kernels.quantized_matmul.lanes import int8_matmul_reference, pack_lanes, with_lanes
 from spanjax.kernels.quantized_matmul.reference import dequantize, quantized_matmul_reference, take_rows
 
 # Up to this many rows the CPU kernel beats expanding the weights for XLA's GEMM (measured
@@ -26,12 +27,16 @@ __all__ = [
     "FORMATS",
     "KERNEL_MAX_ROWS",
     "BlockQuantized",
+    "LaneCodes",
     "check",
     "dequantize",
+    "int8_matmul_reference",
+    "pack_lanes",
     "quantized_matmul",
     "quantized_matmul_reference",
     "quantized_matmuls",
     "take_rows",
+    "with_lanes",
 ]
 
 
@@ -56,11 +61,19 @@ def quantized_matmuls(x, ws: tuple[BlockQuantized, ...], impl: str = "auto") -> 
     if not use_kernel or rows == 0:
         return tuple(quantized_matmul_reference(x, w) for w in ws)
     x2 = x.reshape(rows, x.shape[-1])
+    # Int8 activations where every w carries its lane copy (`lanes.py`, opt-in): the VNNI
+    # kernel, or its jnp reference on CPUs and platforms without it.
+    int8 = all(w.lanes is not None for w in ws)
+    int8_kernel = int8 and cpu.vnni_supported()
 
     def on_cpu(x2):
-        return cpu.quantized_matmuls_cpu(x2, ws)
+        if int8 and not int8_kernel:
+            return tuple(int8_matmul_reference(x2, w) for w in ws)
+        return (cpu.quantized_matmuls_int8_cpu if int8_kernel else cpu.quantized_matmuls_cpu)(x2, ws)
 
     def elsewhere(x2):
+        if int8:
+            return tuple(int8_matmul_reference(x2, w) for w in ws)
         return tuple(quantized_matmul_reference(x2, w) for w in ws)
 
     ys = jax.lax.platform_dependent(x2, cpu=on_cpu, default=elsewhere)

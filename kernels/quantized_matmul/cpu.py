@@ -6,12 +6,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from spanjax.kernels.cpu_library import available, unavailable_reason
+from spanjax.kernels.cpu_library import available, unavailable_reason, vnni_supported
 from spanjax.kernels.quantized_matmul.format import BlockQuantized
 
-__all__ = ["TARGET", "available", "quantized_matmul_cpu", "quantized_matmuls_cpu", "unavailable_reason"]
+__all__ = [
+    "TARGET",
+    "TARGET_INT8",
+    "available",
+    "quantized_matmul_cpu",
+    "quantized_matmuls_cpu",
+    "quantized_matmuls_int8_cpu",
+    "unavailable_reason",
+    "vnni_supported",
+]
 
 TARGET = "spanjax_quantized_matmuls"
+TARGET_INT8 = "spanjax_quantized_matmuls_int8"
 
 
 def quantized_matmuls_cpu(x2, ws: tuple[BlockQuantized, ...]) -> tuple[jax.Array, ...]:
@@ -21,6 +31,15 @@ def quantized_matmuls_cpu(x2, ws: tuple[BlockQuantized, ...]) -> tuple[jax.Array
     no_offset = jnp.zeros((0,), jnp.float16)
     args = [a for w in ws for a in (w.q, w.scale, no_offset if w.offset is None else w.offset)]
     return tuple(jax.ffi.ffi_call(TARGET, outs)(x2.astype(jnp.float32), *args))
+
+
+def quantized_matmuls_int8_cpu(x2, ws: tuple[BlockQuantized, ...]) -> tuple[jax.Array, ...]:
+    """`quantized_matmuls_cpu` with int8 activations (`cpu_int8.cc`): each w needs its lane
+    copy (`lanes.with_lanes`); the CPU needs AVX512-VNNI (`vnni_supported`)."""
+    outs = tuple(jax.ShapeDtypeStruct((x2.shape[0], w.out_features), jnp.float32) for w in ws)
+    no_offset = jnp.zeros((0,), jnp.float16)
+    args = [a for w in ws for a in (w.lanes.q, w.lanes.scale, no_offset if w.lanes.offset is None else w.lanes.offset)]
+    return tuple(jax.ffi.ffi_call(TARGET_INT8, outs)(x2.astype(jnp.float32), *args))
 
 
 def quantized_matmul_cpu(x2, w: BlockQuantized) -> jax.Array:

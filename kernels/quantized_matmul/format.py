@@ -17,18 +17,33 @@ FORMATS = ("q4", "q8")  # q4 = GGUF Q4_1 (w = d * q + m), q8 = GGUF Q8_0 (w = d 
 
 
 @flax.struct.dataclass
+class LaneCodes:
+    """The same codes, scales and offsets in the int8 kernel's lane layout (`lanes.py`, and
+    `cpu_int8.cc` for why): `q` [..., out / 16, in / 32, quads, 16, 4] (8 quads for q8, 4 for
+    q4's nibble pairs), scales and offsets fp16 [..., out / 16, in / 32, 16]."""
+
+    q: jax.Array
+    scale: jax.Array
+    offset: jax.Array | None
+
+
+@flax.struct.dataclass
 class BlockQuantized:
     """A matrix [out, in] as blocks of 32 along `in`; leading axes (stacked layers) allowed.
 
     q4: `q` uint8 [..., out, in / 32, 16], byte j holds element j (low nibble) and j + 16
     (high nibble); `offset` fp16 [..., out, in / 32]. q8: `q` int8 [..., out, in / 32, 32],
     `offset` None. `scale` fp16 [..., out, in / 32] in both.
+
+    `lanes`: optionally, a second copy in the layout of the int8-activation kernel
+    (`lanes.with_lanes`); only decode-sized products read it, everything else the blocks.
     """
 
     q: jax.Array
     scale: jax.Array
     offset: jax.Array | None
     format: str = flax.struct.field(pytree_node=False)
+    lanes: LaneCodes | None = None
 
     @property
     def out_features(self) -> int:
@@ -45,7 +60,7 @@ class BlockQuantized:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.size * a.dtype.itemsize for a in (self.q, self.scale, self.offset) if a is not None)
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self))
 
 
 def check(w: BlockQuantized) -> None:

@@ -27,7 +27,7 @@ def dequantize(w: BlockQuantized) -> jax.Array:
 
 def take_rows(w: BlockQuantized, index) -> jax.Array:
     """Rows `index` of the fp32 matrix (an embedding lookup) without expanding the others."""
-    return dequantize(jax.tree.map(lambda a: a[index], w))
+    return dequantize(jax.tree.map(lambda a: a[index], w.replace(lanes=None)))
 
 
 def quantized_matmul_reference(x, w: BlockQuantized) -> jax.Array:

@@ -41,6 +41,7 @@ from spanjax.engine.sampling import SamplingParams
 from spanjax.engine.scheduler import Request, Scheduler
 from spanjax.engine.speculative import SpeculativeRunner, SpeculativeScheduler, SpeculativeStep
 from spanjax.engine.step import PlainStep, StepPath
+from spanjax.kernels.quantized_matmul import with_lanes
 from spanjax.kernels.span_attention import get_attention_impl
 from spanjax.kernels.span_attention.sharded import shard_heads
 from spanjax.models import llama
@@ -85,6 +86,11 @@ class EngineConfig:
     # default device, no sharding). `model` splits heads, the MLP and the KV pool (tensor
     # parallelism); `data` > 1 is that many engine replicas (EngineReplicas, replicas.py).
     mesh: str | MeshSpec | None = None
+    # Decode-sized products of block-quantized (GGUF) weights with int8 activations, as llama.cpp
+    # computes them (kernels/quantized_matmul/lanes.py): ~2x faster products on AVX512-VNNI CPUs,
+    # outputs no longer the dequantized model's fp32 ones (x's int8 rounding). Keeps a second,
+    # lane-ordered copy of the quantized weights.
+    int8_activations: bool = False
 
     def __post_init__(self):
         if self.max_tokens_per_step < 16:
@@ -154,6 +160,10 @@ class Engine:
         # weights once (the LoadedModel keeps its stacked ones). `layer_loop="scan"` keeps them
         # stacked: slower steps, much faster compilation.
         self.params = llama.unstack_layers(model.params) if config.layer_loop == "unrolled" else model.params
+        if config.int8_activations:
+            if not llama.has_quantized_weights(model.params):
+                raise ValueError("int8_activations needs block-quantized weights (a GGUF model loaded quantized)")
+            self.params = with_lanes(self.params)
         self.pool = PagePool(config.num_pages, config.page_size)
         init_cache = lambda: llama.init_paged_cache(
             model.cfg, config.num_pages, config.page_size, jnp.dtype(config.cache_dtype)

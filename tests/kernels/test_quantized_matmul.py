@@ -14,11 +14,15 @@ from spanjax.kernels.quantized_matmul import (
     check,
     cpu,
     dequantize,
+    int8_matmul_reference,
+    pack_lanes,
     quantized_matmul,
     quantized_matmul_reference,
     quantized_matmuls,
     take_rows,
+    with_lanes,
 )
+from spanjax.kernels.quantized_matmul.lanes import quantize_activations
 
 
 def random_blocks(rng, fmt, out_features, in_features, lead=()):
@@ -102,3 +106,51 @@ def test_bad_shapes_and_formats_are_refused():
         check(w.replace(format="q3"))
     with pytest.raises(ValueError, match="codes must be"):
         check(w.replace(q=w.q[..., :8]))
+
+
+def test_int8_reference_quantizes_activations_per_block():
+    """The int8 scheme itself, against numpy: per block of 32, scale amax / 127, codes rounded to
+    nearest; the product is within x's rounding of the fp32 one, and not equal to it."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    x[1, :32] = 0  # an all-zero block: scale 0, codes 0
+    codes, scales = quantize_activations(jnp.asarray(x))
+    amax = np.abs(x.reshape(3, 2, 32)).max(-1)
+    np.testing.assert_allclose(scales, amax / 127, rtol=1e-7)
+    assert np.abs(np.asarray(codes)).max() == 127 and not np.asarray(codes)[1, 0].any()
+    np.testing.assert_allclose(
+        np.asarray(codes) * np.asarray(scales)[..., None], x.reshape(3, 2, 32), atol=amax.max() / 254
+    )
+    for fmt in ("q4", "q8"):
+        w = random_blocks(rng, fmt, 48, 64)
+        got, exact = int8_matmul_reference(jnp.asarray(x), w), quantized_matmul_reference(jnp.asarray(x), w)
+        assert not np.array_equal(got, exact)
+        np.testing.assert_allclose(got, exact, atol=0.02 * float(jnp.abs(exact).max()), rtol=0)
+
+
+@pytest.mark.skipif(not cpu_library.vnni_supported(), reason="the int8 kernel needs AVX512-VNNI")
+@pytest.mark.parametrize("rows", [1, 2, 8, 13])
+def test_int8_kernel_equals_its_reference(rows):
+    """The VNNI kernel reads the lane copy: q4 and q8 in one call (48 and 32 outputs: groups
+    that split unevenly over the threads), each result its jnp reference's on the blocks."""
+    rng = np.random.default_rng(rows)
+    ws = with_lanes((random_blocks(rng, "q4", 48, 576), random_blocks(rng, "q8", 32, 576)))
+    x = jnp.asarray(rng.standard_normal((rows, 576)).astype(np.float32))
+    call = jax.jit(lambda x, ws: quantized_matmuls(x, ws))
+    assert call.lower(x, ws).as_text().count(cpu.TARGET_INT8) == 1
+    for got, w in zip(call(x, ws), ws, strict=True):
+        want = int8_matmul_reference(x, w)
+        np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.abs(want).max()), rtol=0)
+
+
+def test_lane_copy_is_opt_in_and_needs_groups_of_16():
+    rng = np.random.default_rng(4)
+    w = random_blocks(rng, "q8", 24, 64, lead=(2,))
+    assert with_lanes(w).lanes is None  # 24 outputs: not packed, the default kernel stays
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pack_lanes(w)
+    packed = pack_lanes(random_blocks(rng, "q4", 32, 64, lead=(2,)))
+    assert packed.lanes.q.shape == (2, 2, 2, 4, 16, 4) and packed.lanes.offset.shape == (2, 2, 2, 16)
+    x = jnp.asarray(rng.standard_normal((KERNEL_MAX_ROWS + 1, 64)).astype(np.float32))
+    layer = jax.tree.map(lambda a: a[1], packed)  # prefill-sized: the fp32 product of the blocks
+    np.testing.assert_allclose(quantized_matmul(x, layer), quantized_matmul_reference(x, layer), atol=1e-4, rtol=0)
