@@ -138,3 +138,16 @@ def test_command_table():
     assert "generate" in COMMANDS
     args = build_parser().parse_args(["generate", "--prompt", "x", "--stop", "a", "b"])
     assert args.stop == ["a", "b"] and args.model == "smollm2-135m"
+
+
+def test_int8_activations_flag_loads_quantized_and_reaches_the_engine(smollm2, monkeypatch, capsys):
+    # The loader is asked for the GGUF's blocks; handed a dense model instead, the engine refuses
+    # the flag with a one-line error naming what it needs.
+    from spanjax.models import loading
+
+    seen = []
+    monkeypatch.setattr(
+        loading, "load_model", lambda name, dtype=None, quantized=False: seen.append(quantized) or smollm2
+    )
+    assert main(["query", "examples/rag.json", "--int8-activations", "--num-pages", "64"]) == 2
+    assert seen == [True] and "block-quantized" in capsys.readouterr().err

@@ -154,6 +154,12 @@ def _add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-pages", type=int, default=2048, help="KV pages in the engine's pool (default 2048)")
     p.add_argument("--max-tokens-per-step", type=int, default=256, help="token budget per engine step (default 256)")
     _add_quantized_arg(p)
+    p.add_argument(
+        "--int8-activations",
+        action="store_true",
+        help="with --quantized (implied): decode products with int8 activations, as llama.cpp computes "
+        "them (faster on AVX512-VNNI CPUs; results no longer the dequantized model's)",
+    )
 
     _add_mesh_arg(p, "the engine")
     p.add_argument(
@@ -194,10 +200,11 @@ def _run_query(args: argparse.Namespace) -> int:
             page_size=args.page_size,
             max_tokens_per_step=args.max_tokens_per_step,
             mesh=args.mesh,
+            int8_activations=args.int8_activations,
         )
     except ValueError as e:
         raise UserError(str(e)) from e
-    model = load_model(args.model or "smollm2-135m", quantized=args.quantized)
+    model = load_model(args.model or "smollm2-135m", quantized=args.quantized or args.int8_activations)
     try:
         engine = Engine(model, engine_cfg)
     except ValueError as e:  # a mesh the devices or the model's head counts do not fit
