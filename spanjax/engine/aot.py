@@ -100,8 +100,10 @@ class StepPrograms:
     def _scope(self, fixed) -> str:
         devices = [(d.platform, d.device_kind) for d in jax.devices()]
         # A step traces to the C++ CPU kernels only where they are available (and registering
-        # them here is what lets a stored program that calls them run in a fresh process).
-        kernel = cpu_library.available() if "cpu" in {d.platform for d in jax.devices()} else None
+        # them here is what lets a stored program that calls them run in a fresh process), and
+        # to the int8 products only where the CPU has VNNI (a cache directory may be shared).
+        on_cpu = "cpu" in {d.platform for d in jax.devices()}
+        kernel = (cpu_library.available(), cpu_library.vnni_supported()) if on_cpu else None
         key = repr(
             (FORMAT, self.name, self.context, jax.__version__, devices, source_digest(), signature(fixed), kernel)
         )
