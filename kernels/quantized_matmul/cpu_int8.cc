@@ -27,16 +27,17 @@
 #include <vector>
 
 #include "cpu_isa.h"
-#include "cpu_threads.h"
+#include "products.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kBlock = 32;
+using spanjax::quantized::kBlock;
+using spanjax::quantized::Problem;
+
 constexpr int kLanes = 16;  // output columns per group
-constexpr int kRowTile = 8;
 
 // x quantized per block: codes [R, K], scale, exact fp32 sum and (for q8) -128 * sum(codes)
 // per [R, K / 32] block.
@@ -68,19 +69,10 @@ SPANJAX_AVX512_VNNI void Quantize(const float* x, int64_t rows, int64_t depth, A
   }
 }
 
-struct LaneProblem {
-  const uint8_t* q;      // [N / 16, K / 32, lane bytes]
-  const uint16_t* d;     // [N / 16, K / 32, 16] fp16
-  const uint16_t* m;     // [N / 16, K / 32, 16] fp16 (q4 only)
-  float* y;              // [R, N]
-  int64_t cols;          // N
-  bool four_bit;
-};
-
 // Rows [r0, r0 + RB) of y for column groups [g0, g1). One or two rows give each row two
 // integer accumulators so its VNNI instructions do not wait on each other.
 template <bool kFourBit, int RB>
-SPANJAX_AVX512_VNNI void LaneTile(const LaneProblem& p, const Activations& a, int64_t depth, int64_t r0, int64_t g0,
+SPANJAX_AVX512_VNNI void LaneTile(const Problem& p, const Activations& a, int64_t depth, int64_t r0, int64_t g0,
                                   int64_t g1) {
   constexpr int kAcc = RB <= 2 ? 2 : 1;
   constexpr int64_t group_bytes = kFourBit ? kLanes * kBlock / 2 : kLanes * kBlock;
@@ -128,76 +120,28 @@ SPANJAX_AVX512_VNNI void LaneTile(const LaneProblem& p, const Activations& a, in
 }
 
 template <bool kFourBit>
-void Groups(const LaneProblem& p, const Activations& a, int64_t rows, int64_t depth, int64_t g0, int64_t g1) {
+void Groups(const Problem& p, const Activations& a, int64_t rows, int64_t depth, int64_t g0, int64_t g1) {
   auto tile = [&](auto rows_tag, int64_t r) {
     LaneTile<kFourBit, decltype(rows_tag)::value>(p, a, depth, r, g0, g1);
   };
-  int64_t r = 0;
-  for (; r + kRowTile <= rows; r += kRowTile) tile(std::integral_constant<int, kRowTile>{}, r);
-  switch (rows - r) {
-    case 1: tile(std::integral_constant<int, 1>{}, r); break;
-    case 2: tile(std::integral_constant<int, 2>{}, r); break;
-    case 3: tile(std::integral_constant<int, 3>{}, r); break;
-    case 4: tile(std::integral_constant<int, 4>{}, r); break;
-    case 5: tile(std::integral_constant<int, 5>{}, r); break;
-    case 6: tile(std::integral_constant<int, 6>{}, r); break;
-    case 7: tile(std::integral_constant<int, 7>{}, r); break;
-    default: break;
-  }
+  spanjax::quantized::ForRowTiles(rows, tile);
 }
 
 // x [R, K] (fp32) and, per product, lane-layout codes (uint8 for q4, int8 for q8), fp16
-// scales and fp16 offsets (q4; an empty array for q8); one fp32 result [R, N] per product.
-// Like `cpu_kernel.cc`, all products of one x run as one parallel loop over their column
-// groups; x is quantized once for all of them.
+// scales and fp16 offsets (q4; an empty array for q8); one fp32 result [R, N] per product, N a
+// multiple of 16. As in `cpu_kernel.cc`, all products of one x run as one parallel loop
+// (`products.h`); x is quantized once for all of them.
 ffi::Error QuantizedMatmulsInt8(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::RemainingRets outs) {
   if (!spanjax::VnniSupported()) return ffi::Error::Internal("int8 products need AVX512-VNNI");
-  if (weights.size() != 3 * outs.size()) return ffi::Error::InvalidArgument("three weight arrays per result");
-  const auto xd = x.dimensions();
-  if (xd.size() != 2 || xd[1] % kBlock != 0) return ffi::Error::InvalidArgument("x must be [R, K], K a multiple of 32");
-  const int64_t rows = xd[0], depth = xd[1], blocks = depth / kBlock;
-  std::vector<LaneProblem> problems;
-  for (size_t i = 0; i < outs.size(); ++i) {
-    auto q = weights.get<ffi::AnyBuffer>(3 * i);
-    auto d = weights.get<ffi::Buffer<ffi::F16>>(3 * i + 1);
-    auto m = weights.get<ffi::Buffer<ffi::F16>>(3 * i + 2);
-    auto y = outs.get<ffi::Buffer<ffi::F32>>(i);
-    if (!q.has_value() || !d.has_value() || !m.has_value() || !y.has_value())
-      return ffi::Error::InvalidArgument("quantized product arguments of the wrong types");
-    LaneProblem p{};
-    p.four_bit = q->element_type() == ffi::DataType::U8;
-    if (!p.four_bit && q->element_type() != ffi::DataType::S8)
-      return ffi::Error::InvalidArgument("codes must be uint8 (q4) or int8 (q8)");
-    const auto yd = (*y)->dimensions();
-    p.q = static_cast<const uint8_t*>(q->untyped_data());
-    p.d = d->typed_data();
-    p.m = p.four_bit ? m->typed_data() : nullptr;
-    p.y = (*y)->typed_data();
-    p.cols = yd[1];
-    const int64_t n_blocks = p.cols * blocks;
-    if (yd[0] != rows || p.cols % kLanes != 0 || d->element_count() != n_blocks ||
-        (p.four_bit && m->element_count() != n_blocks) ||
-        q->element_count() != n_blocks * (p.four_bit ? kBlock / 2 : kBlock))
-      return ffi::Error::InvalidArgument("int8 quantized product shapes do not match");
-    problems.push_back(p);
-  }
+  std::vector<Problem> problems;
+  if (ffi::Error e = spanjax::quantized::ParseProblems(x, weights, outs, kLanes, problems); e.failure()) return e;
+  const int64_t rows = x.dimensions()[0], depth = x.dimensions()[1];
   if (rows == 0) return ffi::Error::Success();
   thread_local Activations a;
   Quantize(x.typed_data(), rows, depth, a);
-  // About four chunks of column groups per thread for each product, as in cpu_kernel.cc.
-  const int64_t threads = spanjax::Helpers::Get().threads();
-  std::vector<int64_t> chunk_groups, first_chunk{0};
-  for (const LaneProblem& p : problems) {
-    const int64_t groups = p.cols / kLanes;
-    chunk_groups.push_back(std::max<int64_t>(1, (groups + 4 * threads - 1) / (4 * threads)));
-    first_chunk.push_back(first_chunk.back() + (groups + chunk_groups.back() - 1) / chunk_groups.back());
-  }
-  const Activations& acts = a;
-  spanjax::ParallelFor(first_chunk.back(), [&](int64_t c) {
-    const size_t i = std::upper_bound(first_chunk.begin(), first_chunk.end(), c) - first_chunk.begin() - 1;
-    const LaneProblem p = problems[i];
-    const int64_t g0 = (c - first_chunk[i]) * chunk_groups[i];
-    const int64_t g1 = std::min(p.cols / kLanes, g0 + chunk_groups[i]);
+  const Activations& acts = a;  // the caller's (a thread_local named in the lambda would be the helper's)
+  spanjax::quantized::ForColumnChunks(problems, kLanes, [&acts, rows, depth](const Problem& p, int64_t n0, int64_t n1) {
+    const int64_t g0 = n0 / kLanes, g1 = n1 / kLanes;
     p.four_bit ? Groups<true>(p, acts, rows, depth, g0, g1) : Groups<false>(p, acts, rows, depth, g0, g1);
   });
   return ffi::Error::Success();

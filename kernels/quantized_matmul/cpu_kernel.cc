@@ -27,14 +27,16 @@
 
 #include "cpu_isa.h"
 #include "cpu_threads.h"
+#include "products.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kBlock = 32;
-constexpr int kRowTile = 8;
+using spanjax::quantized::kBlock;
+using spanjax::quantized::Problem;
+
 
 inline float HalfToFloat(uint16_t h) { return _cvtsh_ss(h); }
 
@@ -82,16 +84,6 @@ inline Expanded ExpandQ8(const int8_t* qs, float d) {
   }
   return e;
 }
-
-struct Problem {
-  const float* x;        // [R, K]
-  const uint8_t* q;      // [N, K / 32, bytes_per_block]
-  const uint16_t* d;     // [N, K / 32] fp16 scales
-  const uint16_t* m;     // [N, K / 32] fp16 offsets (q4 only)
-  float* y;              // [R, N]
-  int64_t rows, cols, depth;  // R, N, K
-  bool four_bit;
-};
 
 // n fp16 values to fp32, eight at a time.
 inline void HalvesToFloats(const uint16_t* h, int64_t n, float* out) {
@@ -205,18 +197,7 @@ void ColumnsOf(const Problem& p, int64_t n0, int64_t n1) {
       RowTile<kFourBit, kRows>(p, r, n0, n1);
     }
   };
-  int64_t r = 0;
-  for (; r + kRowTile <= p.rows; r += kRowTile) tile(std::integral_constant<int, kRowTile>{}, r);
-  switch (p.rows - r) {
-    case 1: tile(std::integral_constant<int, 1>{}, r); break;
-    case 2: tile(std::integral_constant<int, 2>{}, r); break;
-    case 3: tile(std::integral_constant<int, 3>{}, r); break;
-    case 4: tile(std::integral_constant<int, 4>{}, r); break;
-    case 5: tile(std::integral_constant<int, 5>{}, r); break;
-    case 6: tile(std::integral_constant<int, 6>{}, r); break;
-    case 7: tile(std::integral_constant<int, 7>{}, r); break;
-    default: break;
-  }
+  spanjax::quantized::ForRowTiles(p.rows, tile);
 }
 
 void Columns(const Problem& p, int64_t n0, int64_t n1, bool wide) {
@@ -227,60 +208,17 @@ void Columns(const Problem& p, int64_t n0, int64_t n1, bool wide) {
   }
 }
 
-// Runs several products at once (the products of one x: a layer's q, k and v projections, or
-// gate and up) as one parallel loop over all of their column chunks: about four chunks per
-// thread for each product, none narrower than 16 columns. One call instead of three keeps the
-// small k and v products from each paying a call's fixed cost (~9 us at eight rows, about
-// their own work: measured in an 8-stream decode step).
-void Run(const std::vector<Problem>& problems) {
-  const int64_t threads = spanjax::Helpers::Get().threads();
-  std::vector<int64_t> chunk_cols, first_chunk{0};
-  for (const Problem& p : problems) {
-    chunk_cols.push_back(std::max<int64_t>(16, (p.cols + 4 * threads - 1) / (4 * threads)));
-    first_chunk.push_back(first_chunk.back() + (p.cols + chunk_cols.back() - 1) / chunk_cols.back());
-  }
-  const bool wide = spanjax::UseAvx512();
-  spanjax::ParallelFor(first_chunk.back(), [&problems, &chunk_cols, &first_chunk, wide](int64_t c) {
-    const size_t i = std::upper_bound(first_chunk.begin(), first_chunk.end(), c) - first_chunk.begin() - 1;
-    const Problem p = problems[i];  // a private copy, next to nothing another thread writes
-    const int64_t n0 = (c - first_chunk[i]) * chunk_cols[i];
-    Columns(p, n0, std::min(p.cols, n0 + chunk_cols[i]), wide);
-  });
-}
-
-// x [R, K] (fp32) and, per product, three arguments: codes (uint8 [N, K / 32, 16] for q4,
-// int8 [N, K / 32, 32] for q8), fp16 scales [N, K / 32] and fp16 offsets [N, K / 32] (q4; an
-// empty array for q8); one fp32 result [R, N] per product.
+// x [R, K] (fp32) and, per product, codes (uint8 [N, K / 32, 16] for q4, int8 [N, K / 32, 32]
+// for q8), fp16 scales [N, K / 32] and fp16 offsets [N, K / 32] (q4; an empty array for q8);
+// one fp32 result [R, N] per product. The products of one x (a layer's q, k and v; gate and
+// up) run as one parallel loop over their column chunks (`products.h`).
 ffi::Error QuantizedMatmuls(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::RemainingRets outs) {
-  if (weights.size() != 3 * outs.size()) return ffi::Error::InvalidArgument("three weight arrays per result");
-  const auto xd = x.dimensions();
-  if (xd.size() != 2 || xd[1] % kBlock != 0) return ffi::Error::InvalidArgument("x must be [R, K], K a multiple of 32");
   std::vector<Problem> problems;
-  for (size_t i = 0; i < outs.size(); ++i) {
-    auto q = weights.get<ffi::AnyBuffer>(3 * i);
-    auto d = weights.get<ffi::Buffer<ffi::F16>>(3 * i + 1);
-    auto m = weights.get<ffi::Buffer<ffi::F16>>(3 * i + 2);
-    auto y = outs.get<ffi::Buffer<ffi::F32>>(i);
-    if (!q.has_value() || !d.has_value() || !m.has_value() || !y.has_value())
-      return ffi::Error::InvalidArgument("quantized product arguments of the wrong types");
-    Problem p{};
-    p.four_bit = q->element_type() == ffi::DataType::U8;
-    if (!p.four_bit && q->element_type() != ffi::DataType::S8)
-      return ffi::Error::InvalidArgument("codes must be uint8 (q4) or int8 (q8)");
-    const auto yd = (*y)->dimensions();
-    p.x = x.typed_data();
-    p.q = static_cast<const uint8_t*>(q->untyped_data());
-    p.d = d->typed_data();
-    p.m = p.four_bit ? m->typed_data() : nullptr;
-    p.y = (*y)->typed_data();
-    p.rows = xd[0], p.depth = xd[1], p.cols = yd[1];
-    const int64_t blocks = p.cols * (p.depth / kBlock);
-    if (yd[0] != p.rows || d->element_count() != blocks || (p.four_bit && m->element_count() != blocks) ||
-        q->element_count() != blocks * (p.four_bit ? kBlock / 2 : kBlock))
-      return ffi::Error::InvalidArgument("quantized product shapes do not match");
-    problems.push_back(p);
-  }
-  Run(problems);
+  if (ffi::Error e = spanjax::quantized::ParseProblems(x, weights, outs, 1, problems); e.failure()) return e;
+  const bool wide = spanjax::UseAvx512();
+  spanjax::quantized::ForColumnChunks(problems, 1, [wide](const Problem& p, int64_t n0, int64_t n1) {
+    Columns(p, n0, n1, wide);
+  });
   return ffi::Error::Success();
 }
 

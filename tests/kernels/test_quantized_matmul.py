@@ -66,6 +66,16 @@ def test_cpu_kernel_equals_reference(fmt, rows):
         np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()), rtol=0, err_msg=f"avx512={wide}")
 
 
+def assert_one_call_each_its_reference(x, ws, target, reference, rel_tol, **kw):
+    """`quantized_matmuls(x, ws)` traces to one call of `target`, each result within
+    rel_tol * its largest value of `reference(x, w)`."""
+    call = jax.jit(lambda x, ws: quantized_matmuls(x, ws, **kw))
+    assert call.lower(x, ws).as_text().count(target) == 1
+    for got, w in zip(call(x, ws), ws, strict=True):
+        want = reference(x, w)
+        np.testing.assert_allclose(got, want, atol=rel_tol * float(jnp.abs(want).max()), rtol=0)
+
+
 @pytest.mark.skipif(not cpu.available(), reason=f"CPU kernel unavailable: {cpu.unavailable_reason()}")
 def test_several_products_in_one_kernel_call():
     """q, k, v-like products of one x (q4 and q8 mixed, column counts that split unevenly into
@@ -73,11 +83,7 @@ def test_several_products_in_one_kernel_call():
     rng = np.random.default_rng(7)
     ws = (random_blocks(rng, "q4", 200, 576), random_blocks(rng, "q8", 72, 576), random_blocks(rng, "q4", 17, 576))
     x = jnp.asarray(rng.standard_normal((5, 576)).astype(np.float32))
-    call = jax.jit(lambda x, ws: quantized_matmuls(x, ws, impl="cpu"))
-    assert call.lower(x, ws).as_text().count(cpu.TARGET) == 1
-    for got, w in zip(call(x, ws), ws, strict=True):
-        want = quantized_matmul_reference(x, w)
-        np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()), rtol=0)
+    assert_one_call_each_its_reference(x, ws, cpu.TARGET, quantized_matmul_reference, 2e-5, impl="cpu")
 
 
 def test_auto_dispatch_keeps_leading_axes_and_large_row_counts_use_the_reference():
@@ -136,11 +142,7 @@ def test_int8_kernel_equals_its_reference(rows):
     rng = np.random.default_rng(rows)
     ws = with_lanes((random_blocks(rng, "q4", 48, 576), random_blocks(rng, "q8", 32, 576)))
     x = jnp.asarray(rng.standard_normal((rows, 576)).astype(np.float32))
-    call = jax.jit(lambda x, ws: quantized_matmuls(x, ws))
-    assert call.lower(x, ws).as_text().count(cpu.TARGET_INT8) == 1
-    for got, w in zip(call(x, ws), ws, strict=True):
-        want = int8_matmul_reference(x, w)
-        np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.abs(want).max()), rtol=0)
+    assert_one_call_each_its_reference(x, ws, cpu.TARGET_INT8, int8_matmul_reference, 2e-6)
 
 
 def test_lane_copy_is_opt_in_and_needs_groups_of_16():
