@@ -77,3 +77,15 @@ def check(w: BlockQuantized) -> None:
         raise ValueError(f"scale/offset must be {tuple(w.q.shape[:-1])}")
     if (w.offset is None) != (w.format == "q8"):
         raise ValueError("q4 needs an offset array, q8 has none")
+    if w.lanes is not None:
+        *lead, n, blocks, width = w.q.shape
+        want = (*lead, n // 16, blocks, width // 4, 16, 4)
+        lanes = w.lanes
+        if (
+            n % 16
+            or lanes.q.shape != want
+            or lanes.q.dtype != w.q.dtype
+            or lanes.scale.shape != (*lead, n // 16, blocks, 16)
+            or (lanes.offset is None) != (w.offset is None)
+        ):
+            raise ValueError(f"the lane copy does not match its blocks {tuple(w.q.shape)} (make it with `pack_lanes`)")

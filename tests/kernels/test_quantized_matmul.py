@@ -153,6 +153,9 @@ def test_lane_copy_is_opt_in_and_needs_groups_of_16():
         pack_lanes(w)
     packed = pack_lanes(random_blocks(rng, "q4", 32, 64, lead=(2,)))
     assert packed.lanes.q.shape == (2, 2, 2, 4, 16, 4) and packed.lanes.offset.shape == (2, 2, 2, 16)
+    check(packed)
+    with pytest.raises(ValueError, match="lane copy does not match"):
+        check(packed.replace(lanes=packed.lanes.replace(q=packed.lanes.q[..., :2])))
     x = jnp.asarray(rng.standard_normal((KERNEL_MAX_ROWS + 1, 64)).astype(np.float32))
     layer = jax.tree.map(lambda a: a[1], packed)  # prefill-sized: the fp32 product of the blocks
     np.testing.assert_allclose(quantized_matmul(x, layer), quantized_matmul_reference(x, layer), atol=1e-4, rtol=0)
