@@ -151,3 +151,6 @@ def test_int8_activations_flag_loads_quantized_and_reaches_the_engine(smollm2, m
     )
     assert main(["query", "examples/rag.json", "--int8-activations", "--num-pages", "64"]) == 2
     assert seen == [True] and "block-quantized" in capsys.readouterr().err
+    # serve: an engine preset with int8 activations asks for the blocks too
+    assert main(["serve", "--model", "smollm2-135m", "--config", "configs/engine/cpu_decode.yaml"]) == 2
+    assert seen == [True, True] and "block-quantized" in capsys.readouterr().err

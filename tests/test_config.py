@@ -180,3 +180,13 @@ def test_cli_print_config_and_one_line_errors(capsys):
     assert main(["eval", "locality", "eval.num_questions=3", "--print-config"]) == 0
     assert "num_questions: 3" in capsys.readouterr().out
     assert set(EVAL_PRESETS.values()) <= {p.name for p in CONFIGS}
+
+
+def test_engine_presets_load_as_engine_configs():
+    from spanjax.engine.engine import EngineConfig
+
+    presets = sorted((CONFIG_DIR / "engine").glob("*.yaml"))
+    assert presets
+    for path in presets:
+        assert isinstance(C.load(EngineConfig, path), EngineConfig)
+    assert C.load(EngineConfig, CONFIG_DIR / "engine" / "cpu_decode.yaml").int8_activations

@@ -436,7 +436,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         raise UserError(str(e)) from e
     use_persistent_cache(engine_cfg.compilation_cache)
-    model = load_model(args.model, dtype=getattr(jnp, args.dtype), quantized=args.quantized)
+    quantized = args.quantized or engine_cfg.int8_activations  # int8 activations need the blocks
+    model = load_model(args.model, dtype=getattr(jnp, args.dtype), quantized=quantized)
     try:
         engine = Engine(model, engine_cfg)
     except ValueError as e:  # a mesh the devices or the model's head counts do not fit
