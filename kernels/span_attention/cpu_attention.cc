@@ -1,7 +1,7 @@
 // Span attention on XLA CPU, called through the XLA FFI: one kernel for decode batches (at most
 // one query token per sequence) and one for every other batch (prefill chunks, mixed batches).
 // Same contract as every implementation (meta.py): keys are stored before RoPE and rotated
-// here with the step's key tables; a query sees slot j of listed entry i iff
+// here with RoPE tables indexed by key position; a query sees slot j of listed entry i iff
 // j < block_lens[s, i] and block_pos[s, i] + j <= q_pos; the logit is
 // scale[s, i] * (q . k * sm_scale) + bias[s, i].
 //
@@ -33,6 +33,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -69,8 +70,10 @@ struct Problem {
   const int32_t* lens;
   const int32_t* cu;     // [S + 1]
   const int32_t* q_pos;  // [T]
-  const float* cos;      // [S, M * P, D / 2]
+  const float* cos;      // [rope_rows, D / 2]: RoPE tables of positions 0 .. rope_rows - 1
   const float* sin;
+  const float* inv_freq;  // [D / 2]: for a key position outside the tables
+  int64_t rope_rows;
   const float* scale;  // [S, M]
   const float* bias;
   float* out;  // [T, Hq, D]
@@ -98,13 +101,28 @@ inline __m256 Exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// The key stored at element offset `row` of the pool, rotated with the RoPE tables of listed
-// slot `slot` (entry * P + j) into `key` (32-byte aligned, D floats).
+// The RoPE rows (cos, sin; D / 2 each) of key position `position`: the tables' rows, or for a
+// position outside them (rare: positions past the block table's width in slots) computed into
+// `buffer` (D floats) the way `rope.py` does, fp32 angle then cos and sin.
 template <typename KV>
-inline void RotateKey(const Problem<KV>& p, int64_t row, int64_t slot, float* key) {
+inline std::pair<const float*, const float*> RopeRows(const Problem<KV>& p, int64_t position, float* buffer) {
   const int64_t half = p.D / 2;
-  const float* c = p.cos + slot * half;
-  const float* sn = p.sin + slot * half;
+  if (position >= 0 && position < p.rope_rows) return {p.cos + position * half, p.sin + position * half};
+  for (int64_t i = 0; i < half; ++i) {
+    const float angle = static_cast<float>(position) * p.inv_freq[i];
+    buffer[i] = std::cos(angle);
+    buffer[half + i] = std::sin(angle);
+  }
+  return {buffer, buffer + half};
+}
+
+// The key stored at element offset `row` of the pool, rotated to key position `position` into
+// `key` (32-byte aligned, D floats).
+template <typename KV>
+inline void RotateKey(const Problem<KV>& p, int64_t row, int64_t position, float* key) {
+  const int64_t half = p.D / 2;
+  alignas(32) float buffer[kMaxHeadDim];
+  const auto [c, sn] = RopeRows(p, position, buffer);
   for (int64_t d = 0; d < half; d += 8) {  // rotate-half RoPE, as rope.py `rotate`
     const __m256 k1 = Load8(p.k + row + d), k2 = Load8(p.k + row + half + d);
     const __m256 vc = _mm256_loadu_ps(c + d), vs = _mm256_loadu_ps(sn + d);
@@ -153,12 +171,12 @@ inline int64_t PartialSize(int64_t D) { return D + 2; }
 // weighted, into `out` (D floats, unnormalized).
 struct DecodeOps8 {
   template <typename KV>
-  static void Score(const Problem<KV>& p, int64_t base, int64_t slot, const float* q, float scale, float bias,
+  static void Score(const Problem<KV>& p, int64_t base, int64_t position, const float* q, float scale, float bias,
                     float* scores, int64_t stride) {
     const int64_t G = p.Hq / p.Hkv, D = p.D;
     alignas(32) float key[kMaxHeadDim];
     for (int64_t h = 0; h < p.Hkv; ++h) {
-      RotateKey(p, base + h * D, slot, key);
+      RotateKey(p, base + h * D, position, key);
       for (int64_t g = 0; g < G; ++g) {
         const float* qh = q + (h * G + g) * D;
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -202,11 +220,11 @@ SPANJAX_AVX512 inline __m512 Load16(const uint16_t* p) {  // bf16 bit patterns -
 // halves for the rotation).
 struct DecodeOps16 {
   template <typename KV>
-  SPANJAX_AVX512 static void Score(const Problem<KV>& p, int64_t base, int64_t slot, const float* q, float scale,
+  SPANJAX_AVX512 static void Score(const Problem<KV>& p, int64_t base, int64_t position, const float* q, float scale,
                                    float bias, float* scores, int64_t stride) {
     const int64_t G = p.Hq / p.Hkv, D = p.D, half = D / 2;
-    const float* c = p.cos + slot * half;
-    const float* sn = p.sin + slot * half;
+    alignas(64) float buffer[kMaxHeadDim];
+    const auto [c, sn] = RopeRows(p, position, buffer);
     alignas(64) float key[kMaxHeadDim];
     for (int64_t h = 0; h < p.Hkv; ++h) {
       const KV* k = p.k + base + h * D;
@@ -285,7 +303,7 @@ void AttendChunk(const Problem<KV>& p, int64_t s, int64_t i0, int64_t i1, float*
         PrefetchToken(p, base + kPrefetchAhead * p.Hkv * D);
       else if (next_page >= 0)
         PrefetchToken(p, (next_page * p.P + j + kPrefetchAhead - visible) * p.Hkv * D);
-      Ops::Score(p, base, entry * p.P + j, q, scale, bias, scores + seen, stride);
+      Ops::Score(p, base, p.pos[entry] + j, q, scale, bias, scores + seen, stride);
       scratch.offsets[seen++] = base;
     }
   }
@@ -516,7 +534,7 @@ void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t 
     const int64_t visible = std::min<int64_t>({p.lens[entry], p.P, q_max - p.pos[entry] + 1});
     for (int64_t j = 0; j < visible; ++j) {
       const int64_t row = ((page * p.P + j) * p.Hkv + h) * D;
-      RotateKey(p, row, entry * p.P + j, key);
+      RotateKey(p, row, p.pos[entry] + j, key);
       for (int64_t d = 0; d < D; ++d) w.keys_t[d * kKeyBlock + nk] = key[d];
       float* value = w.values.data() + nk * D;
       for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(value + d, Load8(p.v + row + d));
@@ -547,8 +565,8 @@ template <typename KV, ffi::DataType kType, typename Kernel>
 ffi::Error RunAttention(const char* name, ffi::Buffer<ffi::F32> q, ffi::Buffer<kType> k, ffi::Buffer<kType> v,
                         ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> lens,
                         ffi::Buffer<ffi::S32> cu, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::F32> cos,
-                        ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                        float sm_scale, ffi::ResultBuffer<ffi::F32> out, Kernel kernel) {
+                        ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> inv_freq, ffi::Buffer<ffi::F32> scale,
+                        ffi::Buffer<ffi::F32> bias, float sm_scale, ffi::ResultBuffer<ffi::F32> out, Kernel kernel) {
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
   const auto td = tables.dimensions();
@@ -563,7 +581,11 @@ ffi::Error RunAttention(const char* name, ffi::Buffer<ffi::F32> q, ffi::Buffer<k
   p.v = reinterpret_cast<const KV*>(v.typed_data());
   p.tables = tables.typed_data(), p.pos = pos.typed_data(), p.lens = lens.typed_data();
   p.cu = cu.typed_data(), p.q_pos = q_pos.typed_data();
-  p.cos = cos.typed_data(), p.sin = sin.typed_data();
+  if (inv_freq.element_count() != p.D / 2 || cos.element_count() != sin.element_count() ||
+      cos.element_count() % (p.D / 2) != 0)
+    return ffi::Error::InvalidArgument(std::string(name) + ": RoPE tables must be [rows, D / 2], inv_freq [D / 2]");
+  p.cos = cos.typed_data(), p.sin = sin.typed_data(), p.inv_freq = inv_freq.typed_data();
+  p.rope_rows = cos.element_count() / (p.D / 2);
   p.scale = scale.element_count() ? scale.typed_data() : nullptr;  // empty = plain contract
   p.bias = bias.element_count() ? bias.typed_data() : nullptr;
   p.out = out->typed_data();
@@ -654,20 +676,22 @@ template <typename KV, ffi::DataType kType>
 ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<kType> k, ffi::Buffer<kType> v,
                            ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> lens,
                            ffi::Buffer<ffi::S32> cu, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::F32> cos,
-                           ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                           ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> inv_freq,
+ ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                            float sm_scale, ffi::ResultBuffer<ffi::F32> out) {
-  return RunAttention<KV, kType>("decode attention", q, k, v, tables, pos, lens, cu, q_pos, cos, sin, scale, bias,
-                                 sm_scale, out, DecodeAll<KV>);
+  return RunAttention<KV, kType>("decode attention", q, k, v, tables, pos, lens, cu, q_pos, cos, sin, inv_freq, scale,
+                                 bias, sm_scale, out, DecodeAll<KV>);
 }
 
 template <typename KV, ffi::DataType kType>
 ffi::Error PrefillAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<kType> k, ffi::Buffer<kType> v,
                             ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> lens,
                             ffi::Buffer<ffi::S32> cu, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::F32> cos,
-                            ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                            ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> inv_freq,
+ ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                             float sm_scale, ffi::ResultBuffer<ffi::F32> out) {
-  return RunAttention<KV, kType>("prefill attention", q, k, v, tables, pos, lens, cu, q_pos, cos, sin, scale, bias,
-                                 sm_scale, out, PrefillAll<KV>);
+  return RunAttention<KV, kType>("prefill attention", q, k, v, tables, pos, lens, cu, q_pos, cos, sin, inv_freq, scale,
+                                 bias, sm_scale, out, PrefillAll<KV>);
 }
 
 #define SPANJAX_ATTENTION_BINDING(kType)          \
@@ -680,6 +704,7 @@ ffi::Error PrefillAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<kType> k, ffi::
       .Arg<ffi::Buffer<ffi::S32>>()            \
       .Arg<ffi::Buffer<ffi::S32>>()            \
       .Arg<ffi::Buffer<ffi::S32>>()            \
+      .Arg<ffi::Buffer<ffi::F32>>()            \
       .Arg<ffi::Buffer<ffi::F32>>()            \
       .Arg<ffi::Buffer<ffi::F32>>()            \
       .Arg<ffi::Buffer<ffi::F32>>()            \

@@ -310,6 +310,26 @@ def test_xla_decode_path(G, dtype, path, monkeypatch):
     assert _diff(jax.jit(lambda *a: span_attention_xla(*a, **kw))(*args), out) == 0.0
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_cpu_kernels_rotate_keys_past_their_position_tables(decode):
+    """The kernels index RoPE tables of positions 0 .. M * P - 1; every position shifted past
+    them (3,000 on), they rotate each key themselves: still the reference's result."""
+    _needs_cpu_kernels()
+    batch = _batch(7, DECODE if decode else MIXED, 3, 16)
+    args, kw = args_kwargs(batch)
+    T_real = int(batch["cu_q_lens"][-1])
+    shift = 3000
+    assert shift >= args[3].block_tables.shape[1] * 16  # past the tables: M * P rows
+    args[3] = args[3].replace(block_pos=args[3].block_pos + shift, max_q_len=1 if decode else None)
+    args[4] = args[4].at[:T_real].add(shift)
+    call = jax.jit(lambda *a: span_attention_xla(*a, **kw))
+    kind = "decode" if decode else "prefill"
+    assert f"spanjax_{kind}_attention" in call.lower(*args).as_text()
+    for wide in cpu_library.vector_widths():
+        with cpu_library.avx512(wide):
+            assert _diff(call(*args), span_attention_reference(*args, **kw)) <= TOL["float32"], f"avx512={wide}"
+
+
 def test_xla_tiled_path_bf16(jnp_paths):
     batch = _batch(5, MIXED, 3, 16, dtype=jnp.bfloat16)
     args, kw = args_kwargs(batch)
