@@ -64,17 +64,14 @@ def quantized_matmuls(x, ws: tuple[BlockQuantized, ...], impl: str = "auto") -> 
     # Int8 activations where every w carries its lane copy (`lanes.py`, opt-in): the VNNI
     # kernel, or its jnp reference on CPUs and platforms without it.
     int8 = all(w.lanes is not None for w in ws)
-    int8_kernel = int8 and cpu.vnni_supported()
-
-    def on_cpu(x2):
-        if int8 and not int8_kernel:
-            return tuple(int8_matmul_reference(x2, w) for w in ws)
-        return (cpu.quantized_matmuls_int8_cpu if int8_kernel else cpu.quantized_matmuls_cpu)(x2, ws)
+    reference = int8_matmul_reference if int8 else quantized_matmul_reference
+    kernel = cpu.quantized_matmuls_int8_cpu if int8 else cpu.quantized_matmuls_cpu
 
     def elsewhere(x2):
-        if int8:
-            return tuple(int8_matmul_reference(x2, w) for w in ws)
-        return tuple(quantized_matmul_reference(x2, w) for w in ws)
+        return tuple(reference(x2, w) for w in ws)
+
+    def on_cpu(x2):
+        return elsewhere(x2) if int8 and not cpu.vnni_supported() else kernel(x2, ws)
 
     ys = jax.lax.platform_dependent(x2, cpu=on_cpu, default=elsewhere)
     return tuple(y.reshape(*lead, w.out_features) for y, w in zip(ys, ws, strict=True))

@@ -24,22 +24,24 @@ TARGET = "spanjax_quantized_matmuls"
 TARGET_INT8 = "spanjax_quantized_matmuls_int8"
 
 
+def _products(target: str, x2, ws, codes) -> tuple[jax.Array, ...]:
+    """One call of `target` on x2 and, per w, `codes(w)` (the blocks or their lane copy)."""
+    outs = tuple(jax.ShapeDtypeStruct((x2.shape[0], w.out_features), jnp.float32) for w in ws)
+    no_offset = jnp.zeros((0,), jnp.float16)
+    args = [a for c in map(codes, ws) for a in (c.q, c.scale, no_offset if c.offset is None else c.offset)]
+    return tuple(jax.ffi.ffi_call(target, outs)(x2.astype(jnp.float32), *args))
+
+
 def quantized_matmuls_cpu(x2, ws: tuple[BlockQuantized, ...]) -> tuple[jax.Array, ...]:
     """x2 fp32 [R, in] times each w [out, in] transposed -> fp32 [R, out] each, in one kernel
     call (one parallel loop over every product's columns); the ws have no leading axes."""
-    outs = tuple(jax.ShapeDtypeStruct((x2.shape[0], w.out_features), jnp.float32) for w in ws)
-    no_offset = jnp.zeros((0,), jnp.float16)
-    args = [a for w in ws for a in (w.q, w.scale, no_offset if w.offset is None else w.offset)]
-    return tuple(jax.ffi.ffi_call(TARGET, outs)(x2.astype(jnp.float32), *args))
+    return _products(TARGET, x2, ws, lambda w: w)
 
 
 def quantized_matmuls_int8_cpu(x2, ws: tuple[BlockQuantized, ...]) -> tuple[jax.Array, ...]:
     """`quantized_matmuls_cpu` with int8 activations (`cpu_int8.cc`): each w needs its lane
     copy (`lanes.with_lanes`); the CPU needs AVX512-VNNI (`vnni_supported`)."""
-    outs = tuple(jax.ShapeDtypeStruct((x2.shape[0], w.out_features), jnp.float32) for w in ws)
-    no_offset = jnp.zeros((0,), jnp.float16)
-    args = [a for w in ws for a in (w.lanes.q, w.lanes.scale, no_offset if w.lanes.offset is None else w.lanes.offset)]
-    return tuple(jax.ffi.ffi_call(TARGET_INT8, outs)(x2.astype(jnp.float32), *args))
+    return _products(TARGET_INT8, x2, ws, lambda w: w.lanes)
 
 
 def quantized_matmul_cpu(x2, w: BlockQuantized) -> jax.Array:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 BLOCK = 32
 FORMATS = ("q4", "q8")  # q4 = GGUF Q4_1 (w = d * q + m), q8 = GGUF Q8_0 (w = d * q)
+LANES = 16  # output columns side by side in the lane copy (`LaneCodes`)
 
 
 @flax.struct.dataclass
@@ -79,13 +80,12 @@ def check(w: BlockQuantized) -> None:
         raise ValueError("q4 needs an offset array, q8 has none")
     if w.lanes is not None:
         *lead, n, blocks, width = w.q.shape
-        want = (*lead, n // 16, blocks, width // 4, 16, 4)
         lanes = w.lanes
         if (
-            n % 16
-            or lanes.q.shape != want
+            n % LANES
+            or lanes.q.shape != (*lead, n // LANES, blocks, width // 4, LANES, 4)
             or lanes.q.dtype != w.q.dtype
-            or lanes.scale.shape != (*lead, n // 16, blocks, 16)
+            or lanes.scale.shape != (*lead, n // LANES, blocks, LANES)
             or (lanes.offset is None) != (w.offset is None)
         ):
             raise ValueError(f"the lane copy does not match its blocks {tuple(w.q.shape)} (make it with `pack_lanes`)")

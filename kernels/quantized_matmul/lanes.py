@@ -14,10 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from spanjax.kernels.quantized_matmul.format import BLOCK, BlockQuantized, LaneCodes
+from spanjax.kernels.quantized_matmul.format import BLOCK, LANES, BlockQuantized, LaneCodes
 from spanjax.kernels.quantized_matmul.reference import unpack_codes
-
-LANES = 16  # output columns per group
 
 
 def pack_lanes(w: BlockQuantized) -> BlockQuantized:

@@ -676,9 +676,8 @@ template <typename KV, ffi::DataType kType>
 ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<kType> k, ffi::Buffer<kType> v,
                            ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> lens,
                            ffi::Buffer<ffi::S32> cu, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::F32> cos,
-                           ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> inv_freq,
- ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                           float sm_scale, ffi::ResultBuffer<ffi::F32> out) {
+                           ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> inv_freq, ffi::Buffer<ffi::F32> scale,
+                           ffi::Buffer<ffi::F32> bias, float sm_scale, ffi::ResultBuffer<ffi::F32> out) {
   return RunAttention<KV, kType>("decode attention", q, k, v, tables, pos, lens, cu, q_pos, cos, sin, inv_freq, scale,
                                  bias, sm_scale, out, DecodeAll<KV>);
 }
@@ -687,9 +686,8 @@ template <typename KV, ffi::DataType kType>
 ffi::Error PrefillAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<kType> k, ffi::Buffer<kType> v,
                             ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> lens,
                             ffi::Buffer<ffi::S32> cu, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::F32> cos,
-                            ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> inv_freq,
- ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                            float sm_scale, ffi::ResultBuffer<ffi::F32> out) {
+                            ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> inv_freq, ffi::Buffer<ffi::F32> scale,
+                            ffi::Buffer<ffi::F32> bias, float sm_scale, ffi::ResultBuffer<ffi::F32> out) {
   return RunAttention<KV, kType>("prefill attention", q, k, v, tables, pos, lens, cu, q_pos, cos, sin, inv_freq, scale,
                                  bias, sm_scale, out, PrefillAll<KV>);
 }
