@@ -28,6 +28,7 @@ import collections
 import dataclasses
 import itertools
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -131,11 +132,15 @@ class Request:
     def span_complete(self, j: int) -> bool:
         return self.span_remaining(j) == 0
 
-    def runnable_spans(self) -> list[int]:
-        spans = self.plan.spans
-        return [
-            s.index for s in spans if not self.span_complete(s.index) and all(self.span_complete(d) for d in s.sees)
-        ]
+    def runnable_spans(self, completing: set[int] | frozenset[int] = frozenset()) -> Iterator[int]:
+        """Spans that can be computed now: not complete, and every span they see complete or in
+        `completing` (finished by the step being built: every layer writes the step's K/V before
+        it attends, so a span may attend to one written in the same step, and a cold system
+        prompt and the question after it cost one step, not two). Lazy and in index order (a
+        span sees only earlier ones), so the caller may add to `completing` while iterating."""
+        for s in self.plan.spans:
+            if not self.span_complete(s.index) and all(self.span_complete(d) or d in completing for d in s.sees):
+                yield s.index
 
     @property
     def decoding(self) -> bool:
@@ -358,13 +363,16 @@ class Scheduler:
         # Decodes first (one token each), then prefill chunks, oldest request first.
         order = [r for r in self.running if r.decoding] + [r for r in self.running if not r.decoding]
         for req in order:
-            for j in req.runnable_spans():
+            completing: set[int] = set()
+            for j in req.runnable_spans(completing):
                 budget = self.max_tokens - sum(i.count for i in items)
                 if req not in self.running or budget == 0 or len(items) == self.max_seqs:
                     break
                 item = self._make_item(req, j, budget)
                 if self._allocate_or_preempt(item, items):
                     items.append(item)
+                    if item.count == req.span_remaining(j):
+                        completing.add(j)
         self._extend(items)
         if not items:
             if self.running:

@@ -390,3 +390,24 @@ def test_run_until_done_includes_the_last_token_write(tiny_model):
     eng.run_until_done([req])
     assert req.finished and not eng.has_work()
     assert eng.pool.num_available() == eng.pool.capacity
+
+
+@pytest.mark.parametrize("attention", ["reference", "auto"])
+def test_spans_and_the_spans_they_see_share_a_step(tiny_model, attention):
+    """A cold query's system prompt, the plus children that see it and the question that sees
+    them all are computed in one step when the budget holds them (every layer writes the step's
+    K/V before it attends), and the logits stay those of the dense mask."""
+    prompt = A.Cross(
+        (
+            A.Message("system", "abcdefg"),
+            A.Plus((A.Message("user", "hij"), A.Message("user", "klmno"))),
+            A.Message("user", "pq"),
+        )
+    )
+    plan = lower(A.G("tiny", prompt), tiny_model.tokenizer, model="tiny", page_size=PAGE)
+    assert [s.sees for s in plan.spans] == [(), (0,), (0,), (0, 1, 2)]  # three levels of dependence
+    engine = Engine(tiny_model, EngineConfig(num_pages=64, page_size=PAGE, max_tokens_per_step=64, attention=attention))
+    req = engine.submit(plan, SamplingParams(max_tokens=1), keep_logits=True)
+    engine.run_until_done([req])
+    assert engine.steps == 1 and len(req.logits) == 1
+    assert check_against_reference(tiny_model, plan, req) < 1e-4
