@@ -296,18 +296,32 @@ class Tokenizer:
         msg = {"role": role, "content": content}
         if role == "system":
             return self._render([msg])
-        return self._suffix(self._render([_PROBE_SYSTEM, msg]), self._render([_PROBE_SYSTEM]), f"a {role} message")
+        return self._suffix(self._render([_PROBE_SYSTEM, msg]), self._probe_rendered, f"a {role} message")
+
+    # The template's constant pieces, rendered once: lowering a query renders every message, and
+    # jinja2 costs ~40 us a render (a 32-exchange nested query: 5 ms of lowering, half of it these).
+    @functools.cached_property
+    def _probe_rendered(self) -> str:
+        return self._render([_PROBE_SYSTEM])
+
+    @functools.cached_property
+    def _generation_prefix(self) -> str:
+        msgs = [_PROBE_SYSTEM, _PROBE_USER]
+        return self._suffix(self._render(msgs, True), self._render(msgs, False), "the generation prompt")
+
+    @functools.cached_property
+    def _generation_prefix_ids(self) -> tuple[int, ...]:
+        return tuple(self.encode(self._generation_prefix))
 
     def encode_message(self, role: str, content: str) -> list[int]:
         return self.encode(self.render_message(role, content))
 
     def generation_prefix(self) -> str:
         """What `add_generation_prompt=True` appends (the assistant header)."""
-        msgs = [_PROBE_SYSTEM, _PROBE_USER]
-        return self._suffix(self._render(msgs, True), self._render(msgs, False), "the generation prompt")
+        return self._generation_prefix
 
     def generation_prefix_ids(self) -> list[int]:
-        return self.encode(self.generation_prefix())
+        return list(self._generation_prefix_ids)
 
     def default_system_prefix(self) -> str:
         """What the template puts before the first message of a conversation that has no system message

@@ -209,11 +209,11 @@ def test_compilations_stay_within_documented_bound(tiny_model):
         EngineConfig(num_pages=128, page_size=PAGE, max_tokens_per_step=64, max_seqs_per_step=4, attention="reference"),
     )
     runner = eng.runner
-    assert runner.token_buckets == [16, 32, 64]
+    assert runner.token_buckets == [16, 32, 48, 64]  # midpoints from 32 tokens up
     assert runner.seq_buckets == [1, 2, 4]
     assert runner.page_buckets == [4, 8, 16, 32, 64, 128]
     assert runner.decode_page_buckets == [4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
-    assert runner.compile_bound == 3 * 3 * 6 + 3 * 11
+    assert runner.compile_bound == 4 * 3 * 6 + 3 * 11
     rng = np.random.default_rng(9)
     for _wave in range(6):  # varied prompt lengths, concurrency and decode lengths
         plans = [
