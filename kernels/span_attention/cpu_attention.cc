@@ -22,6 +22,8 @@
 // One layer, SmolLM2-135M shapes, 2 cores (AMD EPYC Zen 5), RoPE tables prepared as in a step,
 // kernel vs the jnp loop: 512 tokens from scratch 1.9-2.3 vs 4.6-4.8 ms; 512 after 1,536
 // 12.8 vs 16.6; 512 after 3,584 27 vs 33-38; a 25-token question after 4,200 2.9-3.3 vs 4.4-5.2.
+// With AVX512 the products and softmax weights run 16 wide: 512 after 3,584 25.3 -> 18.6 ms
+// (docs/kernels.md).
 //
 // Work items are shared with the helper threads (`cpu_threads.h`).
 
@@ -371,6 +373,7 @@ constexpr int64_t kTileRows = 96;  // query rows (tokens x G heads) of one work 
 constexpr int64_t kMinSplitEntries = 8;  // listed entries per chunk when a tile's keys are split
 constexpr int64_t kKeyBlock = 32;  // keys scored together: four 8-wide vectors per row
 constexpr int kRowGroup = 3;       // rows whose accumulators share each loaded key or value
+constexpr int kWideRowGroup = 6;   // the same for the 16-wide QK product (two vectors a row)
 
 struct TileScratch {
   std::vector<float> q, acc;  // [rows, D]: scaled queries; unnormalized outputs
@@ -381,8 +384,8 @@ struct TileScratch {
   std::vector<float> keys_t;     // [D, kKeyBlock]: the block's rotated keys, transposed
   std::vector<float> values;     // [kKeyBlock, D] as fp32
   std::vector<float> scores;     // [rows, kKeyBlock]: logits, then softmax weights
-  alignas(32) int32_t key_pos[kKeyBlock];
-  alignas(32) float key_scale[kKeyBlock], key_bias[kKeyBlock];
+  alignas(64) int32_t key_pos[kKeyBlock];
+  alignas(64) float key_scale[kKeyBlock], key_bias[kKeyBlock];
 };
 
 // A row group's accumulators for 8 * kVectors dimensions from d0, rescaled by their rows'
@@ -410,16 +413,37 @@ inline void AccumulateValues(TileScratch& w, int64_t r, int64_t D, int64_t d0, i
     for (int v = 0; v < kVectors; ++v) _mm256_storeu_ps(o[i] + 8 * v, a[i][v]);
 }
 
-// Scores one block of `nk` keys (columns past nk: zero keys at position INT32_MAX) against
-// every row, and folds it into the rows' online softmax. Rows go in groups of kRowGroup (the
-// caller pads them), so each loaded key vector feeds three rows' accumulators: twelve in
-// registers, enough to hide the FMA latency (pairs ran ~25% slower, four rows spill). The
-// softmax's per-row bookkeeping runs eight rows at a time and keeps the sums as vectors:
-// done per row with a scalar exp and a horizontal sum, it cost more than the QK product.
-inline void FoldKeyBlock(TileScratch& w, int64_t rows, int64_t D, int64_t nk, bool weighted) {
+// 16-wide: the same for 64 dimensions, the three rows' accumulators in 12 registers.
+SPANJAX_AVX512 void AccumulateValues16(TileScratch& w, int64_t r, int64_t D, int64_t d0, int64_t nk) {
+  const float* p[kRowGroup];
+  float* o[kRowGroup];
+  __m512 a[kRowGroup][4];
+  for (int i = 0; i < kRowGroup; ++i) {
+    p[i] = w.scores.data() + (r + i) * kKeyBlock;
+    o[i] = w.acc.data() + (r + i) * D + d0;
+    const __m512 c = _mm512_set1_ps(w.corr[r + i]);
+    for (int v = 0; v < 4; ++v) a[i][v] = _mm512_mul_ps(_mm512_loadu_ps(o[i] + 16 * v), c);
+  }
+  const float* value = w.values.data() + d0;
+  for (int64_t k = 0; k < nk; ++k, value += D) {
+    __m512 x[4];
+    for (int v = 0; v < 4; ++v) x[v] = _mm512_loadu_ps(value + 16 * v);
+    for (int i = 0; i < kRowGroup; ++i) {
+      const __m512 wk = _mm512_set1_ps(p[i][k]);
+      for (int v = 0; v < 4; ++v) a[i][v] = _mm512_fmadd_ps(wk, x[v], a[i][v]);
+    }
+  }
+  for (int i = 0; i < kRowGroup; ++i)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(o[i] + 16 * v, a[i][v]);
+}
+
+// The block's logits against every row (scaled and biased when weighted), masked to -inf
+// where unseen, and each row's block max. Rows go in groups of kRowGroup (the caller pads
+// them), so each loaded key vector feeds three rows' accumulators: twelve in registers,
+// enough to hide the FMA latency (pairs ran ~25% slower, four rows spill).
+inline void ScoreBlock8(TileScratch& w, int64_t rows, int64_t D, bool weighted) {
   const float* kt = w.keys_t.data();
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  // Logits, masked to -inf where unseen, and each row's block max.
   for (int64_t r = 0; r < rows; r += kRowGroup) {
     __m256 a[kRowGroup][4];
     for (auto& row : a)
@@ -450,6 +474,92 @@ inline void FoldKeyBlock(TileScratch& w, int64_t rows, int64_t D, int64_t nk, bo
       w.block_max[row] = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
     }
   }
+}
+
+// Exp8 sixteen at a time (the same operations per lane, so the same results).
+SPANJAX_AVX512 inline __m512 Exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// The block's softmax weights (0 where masked) in place of its logits, and each row's sums
+// (kept as eight partial sums, as the 8-wide path keeps them) rescaled and increased.
+SPANJAX_AVX512 void SoftmaxWeights16(TileScratch& w, int64_t rows) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t row = 0; row < rows; ++row) {
+    float* s = w.scores.data() + row * kKeyBlock;
+    const __m512 vm = _mm512_set1_ps(w.m[row]);
+    __m512 sum = _mm512_setzero_ps();
+    for (int v = 0; v < 2; ++v) {
+      const __m512 x = _mm512_loadu_ps(s + 16 * v);
+      const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, neg_inf, _CMP_NEQ_OQ), Exp16(_mm512_sub_ps(x, vm)));
+      _mm512_storeu_ps(s + 16 * v, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const __m256 old = _mm256_mul_ps(_mm256_loadu_ps(w.l8.data() + 8 * row), _mm256_set1_ps(w.corr[row]));
+    const __m256 halves = _mm256_add_ps(_mm512_castps512_ps256(sum), _mm512_extractf32x8_ps(sum, 1));
+    _mm256_storeu_ps(w.l8.data() + 8 * row, _mm256_add_ps(old, halves));
+  }
+}
+
+// 16-wide: the block's 32 keys are two vectors, so rows go in groups of six (twelve
+// accumulators again; the caller pads rows to kWideRowGroup).
+SPANJAX_AVX512 void ScoreBlock16(TileScratch& w, int64_t rows, int64_t D, bool weighted) {
+  const float* kt = w.keys_t.data();
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t r = 0; r < rows; r += kWideRowGroup) {
+    __m512 a[kWideRowGroup][2];
+    for (auto& row : a)
+      for (auto& x : row) x = _mm512_setzero_ps();
+    const float* q = w.q.data() + r * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const __m512 k0 = _mm512_loadu_ps(kt + d * kKeyBlock), k1 = _mm512_loadu_ps(kt + d * kKeyBlock + 16);
+      for (int i = 0; i < kWideRowGroup; ++i) {
+        const __m512 b = _mm512_set1_ps(q[i * D + d]);
+        a[i][0] = _mm512_fmadd_ps(b, k0, a[i][0]);
+        a[i][1] = _mm512_fmadd_ps(b, k1, a[i][1]);
+      }
+    }
+    for (int i = 0; i < kWideRowGroup; ++i) {
+      const int64_t row = r + i;
+      float* s = w.scores.data() + row * kKeyBlock;
+      const __m512i qp = _mm512_set1_epi32(w.row_pos[row]);
+      __m512 mx = neg_inf;
+      for (int v = 0; v < 2; ++v) {
+        __m512 x = a[i][v];
+        if (weighted) x = _mm512_fmadd_ps(x, _mm512_load_ps(w.key_scale + 16 * v), _mm512_load_ps(w.key_bias + 16 * v));
+        const __m512i kp = _mm512_load_si512(w.key_pos + 16 * v);
+        x = _mm512_mask_blend_ps(_mm512_cmpgt_epi32_mask(kp, qp), x, neg_inf);  // key after query
+        _mm512_storeu_ps(s + 16 * v, x);
+        mx = _mm512_max_ps(mx, x);
+      }
+      w.block_max[row] = _mm512_reduce_max_ps(mx);
+    }
+  }
+}
+
+// Scores one block of `nk` keys (columns past nk: zero keys at position INT32_MAX) against
+// every row, and folds it into the rows' online softmax. The softmax's per-row bookkeeping
+// runs eight rows at a time and keeps the sums as vectors: done per row with a scalar exp and
+// a horizontal sum, it cost more than the QK product. `wide`: the products 16 wide (D % 64 == 0).
+inline void FoldKeyBlock(TileScratch& w, int64_t rows, int64_t D, int64_t nk, bool weighted, bool wide) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  if (wide)
+    ScoreBlock16(w, rows, D, weighted);
+  else
+    ScoreBlock8(w, rows, D, weighted);
   // New running maxima and the rescale of what the rows summed so far, eight rows at a time;
   // a row that has seen nothing yet keeps max -inf and rescales its (zero) sums by 0.
   for (int64_t r = 0; r < rows; r += 8) {
@@ -460,7 +570,8 @@ inline void FoldKeyBlock(TileScratch& w, int64_t rows, int64_t D, int64_t nk, bo
     _mm256_storeu_ps(w.m.data() + r, m_new);
   }
   // Softmax weights (exactly 0 where masked: Exp8 floors at e^-87) and the sums.
-  for (int64_t row = 0; row < rows; ++row) {
+  if (wide) SoftmaxWeights16(w, rows);
+  for (int64_t row = 0; row < rows && !wide; ++row) {
     float* s = w.scores.data() + row * kKeyBlock;
     const __m256 vm = _mm256_set1_ps(w.m[row]);
     __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(w.l8.data() + 8 * row), _mm256_set1_ps(w.corr[row]));
@@ -474,6 +585,10 @@ inline void FoldKeyBlock(TileScratch& w, int64_t rows, int64_t D, int64_t nk, bo
   }
   // acc = acc * corr + weights @ values, a row group at a time.
   for (int64_t r = 0; r < rows; r += kRowGroup) {
+    if (wide) {
+      for (int64_t d0 = 0; d0 < D; d0 += 64) AccumulateValues16(w, r, D, d0, nk);
+      continue;
+    }
     for (int64_t d0 = 0; d0 < D; d0 += 32) {
       if (D - d0 >= 32)  // D % 16 == 0: 32 or 16 dimensions left
         AccumulateValues<4>(w, r, D, d0, nk);
@@ -492,7 +607,7 @@ template <typename KV>
 void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t t1, int64_t i0, int64_t i1,
                 float* partial, TileScratch& w) {
   const int64_t G = p.Hq / p.Hkv, D = p.D;
-  const int64_t rows = (t1 - t0) * G, padded = (rows + kRowGroup - 1) / kRowGroup * kRowGroup;
+  const int64_t rows = (t1 - t0) * G, padded = (rows + kWideRowGroup - 1) / kWideRowGroup * kWideRowGroup;
   w.q.assign(padded * D, 0.0f);
   w.acc.assign(padded * D, 0.0f);
   const int64_t padded8 = (padded + 7) / 8 * 8;
@@ -515,7 +630,7 @@ void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t 
       for (int64_t d = 0; d < D; ++d) w.q[r * D + d] = src[d] * p.sm_scale;
     }
   }
-  const bool weighted = p.scale != nullptr;
+  const bool weighted = p.scale != nullptr, wide = spanjax::UseAvx512() && D % 64 == 0;
   int64_t nk = 0;
   auto fold = [&] {
     for (int64_t k = nk; k < kKeyBlock; ++k) {  // the block's unused columns: never seen
@@ -523,7 +638,7 @@ void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t 
       w.key_scale[k] = 1.0f, w.key_bias[k] = 0.0f;
       for (int64_t d = 0; d < D; ++d) w.keys_t[d * kKeyBlock + k] = 0.0f;
     }
-    FoldKeyBlock(w, padded, D, nk, weighted);
+    FoldKeyBlock(w, padded, D, nk, weighted, wide);
     nk = 0;
   };
   alignas(32) float key[kMaxHeadDim];

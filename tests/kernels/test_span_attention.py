@@ -36,7 +36,7 @@ MIXED = [
 ]
 
 
-def _batch(seed, seqs, G, P, dtype=np.float32, Hkv=None):
+def _batch(seed, seqs, G, P, dtype=np.float32, Hkv=None, head_dim=32):
     Hkv = Hkv or (1 if G == 8 else 2)
     rng = np.random.default_rng(seed)
     return make_batch(
@@ -44,7 +44,7 @@ def _batch(seed, seqs, G, P, dtype=np.float32, Hkv=None):
         seqs,
         num_q_heads=G * Hkv,
         num_kv_heads=Hkv,
-        head_dim=32,
+        head_dim=head_dim,
         page_size=P,
         dtype=dtype,
         extra_tokens=3,
@@ -207,6 +207,32 @@ def test_cpu_prefill_kernel_splits_few_tiles_over_long_contexts(dtype):
     args, kw = args_kwargs(batch)
     out = jax.jit(lambda *a: span_attention_xla(*a, **kw))(*args)
     assert _diff(out, span_attention_reference(*args, **kw)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_prefill_kernel_vector_widths(dtype):
+    """Head dim 64 (SmolLM2's): the prefill kernel's 16-wide products where AVX512 runs and its
+    8-wide ones give the reference's result, over long tiles, split chunks (a few query tokens
+    after a long context) and re-weighted logits."""
+    _needs_cpu_kernels()
+    seqs = [
+        dict(prefix=150, q_len=70),
+        dict(prefix=300, children=[120, 90], parallel=True, q_len=5),
+        dict(prefix=20, q_len=3),
+    ]
+    batch = _batch(5, seqs, 3, 16, dtype=getattr(jnp, dtype), head_dim=64)
+    args, kw = args_kwargs(batch)
+    rng = np.random.default_rng(1)
+    weights = {f: rng.uniform(lo, hi, args[3].block_tables.shape).astype(np.float32) for f, lo, hi in WEIGHTS}
+    call = jax.jit(lambda *a: span_attention_xla(*a, **kw))
+    for meta in (args[3], args[3].replace(**weights)):
+        ref = span_attention_reference(*args[:3], meta, args[4], **kw)
+        for wide in cpu_library.vector_widths():
+            with cpu_library.avx512(wide):
+                assert _diff(call(*args[:3], meta, args[4]), ref) <= TOL[dtype], f"avx512={wide}"
+
+
+WEIGHTS = (("block_logit_scale", 0.3, 2.5), ("block_logit_bias", -2.0, 2.0))
 
 
 @pytest.mark.parametrize("G", [1, 3, 8])
