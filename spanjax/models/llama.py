@@ -242,6 +242,16 @@ class DenseKVCache:
     v: jax.Array
 
 
+def greedy_tokens(logits):
+    """jnp.argmax over the last axis (the first of equal maxima; a NaN counts as the maximum),
+    as a max and a min over positions: XLA CPU runs argmax's paired (value, index) reduction
+    ~5x slower, ~1 ms a step for eight rows of a 49k vocabulary."""
+    V = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
 def init_dense_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> DenseKVCache:
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return DenseKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))

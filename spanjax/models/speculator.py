@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from spanjax.models.llama import greedy_tokens
+
 LN_EPS = 1e-6
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -203,7 +205,7 @@ def propose(params: SpeculatorParams, cfg: SpeculatorConfig, hidden, token, n: i
             tok = jax.lax.top_k(logits[:, 0], candidates)[1].astype(jnp.int32)  # [S, C]
             state = jnp.broadcast_to(state, (state.shape[0], candidates, state.shape[-1]))
         else:
-            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            tok = greedy_tokens(logits)
         if isinstance(params, DraftParams):
             tok = params.head_ids[min(i, cfg.num_stages - 1)][tok]
         out.append(tok)

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spanjax.engine.sampling import SamplingParams, greedy_tokens, sample_tokens, sampling_arrays
+from spanjax.engine.sampling import SamplingParams, sample_tokens, sampling_arrays
+from spanjax.models.llama import greedy_tokens
 
 B, V = 8, 64  # one shape for the whole module: one compile
 
