@@ -58,6 +58,7 @@ from spanjax.tasks.locality import (
     _split_range,
     make_g,
     order_invariant,
+    uses_reweight,
 )
 
 # Items are keyed (variant, question, position) and seeded per question, so a
@@ -67,16 +68,16 @@ RESUMABLE_SCOPE = ("eval.num_questions", "eval.variants", "eval.shard")
 # An adapter directory a run did not have may be added when resuming it (for its adapter variants,
 # which then start); one it had may not change (its items were computed with it).
 RESUMABLE_WHEN_UNSET = ("eval.lora_adapter", "eval.alora_adapter")
-# Settings only the variants ending in a suffix read: they may change on resume while no
+# Settings only some variants read: they may change on resume while no
 # finished item belongs to such a variant (e.g. the re-weighting chosen on DEV after a held-out
 # run started without it).
-RESUMABLE_WHILE_UNUSED = {"eval.reweight_scale": "-reweight", "eval.reweight_bias": "-reweight"}
+RESUMABLE_WHILE_UNUSED = {"eval.reweight_scale": uses_reweight, "eval.reweight_bias": uses_reweight}
 
 
 def keys_unused_by(items: list[dict]) -> tuple[str, ...]:
     """The `RESUMABLE_WHILE_UNUSED` keys no finished item was computed with."""
     variants = {rec["variant"] for rec in items}
-    return tuple(k for k, suffix in RESUMABLE_WHILE_UNUSED.items() if not any(v.endswith(suffix) for v in variants))
+    return tuple(k for k, uses in RESUMABLE_WHILE_UNUSED.items() if not any(uses(v) for v in variants))
 
 
 # Item fields that depend on when and beside what an item ran (timing, batch, what the

@@ -47,6 +47,9 @@ VARIANTS = {
     "span-parallel+lora": (True, "prefix", "parallel"),
     "span-sequential+alora": (True, "prefix", "sequential"),
     "span-parallel+alora": (True, "prefix", "parallel"),
+    # both: the adapter's question attending to its documents with re-weighted logits
+    "span-sequential-reweight+alora": (True, "prefix", "sequential"),
+    "span-parallel-reweight+alora": (True, "prefix", "parallel"),
 }
 RECOMPUTE_PAGES = 1  # the recompute variants' head: one page per document (the default of the policy)
 # The reweight variants' default (scale, bias), the identity (the plain span variants) until a
@@ -54,6 +57,11 @@ RECOMPUTE_PAGES = 1  # the recompute variants' head: one page per document (the 
 # them per run; never chosen on held-out questions).
 REWEIGHT_SCALE = 1.0
 REWEIGHT_BIAS = 0.0
+
+
+def uses_reweight(variant: str) -> bool:
+    """Whether the variant's question attends to its documents with re-weighted logits."""
+    return "-reweight" in variant
 
 
 def order_invariant(variant: str) -> bool:
@@ -254,5 +262,5 @@ def make_g(
         positions=positions,
         adapter=VARIANT_ADAPTER.get(variant),
         recompute_pages=RECOMPUTE_PAGES if variant.endswith("-recompute") else 0,
-        reweight=tuple(reweight) if variant.endswith("-reweight") else None,
+        reweight=tuple(reweight) if uses_reweight(variant) else None,
     )

@@ -144,3 +144,8 @@ def test_locality_reweight_variants():
     # A DEV sweep sets the pair per run (eval.reweight_scale / eval.reweight_bias)
     assert L.make_g(ex, 1, "span-parallel-reweight", "tiny", 4, (1.5, -0.5)).reweight == (1.5, -0.5)
     assert L.make_g(ex, 1, "span-parallel", "tiny", 4, (1.5, -0.5)).reweight is None
+    # on top of the block-attention aLoRA: both the adapter and the weights
+    g = L.make_g(ex, 1, "span-parallel-reweight+alora", "tiny", 4, (1.5, -0.5))
+    assert g.reweight == (1.5, -0.5) and g.adapter == "alora" and g.positions == "parallel"
+    assert L.make_g(ex, 1, "span-parallel+alora", "tiny", 4, (1.5, -0.5)).reweight is None
+    assert L.order_invariant("span-parallel-reweight+alora")

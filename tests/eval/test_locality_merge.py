@@ -268,3 +268,7 @@ def test_resume_may_set_the_reweighting_until_a_reweight_item_exists(tmp_path):
     used = fake_run(cfg, [item("stock", 0, 0, True), item("span-parallel-reweight", 0, 0, False)])
     with pytest.raises(C.ConfigError, match=r"eval.reweight_bias: 0.0 -> -1.0"):
         open_run(chosen, resume=used, **kw)
+    # an adapter variant with re-weighting counts too
+    used_with_adapter = fake_run(cfg, [item("stock", 0, 0, True), item("span-parallel-reweight+alora", 0, 0, False)])
+    with pytest.raises(C.ConfigError, match=r"eval.reweight_bias: 0.0 -> -1.0"):
+        open_run(chosen, resume=used_with_adapter, **kw)
