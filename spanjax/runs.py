@@ -116,7 +116,7 @@ def open_run(
         except C.ConfigError as e:
             raise C.ConfigError(f"cannot resume {str(path)!r}: its {CONFIG_FILE}: {e}") from None
 
-        free = unused_by(list(_read_items(path / ITEMS_FILE).values())) if unused_by else ()
+        free = unused_by(list(read_items(path / ITEMS_FILE).values())) if unused_by else ()
 
         def allowed(change: str) -> bool:
             key, values = change.split(": ", 1)
@@ -161,10 +161,11 @@ def item_key(record: dict) -> tuple:
 
 def load_items(run: RunDir) -> dict[tuple, dict]:
     """Finished items by key; a torn last line from a kill is dropped (and redone)."""
-    return _read_items(run.items_path)
+    return read_items(run.items_path)
 
 
-def _read_items(items_path: Path) -> dict[tuple, dict]:
+def read_items(items_path: Path) -> dict[tuple, dict]:
+    """The finished items of an items file by key (see `load_items`); none if it is missing."""
     done: dict[tuple, dict] = {}
     if not items_path.exists():
         return done
