@@ -28,14 +28,20 @@ def correct_by_item(run_dir: str | Path, variant: str) -> dict[tuple[int, int], 
     return {(r["question"], r["position"]): bool(r["correct"]) for r in items if r["variant"] == variant}
 
 
+def first_of_each_question(keys) -> list[tuple[int, int]]:
+    """The (question, position) keys at each question's first position: one item per question
+    of an order-invariant variant (the same query recorded at every position)."""
+    first = {q: p for q, p in sorted(keys, reverse=True)}
+    return sorted(first.items())
+
+
 def compare(variant: str, mine: dict, other_variant: str, other: dict) -> dict:
     """McNemar's exact test of `mine` (first) against `other` per position and overall."""
     keys = sorted(set(mine) & set(other))
     one_per_question = order_invariant(variant) and order_invariant(other_variant)
     positions = sorted({p for _, p in keys})
-    first = {q: p for q, p in reversed(keys)}  # each question's first position: its one pair
     return {
-        "all": paired_test((mine[k], other[k]) for k in keys if not one_per_question or first[k[0]] == k[1]),
+        "all": paired_test((mine[k], other[k]) for k in (first_of_each_question(keys) if one_per_question else keys)),
         "per_position": [
             {
                 "position": p,
@@ -59,8 +65,8 @@ def main(argv=None) -> dict:
     mine = correct_by_item(args.run_dir, args.variant)
     if not mine:
         raise SystemExit(f"{args.run_dir}: no finished item of {args.variant!r}")
-    per_question = {q: c for (q, p), c in sorted(mine.items())} if order_invariant(args.variant) else mine
-    k, n = sum(per_question.values()), len(per_question)
+    counted = first_of_each_question(mine) if order_invariant(args.variant) else list(mine)
+    k, n = sum(mine[key] for key in counted), len(counted)
     result = {"run_dir": args.run_dir, "variant": args.variant, "correct": k, "n": n, "accuracy": k / n}
     result["wilson95"] = wilson(k, n)
     result["against"] = {}

@@ -83,21 +83,23 @@ struct Problem {
   float sm_scale;
 };
 
-// exp(x) for eight floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial
-// (Cephes' expf coefficients): within ~2 ulp of expf, and exp(-inf) = 0 (masked rows never get
-// here: every score is finite, and the running max is subtracted first).
+// exp(x) as 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial (Cephes' expf
+// coefficients): within ~2 ulp of expf, and exp(-inf) = 0 (masked rows never get here: every
+// score is finite, and the running max is subtracted first). Exp8 and Exp16 share these
+// constants and apply the same operations per lane, so both widths give the same results.
+constexpr float kExpMin = -87.3f;  // below: 0 after the final scaling anyway
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 inline __m256 Exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));  // below: 0 after the final scaling anyway
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  x = _mm256_max_ps(x, _mm256_set1_ps(kExpMin));
+  const __m256 n =
+      _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
@@ -476,26 +478,39 @@ inline void ScoreBlock8(TileScratch& w, int64_t rows, int64_t D, bool weighted) 
   }
 }
 
-// Exp8 sixteen at a time (the same operations per lane, so the same results).
+// Exp8 sixteen at a time.
 SPANJAX_AVX512 inline __m512 Exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpMin));
+  const __m512 n =
+      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-// The block's softmax weights (0 where masked) in place of its logits, and each row's sums
-// (kept as eight partial sums, as the 8-wide path keeps them) rescaled and increased.
+// The block's softmax weights (0 where masked) in place of its logits, and each row's sums,
+// kept as eight partial sums, rescaled and increased.
+inline void SoftmaxWeights8(TileScratch& w, int64_t rows) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t row = 0; row < rows; ++row) {
+    float* s = w.scores.data() + row * kKeyBlock;
+    const __m256 vm = _mm256_set1_ps(w.m[row]);
+    __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(w.l8.data() + 8 * row), _mm256_set1_ps(w.corr[row]));
+    for (int v = 0; v < 4; ++v) {
+      const __m256 x = _mm256_loadu_ps(s + 8 * v);
+      const __m256 e = _mm256_and_ps(Exp8(_mm256_sub_ps(x, vm)), _mm256_cmp_ps(x, neg_inf, _CMP_NEQ_OQ));
+      _mm256_storeu_ps(s + 8 * v, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    _mm256_storeu_ps(w.l8.data() + 8 * row, sum);
+  }
+}
+
+// 16-wide: the same, two vectors a row; the 16 lanes' sums are folded into the eight.
 SPANJAX_AVX512 void SoftmaxWeights16(TileScratch& w, int64_t rows) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t row = 0; row < rows; ++row) {
@@ -570,30 +585,21 @@ inline void FoldKeyBlock(TileScratch& w, int64_t rows, int64_t D, int64_t nk, bo
     _mm256_storeu_ps(w.m.data() + r, m_new);
   }
   // Softmax weights (exactly 0 where masked: Exp8 floors at e^-87) and the sums.
-  if (wide) SoftmaxWeights16(w, rows);
-  for (int64_t row = 0; row < rows && !wide; ++row) {
-    float* s = w.scores.data() + row * kKeyBlock;
-    const __m256 vm = _mm256_set1_ps(w.m[row]);
-    __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(w.l8.data() + 8 * row), _mm256_set1_ps(w.corr[row]));
-    for (int v = 0; v < 4; ++v) {
-      const __m256 x = _mm256_loadu_ps(s + 8 * v);
-      const __m256 e = _mm256_and_ps(Exp8(_mm256_sub_ps(x, vm)), _mm256_cmp_ps(x, neg_inf, _CMP_NEQ_OQ));
-      _mm256_storeu_ps(s + 8 * v, e);
-      sum = _mm256_add_ps(sum, e);
-    }
-    _mm256_storeu_ps(w.l8.data() + 8 * row, sum);
-  }
+  if (wide)
+    SoftmaxWeights16(w, rows);
+  else
+    SoftmaxWeights8(w, rows);
   // acc = acc * corr + weights @ values, a row group at a time.
   for (int64_t r = 0; r < rows; r += kRowGroup) {
     if (wide) {
       for (int64_t d0 = 0; d0 < D; d0 += 64) AccumulateValues16(w, r, D, d0, nk);
-      continue;
-    }
-    for (int64_t d0 = 0; d0 < D; d0 += 32) {
-      if (D - d0 >= 32)  // D % 16 == 0: 32 or 16 dimensions left
-        AccumulateValues<4>(w, r, D, d0, nk);
-      else
-        AccumulateValues<2>(w, r, D, d0, nk);
+    } else {
+      for (int64_t d0 = 0; d0 < D; d0 += 32) {
+        if (D - d0 >= 32)  // D % 16 == 0: 32 or 16 dimensions left
+          AccumulateValues<4>(w, r, D, d0, nk);
+        else
+          AccumulateValues<2>(w, r, D, d0, nk);
+      }
     }
   }
 }
