@@ -44,6 +44,7 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c")
 TARGETS = {
     "spanjax_quantized_matmuls": "SpanjaxQuantizedMatmuls",
     "spanjax_quantized_matmuls_int8": "SpanjaxQuantizedMatmulsInt8",
+    "spanjax_quantized_matmuls_lanes": "SpanjaxQuantizedMatmulsLanes",
     "spanjax_decode_attention_f32": "SpanjaxDecodeAttentionF32",
     "spanjax_decode_attention_bf16": "SpanjaxDecodeAttentionBf16",
     "spanjax_prefill_attention_f32": "SpanjaxPrefillAttentionF32",

@@ -15,7 +15,7 @@ import jax
 
 from spanjax.kernels.quantized_matmul import cpu
 from spanjax.kernels.quantized_matmul.format import BLOCK, FORMATS, BlockQuantized, LaneCodes, check
-from spanjax.kernels.quantized_matmul.lanes import int8_matmul_reference, pack_lanes, with_lanes
+from spanjax.kernels.quantized_matmul.lanes import int8_matmul_reference, pack_lanes, with_lanes, without_lanes
 from spanjax.kernels.quantized_matmul.reference import dequantize, quantized_matmul_reference, take_rows
 
 # Up to this many rows the CPU kernel beats expanding the weights for XLA's GEMM (measured
@@ -37,6 +37,7 @@ __all__ = [
     "quantized_matmuls",
     "take_rows",
     "with_lanes",
+    "without_lanes",
 ]
 
 
@@ -61,11 +62,18 @@ def quantized_matmuls(x, ws: tuple[BlockQuantized, ...], impl: str = "auto") -> 
     if not use_kernel or rows == 0:
         return tuple(quantized_matmul_reference(x, w) for w in ws)
     x2 = x.reshape(rows, x.shape[-1])
-    # Int8 activations where every w carries its lane copy (`lanes.py`, opt-in): the VNNI
-    # kernel, or its jnp reference on CPUs and platforms without it.
-    int8 = all(w.lanes is not None for w in ws)
+    # Where every w carries a lane copy (`lanes.py`): int8 activations if it says so (the VNNI
+    # kernel, or its jnp reference on CPUs and platforms without it), else fp32 products on the
+    # lane copy from two rows up (one row reads the blocks faster).
+    lanes = all(w.lanes is not None for w in ws)
+    int8 = lanes and all(w.lanes.int8_activations for w in ws)
     reference = int8_matmul_reference if int8 else quantized_matmul_reference
-    kernel = cpu.quantized_matmuls_int8_cpu if int8 else cpu.quantized_matmuls_cpu
+    if int8:
+        kernel = cpu.quantized_matmuls_int8_cpu
+    elif lanes and rows >= 2:
+        kernel = cpu.quantized_matmuls_lanes_cpu
+    else:
+        kernel = cpu.quantized_matmuls_cpu
 
     def elsewhere(x2):
         return tuple(reference(x2, w) for w in ws)

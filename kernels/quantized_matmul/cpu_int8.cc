@@ -33,9 +33,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 using spanjax::quantized::kBlock;
+using spanjax::quantized::kLanes;
 using spanjax::quantized::Problem;
-
-constexpr int kLanes = 16;  // output columns per group
 
 // x quantized per block: codes [R, K], scale, exact fp32 sum and (for q8) -128 * sum(codes)
 // per [R, K / 32] block.

@@ -19,13 +19,15 @@ LANES = 16  # output columns side by side in the lane copy (`LaneCodes`)
 
 @flax.struct.dataclass
 class LaneCodes:
-    """The same codes, scales and offsets in the int8 kernel's lane layout (`lanes.py`, and
-    `cpu_int8.cc` for why): `q` [..., out / 16, in / 32, quads, 16, 4] (8 quads for q8, 4 for
-    q4's nibble pairs), scales and offsets fp16 [..., out / 16, in / 32, 16]."""
+    """The same codes, scales and offsets in the lane layout (`lanes.py`, and `cpu_int8.cc` for
+    why): `q` [..., out / 16, in / 32, quads, 16, 4] (8 quads for q8, 4 for q4's nibble pairs),
+    scales and offsets fp16 [..., out / 16, in / 32, 16]. `int8_activations`: products that read
+    this copy quantize x to int8 (`cpu_int8.cc`); otherwise they stay fp32 (`cpu_kernel.cc`)."""
 
     q: jax.Array
     scale: jax.Array
     offset: jax.Array | None
+    int8_activations: bool = flax.struct.field(pytree_node=False, default=True)
 
 
 @flax.struct.dataclass
@@ -36,8 +38,8 @@ class BlockQuantized:
     (high nibble); `offset` fp16 [..., out, in / 32]. q8: `q` int8 [..., out, in / 32, 32],
     `offset` None. `scale` fp16 [..., out, in / 32] in both.
 
-    `lanes`: optionally, a second copy in the layout of the int8-activation kernel
-    (`lanes.with_lanes`); only decode-sized products read it, everything else the blocks.
+    `lanes`: optionally, a second copy in the lane layout (`lanes.with_lanes`); only
+    decode-sized products read it, everything else the blocks.
     """
 
     q: jax.Array

@@ -1,11 +1,15 @@
-"""Int8 activations for decode-sized products: the lane layout and its jnp reference.
+"""The lane layout of block-quantized weights (16 output columns side by side), and the int8
+activations that one of its two kernels uses.
 
-`with_lanes(params)` gives every block-quantized matrix a second copy of its codes in the lane
-layout of `cpu_int8.cc` (16 output columns side by side); products of up to `KERNEL_MAX_ROWS`
-rows then quantize x per block of 32 to int8 and run integer dot products (AVX512-VNNI), as
-llama.cpp does on CPU. It is opt-in (`EngineConfig.int8_activations`): results carry x's int8
-rounding, where the default kernel gives the dequantized model's fp32 products.
-`int8_matmul_reference` is the same arithmetic in jnp: the kernel's test reference, and what
+`with_lanes(params, int8_activations)` gives every block-quantized matrix a second copy of its
+codes in the lane layout. Products of 2 to `KERNEL_MAX_ROWS` rows then read it:
+- `int8_activations=False`: fp32 products (`cpu_kernel.cc`, `QuantizedMatmulsLanes`), the
+  dequantized model's results in another order of summation, ~1.5x faster than the block
+  layout at eight rows (a decode batch); one-row products keep the block layout;
+- `int8_activations=True` (opt-in, `EngineConfig.int8_activations`): x is quantized per block of
+  32 to int8 and the products are integer dot products (AVX512-VNNI, `cpu_int8.cc`), as
+  llama.cpp does on CPU, for every row count; results carry x's int8 rounding.
+`int8_matmul_reference` is the int8 arithmetic in jnp: the kernel's test reference, and what
 runs where the CPU has no VNNI.
 """
 
@@ -18,7 +22,7 @@ from spanjax.kernels.quantized_matmul.format import BLOCK, LANES, BlockQuantized
 from spanjax.kernels.quantized_matmul.reference import unpack_codes
 
 
-def pack_lanes(w: BlockQuantized) -> BlockQuantized:
+def pack_lanes(w: BlockQuantized, int8_activations: bool = True) -> BlockQuantized:
     """`w` with `lanes` filled: byte 4t + i of column 16g + c's block b moves to [g, b, t, c, i]
     (for q4 that byte holds inputs 4t + i and 16 + 4t + i, for q8 input 4t + i)."""
     *lead, n, blocks, width = w.q.shape
@@ -35,14 +39,31 @@ def pack_lanes(w: BlockQuantized) -> BlockQuantized:
         return jnp.swapaxes(a, -1, -2)
 
     offset = None if w.offset is None else scales(w.offset)
-    return w.replace(lanes=LaneCodes(to_lanes(w.q, width // 4), scales(w.scale), offset))
+    return w.replace(lanes=LaneCodes(to_lanes(w.q, width // 4), scales(w.scale), offset, int8_activations))
 
 
-def with_lanes(tree):
+def with_lanes(tree, int8_activations: bool = True):
     """Every block-quantized matrix of `tree` (Params, say) with its lane copy, where its outputs
-    divide into groups of 16 (the others keep the default kernel)."""
+    divide into groups of 16 (the others keep the block kernel)."""
     is_q = lambda x: isinstance(x, BlockQuantized)  # noqa: E731
-    return jax.tree.map(lambda x: pack_lanes(x) if is_q(x) and x.out_features % LANES == 0 else x, tree, is_leaf=is_q)
+
+    def pack(x):
+        return pack_lanes(x, int8_activations) if is_q(x) and x.out_features % LANES == 0 else x
+
+    return jax.tree.map(pack, tree, is_leaf=is_q)
+
+
+def without_lanes(tree):
+    """`tree` with the fp32-activation lane copies dropped (the same arrays otherwise): for steps
+    where no product has 2 to `KERNEL_MAX_ROWS` rows, which would not read them (one-row decode
+    reads the blocks) but would still pay each array's dispatch (~1 us each on CPU, ~650 for
+    SmolLM2). Int8 lane copies stay: every row count up to the limit reads them."""
+    is_q = lambda x: isinstance(x, BlockQuantized)  # noqa: E731
+
+    def strip(x):
+        return x.replace(lanes=None) if is_q(x) and x.lanes is not None and not x.lanes.int8_activations else x
+
+    return jax.tree.map(strip, tree, is_leaf=is_q)
 
 
 def quantize_activations(x):

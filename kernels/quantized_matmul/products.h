@@ -16,6 +16,7 @@ namespace spanjax::quantized {
 namespace ffi = xla::ffi;
 
 constexpr int kBlock = 32;  // weights per block along the input axis
+constexpr int kLanes = 16;  // output columns side by side in the lane layout (`lanes.py`)
 
 // One product y [R, N] = x [R, K] times w [N, K] transposed, w as codes, fp16 scales and fp16
 // offsets (q4 only), in GGUF's block layout or the int8 kernel's lane layout (same sizes).

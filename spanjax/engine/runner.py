@@ -36,6 +36,7 @@ from spanjax.engine import aot
 from spanjax.engine.aot import StepPrograms
 from spanjax.engine.sampling import SamplingRows, sampling_arrays
 from spanjax.engine.scheduler import StepBatch, StepItem
+from spanjax.kernels.quantized_matmul import KERNEL_MAX_ROWS, without_lanes
 from spanjax.models import llama
 from spanjax.models import sharding as shd
 
@@ -125,6 +126,7 @@ class StepRunner:
         self.programs = programs
         # bucket signature -> the stored program's step (when `programs` is set), least recently used first
         self._stored: collections.OrderedDict = collections.OrderedDict()
+        self._blocks_only = (None, None)  # (params, params without fp32 lane copies): `_params_for`
         # On a mesh spanning processes (multi-host) a process can read only an array it holds
         # whole: the logits are gathered (replicated) before the host reads them, when kept.
         self._gather_logits = None
@@ -184,6 +186,7 @@ class StepRunner:
         `adapter` (an AdapterBank) applies per token by `batch.adapter_ids`; a
         batch with no adapted token runs the plain step (a separate trace)."""
         inputs, sampling, extra = self.padded_inputs(batch, adapter)
+        params = self._params_for(params, tokens=len(inputs[0]), seqs=len(inputs[3]))
         if self.shardings is not None and not extra:
             extra = (None, None)  # in_shardings name all nine arguments
         args = (params, cache, *inputs, sampling, *extra)
@@ -191,6 +194,19 @@ class StepRunner:
         if self._gather_logits is not None and any(it.request.keep_logits for it in batch.items):
             logits = self._gather_logits(logits)
         return next_ids, logits, cache
+
+    def _params_for(self, params, tokens: int, seqs: int):
+        """`params`, or without its fp32 lane copies where no product of the step has 2 to
+        KERNEL_MAX_ROWS rows (the layers' `tokens`, the LM head's `seqs`) and none would read
+        them. The stripped tree is made once per params object, so each program keeps seeing
+        the same object (aot.py flattens a params object once)."""
+        if 2 <= tokens <= KERNEL_MAX_ROWS or 2 <= seqs <= KERNEL_MAX_ROWS:
+            return params
+        if self._blocks_only[0] is not params:
+            stripped = without_lanes(params)
+            same = jax.tree.structure(stripped) == jax.tree.structure(params)
+            self._blocks_only = (params, params if same else stripped)
+        return self._blocks_only[1]
 
     def _step_for(self, args):
         """The jitted step, or with stored programs the one stored for these shapes."""
@@ -216,6 +232,9 @@ class StepRunner:
         if self.programs is None:
             return 0
         stored = self.programs.preload((params, cache))
+        blocks_only = without_lanes(params)  # one-row steps' programs (`_params_for`)
+        if jax.tree.structure(blocks_only) != jax.tree.structure(params):
+            stored |= self.programs.preload((blocks_only, cache), limit=max(0, aot.PRELOAD_MAX - len(stored)))
         for key, step in stored.items():
             self._keep(key, step)
         return len(stored)
