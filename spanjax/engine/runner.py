@@ -212,12 +212,19 @@ class StepRunner:
         """The jitted step, or with stored programs the one stored for these shapes."""
         if self.programs is None:
             return self._step
-        key = aot.signature(args[2:])  # the bucket: weights and pool are fixed per engine
+        bucket = aot.signature(args[2:])  # the pool is fixed per engine, the weights one of two trees
+        key = (self._weights_variant(args[0]), bucket)
         step = self._stored.pop(key, None)
         if step is None:
-            step = self.programs.load_or_export(self._step_impl, args, fixed=2, bucket=key, donate=(1,))
+            step = self.programs.load_or_export(self._step_impl, args, fixed=2, bucket=bucket, donate=(1,))
         self._keep(key, step)
         return step
+
+    def _weights_variant(self, params) -> str:
+        """Which of the engine's two weight trees a step takes (`_params_for`): a stored
+        program runs only with the tree it was traced for."""
+        full, blocks_only = self._blocks_only
+        return "blocks" if params is blocks_only and params is not full else "full"
 
     def _keep(self, key, step) -> None:
         """Remember a loaded program as the most recently used; beyond `aot.LOADED_MAX` the least
@@ -231,10 +238,11 @@ class StepRunner:
         first requests find them ready. Returns how many."""
         if self.programs is None:
             return 0
-        stored = self.programs.preload((params, cache))
-        blocks_only = without_lanes(params)  # one-row steps' programs (`_params_for`)
-        if jax.tree.structure(blocks_only) != jax.tree.structure(params):
-            stored |= self.programs.preload((blocks_only, cache), limit=max(0, aot.PRELOAD_MAX - len(stored)))
+        blocks_only = self._params_for(params, tokens=1, seqs=1)  # one-row steps' weights
+        stored = {("full", bucket): step for bucket, step in self.programs.preload((params, cache)).items()}
+        if blocks_only is not params:
+            more = self.programs.preload((blocks_only, cache), limit=max(0, aot.PRELOAD_MAX - len(stored)))
+            stored |= {("blocks", bucket): step for bucket, step in more.items()}
         for key, step in stored.items():
             self._keep(key, step)
         return len(stored)

@@ -20,9 +20,21 @@ from tiny_byte import tiny_config, tiny_model
 from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.engine.executor import run_query
 
-engine = Engine(tiny_model(seed=5, cfg=tiny_config(max_position_embeddings=1024)),
+model = tiny_model(seed=5, cfg=tiny_config(max_position_embeddings=1024))
+if len(sys.argv) > 2:  # block-quantized layers: one-row steps take the weights without their lane copy
+    import dataclasses, jax, jax.numpy as jnp
+    from spanjax.kernels.quantized_matmul import BlockQuantized
+    def q8(w):  # [L, in, out] -> Q8_0 blocks [L, out, in / 32, 32]
+        blocks = jnp.swapaxes(w, -1, -2).reshape(*w.shape[:-2], w.shape[-1], -1, 32)
+        d = jnp.maximum(jnp.abs(blocks).max(-1), 1e-6) / 127
+        return BlockQuantized(jnp.round(blocks / d[..., None]).astype(jnp.int8), d.astype(jnp.float16), None, "q8")
+    layers = model.params.layers
+    layers = layers.replace(**{f: q8(getattr(layers, f)) for f in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")})
+    model = dataclasses.replace(model, params=model.params.replace(layers=layers))
+engine = Engine(model,
                 EngineConfig(num_pages=64, page_size=4, max_tokens_per_step=32, max_seqs_per_step=4,
-                             attention="reference", compilation_cache=sys.argv[1]))
+                             attention="reference", compilation_cache=sys.argv[1],
+                             quantized_lanes=sys.argv[-1] != "no-lanes"))
 q = {"g": {"model": "tiny", "max_tokens": 4, "input": {"cross": [
     {"plus": [{"user": "first document"}, {"user": "second one"}]}, {"user": "question?"}]}}}
 res = run_query(engine, json.dumps(q))
@@ -31,10 +43,15 @@ print(json.dumps(out))
 """
 
 
-def run(setting: str, tmp_path: Path) -> dict:
+def run(setting: str, tmp_path: Path, *extra: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, setting], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SCRIPT, setting, *extra],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -57,6 +74,23 @@ def test_second_process_reads_every_step_from_the_cache(tmp_path):
     off = tmp_path / "off"
     run("off", tmp_path)
     assert not off.exists() and sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) == entries
+
+
+def test_quantized_steps_read_back_with_the_weights_they_were_traced_for(tmp_path):
+    """With block-quantized weights the engine hands one-row steps the weights without their
+    lane copy and the others all of them: two trees, so two kinds of stored program, and an
+    engine without lane copies stores every step under the first kind. A later engine with
+    them must not take such a program for a several-row step (called with the other tree, it
+    fails on its argument count): it traces those anew and reads the one-row ones back."""
+    cache = tmp_path / "cache"
+    plain = run(str(cache), tmp_path, "quantized", "no-lanes")
+    one_kind = {p.name for p in (cache / "steps").iterdir()}
+    assert plain["compilations"] == len(one_kind) >= 2 and len({n.split("-")[1] for n in one_kind}) == 1
+    first = run(str(cache), tmp_path, "quantized")
+    steps = {p.name for p in (cache / "steps").iterdir()}
+    assert 0 < first["compilations"] < plain["compilations"] and len({n.split("-")[1] for n in steps}) == 2
+    second = run(str(cache), tmp_path, "quantized")
+    assert second["compilations"] == 0 and second["text"] == first["text"] == plain["text"]
 
 
 def test_stored_programs_are_keyed_on_what_the_step_closes_over(tmp_path):
