@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
+from spanjax.kernels.quantized_matmul import BlockQuantized
 from spanjax.models import llama
 from spanjax.models.config import ModelConfig
 from spanjax.models.loading import LoadedModel
@@ -35,3 +37,19 @@ class Tokenizer(ByteTokenizer):
 
 def tiny_model(seed: int = 11, cfg: ModelConfig = CFG) -> LoadedModel:
     return LoadedModel("tiny", cfg, llama.init_params(cfg, jax.random.key(seed), scale=0.2), Tokenizer())
+
+
+def quantized_layers(model: LoadedModel) -> LoadedModel:
+    """`model` with every layer matrix as GGUF Q8_0 blocks (per block of 32 inputs, scale
+    amax / 127): a quantized model as small as the tiny one, for the engine's block paths."""
+
+    def q8(w):  # [L, in, out] -> blocks [L, out, in / 32, 32]
+        blocks = jnp.swapaxes(w, -1, -2).reshape(*w.shape[:-2], w.shape[-1], -1, 32)
+        d = (jnp.maximum(jnp.abs(blocks).max(-1), 1e-6) / 127).astype(jnp.float16)
+        q = jnp.round(blocks / d.astype(jnp.float32)[..., None]).astype(jnp.int8)
+        return BlockQuantized(q, d, None, "q8")
+
+    layers = model.params.layers
+    fields = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    layers = layers.replace(**{f: q8(getattr(layers, f)) for f in fields})
+    return dataclasses.replace(model, params=model.params.replace(layers=layers))

@@ -53,8 +53,10 @@ def quantized_matmuls(x, ws: tuple[BlockQuantized, ...], impl: str = "auto") -> 
     (a layer's q, k and v projections; gate and up), so the small ones do not each pay a call."""
     for w in ws:
         check(w)  # trace time: a malformed pytree fails here, not inside the kernel
-        if x.shape[-1] != w.in_features or w.q.ndim != 3:
+        if x.shape[-1] != w.in_features or w.q.ndim != (3 if w.layer is None else 4):
             raise ValueError(f"x [..., {x.shape[-1]}] against a quantized matrix of shape {tuple(w.q.shape)}")
+    if len({w.layer for w in ws}) > 1:  # one call reads one layer of its stacks
+        ws = tuple(w.sliced() for w in ws)
     lead, rows = x.shape[:-1], math.prod(x.shape[:-1])
     use_kernel = impl == "cpu" or (impl == "auto" and rows <= KERNEL_MAX_ROWS and cpu.available())
     if impl == "cpu" and not cpu.available():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from spanjax.kernels.cpu_library import available, unavailable_reason, vnni_supported
 from spanjax.kernels.quantized_matmul.format import BlockQuantized
@@ -32,7 +33,10 @@ def _products(target: str, x2, ws, codes) -> tuple[jax.Array, ...]:
     outs = tuple(jax.ShapeDtypeStruct((x2.shape[0], w.out_features), jnp.float32) for w in ws)
     no_offset = jnp.zeros((0,), jnp.float16)
     args = [a for c in map(codes, ws) for a in (c.q, c.scale, no_offset if c.offset is None else c.offset)]
-    return tuple(jax.ffi.ffi_call(target, outs)(x2.astype(jnp.float32), *args))
+    # A layer view (`BlockQuantized.layer`, the same for all ws) passes the whole stacks: the
+    # kernel reads layer `layer` of each at its offset, where a slice would be a copy.
+    layer = np.int64(-1 if ws[0].layer is None else ws[0].layer)
+    return tuple(jax.ffi.ffi_call(target, outs)(x2.astype(jnp.float32), *args, layer=layer))
 
 
 def quantized_matmuls_cpu(x2, ws: tuple[BlockQuantized, ...]) -> tuple[jax.Array, ...]:

@@ -128,10 +128,11 @@ void Groups(const Problem& p, const Activations& a, int64_t rows, int64_t depth,
 // scales and fp16 offsets (q4; an empty array for q8); one fp32 result [R, N] per product, N a
 // multiple of 16. As in `cpu_kernel.cc`, all products of one x run as one parallel loop
 // (`products.h`); x is quantized once for all of them.
-ffi::Error QuantizedMatmulsInt8(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::RemainingRets outs) {
+ffi::Error QuantizedMatmulsInt8(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::RemainingRets outs,
+                          int64_t layer) {
   if (!spanjax::VnniSupported()) return ffi::Error::Internal("int8 products need AVX512-VNNI");
   std::vector<Problem> problems;
-  if (ffi::Error e = spanjax::quantized::ParseProblems(x, weights, outs, kLanes, problems); e.failure()) return e;
+  if (ffi::Error e = spanjax::quantized::ParseProblems(x, weights, outs, kLanes, layer, problems); e.failure()) return e;
   const int64_t rows = x.dimensions()[0], depth = x.dimensions()[1];
   if (rows == 0) return ffi::Error::Success();
   thread_local Activations a;
@@ -147,4 +148,4 @@ ffi::Error QuantizedMatmulsInt8(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weig
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpanjaxQuantizedMatmulsInt8, QuantizedMatmulsInt8,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets().Attr<int64_t>("layer"));

@@ -323,9 +323,10 @@ void GroupsOf(const Problem& p, int64_t g0, int64_t g1) {
 
 // `QuantizedMatmuls` on the lane copy: the same arguments with lane-layout codes, scales and
 // offsets (N a multiple of 16).
-ffi::Error QuantizedMatmulsLanes(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::RemainingRets outs) {
+ffi::Error QuantizedMatmulsLanes(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::RemainingRets outs,
+                          int64_t layer) {
   std::vector<Problem> problems;
-  if (ffi::Error e = spanjax::quantized::ParseProblems(x, weights, outs, kLanes, problems); e.failure()) return e;
+  if (ffi::Error e = spanjax::quantized::ParseProblems(x, weights, outs, kLanes, layer, problems); e.failure()) return e;
   const bool wide = spanjax::UseAvx512();
   spanjax::quantized::ForColumnChunks(problems, kLanes, [wide](const Problem& p, int64_t n0, int64_t n1) {
     const int64_t g0 = n0 / kLanes, g1 = n1 / kLanes;
@@ -342,9 +343,10 @@ ffi::Error QuantizedMatmulsLanes(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs wei
 // for q8), fp16 scales [N, K / 32] and fp16 offsets [N, K / 32] (q4; an empty array for q8);
 // one fp32 result [R, N] per product. The products of one x (a layer's q, k and v; gate and
 // up) run as one parallel loop over their column chunks (`products.h`).
-ffi::Error QuantizedMatmuls(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::RemainingRets outs) {
+ffi::Error QuantizedMatmuls(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::RemainingRets outs,
+                          int64_t layer) {
   std::vector<Problem> problems;
-  if (ffi::Error e = spanjax::quantized::ParseProblems(x, weights, outs, 1, problems); e.failure()) return e;
+  if (ffi::Error e = spanjax::quantized::ParseProblems(x, weights, outs, 1, layer, problems); e.failure()) return e;
   const bool wide = spanjax::UseAvx512();
   spanjax::quantized::ForColumnChunks(problems, 1, [wide](const Problem& p, int64_t n0, int64_t n1) {
     Columns(p, n0, n1, wide);
@@ -355,7 +357,7 @@ ffi::Error QuantizedMatmuls(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpanjaxQuantizedMatmuls, QuantizedMatmuls,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets().Attr<int64_t>("layer"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpanjaxQuantizedMatmulsLanes, QuantizedMatmulsLanes,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets().Attr<int64_t>("layer"));

@@ -40,6 +40,11 @@ class BlockQuantized:
 
     `lanes`: optionally, a second copy in the lane layout (`lanes.with_lanes`); only
     decode-sized products read it, everything else the blocks.
+
+    `layer`: set on a matrix whose arrays are a stack of layers ([L, out, ...]) to mean layer
+    `layer` of it (`at_layer`). The CPU kernels read that layer in place, at an offset, so an
+    unrolled decoder hands every layer the same stacked buffers instead of a sliced copy
+    each; the jnp paths slice it (`sliced`).
     """
 
     q: jax.Array
@@ -47,6 +52,21 @@ class BlockQuantized:
     offset: jax.Array | None
     format: str = flax.struct.field(pytree_node=False)
     lanes: LaneCodes | None = None
+    layer: int | None = flax.struct.field(pytree_node=False, default=None)
+
+    def at_layer(self, i: int) -> BlockQuantized:
+        """Layer i of a stacked matrix, without slicing its arrays."""
+        if self.layer is not None or self.q.ndim != 4 or not 0 <= i < self.q.shape[0]:
+            shape = tuple(self.q.shape)
+            raise ValueError(f"at_layer({i}) needs a stack of layers [L, out, in / 32, width], got {shape}")
+        return self.replace(layer=i)
+
+    def sliced(self) -> BlockQuantized:
+        """The matrix with the arrays of its `layer` alone (a slice in the program); itself when
+        it is not a layer view."""
+        if self.layer is None:
+            return self
+        return jax.tree.map(lambda a: a[self.layer], self).replace(layer=None)
 
     @property
     def out_features(self) -> int:

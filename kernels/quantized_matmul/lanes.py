@@ -77,7 +77,7 @@ def quantize_activations(x):
 
 def int8_matmul_reference(x, w: BlockQuantized) -> jax.Array:
     """What the int8 kernel computes, in jnp: x [R, in] (fp32) times w [out, in] transposed."""
-    x = x.astype(jnp.float32)
+    x, w = x.astype(jnp.float32), w.sliced()
     xq, dx = quantize_activations(x)
     codes = unpack_codes(w).astype(jnp.int32)  # [N, B, 32]
     dots = jnp.einsum("rbk,nbk->rnb", xq, codes, preferred_element_type=jnp.int32).astype(jnp.float32)

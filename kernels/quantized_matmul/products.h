@@ -33,8 +33,10 @@ struct Problem {
 // x [R, K] (fp32) and, per product, three arguments: codes (uint8, 16 bytes per block, for q4;
 // int8, 32 per block, for q8), fp16 scales and fp16 offsets (q4; an empty array for q8), one
 // fp32 result [R, N] each. `cols_multiple`: what N must divide by (16 for the lane layout).
+// `layer` >= 0: each argument is a stack of layers (a leading [L] axis) and the product reads
+// layer `layer` of it in place; -1: the arguments are one matrix.
 inline ffi::Error ParseProblems(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::RemainingRets outs,
-                                int64_t cols_multiple, std::vector<Problem>& problems) {
+                                int64_t cols_multiple, int64_t layer, std::vector<Problem>& problems) {
   if (weights.size() != 3 * outs.size()) return ffi::Error::InvalidArgument("three weight arrays per result");
   const auto xd = x.dimensions();
   if (xd.size() != 2 || xd[1] % kBlock != 0) return ffi::Error::InvalidArgument("x must be [R, K], K a multiple of 32");
@@ -51,16 +53,23 @@ inline ffi::Error ParseProblems(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weig
       return ffi::Error::InvalidArgument("codes must be uint8 (q4) or int8 (q8)");
     const auto yd = (*y)->dimensions();
     p.x = x.typed_data();
-    p.q = static_cast<const uint8_t*>(q->untyped_data());
-    p.d = d->typed_data();
-    p.m = p.four_bit ? m->typed_data() : nullptr;
     p.y = (*y)->typed_data();
     p.rows = xd[0], p.depth = xd[1], p.cols = yd[1];
-    const int64_t blocks = p.cols * (p.depth / kBlock);
-    if (yd[0] != p.rows || p.cols % cols_multiple != 0 || d->element_count() != blocks ||
-        (p.four_bit && m->element_count() != blocks) ||
-        q->element_count() != blocks * (p.four_bit ? kBlock / 2 : kBlock))
+    const int64_t blocks = p.cols * (p.depth / kBlock);  // of one layer
+    const int64_t code_bytes = blocks * (p.four_bit ? kBlock / 2 : kBlock);
+    int64_t stack = 1;  // layers in each argument
+    if (layer >= 0) {
+      if (q->dimensions().size() == 0 || layer >= q->dimensions()[0])
+        return ffi::Error::InvalidArgument("layer out of range of the stacked weights");
+      stack = q->dimensions()[0];
+    }
+    if (yd[0] != p.rows || p.cols % cols_multiple != 0 || d->element_count() != stack * blocks ||
+        (p.four_bit && m->element_count() != stack * blocks) || q->element_count() != stack * code_bytes)
       return ffi::Error::InvalidArgument("quantized product shapes do not match");
+    const int64_t at = layer < 0 ? 0 : layer;
+    p.q = static_cast<const uint8_t*>(q->untyped_data()) + at * code_bytes;
+    p.d = d->typed_data() + at * blocks;
+    p.m = p.four_bit ? m->typed_data() + at * blocks : nullptr;
     problems.push_back(p);
   }
   return ffi::Error::Success();

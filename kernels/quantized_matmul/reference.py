@@ -18,6 +18,7 @@ def unpack_codes(w: BlockQuantized) -> jax.Array:
 
 def dequantize(w: BlockQuantized) -> jax.Array:
     """The fp32 matrix [..., out, in] (the values GGUF's own dequantization gives)."""
+    w = w.sliced()
     codes = unpack_codes(w)
     values = codes * w.scale.astype(jnp.float32)[..., None]
     if w.offset is not None:
@@ -27,7 +28,7 @@ def dequantize(w: BlockQuantized) -> jax.Array:
 
 def take_rows(w: BlockQuantized, index) -> jax.Array:
     """Rows `index` of the fp32 matrix (an embedding lookup) without expanding the others."""
-    return dequantize(jax.tree.map(lambda a: a[index], w.replace(lanes=None)))
+    return dequantize(jax.tree.map(lambda a: a[index], w.sliced().replace(lanes=None)))
 
 
 def quantized_matmul_reference(x, w: BlockQuantized) -> jax.Array:

@@ -162,8 +162,10 @@ class Engine:
         # cannot hand a dot a slice of a buffer): measured on SmolLM2-135M, 2-core CPU, the
         # copies were ~7 ms of a one-stream fp32 decode step, and bf16 slices were converted to
         # fp32 as well (155 ms per step scanned vs 47 ms unrolled). Unstacking copies the
-        # weights once (the LoadedModel keeps its stacked ones). `layer_loop="scan"` keeps them
-        # stacked: slower steps, much faster compilation.
+        # weights once (the LoadedModel keeps its stacked ones); block-quantized layers are not
+        # copied but unrolled over in place (`llama.UnrolledLayers`: the kernels read a layer of
+        # the stack at an offset). `layer_loop="scan"` keeps them stacked: slower steps, much
+        # faster compilation.
         self.params = llama.unstack_layers(model.params) if config.layer_loop == "unrolled" else model.params
         if config.int8_activations and not llama.has_quantized_weights(model.params):
             raise ValueError("int8_activations needs block-quantized weights (a GGUF model loaded quantized)")

@@ -22,15 +22,8 @@ from spanjax.engine.executor import run_query
 
 model = tiny_model(seed=5, cfg=tiny_config(max_position_embeddings=1024))
 if len(sys.argv) > 2:  # block-quantized layers: one-row steps take the weights without their lane copy
-    import dataclasses, jax, jax.numpy as jnp
-    from spanjax.kernels.quantized_matmul import BlockQuantized
-    def q8(w):  # [L, in, out] -> Q8_0 blocks [L, out, in / 32, 32]
-        blocks = jnp.swapaxes(w, -1, -2).reshape(*w.shape[:-2], w.shape[-1], -1, 32)
-        d = jnp.maximum(jnp.abs(blocks).max(-1), 1e-6) / 127
-        return BlockQuantized(jnp.round(blocks / d[..., None]).astype(jnp.int8), d.astype(jnp.float16), None, "q8")
-    layers = model.params.layers
-    layers = layers.replace(**{f: q8(getattr(layers, f)) for f in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")})
-    model = dataclasses.replace(model, params=model.params.replace(layers=layers))
+    from tiny_byte import quantized_layers
+    model = quantized_layers(model)
 engine = Engine(model,
                 EngineConfig(num_pages=64, page_size=4, max_tokens_per_step=32, max_seqs_per_step=4,
                              attention="reference", compilation_cache=sys.argv[1],

@@ -10,6 +10,7 @@
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 import tiny_byte
@@ -21,6 +22,7 @@ from spanjax.engine.engine import Engine, EngineConfig
 from spanjax.engine.executor import run_query
 from spanjax.engine.sampling import SamplingParams
 from spanjax.engine.scheduler import RequestTooLarge
+from spanjax.models import llama
 from spanjax.models.loading import LoadedModel
 from spanjax.query import ast as A
 from spanjax.query.lower import lower
@@ -293,6 +295,30 @@ def test_ignore_eos_generates_max_tokens_like_the_dense_generator(tiny_model, en
     assert kept.generated == ref.generated
     dense = dense_generate(model, [list(plan.spans[0].token_ids)], SamplingParams(max_tokens=n, ignore_eos=True))[0]
     assert dense.finish_reason == "length" and dense.token_ids == kept.generated
+
+
+def test_quantized_layers_run_unrolled_from_their_stacks(tiny_model):
+    """Block-quantized layers are not copied out per layer: the engine unrolls over views of the
+    stacks (`UnrolledLayers`), the C++ kernels reading each layer in place, two or more
+    sequences through the lane copy; greedy tokens are the dense generator's on the same
+    weights, which slices and expands them."""
+    model = tiny_byte.quantized_layers(tiny_model)
+    eng = Engine(
+        model,
+        EngineConfig(num_pages=64, page_size=PAGE, max_tokens_per_step=32, max_seqs_per_step=4, attention="reference"),
+    )
+    assert isinstance(eng.params.layers, llama.UnrolledLayers)
+    assert eng.params.layers.stack.w_up.q is model.params.layers.w_up.q  # the same buffers
+    assert eng.params.layers.stack.w_up.lanes is not None
+    assert len(jax.tree.leaves(eng.params)) < 60
+    sampling = SamplingParams(max_tokens=8, ignore_eos=True)
+    plans = [
+        lower(A.G("tiny", A.Message("user", text)), model.tokenizer, model="tiny", page_size=PAGE)
+        for text in ("tell me more", "why", "a longer question about the weather")
+    ]
+    want = [r.token_ids for r in dense_generate(model, [list(p.spans[0].token_ids) for p in plans], sampling)]
+    assert [r.generated for r in eng.generate(plans, sampling)] == want
+    assert eng.generate(plans[:1], sampling)[0].generated == want[0]  # one row: the blocks
 
 
 def test_warmup_compiles_the_shapes_and_leaves_the_engine_untouched(tiny_model):

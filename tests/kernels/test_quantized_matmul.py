@@ -165,6 +165,35 @@ def test_fp32_lane_kernel_equals_the_blocks_reference(rows):
     assert without_lanes(int8).lanes is int8.lanes
 
 
+@pytest.mark.skipif(not cpu.available(), reason=f"CPU kernel unavailable: {cpu.unavailable_reason()}")
+@pytest.mark.parametrize("rows", [1, 5])
+def test_layer_views_read_their_layer_of_the_stack_in_place(rows):
+    """`at_layer(i)` of stacked matrices: every kernel (blocks, fp32 lanes, int8 lanes) reads
+    layer i of the stacks, not a slice copy: the program passes the stacks whole, and each result
+    is layer i's own product. The jnp paths slice; a bad layer index is refused."""
+    rng = np.random.default_rng(10 + rows)
+    stacks = (random_blocks(rng, "q4", 48, 576, lead=(3,)), random_blocks(rng, "q8", 32, 576, lead=(3,)))
+    x = jnp.asarray(rng.standard_normal((rows, 576)).astype(np.float32))
+    kinds = [(stacks, cpu.TARGET, quantized_matmul_reference)]
+    if rows > 1:
+        kinds.append((with_lanes(stacks, int8_activations=False), cpu.TARGET_LANES, quantized_matmul_reference))
+    if cpu_library.vnni_supported():
+        kinds.append((with_lanes(stacks), cpu.TARGET_INT8, int8_matmul_reference))
+    for ws, target, reference in kinds:
+        for layer in (0, 2):
+            views = tuple(w.at_layer(layer) for w in ws)
+            call = jax.jit(lambda x, ws: quantized_matmuls(x, ws))
+            program = call.lower(x, views).as_text()
+            assert program.count(target) == 1 and "slice" not in program
+            for got, w in zip(call(x, views), views, strict=True):
+                want = reference(x, jax.tree.map(lambda a, layer=layer: a[layer], w).replace(layer=None))
+                np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()), rtol=0)
+    sliced = quantized_matmul_reference(x, stacks[0].at_layer(1))
+    np.testing.assert_array_equal(sliced, quantized_matmul_reference(x, jax.tree.map(lambda a: a[1], stacks[0])))
+    with pytest.raises(ValueError, match="at_layer"):
+        stacks[0].at_layer(3)
+
+
 def test_lane_copy_is_opt_in_and_needs_groups_of_16():
     rng = np.random.default_rng(4)
     w = random_blocks(rng, "q8", 24, 64, lead=(2,))
