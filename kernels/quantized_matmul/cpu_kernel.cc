@@ -197,27 +197,6 @@ SPANJAX_AVX512 void RowTile512(const Problem& p, int64_t r0, int64_t n0, int64_t
   }
 }
 
-template <bool kFourBit, bool kWide>
-void ColumnsOf(const Problem& p, int64_t n0, int64_t n1) {
-  auto tile = [&](auto rows_tag, int64_t r) {
-    constexpr int kRows = decltype(rows_tag)::value;
-    if constexpr (kWide) {
-      RowTile512<kFourBit, kRows>(p, r, n0, n1);
-    } else {
-      RowTile<kFourBit, kRows>(p, r, n0, n1);
-    }
-  };
-  spanjax::quantized::ForRowTiles(p.rows, tile);
-}
-
-void Columns(const Problem& p, int64_t n0, int64_t n1, bool wide) {
-  if (wide) {
-    p.four_bit ? ColumnsOf<true, true>(p, n0, n1) : ColumnsOf<false, true>(p, n0, n1);
-  } else {
-    p.four_bit ? ColumnsOf<true, false>(p, n0, n1) : ColumnsOf<false, false>(p, n0, n1);
-  }
-}
-
 // acc[r] += w * x[r, k] for the RB rows, x[r, k] at xk[r * stride] broadcast from memory.
 template <int RB>
 SPANJAX_AVX512 inline void AddInput512(__m512 (&acc)[RB], __m512 w, const float* xk, int64_t stride) {
@@ -308,17 +287,32 @@ void LaneTile256(const Problem& p, int64_t r0, int64_t g0, int64_t g1) {
   }
 }
 
-template <bool kFourBit, bool kWide>
-void GroupsOf(const Problem& p, int64_t g0, int64_t g1) {
+// Every row tile of columns [c0, c1) (the block layout) or column groups [c0, c1) (the lane
+// layout), at the vector width chosen at run time.
+template <bool kLaneLayout, bool kFourBit, bool kWide>
+void TilesOf(const Problem& p, int64_t c0, int64_t c1) {
   auto tile = [&](auto rows_tag, int64_t r) {
     constexpr int kRows = decltype(rows_tag)::value;
-    if constexpr (kWide) {
-      LaneTile512<kFourBit, kRows>(p, r, g0, g1);
+    if constexpr (kLaneLayout && kWide) {
+      LaneTile512<kFourBit, kRows>(p, r, c0, c1);
+    } else if constexpr (kLaneLayout) {
+      LaneTile256<kFourBit, kRows>(p, r, c0, c1);
+    } else if constexpr (kWide) {
+      RowTile512<kFourBit, kRows>(p, r, c0, c1);
     } else {
-      LaneTile256<kFourBit, kRows>(p, r, g0, g1);
+      RowTile<kFourBit, kRows>(p, r, c0, c1);
     }
   };
   spanjax::quantized::ForRowTiles(p.rows, tile);
+}
+
+template <bool kLaneLayout>
+void Tiles(const Problem& p, int64_t c0, int64_t c1, bool wide) {
+  if (wide) {
+    p.four_bit ? TilesOf<kLaneLayout, true, true>(p, c0, c1) : TilesOf<kLaneLayout, false, true>(p, c0, c1);
+  } else {
+    p.four_bit ? TilesOf<kLaneLayout, true, false>(p, c0, c1) : TilesOf<kLaneLayout, false, false>(p, c0, c1);
+  }
 }
 
 // `QuantizedMatmuls` on the lane copy: the same arguments with lane-layout codes, scales and
@@ -329,12 +323,7 @@ ffi::Error QuantizedMatmulsLanes(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs wei
   if (ffi::Error e = spanjax::quantized::ParseProblems(x, weights, outs, kLanes, layer, problems); e.failure()) return e;
   const bool wide = spanjax::UseAvx512();
   spanjax::quantized::ForColumnChunks(problems, kLanes, [wide](const Problem& p, int64_t n0, int64_t n1) {
-    const int64_t g0 = n0 / kLanes, g1 = n1 / kLanes;
-    if (wide) {
-      p.four_bit ? GroupsOf<true, true>(p, g0, g1) : GroupsOf<false, true>(p, g0, g1);
-    } else {
-      p.four_bit ? GroupsOf<true, false>(p, g0, g1) : GroupsOf<false, false>(p, g0, g1);
-    }
+    Tiles<true>(p, n0 / kLanes, n1 / kLanes, wide);
   });
   return ffi::Error::Success();
 }
@@ -349,7 +338,7 @@ ffi::Error QuantizedMatmuls(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights,
   if (ffi::Error e = spanjax::quantized::ParseProblems(x, weights, outs, 1, layer, problems); e.failure()) return e;
   const bool wide = spanjax::UseAvx512();
   spanjax::quantized::ForColumnChunks(problems, 1, [wide](const Problem& p, int64_t n0, int64_t n1) {
-    Columns(p, n0, n1, wide);
+    Tiles<false>(p, n0, n1, wide);
   });
   return ffi::Error::Success();
 }
