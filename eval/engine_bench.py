@@ -35,7 +35,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from spanjax.engine.engine import Engine, EngineConfig
+from spanjax.engine.engine import Engine, EngineConfig, resolve_cache_dtype
 from spanjax.engine.sampling import SamplingParams
 from spanjax.eval.bench_generate import GGUF_NAME, TEXT, _gguf_dir
 from spanjax.models.loading import load_model, load_tokenizer
@@ -56,7 +56,7 @@ def _prompt_ids(tokenizer, length: int, shift: int = 0) -> list[int]:
 class SpanjaxSide:
     name = "spanjax"
 
-    def __init__(self, dtype: str, token_budget: int, cache_dtype: str = "float32"):
+    def __init__(self, dtype: str, token_budget: int, cache_dtype: str = "auto"):
         # "quantized": fp32 compute on the GGUF's own Q4_1 / Q8_0 blocks (kernels/quantized_matmul);
         # "quantized-int8": the same weights, decode products with int8 activations as llama.cpp
         # computes them (EngineConfig.int8_activations)
@@ -65,7 +65,7 @@ class SpanjaxSide:
         weights_dtype = jnp.float32 if quantized else getattr(jnp, dtype)
         self.model = load_model("smollm2-135m", dtype=weights_dtype, quantized=quantized)
         self.token_budget = token_budget
-        self.cache_dtype = cache_dtype
+        self.cache_dtype = resolve_cache_dtype(cache_dtype, self.model.params)  # "auto": the engine's choice
         self.engines: dict[int, Engine] = {}
 
     def _engine(self, num_pages: int) -> Engine:
@@ -205,7 +205,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     dtypes = ["float32", "bfloat16", "quantized", "quantized-int8"]
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=dtypes)
-    ap.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16"], help="spanjax's KV pool")
+    ap.add_argument(
+        "--cache-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="spanjax's KV pool (auto: the engine's default, bf16 for quantized weights)",
+    )
     ap.add_argument("--peers", nargs="*", default=["llama.cpp", "transformers"], choices=["llama.cpp", "transformers"])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--token-budget", type=int, default=512, help="engine max_tokens_per_step")
@@ -223,8 +228,12 @@ def main(argv=None):
             print("llama-cpp-python is not installed: skipping llama.cpp")
             continue
         sides.append(LlamaCppSide(args.threads) if peer == "llama.cpp" else TransformersSide(args.threads))
-    kv = "" if args.cache_dtype == "float32" else f" kv {args.cache_dtype}"
-    names = [s.name if s.name != "spanjax" else f"spanjax {d}{kv}" for s, d in zip(sides, args.dtypes + [None] * 9)]
+    def name(side, dtype):
+        if side.name != "spanjax":
+            return side.name
+        return f"spanjax {dtype}" + ("" if side.cache_dtype == "float32" else f" kv {side.cache_dtype}")
+
+    names = [name(s, d) for s, d in zip(sides, args.dtypes + [None] * 9)]
 
     table = []
     for case in cases(args.new_tokens):

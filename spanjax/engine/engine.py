@@ -64,7 +64,11 @@ class EngineConfig:
     max_running: int = 64  # requests admitted at once
     # "reference" (the jnp reference), "pallas", or "auto" (Pallas on GPU/TPU, the XLA path on CPU)
     attention: Literal["auto", "reference", "pallas"] = "auto"
-    cache_dtype: Literal["float32", "bfloat16"] = "float32"
+    # The KV pool's dtype. "auto": bfloat16 for block-quantized (GGUF) weights, where decode
+    # batches read more K/V than weights (8 streams after 512 tokens: 192 MB of fp32 K/V a step
+    # against 97 MB of weights; 361 -> 442-453 tok/s in docs/results/engine_bench.md), as
+    # llama.cpp keeps a 16-bit cache; float32 otherwise (dense weights, the exact reference).
+    cache_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # The step's layer loop: "unrolled" (fastest per step on CPU, see Engine.__init__) or "scan"
     # (one `lax.scan` over the stacked weights: compiles ~10x faster for a 30-layer model, so
     # short runs and tests that meet many shape buckets spend less time compiling than running).
@@ -117,6 +121,13 @@ class EngineConfig:
     @property
     def mesh_spec(self) -> MeshSpec | None:
         return None if self.mesh is None else mesh_spec_of(self.mesh)
+
+
+def resolve_cache_dtype(cache_dtype: str, params) -> str:
+    """`EngineConfig.cache_dtype` for these weights: "auto" is bfloat16 for block-quantized ones."""
+    if cache_dtype != "auto":
+        return cache_dtype
+    return "bfloat16" if llama.has_quantized_weights(params) else "float32"
 
 
 def _attention_impl(kind: str):
@@ -172,9 +183,8 @@ class Engine:
         if config.int8_activations or (config.quantized_lanes and llama.has_quantized_weights(model.params)):
             self.params = with_lanes(self.params, int8_activations=config.int8_activations)
         self.pool = PagePool(config.num_pages, config.page_size)
-        init_cache = lambda: llama.init_paged_cache(
-            model.cfg, config.num_pages, config.page_size, jnp.dtype(config.cache_dtype)
-        )
+        self.cache_dtype = jnp.dtype(resolve_cache_dtype(config.cache_dtype, model.params))
+        init_cache = lambda: llama.init_paged_cache(model.cfg, config.num_pages, config.page_size, self.cache_dtype)
         self.shardings = None if self.mesh is None else StepShardings.build(model.cfg, self.params, self.mesh)
         if self.shardings is None:
             self.cache = init_cache()
