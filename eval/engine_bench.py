@@ -228,6 +228,7 @@ def main(argv=None):
             print("llama-cpp-python is not installed: skipping llama.cpp")
             continue
         sides.append(LlamaCppSide(args.threads) if peer == "llama.cpp" else TransformersSide(args.threads))
+
     def name(side, dtype):
         if side.name != "spanjax":
             return side.name
