@@ -272,14 +272,27 @@ class DenseKVCache:
     v: jax.Array
 
 
-def greedy_tokens(logits):
-    """jnp.argmax over the last axis (the first of equal maxima; a NaN counts as the maximum),
-    as a max and a min over positions: XLA CPU runs argmax's paired (value, index) reduction
-    ~5x slower, ~1 ms a step for eight rows of a 49k vocabulary."""
-    V = logits.shape[-1]
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    hit = (logits == top) | jnp.isnan(logits)
+def _first_maximum(x):
+    """The index of the first maximum over the last axis (a NaN counts as the maximum), as a max
+    and a min over positions: XLA CPU runs argmax's paired (value, index) reduction ~5x slower."""
+    V = x.shape[-1]
+    top = jnp.max(x, axis=-1, keepdims=True)
+    hit = (x == top) | jnp.isnan(x)
     return jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
+def greedy_tokens(logits, width: int = 128):
+    """jnp.argmax over the last axis (the first of equal maxima; a NaN counts as the maximum), in
+    two levels: the first block of `width` holding the maximum, then the first maximum in it. The
+    compare-and-select pass then covers one block, not the vocabulary: eight rows of a 49k
+    vocabulary 0.18 -> 0.08 ms on 2 cores (one level; jnp.argmax ~0.85 ms)."""
+    *lead, V = logits.shape
+    pad = -V % width  # -inf padding is never the first maximum (an all--inf row gives 0 either way)
+    x = jnp.pad(logits, [(0, 0)] * len(lead) + [(0, pad)], constant_values=-jnp.inf) if pad else logits
+    blocks = x.reshape(*lead, -1, width)
+    block = _first_maximum(jnp.max(blocks, axis=-1))
+    within = _first_maximum(jnp.take_along_axis(blocks, block[..., None, None], axis=-2)[..., 0, :])
+    return block * width + within
 
 
 def init_dense_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> DenseKVCache:

@@ -62,6 +62,16 @@ def test_greedy_is_argmax():
     tied[2] = -np.inf
     np.testing.assert_array_equal(greedy_tokens(tied), tied.argmax(-1))
     np.testing.assert_array_equal(greedy_tokens(tied), [2, 4, 0])
+    # The same across blocks of 128 (a vocabulary padded to them): ties in two blocks, a NaN in a
+    # later block than a maximum and in an earlier one, the maximum in the padded last block.
+    wide = np.zeros((5, 300), np.float32)
+    wide[0, [140, 290]] = 2.0
+    wide[1, 3], wide[1, 200] = 5.0, np.nan
+    wide[2, 260], wide[2, 10] = 9.0, np.nan
+    wide[3] = -np.inf
+    wide[4, 299] = 1.0
+    np.testing.assert_array_equal(greedy_tokens(wide), wide.argmax(-1))
+    np.testing.assert_array_equal(greedy_tokens(wide), [140, 200, 10, 0, 299])
 
 
 def test_top_k_one_is_greedy():
