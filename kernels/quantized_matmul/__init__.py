@@ -15,7 +15,7 @@ import jax
 
 from spanjax.kernels.quantized_matmul import cpu
 from spanjax.kernels.quantized_matmul.format import BLOCK, FORMATS, BlockQuantized, LaneCodes, check
-from spanjax.kernels.quantized_matmul.lanes import int8_matmul_reference, pack_lanes, with_lanes, without_lanes
+from spanjax.kernels.quantized_matmul.lanes import int8_matmul_reference, pack_lanes, with_lanes
 from spanjax.kernels.quantized_matmul.reference import dequantize, quantized_matmul_reference, take_rows
 
 # Up to this many rows the CPU kernel beats expanding the weights for XLA's GEMM (measured
@@ -37,7 +37,6 @@ __all__ = [
     "quantized_matmuls",
     "take_rows",
     "with_lanes",
-    "without_lanes",
 ]
 
 

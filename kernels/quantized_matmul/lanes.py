@@ -4,7 +4,7 @@ activations that one of its two kernels uses.
 `with_lanes(params, int8_activations)` gives every block-quantized matrix a second copy of its
 codes in the lane layout. Products of 2 to `KERNEL_MAX_ROWS` rows then read it:
 - `int8_activations=False`: fp32 products (`cpu_kernel.cc`, `QuantizedMatmulsLanes`), the
-  dequantized model's results in another order of summation, ~1.5x faster than the block
+  dequantized model's results in another order of summation, ~1.3x faster than the block
   layout at eight rows (a decode batch); one-row products keep the block layout;
 - `int8_activations=True` (opt-in, `EngineConfig.int8_activations`): x is quantized per block of
   32 to int8 and the products are integer dot products (AVX512-VNNI, `cpu_int8.cc`), as
@@ -51,19 +51,6 @@ def with_lanes(tree, int8_activations: bool = True):
         return pack_lanes(x, int8_activations) if is_q(x) and x.out_features % LANES == 0 else x
 
     return jax.tree.map(pack, tree, is_leaf=is_q)
-
-
-def without_lanes(tree):
-    """`tree` with the fp32-activation lane copies dropped (the same arrays otherwise): for steps
-    where no product has 2 to `KERNEL_MAX_ROWS` rows, which would not read them (one-row decode
-    reads the blocks) but would still pay each array's dispatch (~1 us each on CPU, ~650 for
-    SmolLM2). Int8 lane copies stay: every row count up to the limit reads them."""
-    is_q = lambda x: isinstance(x, BlockQuantized)  # noqa: E731
-
-    def strip(x):
-        return x.replace(lanes=None) if is_q(x) and x.lanes is not None and not x.lanes.int8_activations else x
-
-    return jax.tree.map(strip, tree, is_leaf=is_q)
 
 
 def quantize_activations(x):

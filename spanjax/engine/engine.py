@@ -178,13 +178,14 @@ class Engine:
         # the stack at an offset). `layer_loop="scan"` keeps them stacked: slower steps, much
         # faster compilation.
         self.params = llama.unstack_layers(model.params) if config.layer_loop == "unrolled" else model.params
-        if config.int8_activations and not llama.has_quantized_weights(model.params):
+        quantized = llama.has_quantized_weights(model.params)
+        if config.int8_activations and not quantized:
             raise ValueError("int8_activations needs block-quantized weights (a GGUF model loaded quantized)")
-        if config.int8_activations or (config.quantized_lanes and llama.has_quantized_weights(model.params)):
+        if quantized and (config.int8_activations or config.quantized_lanes):
             self.params = with_lanes(self.params, int8_activations=config.int8_activations)
         self.pool = PagePool(config.num_pages, config.page_size)
-        self.cache_dtype = jnp.dtype(resolve_cache_dtype(config.cache_dtype, model.params))
-        init_cache = lambda: llama.init_paged_cache(model.cfg, config.num_pages, config.page_size, self.cache_dtype)
+        cache_dtype = jnp.dtype(resolve_cache_dtype(config.cache_dtype, model.params))
+        init_cache = lambda: llama.init_paged_cache(model.cfg, config.num_pages, config.page_size, cache_dtype)
         self.shardings = None if self.mesh is None else StepShardings.build(model.cfg, self.params, self.mesh)
         if self.shardings is None:
             self.cache = init_cache()

@@ -36,7 +36,6 @@ from spanjax.engine import aot
 from spanjax.engine.aot import StepPrograms
 from spanjax.engine.sampling import SamplingRows, sampling_arrays
 from spanjax.engine.scheduler import StepBatch, StepItem
-from spanjax.kernels.quantized_matmul import KERNEL_MAX_ROWS, without_lanes
 from spanjax.models import llama
 from spanjax.models import sharding as shd
 
@@ -126,7 +125,6 @@ class StepRunner:
         self.programs = programs
         # bucket signature -> the stored program's step (when `programs` is set), least recently used first
         self._stored: collections.OrderedDict = collections.OrderedDict()
-        self._blocks_only = (None, None)  # (params, params without fp32 lane copies): `_params_for`
         # On a mesh spanning processes (multi-host) a process can read only an array it holds
         # whole: the logits are gathered (replicated) before the host reads them, when kept.
         self._gather_logits = None
@@ -186,7 +184,6 @@ class StepRunner:
         `adapter` (an AdapterBank) applies per token by `batch.adapter_ids`; a
         batch with no adapted token runs the plain step (a separate trace)."""
         inputs, sampling, extra = self.padded_inputs(batch, adapter)
-        params = self._params_for(params, tokens=len(inputs[0]), seqs=len(inputs[3]))
         if self.shardings is not None and not extra:
             extra = (None, None)  # in_shardings name all nine arguments
         args = (params, cache, *inputs, sampling, *extra)
@@ -195,36 +192,16 @@ class StepRunner:
             logits = self._gather_logits(logits)
         return next_ids, logits, cache
 
-    def _params_for(self, params, tokens: int, seqs: int):
-        """`params`, or without its fp32 lane copies where no product of the step has 2 to
-        KERNEL_MAX_ROWS rows (the layers' `tokens`, the LM head's `seqs`) and none would read
-        them. The stripped tree is made once per params object, so each program keeps seeing
-        the same object (aot.py flattens a params object once)."""
-        if 2 <= tokens <= KERNEL_MAX_ROWS or 2 <= seqs <= KERNEL_MAX_ROWS:
-            return params
-        if self._blocks_only[0] is not params:
-            stripped = without_lanes(params)
-            same = jax.tree.structure(stripped) == jax.tree.structure(params)
-            self._blocks_only = (params, params if same else stripped)
-        return self._blocks_only[1]
-
     def _step_for(self, args):
         """The jitted step, or with stored programs the one stored for these shapes."""
         if self.programs is None:
             return self._step
-        bucket = aot.signature(args[2:])  # the pool is fixed per engine, the weights one of two trees
-        key = (self._weights_variant(args[0]), bucket)
+        key = aot.signature(args[2:])  # the bucket: weights and pool are fixed per engine
         step = self._stored.pop(key, None)
         if step is None:
-            step = self.programs.load_or_export(self._step_impl, args, fixed=2, bucket=bucket, donate=(1,))
+            step = self.programs.load_or_export(self._step_impl, args, fixed=2, bucket=key, donate=(1,))
         self._keep(key, step)
         return step
-
-    def _weights_variant(self, params) -> str:
-        """Which of the engine's two weight trees a step takes (`_params_for`): a stored
-        program runs only with the tree it was traced for."""
-        full, blocks_only = self._blocks_only
-        return "blocks" if params is blocks_only and params is not full else "full"
 
     def _keep(self, key, step) -> None:
         """Remember a loaded program as the most recently used; beyond `aot.LOADED_MAX` the least
@@ -238,11 +215,7 @@ class StepRunner:
         first requests find them ready. Returns how many."""
         if self.programs is None:
             return 0
-        blocks_only = self._params_for(params, tokens=1, seqs=1)  # one-row steps' weights
-        stored = {("full", bucket): step for bucket, step in self.programs.preload((params, cache)).items()}
-        if blocks_only is not params:
-            more = self.programs.preload((blocks_only, cache), limit=max(0, aot.PRELOAD_MAX - len(stored)))
-            stored |= {("blocks", bucket): step for bucket, step in more.items()}
+        stored = self.programs.preload((params, cache))
         for key, step in stored.items():
             self._keep(key, step)
         return len(stored)

@@ -236,10 +236,10 @@ def decoder(
         return x, cache
 
     lora_layers = None if adapter is None else adapter.layers
-    if isinstance(params.layers, (tuple, UnrolledLayers)):  # unrolled (see `unstack_layers`)
-        layers = params.layers
-        if isinstance(layers, UnrolledLayers):
-            layers = [layers.layer(i) for i in range(layers.num_layers)]
+    layers = params.layers
+    if isinstance(layers, UnrolledLayers):
+        layers = tuple(layers.layer(i) for i in range(layers.num_layers))
+    if isinstance(layers, tuple):  # unrolled (see `unstack_layers`)
         for i, layer in enumerate(layers):
             lora = None if lora_layers is None else jax.tree.map(lambda a, i=i: a[i], lora_layers)
             x, cache = layer_step(x, cache, layer, i, lora)
