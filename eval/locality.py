@@ -11,6 +11,9 @@ with a block-attention adapter (training/block_adapter.py; directories in
 `span-sequential+lora`, `span-parallel+lora`, `span-sequential+alora`,
 `span-parallel+alora`. The aLoRA is invoked at the question, so its documents'
 pages are the base model's and hit what the base variants cached.
+The `-ranked` variants first score every document alone with the relevance intrinsic
+(`eval.relevance_adapter`, one engine batch of one-token queries), then list them least
+relevant first and keep the `eval.ranked_keep` most relevant (`relevance_scores`).
 The distractors keep one order and the gold document moves, so a span
 variant's document pages are reused across gold positions; only the gold
 document (its label changes), the distractors whose label shifts by one, and
@@ -33,9 +36,11 @@ import dataclasses
 import re
 import threading
 import time
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import yaml
 
 from spanjax.adapters import load_peft
 from spanjax.config import ConfigError
@@ -47,9 +52,11 @@ from spanjax.eval.experiment_config import EXPERIMENT_ENGINE
 from spanjax.eval.stats import paired_test, wilson
 from spanjax.models.loading import load_model
 from spanjax.runs import RunDir, append_items, item_key, load_items, machine, progress, write_results
+from spanjax.tasks.answerability import label_token_ids
 from spanjax.tasks.locality import (
     BASE_VARIANTS,
     EXAMPLES,
+    RELEVANCE_INVOCATION,
     REWEIGHT_BIAS,
     REWEIGHT_SCALE,
     VARIANT_ADAPTER,
@@ -58,6 +65,9 @@ from spanjax.tasks.locality import (
     _split_range,
     make_g,
     order_invariant,
+    ranked_order,
+    relevance_g,
+    uses_ranking,
     uses_reweight,
 )
 
@@ -67,11 +77,15 @@ from spanjax.tasks.locality import (
 RESUMABLE_SCOPE = ("eval.num_questions", "eval.variants", "eval.shard")
 # An adapter directory a run did not have may be added when resuming it (for its adapter variants,
 # which then start); one it had may not change (its items were computed with it).
-RESUMABLE_WHEN_UNSET = ("eval.lora_adapter", "eval.alora_adapter")
+RESUMABLE_WHEN_UNSET = ("eval.lora_adapter", "eval.alora_adapter", "eval.relevance_adapter")
 # Settings only some variants read: they may change on resume while no
 # finished item belongs to such a variant (e.g. the re-weighting chosen on DEV after a held-out
 # run started without it).
-RESUMABLE_WHILE_UNUSED = {"eval.reweight_scale": uses_reweight, "eval.reweight_bias": uses_reweight}
+RESUMABLE_WHILE_UNUSED = {
+    "eval.reweight_scale": uses_reweight,
+    "eval.reweight_bias": uses_reweight,
+    "eval.ranked_keep": uses_ranking,
+}
 
 
 def keys_unused_by(items: list[dict]) -> tuple[str, ...]:
@@ -117,6 +131,11 @@ class LocalityEval:
     # (scale, bias) of the -reweight variants' logits on the documents (choose them on split dev)
     reweight_scale: float = REWEIGHT_SCALE
     reweight_bias: float = REWEIGHT_BIAS
+    # The relevance intrinsic the -ranked variants score documents with (`spanjax train lora
+    # configs/lora_relevance.yaml` writes runs/lora_relevance/adapter), and how many of the most
+    # relevant documents they keep (0 = all; choose it on split dev)
+    relevance_adapter: str | None = None
+    ranked_keep: int = 0
     # "i/k": run only the question chunks (of batch_questions) whose index % k == i, so k
     # processes split one evaluation by question (every variant and position of a question in
     # one shard: pairs stay whole); `spanjax merge` joins their run dirs. null = everything.
@@ -143,6 +162,17 @@ class LocalityEval:
             raise ValueError(
                 f"variants with an adapter need its directory: set {', '.join(f'eval.{a}_adapter' for a in missing)}"
             )
+        ranked = [v for v in self.variants if uses_ranking(v)]
+        if ranked and not self.relevance_adapter:
+            raise ValueError(
+                f"{', '.join(ranked)} rank documents with the relevance intrinsic: set eval.relevance_adapter"
+            )
+        if ranked and self.dataset != "nq":
+            raise ValueError(
+                f"{', '.join(ranked)}: the relevance intrinsic is trained on nq; dataset is {self.dataset}"
+            )
+        if not 0 <= self.ranked_keep <= self.num_docs:
+            raise ValueError(f"ranked_keep must lie in 0..num_docs={self.num_docs} (0 = all), got {self.ranked_keep}")
         if self.dataset == "kv" and self.num_docs > 75:
             raise ValueError("kv: num_docs must be <= 75 (there are 75 records to split)")
         parse_shard(self.shard)  # a malformed shard fails here, naming itself
@@ -185,12 +215,50 @@ def locality_examples(ev: LocalityEval, seed: int, tokenizer=None) -> list[Examp
 
 
 def register_adapters(engine, ev: LocalityEval) -> None:
-    """Load the PEFT adapters the variants name and register them as "lora" / "alora"."""
+    """Load the PEFT adapters the variants name and register them as "lora" / "alora", and the
+    relevance intrinsic as "relevance" when a ranked variant runs."""
     for name in sorted({VARIANT_ADAPTER[v] for v in ev.variants if v in VARIANT_ADAPTER}):
         adapter = load_peft(getattr(ev, f"{name}_adapter"), engine.model.cfg)
         if adapter.config.kind != name:
             raise ValueError(f"eval.{name}_adapter is a {adapter.config.kind} adapter, expected {name}")
         engine.register_adapter(name, adapter)
+    if any(uses_ranking(v) for v in ev.variants):
+        engine.register_adapter("relevance", load_relevance_adapter(ev.relevance_adapter, engine.model.cfg))
+
+
+def load_relevance_adapter(directory: str, model_cfg):
+    """The relevance intrinsic: a LoRA trained with the invocation the ranked variants send
+    (checked against the training config saved beside it, when there is one)."""
+    adapter = load_peft(directory, model_cfg)
+    if adapter.config.kind != "lora":
+        raise ValueError(f"eval.relevance_adapter is a {adapter.config.kind} adapter, expected a lora")
+    for path in (Path(directory) / "train_config.yaml", Path(directory).parent / "config.yaml"):
+        if path.is_file():
+            invocation = (yaml.safe_load(path.read_text()) or {}).get("data", {}).get("invocation")
+            if invocation != RELEVANCE_INVOCATION:
+                raise ValueError(
+                    f"{path}: trained with invocation {invocation!r}, the ranking sends {RELEVANCE_INVOCATION!r}"
+                )
+            break
+    return adapter
+
+
+def relevance_scores(engine: Engine, queries: list[tuple[Example, int]], page_size: int) -> list[np.ndarray]:
+    """For each (example, gold position): every document's score by the relevance intrinsic,
+    scored alone (the logit of "answerable" minus that of "unanswerable" at its one generated
+    token), in the order of `ex.bodies(position)`. One engine batch for all of them."""
+    tok, name = engine.model.tokenizer, engine.model.name
+    yes, no = label_token_ids(tok)
+    greedy_one = SamplingParams(max_tokens=1, temperature=0.0)
+    rows = []
+    for ex, p in queries:
+        plans = [
+            lower_for_engine(relevance_g(ex, b, name), tok, model=name, page_size=page_size, adapters=engine.adapters)
+            for b in ex.bodies(p)
+        ]
+        rows.append([engine.submit(pl, greedy_one, keep_logits=True) for pl in plans])
+    engine.run_until_done([r for row in rows for r in row])
+    return [np.array([r.logits[0][yes] - r.logits[0][no] for r in row], np.float32) for row in rows]
 
 
 # ---------------------------------------------------------------------------- run
@@ -278,6 +346,14 @@ def aggregate(cfg: LocalityConfig, done: dict[tuple, dict]) -> dict:
             "s_per_question": sum(r["batch_s"] / r["batch_size"] for r in recs) / questions if recs else None,
             "vs_stock": vs_stock(cfg, done, v),
         }
+        ranked = [r for r in recs if "gold_rank" in r]
+        if ranked:  # how well the relevance intrinsic found the gold document
+            table[v]["ranking"] = {
+                "n": len(ranked),
+                "gold_ranked_first": float(np.mean([r["gold_rank"] == 0 for r in ranked])),
+                "gold_kept": float(np.mean([r["gold_kept"] for r in ranked])),
+                "mean_gold_rank": float(np.mean([r["gold_rank"] for r in ranked])),
+            }
     return table
 
 
@@ -416,10 +492,10 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
     for engine in replicas.engines:
         register_adapters(engine, ev)
 
-    def plan(engine: Engine, key: tuple[str, int, int]):
+    def plan(engine: Engine, key: tuple[str, int, int], order: tuple[int, ...] | None = None):
         # An aLoRA g keys its pages before the invocation as base pages (shared with the base variants).
         v, q, p = key
-        g = make_g(by_index[q], p, v, model.name, ev.max_tokens, (ev.reweight_scale, ev.reweight_bias))
+        g = make_g(by_index[q], p, v, model.name, ev.max_tokens, (ev.reweight_scale, ev.reweight_bias), order)
         return lower_for_engine(g, tok, model=model.name, page_size=cfg.engine.page_size, adapters=engine.adapters)
 
     # Every variant's query for one question is lowered before any work, so a variant the task
@@ -427,7 +503,8 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
     # after hours of the variants before it in the work order.
     for v in ev.variants:
         try:
-            plan(replicas.engines[0], (v, examples[0].index, ev.gold_positions[0]))
+            order = tuple(range(ev.num_docs)) if uses_ranking(v) else None
+            plan(replicas.engines[0], (v, examples[0].index, ev.gold_positions[0]), order)
         except AdapterError as e:
             raise ConfigError(f"eval.variants: {v} cannot run on the {ev.dataset} task's prompt: {e}") from None
     sampling = SamplingParams(max_tokens=ev.max_tokens, temperature=0.0, seed=cfg.seed)
@@ -435,13 +512,17 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
     lock = threading.Lock()  # the items file, `done` and the bar, shared by the replicas' threads
 
     def run_batch(engine: Engine, todo: list[tuple[str, int, int]]) -> None:
-        plans = [plan(engine, key) for key in todo]
         t0 = time.perf_counter()
+        orders = [None] * len(todo)
+        if uses_ranking(todo[0][0]):  # a batch is one variant's
+            scores = relevance_scores(engine, [(by_index[q], p) for _, q, p in todo], cfg.engine.page_size)
+            orders = [ranked_order(sc, ev.ranked_keep) for sc in scores]
+        plans = [plan(engine, key, order) for key, order in zip(todo, orders)]
         reqs = [engine.submit(pl, sampling) for pl in plans]
         engine.run_until_done(reqs)
         dt = time.perf_counter() - t0
         recs = []
-        for (v, q, p), r in zip(todo, reqs):
+        for i, ((v, q, p), r, order) in enumerate(zip(todo, reqs, orders)):
             s = r.summary()
             rec = {
                 "key": [v, q, p],
@@ -456,6 +537,8 @@ def run(cfg: LocalityConfig, run_dir: RunDir, model=None) -> dict:
                 "batch_s": dt,
                 "batch_size": len(todo),
             }
+            if order is not None:  # where the intrinsic ranked the gold document (0 = most relevant)
+                rec.update(order=list(order), gold_rank=ranked_order(scores[i])[::-1].index(p), gold_kept=p in order)
             recs.append(rec)
             copies = [k for k in recorded_keys(ev, (v, q, p)) if k[2] != p]
             recs += [{**rec, "key": list(k), "position": k[2], "computed_at": p} for k in copies]

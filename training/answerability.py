@@ -19,10 +19,9 @@ from tqdm import tqdm
 
 from spanjax.adapters import adapter_mask, make_bank
 from spanjax.models import llama
+from spanjax.tasks.answerability import LABELS, label_token_ids
 from spanjax.tasks.data import DEV, HELD_OUT, nq_open_oracle
-from spanjax.training.data import completion_ids, prompt_ids
-
-LABELS = ("answerable", "unanswerable")
+from spanjax.training.data import prompt_ids
 
 
 def train_indices(n: int) -> range:
@@ -63,15 +62,6 @@ def build_records(indices, num_docs: int, max_doc_words: int, seed: int, data=No
             }
         )
     return out
-
-
-def label_token_ids(tokenizer) -> tuple[int, int]:
-    """First token of each label's completion after the generation prefix (they must differ)."""
-    gen = len(tokenizer.generation_prefix_ids())
-    first = tuple(completion_ids(tokenizer, lab)[gen] for lab in LABELS)
-    if first[0] == first[1]:
-        raise ValueError(f"labels {LABELS} start with the same token; pick distinguishable labels")
-    return first
 
 
 def prompt_tokens(tokenizer, record: dict, invocation_ids, max_prefix: int) -> list[int]:

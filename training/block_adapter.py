@@ -46,8 +46,9 @@ from spanjax.models.config import ModelConfig
 from spanjax.query.lower import lower
 from spanjax.tasks.data import DEV
 from spanjax.tasks.locality import make_g, nq_examples
+from spanjax.tokenizer.tokenizer import completion_ids
 from spanjax.training.core import masked_nll
-from spanjax.training.data import batch_indices, completion_ids
+from spanjax.training.data import batch_indices
 
 SOURCE = "nq_blocks"
 

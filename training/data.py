@@ -17,6 +17,8 @@ from pathlib import Path
 import flax.struct
 import numpy as np
 
+from spanjax.tokenizer.tokenizer import completion_ids
+
 
 @dataclasses.dataclass(frozen=True)
 class Example:
@@ -52,16 +54,6 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not out:
         raise ValueError(f"{path}: no examples")
     return out
-
-
-def completion_ids(tokenizer, content: str) -> list[int]:
-    """Generation prefix + the assistant text + the template's end of turn (what the engine
-    generates after the prompt)."""
-    gen = list(tokenizer.generation_prefix_ids())
-    full = list(tokenizer.encode_message("assistant", content))
-    if full[: len(gen)] == gen:
-        return full
-    return gen + list(tokenizer.encode(content)) + list(tokenizer.eos_token_ids[:1])
 
 
 def prompt_ids(tokenizer, messages) -> list[int]:

@@ -50,6 +50,13 @@ VARIANTS = {
     # both: the adapter's question attending to its documents with re-weighted logits
     "span-sequential-reweight+alora": (True, "prefix", "sequential"),
     "span-parallel-reweight+alora": (True, "prefix", "parallel"),
+    # relevance-ranked (in the spirit of attention sorting, arXiv 2310.01427, with a trained scorer):
+    # each document is scored alone by the relevance intrinsic (configs/lora_relevance.yaml), then
+    # the documents are listed least relevant first, so the most relevant sits next to the
+    # question, and only the `keep` most relevant are kept (eval.ranked_keep; 0 = all)
+    "stock-ranked": (False, "prefix", "sequential"),
+    "span-sequential-ranked": (True, "prefix", "sequential"),
+    "span-sequential-ranked+alora": (True, "prefix", "sequential"),
 }
 RECOMPUTE_PAGES = 1  # the recompute variants' head: one page per document (the default of the policy)
 # The reweight variants' default (scale, bias), the identity (the plain span variants) until a
@@ -64,25 +71,34 @@ def uses_reweight(variant: str) -> bool:
     return "-reweight" in variant
 
 
+def uses_ranking(variant: str) -> bool:
+    """Whether the variant lists its documents by the relevance intrinsic's scores."""
+    return "-ranked" in variant
+
+
 def order_invariant(variant: str) -> bool:
     """Whether the variant's span query is one query for every gold position: documents in a
     `plus` under parallel positions all start at the same position and see the same context,
     so moving the gold document only changes the order they are listed in, which the
     attention's rule ignores. Not the recompute variants: a document's recomputed head sees
-    the documents listed before it."""
+    the documents listed before it. The ranked variants are: they list the documents by scores
+    each computed from one document alone, whatever position it was given."""
     in_plus, _, positions = VARIANTS[variant]
-    return in_plus and positions == "parallel" and "-recompute" not in variant
+    return uses_ranking(variant) or (in_plus and positions == "parallel" and "-recompute" not in variant)
 
 
 # variant -> the adapter its g runs (engine name; its directory is eval.<name>_adapter)
 VARIANT_ADAPTER = {v: v.rsplit("+", 1)[1] for v in VARIANTS if "+" in v}
-BASE_VARIANTS = tuple(v for v in VARIANTS if v not in VARIANT_ADAPTER)
+# without an adapter of any kind (the ranked ones need the relevance intrinsic)
+BASE_VARIANTS = tuple(v for v in VARIANTS if v not in VARIANT_ADAPTER and not uses_ranking(v))
 KV_DEV, KV_HELD_OUT = range(0, 250), range(250, 500)
 
 NQ_SYSTEM = (
     "Write a high-quality answer for the given question using only the provided search results "
     "(some of which might be irrelevant). Answer with a few words."
 )
+# The relevance intrinsic's invocation (its training config's data.invocation, checked when loaded).
+RELEVANCE_INVOCATION = "Relevance: does the document answer the question?"
 KV_SYSTEM = (
     "Extract the value corresponding to the specified key in the JSON objects below. Answer with the value only."
 )
@@ -123,8 +139,16 @@ class Example:
     answers: tuple[str, ...]
     dataset: str
 
-    def documents(self, pos: int) -> list[str]:
-        bodies = list(self.docs[:pos]) + [self.gold] + list(self.docs[pos:])
+    def bodies(self, pos: int) -> list[str]:
+        """The documents' bodies with the gold one at `pos`, in listed order."""
+        return list(self.docs[:pos]) + [self.gold] + list(self.docs[pos:])
+
+    def documents(self, pos: int, order: tuple[int, ...] | None = None) -> list[str]:
+        """The documents as listed in the prompt: `bodies(pos)`, or those of them that `order`
+        names in its order, each labelled with its place in the list."""
+        bodies = self.bodies(pos)
+        if order is not None:
+            bodies = [bodies[i] for i in order]
         if self.dataset == "kv":
             return bodies
         return [f"Document [{i + 1}]{b}" for i, b in enumerate(bodies)]
@@ -238,6 +262,24 @@ def kv_examples(
 EXAMPLES = {"nq": nq_examples, "kv": kv_examples}
 
 
+def relevance_g(ex: Example, body: str, model_name: str) -> A.G:
+    """The relevance intrinsic's query for one document body of `ex`, in its training format
+    (training/answerability.py with one document): one label token is generated, and its two
+    candidates' logits are the score."""
+    if ex.dataset != "nq":
+        raise ValueError("the relevance intrinsic is trained on nq questions; the kv task has no ranked variants")
+    text = f"Document 1: {body}\n\n{ex.question.removesuffix(chr(10) + 'Answer:')}"
+    prompt = A.Cross((A.Message("user", text), A.Message("user", RELEVANCE_INVOCATION)))
+    return A.G(model_name, prompt, max_tokens=1, temperature=0.0, adapter="relevance")
+
+
+def ranked_order(scores, keep: int = 0) -> tuple[int, ...]:
+    """Document indices from the least to the most relevant (the highest score last, next to the
+    question; equal scores keep their listed order), only the last `keep` of them when keep > 0."""
+    order = sorted(range(len(scores)), key=lambda i: float(scores[i]))
+    return tuple(order[-keep:] if keep > 0 else order)
+
+
 def make_g(
     ex: Example,
     pos: int,
@@ -245,11 +287,17 @@ def make_g(
     model_name: str,
     max_tokens: int,
     reweight: tuple[float, float] = (REWEIGHT_SCALE, REWEIGHT_BIAS),
+    order: tuple[int, ...] | None = None,
 ) -> A.G:
     """The span query of `variant` for `ex` with its gold document at position `pos`;
-    `reweight` (scale, bias) is what the `-reweight` variants use."""
+    `reweight` (scale, bias) is what the `-reweight` variants use, `order` (indices into
+    `ex.bodies(pos)`, from `ranked_order`) the documents the `-ranked` variants list."""
     span, attention, positions = VARIANTS[variant]
-    docs = tuple(A.Message("user", d) for d in ex.documents(pos))
+    if uses_ranking(variant) != (order is not None):
+        raise ValueError(
+            f"{variant}: an order of documents is {'needed' if order is None else 'only for ranked variants'}"
+        )
+    docs = tuple(A.Message("user", d) for d in ex.documents(pos, order))
     body = (A.Plus(docs),) if span else docs
     system = KV_SYSTEM if ex.dataset == "kv" else NQ_SYSTEM
     prompt = A.Cross((A.Message("system", system),) + body + (A.Message("user", ex.question),))

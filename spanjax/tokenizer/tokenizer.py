@@ -334,3 +334,13 @@ class Tokenizer:
 
     def default_system_prefix_ids(self) -> list[int]:
         return self.encode(self.default_system_prefix())
+
+
+def completion_ids(tokenizer, content: str) -> list[int]:
+    """Generation prefix + the assistant text + the template's end of turn (what the engine
+    generates after the prompt)."""
+    gen = list(tokenizer.generation_prefix_ids())
+    full = list(tokenizer.encode_message("assistant", content))
+    if full[: len(gen)] == gen:
+        return full
+    return gen + list(tokenizer.encode(content)) + list(tokenizer.eos_token_ids[:1])
