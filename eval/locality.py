@@ -405,8 +405,8 @@ def markdown_table(cfg: LocalityConfig, table: dict) -> str:
     once = [v for v in table if len(computed_positions(cfg.eval, v)) < len(ps)]
     if once:
         legend += (
-            f" Run once per question (a parallel plus is the same query at every gold position), recorded at"
-            f" every position, counted once in all: {', '.join(once)}."
+            " Run once per question (the same query at every gold position: a parallel plus, or documents"
+            f" listed by relevance), recorded at every position, counted once in all: {', '.join(once)}."
         )
     if "stock" in table and len(table) > 1:
         legend = (
