@@ -268,7 +268,8 @@ def relevance_g(ex: Example, body: str, model_name: str) -> A.G:
     candidates' logits are the score."""
     if ex.dataset != "nq":
         raise ValueError("the relevance intrinsic is trained on nq questions; the kv task has no ranked variants")
-    text = f"Document 1: {body}\n\n{ex.question.removesuffix(chr(10) + 'Answer:')}"
+    question = ex.question.removesuffix("\nAnswer:")  # "Question: ...?", as the intrinsic was trained
+    text = f"Document 1: {body}\n\n{question}"
     prompt = A.Cross((A.Message("user", text), A.Message("user", RELEVANCE_INVOCATION)))
     return A.G(model_name, prompt, max_tokens=1, temperature=0.0, adapter="relevance")
 

@@ -148,3 +148,22 @@ def test_ranked_run_records_the_order_and_the_gold_rank(tiny, tmp_path, monkeypa
     table = res["accuracy"]["span-sequential-ranked"]
     assert table["n"] == 2 and table["ranking"]["n"] == 2
     assert table["ranking"]["gold_kept"] == np.mean([r["gold_kept"] for r in ranked.values() if "computed_at" not in r])
+
+
+def test_relevance_query_is_the_intrinsics_training_prompt():
+    """The ranked variants ask the intrinsic exactly what it was trained on: the answerability
+    builder's one-passage user message (gold passage: "answerable"), then the invocation."""
+    from spanjax.training.answerability import build_records
+
+    examples = L.locality_examples(L.LocalityEval(split="dev", num_docs=2, num_questions=6), 0, None)
+    records = build_records([ex.index for ex in examples], num_docs=1, max_doc_words=120, seed=0)
+    checked = 0
+    for ex, rec in zip(examples, records):
+        if rec["label"] != "answerable":
+            continue
+        g = relevance_g(ex, ex.gold, "tiny")
+        user, invocation = g.input.children
+        assert user.content == rec["messages"][0]["content"]
+        assert invocation.content == RELEVANCE_INVOCATION
+        checked += 1
+    assert checked
