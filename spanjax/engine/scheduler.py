@@ -125,6 +125,10 @@ class Request:
         toks = self.plan.spans[j].token_ids
         return toks + tuple(self.generated) if j == self.final else toks
 
+    def span_length(self, j: int) -> int:
+        """len(span_tokens(j)), without building the tuple."""
+        return len(self.plan.spans[j]) + (len(self.generated) if j == self.final else 0)
+
     def span_position(self, j: int, i: int) -> int:
         pos = self.plan.spans[j].positions
         return pos[i] if i < len(pos) else pos[-1] + 1 + (i - len(pos))
@@ -438,29 +442,36 @@ class Scheduler:
                 slots.append(pages[(i - first) // ps] * ps + (i - first) % ps)
             cu.append(cu[-1] + it.count)
             adapter_ids.extend([req.span_adapter[it.span] if req.span_adapter else -1] * it.count)
-            entries = []  # (page, start_pos, valid_len, (logit scale, bias))
+            # Block-table entries, a run of pages per span seen (then the item's own, then its scratch
+            # pages): page, start position, valid tokens, (logit scale, bias). Positions inside a span
+            # are consecutive, so a run is arithmetic: built with numpy, not entry by entry (a decode
+            # step of 8 sequences over ~36 pages each spent ~0.3 ms here in Python).
+            runs = []
             for d in req.plan.spans[it.span].sees + (it.span,):
-                n_tok = len(req.span_tokens(d)) if d != it.span else own_len
+                n_tok = req.span_length(d) if d != it.span else own_len
                 w = req.plan.logit_weight(it.span, d)
-                for k, page in enumerate(req.span_pages[d][: -(-n_tok // ps)]):
-                    entries.append((page, req.span_position(d, k * ps), min(ps, n_tok - k * ps), w))
-            for k, page in enumerate(it.scratch):
-                pos = req.span_position(it.span, it.start + k * ps)
-                entries.append((page, pos, min(ps, it.count - k * ps), (1.0, 0.0)))
-            tables.append(entries)
+                runs.append((req.span_pages[d][: -(-n_tok // ps)], req.span_position(d, 0), n_tok, w))
+            if it.scratch:
+                runs.append((it.scratch, req.span_position(it.span, it.start), it.count, (1.0, 0.0)))
+            tables.append(runs)
         S = len(items)
-        M = max(len(t) for t in tables)
+        M = max(sum(len(r[0]) for r in runs) for runs in tables)
         bt = np.zeros((S, M), np.int32)
         bp = np.zeros((S, M), np.int32)
         bl = np.zeros((S, M), np.int32)
         reweight = any(it.request.plan.reweight is not None for it in items)
         scale = np.ones((S, M), np.float32) if reweight else None
         bias = np.zeros((S, M), np.float32) if reweight else None
-        for s, entries in enumerate(tables):
-            for m, (page, pos, n, w) in enumerate(entries):
-                bt[s, m], bp[s, m], bl[s, m] = page, pos, n
+        for s, runs in enumerate(tables):
+            m = 0
+            for pages, start, n_tok, w in runs:
+                k = np.arange(len(pages))
+                bt[s, m : m + len(pages)] = pages
+                bp[s, m : m + len(pages)] = start + k * ps
+                bl[s, m : m + len(pages)] = np.minimum(ps, n_tok - k * ps)
                 if reweight:
-                    scale[s, m], bias[s, m] = w
+                    scale[s, m : m + len(pages)], bias[s, m : m + len(pages)] = w
+                m += len(pages)
         cu_arr = np.asarray(cu, np.int32)
         return StepBatch(
             items=items,
