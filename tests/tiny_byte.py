@@ -50,6 +50,5 @@ def quantized_layers(model: LoadedModel) -> LoadedModel:
         return BlockQuantized(q, d, None, "q8")
 
     layers = model.params.layers
-    fields = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-    layers = layers.replace(**{f: q8(getattr(layers, f)) for f in fields})
+    layers = layers.replace(**{f: q8(getattr(layers, f)) for f in llama.LAYER_MATRICES})
     return dataclasses.replace(model, params=model.params.replace(layers=layers))

@@ -14,7 +14,7 @@ import math
 import jax
 
 from spanjax.kernels.quantized_matmul import cpu
-from spanjax.kernels.quantized_matmul.format import BLOCK, FORMATS, BlockQuantized, LaneCodes, check
+from spanjax.kernels.quantized_matmul.format import BLOCK, FORMATS, BlockQuantized, LaneCodes, check, is_block_quantized
 from spanjax.kernels.quantized_matmul.lanes import int8_matmul_reference, pack_lanes, with_lanes
 from spanjax.kernels.quantized_matmul.reference import dequantize, quantized_matmul_reference, take_rows
 
@@ -31,6 +31,7 @@ __all__ = [
     "check",
     "dequantize",
     "int8_matmul_reference",
+    "is_block_quantized",
     "pack_lanes",
     "quantized_matmul",
     "quantized_matmul_reference",

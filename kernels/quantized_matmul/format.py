@@ -86,6 +86,11 @@ class BlockQuantized:
         return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self))
 
 
+def is_block_quantized(x) -> bool:
+    """Whether `x` is a BlockQuantized matrix (the `is_leaf` of tree maps that treat one whole)."""
+    return isinstance(x, BlockQuantized)
+
+
 def check(w: BlockQuantized) -> None:
     if w.format not in FORMATS:
         raise ValueError(f"unknown block-quantized format {w.format!r} (known: {', '.join(FORMATS)})")

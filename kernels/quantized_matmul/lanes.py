@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from spanjax.kernels.quantized_matmul.format import BLOCK, LANES, BlockQuantized, LaneCodes
+from spanjax.kernels.quantized_matmul.format import BLOCK, LANES, BlockQuantized, LaneCodes, is_block_quantized
 from spanjax.kernels.quantized_matmul.reference import unpack_codes
 
 
@@ -45,12 +45,11 @@ def pack_lanes(w: BlockQuantized, int8_activations: bool = True) -> BlockQuantiz
 def with_lanes(tree, int8_activations: bool = True):
     """Every block-quantized matrix of `tree` (Params, say) with its lane copy, where its outputs
     divide into groups of 16 (the others keep the block kernel)."""
-    is_q = lambda x: isinstance(x, BlockQuantized)  # noqa: E731
 
     def pack(x):
-        return pack_lanes(x, int8_activations) if is_q(x) and x.out_features % LANES == 0 else x
+        return pack_lanes(x, int8_activations) if is_block_quantized(x) and x.out_features % LANES == 0 else x
 
-    return jax.tree.map(pack, tree, is_leaf=is_q)
+    return jax.tree.map(pack, tree, is_leaf=is_block_quantized)
 
 
 def quantize_activations(x):

@@ -134,7 +134,7 @@ class Request:
         return pos[i] if i < len(pos) else pos[-1] + 1 + (i - len(pos))
 
     def span_remaining(self, j: int) -> int:
-        return len(self.span_tokens(j)) - self.span_written[j]
+        return self.span_length(j) - self.span_written[j]
 
     def span_complete(self, j: int) -> bool:
         return self.span_remaining(j) == 0

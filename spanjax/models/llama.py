@@ -23,7 +23,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from spanjax.kernels.quantized_matmul import BlockQuantized, quantized_matmul, quantized_matmuls, take_rows
+from spanjax.kernels.quantized_matmul import (
+    BlockQuantized,
+    is_block_quantized,
+    quantized_matmul,
+    quantized_matmuls,
+    take_rows,
+)
 from spanjax.kernels.rope import apply_rope
 from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs
 from spanjax.kernels.span_attention.reference import span_attention_reference
@@ -45,6 +51,10 @@ class LayerParams:
     w_down: jax.Array  # [I, H]
 
 
+# LayerParams' weight matrices (the rest are norm vectors)
+LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
 @flax.struct.dataclass
 class UnrolledLayers:
     """Stacked layers that the decoder unrolls over (`unstack_layers`, block-quantized weights):
@@ -58,8 +68,8 @@ class UnrolledLayers:
         return self.stack.attn_norm.shape[0]
 
     def layer(self, i: int) -> LayerParams:
-        is_q = lambda x: isinstance(x, BlockQuantized)  # noqa: E731
-        return jax.tree.map(lambda a: a.at_layer(i) if is_q(a) else a[i], self.stack, is_leaf=is_q)
+        view = lambda a: a.at_layer(i) if is_block_quantized(a) else a[i]  # noqa: E731
+        return jax.tree.map(view, self.stack, is_leaf=is_block_quantized)
 
 
 @flax.struct.dataclass
@@ -114,8 +124,7 @@ def unstack_layers(params: Params) -> Params:
     if isinstance(params.layers, (tuple, UnrolledLayers)):
         return params
     layers = params.layers
-    matrices = (layers.wq, layers.wk, layers.wv, layers.wo, layers.w_gate, layers.w_up, layers.w_down)
-    if all(isinstance(w, BlockQuantized) for w in matrices):
+    if all(is_block_quantized(getattr(layers, f)) for f in LAYER_MATRICES):
         return params.replace(layers=UnrolledLayers(layers))
     n = layers.attn_norm.shape[0]
     return params.replace(layers=tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)))
@@ -160,8 +169,7 @@ def linears(x, ws):
 
 def has_quantized_weights(tree) -> bool:
     """Whether any leaf of `tree` (Params, or anything holding them) is block-quantized."""
-    is_q = lambda x: isinstance(x, BlockQuantized)  # noqa: E731
-    return any(is_q(x) for x in jax.tree.leaves(tree, is_leaf=is_q))
+    return any(is_block_quantized(x) for x in jax.tree.leaves(tree, is_leaf=is_block_quantized))
 
 
 def embed_tokens(params: Params, tokens):
