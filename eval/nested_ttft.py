@@ -103,7 +103,7 @@ def run_waves(engine, q: A.Query) -> list[tuple[float, float, list]]:
     while not ev.done:
         t0, c0 = time.perf_counter(), _compiling_s()
         reqs = ev.submit(engine, ev.lower(engine))
-        engine.run_until_done(reqs)
+        engine.run_until_done(ev.outstanding())
         waves.append((time.perf_counter() - t0, _compiling_s() - c0, reqs))
         ev.collect(engine)
     return waves

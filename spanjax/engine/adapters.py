@@ -22,7 +22,7 @@ import dataclasses
 
 from spanjax.adapters import Adapter, invocation_start
 from spanjax.query import ast as A
-from spanjax.query.lower import lower
+from spanjax.query.lower import lower, lower_known_prefix
 from spanjax.query.page_keys import chain_page_keys, digest, root_key
 from spanjax.query.plan import Span, SpanPlan
 
@@ -144,3 +144,19 @@ def lower_for_engine(g: A.G, tokenizer, *, model: str, page_size: int, adapters:
     base_plan = dataclasses.replace(base_plan, adapter=g.adapter)
     plan, _ = split_at_invocation(base_plan, g.adapter, ad.config.invocation_tokens)
     return plan
+
+
+def known_prefix_for_engine(
+    g: A.G, tokenizer, *, model: str, page_size: int, adapters: dict[str, Adapter]
+) -> SpanPlan | None:
+    """The spans of a waiting `g`'s prompt before its first unevaluated inner g, keyed as
+    `lower_for_engine` keys them (an aLoRA g's prompt before its invocation is base), to
+    prefill; None when there are none or `g`'s adapter is not registered (its own wave
+    reports that)."""
+    if g.adapter is not None:
+        ad = adapters.get(g.adapter)
+        if ad is None:
+            return None
+        if ad.config.kind != "lora":  # aLoRA: base before the invocation (pages after one stay base, unused)
+            g = dataclasses.replace(g, adapter=None)
+    return lower_known_prefix(g, tokenizer, model=model, page_size=page_size)

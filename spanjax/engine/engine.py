@@ -288,16 +288,19 @@ class Engine:
         sampling: SamplingParams = SamplingParams(),
         keep_logits: bool = False,
         write_final_token: bool = False,
+        prefill: bool = False,
     ) -> Request:
         """Queue one generation. Raises before any compute if it can never fit.
 
         `write_final_token`: once finished, the request stays one more step to write its last
         token's K/V and publish its final page, so a query that re-sends the exchange (the outer
-        query of a nested g) hits all of it; waiting requests are admitted after that step."""
+        query of a nested g) hits all of it; waiting requests are admitted after that step.
+        `prefill`: only encode the plan into the cache (its pages are published for later
+        queries); nothing is sampled and the request finishes with reason "prefill"."""
 
         if plan.model != self.model.name:
             raise ValueError(f"plan was lowered for model {plan.model!r}, engine runs {self.model.name!r}")
-        end = max(max(s.positions) for s in plan.spans) + sampling.max_tokens
+        end = max(max(s.positions) for s in plan.spans) + (0 if prefill else sampling.max_tokens)
         if end >= self.model.cfg.max_position_embeddings:
             raise ValueError(
                 f"prompt and max_tokens reach position {end}, past the model's context of "
@@ -310,7 +313,12 @@ class Engine:
                 plan, self.adapters.get(plan.adapter), names.index(plan.adapter) if plan.adapter in names else -1
             )
         req = Request(
-            plan, sampling, span_adapter=span_adapter, keep_logits=keep_logits, write_final_token=write_final_token
+            plan,
+            sampling,
+            span_adapter=span_adapter,
+            keep_logits=keep_logits,
+            write_final_token=write_final_token,
+            prefill=prefill,
         )
         self.scheduler.add(req)
         return req

@@ -6,7 +6,10 @@ evaluated in waves (`QueryEvaluation`, the one wave loop): every g whose inputs
 are ready runs in one engine batch, its result is substituted as an assistant
 message carrying the exact generated ids, and the next wave follows. Hoisted
 inner exchanges lower to the very tokens the inner generation's sequence holds,
-so the outer query hits the pages it left.
+so the outer query hits the pages it left. While a wave generates, the prompts of
+the g's still waiting are encoded as far as they are known (their spans before the
+first unevaluated inner g, e.g. an outer system prompt: prefill requests), so a
+later wave computes only what depends on the generated text.
 
 The engine serves one model: the `model` a g names is recorded, and the
 engine's loaded model runs it (its name keys the cache).
@@ -18,7 +21,7 @@ import dataclasses
 import logging
 import time
 
-from spanjax.engine.adapters import lower_for_engine
+from spanjax.engine.adapters import known_prefix_for_engine, lower_for_engine
 from spanjax.engine.engine import Engine
 from spanjax.engine.sampling import SamplingParams
 from spanjax.engine.scheduler import Request
@@ -130,6 +133,7 @@ class QueryEvaluation:
         self.num_waves = len(evaluation_order(query)) if query is not None else 1
         self.wave_index = 0
         self.wave: list[tuple[A.G | None, Request]] = []
+        self.prefills: list[Request] = []  # the waiting g's known prompt spans, encoded during this wave
         self.records: list[GenerationRecord] = []
         self._items = items
 
@@ -158,20 +162,45 @@ class QueryEvaluation:
         # A g that feeds another g's prompt writes its last token before releasing its pages:
         # the outer query re-sends the exchange and then finds all of it cached.
         fed = feeds_a_prompt(self.query) if self.query is not None and engine.speculator is None else set()
-        self.wave = []
+        self.wave, self.prefills = [], []
         try:
             for g, plan, sampling in items:
                 self.wave.append((g, engine.submit(plan, sampling, write_final_token=g in fed)))
+            for plan in self._known_prefixes(engine, [plan for _, plan, _ in items]):
+                self.prefills.append(engine.submit(plan, SamplingParams(max_tokens=1), prefill=True))
         except BaseException:
             self.abort(engine)
             raise
         return self.requests()
 
+    def _known_prefixes(self, engine: Engine, wave_plans: list[SpanPlan]) -> list[SpanPlan]:
+        """Plans of the known prompt spans of the g's in later waves, each prefix once, leaving
+        out any that shares a page with this wave (the wave computes it; no double work)."""
+        if self.query is None or self.last_wave:
+            return []
+        computed = {k for plan in wave_plans for s in plan.spans for k in s.page_keys}
+        name, tok, ps = engine.model.name, engine.model.tokenizer, engine.config.page_size
+        plans: dict[tuple[str, ...], SpanPlan] = {}
+        for wave in evaluation_order(self.query)[1:]:
+            for g in wave:
+                plan = known_prefix_for_engine(g, tok, model=name, page_size=ps, adapters=engine.adapters)
+                if plan is None:
+                    continue
+                keys = tuple(k for s in plan.spans for k in s.page_keys)
+                if keys not in plans and computed.isdisjoint(keys):
+                    plans[keys] = plan
+        return list(plans.values())
+
     def requests(self) -> list[Request]:
+        """The wave's generations, in the order of its g's."""
         return [r for _, r in self.wave]
 
+    def outstanding(self) -> list[Request]:
+        """Every request of the wave, prefills included: the wave is over when all have finished."""
+        return self.requests() + self.prefills
+
     def abort(self, engine: Engine) -> None:
-        for r in self.requests():
+        for r in self.outstanding():
             if not r.finished:
                 engine.abort(r)
 
@@ -206,6 +235,7 @@ def run_query(engine: Engine, query: A.Query | str | bytes, *, optimize: bool = 
     log_prints(q)
     ev = QueryEvaluation(prepare(q) if optimize else q)
     while not ev.done:
-        engine.run_until_done(ev.submit(engine, ev.lower(engine)))
+        ev.submit(engine, ev.lower(engine))
+        engine.run_until_done(ev.outstanding())
         ev.collect(engine)
     return QueryResult(value=ev.value(), generations=ev.records, wall_s=time.perf_counter() - t0)

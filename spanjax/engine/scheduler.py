@@ -15,6 +15,11 @@ Each step the scheduler
      stay cached, and it is recomputed later from its prompt and the tokens it
      already generated, so outputs do not change).
 
+A prefill request (`Request(prefill=True)`) only writes its spans' K/V and publishes their pages;
+it samples nothing and finishes, with reason "prefill", when its last span is written: the
+executor encodes the part of a waiting g's prompt that is already known this way while the g's
+it waits on generate (executor.QueryEvaluation.submit).
+
 A plan with `reweight` (APE-style) gets per-entry logit scales and biases next to its block
 tables (`SpanPlan.logit_weight` per listed span); a batch without such a plan carries none,
 so it runs the plain step program.
@@ -83,7 +88,10 @@ class Request:
         span_adapter: tuple[int, ...] | None = None,
         keep_logits: bool = False,
         write_final_token: bool = False,
+        prefill: bool = False,
     ):
+        if prefill and (keep_logits or write_final_token):
+            raise ValueError("a prefill request samples nothing: no keep_logits or write_final_token")
         for s in plan.spans:
             if len(s) == 0:
                 raise ValueError(f"span {s.index} of the plan is empty")
@@ -105,6 +113,7 @@ class Request:
         # before releasing, so a later query that re-sends this exchange (a nested g's outer
         # query) finds every one of its tokens cached, its final page included.
         self.write_final_token = write_final_token
+        self.prefill = prefill  # write the plan's K/V into the cache and finish; sample nothing
         self.logits: list[np.ndarray] = []
         self.speculation = Speculation()
         self._reset()
@@ -204,7 +213,7 @@ class Request:
     def pages_needed_alone(self) -> int:
         ps = self.plan.page_size
         pages = sum(-(-len(s) // ps) for s in self.plan.spans[:-1])
-        final = len(self.plan.spans[-1]) + self.sampling.max_tokens
+        final = len(self.plan.spans[-1]) + (0 if self.prefill else self.sampling.max_tokens)
         return pages + -(-final // ps)
 
     def summary(self) -> dict:
@@ -239,6 +248,7 @@ class StepItem:
         r = self.request
         return (
             not r.finished
+            and not r.prefill
             and self.span == r.final
             and self.start + self.count - len(self.draft) == len(r.span_tokens(r.final))
         )
@@ -303,6 +313,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._resolve_hits(req)
+            if req.prefill and all(req.span_complete(s.index) for s in req.plan.spans):
+                self._retire_prefill(req)  # all of it was cached already
+                continue
             req.admitted = True
             self.running.append(req)
 
@@ -314,7 +327,7 @@ class Scheduler:
             for k, key in enumerate(span.page_keys):
                 # The final span owns its last prompt page: decoding appends there, and its last
                 # token must be computed (its logits pick the first token) even when the page is full.
-                if is_final and (k + 1) * ps >= len(span):
+                if is_final and not req.prefill and (k + 1) * ps >= len(span):
                     break
                 page = self.pool.lookup(key)
                 if page is None:
@@ -366,6 +379,15 @@ class Scheduler:
         self._register_final(req)
         self.running.remove(req)
         self.release(req)
+
+    def _retire_prefill(self, req: Request) -> None:
+        """A prefill request whose spans are all written: publish its last page, release it."""
+        req.finish_reason = "prefill"
+        req.metrics.finish_s = time.perf_counter()
+        if req in self.running:
+            self.finish(req)
+        else:
+            self.release(req)
 
     # -- building a step ------------------------------------------------------------
 
@@ -505,6 +527,9 @@ class Scheduler:
                 self._register_page(req, it.span, k, ps)
             if it.span != req.final and written == len(span) and written % ps:
                 self._register_page(req, it.span, written // ps, written % ps)
+        for req in {id(it.request): it.request for it in batch.items if it.request.prefill}.values():
+            if not req.finished and all(req.span_complete(s.index) for s in req.plan.spans):
+                self._retire_prefill(req)
 
     def _register_page(self, req: Request, j: int, k: int, n: int) -> None:
         page = req.span_pages[j][k]

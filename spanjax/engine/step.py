@@ -73,6 +73,8 @@ class PlainStep(StepPath):
         finished = []
         for s, it in enumerate(batch.items):
             req = it.request
+            if req.prefill:  # retired by commit once written
+                continue
             if req.finished and req.span_complete(req.final):  # its last token is written now
                 self.scheduler.finish(req)
                 continue

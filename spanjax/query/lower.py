@@ -48,6 +48,14 @@ weights, and so does the KV of every span that sees it (its key chains from this
 children keep their keys, so documents are shared with queries that re-weight differently or
 not at all. The identity (1, 0) is no re-weighting (same plan, same keys).
 
+Known prefix (`lower_known_prefix`): the spans a g's prompt lowers to, whole, before its first
+unevaluated inner g. Their tokens, positions, visibility and keys are those of the full
+plan's (lowering is a walk in order, and a key chains only what comes before), so encoding
+them while the inner g's generate (a prefill request, executor.QueryEvaluation.submit) leaves
+exactly the pages the full plan looks up. The run that reaches the g is left out even where
+its first pages are known: for a hoisted exchange they are the inner g's own prompt, which
+that g is computing in the same wave.
+
 Cache keys: see page_keys.py.
 
 Reuse is exact when the cached pre-RoPE KV depends only on what the key
@@ -80,6 +88,10 @@ from spanjax.query.plan import Span, SpanPlan
 from spanjax.query.validate import child_path
 
 
+class _Unevaluated(Exception):
+    """Raised by a known-prefix walk at the first unevaluated inner g."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Ctx:
     groups: tuple  # what a new span in this scope sees, as hashable key groups
@@ -94,6 +106,7 @@ class _Lowerer:
         self.model, self.adapter, self.page_size = model, adapter, page_size
         self.attention, self.positions = attention, positions
         self.recompute = recompute_pages * page_size  # tokens at the head of each plus child
+        self.known_prefix = False  # stop at the first unevaluated g (lower_known_prefix)
         self.spans: list[Span] = []
         self.offset = 0  # padded offset of the next span
         # spanjax.tokenizer.Tokenizer and fake.ByteTokenizer have `vocab_size`; test fakes may not.
@@ -155,6 +168,8 @@ class _Lowerer:
             elif isinstance(n, (A.Monad, A.Print)):
                 continue
             elif isinstance(n, A.G):
+                if self.known_prefix:
+                    raise _Unevaluated
                 raise SpanQueryError(
                     p, "an unevaluated inner g", "its result substituted first (passes.ready/substitute)"
                 )
@@ -258,13 +273,7 @@ class _Lowerer:
         return [n0 + 1, n0 + 2], own + (("recompute", again.cache_key),)
 
 
-def lower(g: A.G, tokenizer, *, model: str | None = None, page_size: int, adapter: str | None = None) -> SpanPlan:
-    """Lower the prompt of `g` (inner g's already substituted) to a SpanPlan.
-
-    `model` names the weights in every cache key (default: `g.model`); `adapter`
-    defaults to `g.adapter`. The tokenizer needs `encode_message(role, content)`,
-    `generation_prefix_ids()` and `encode(text)`.
-    """
+def _lowerer(g: A.G, tokenizer, model: str | None, page_size: int, adapter: str | None) -> _Lowerer:
     if not isinstance(g, A.G):
         raise SpanQueryError("$", type(g).__name__, "a g node to lower")
     if page_size < 1:
@@ -272,7 +281,48 @@ def lower(g: A.G, tokenizer, *, model: str | None = None, page_size: int, adapte
     model = g.model if model is None else model
     adapter = g.adapter if adapter is None else adapter
     reweight = None if g.reweight in (None, (1.0, 0.0)) else tuple(map(float, g.reweight))  # identity: none
-    low = _Lowerer(tokenizer, model, adapter, page_size, g.attention, g.positions, g.recompute_pages, reweight)
+    return _Lowerer(tokenizer, model, adapter, page_size, g.attention, g.positions, g.recompute_pages, reweight)
+
+
+def _plan(low: _Lowerer, g: A.G) -> SpanPlan:
+    spans = low.spans
+    reweight = low.reweight
+    if not any(s.kind != "plus" and any(spans[d].kind == "plus" for d in s.sees) for s in spans):
+        reweight = None  # no span attends to a plus child from outside: nothing to re-weight
+    return SpanPlan(
+        spans=tuple(spans),
+        page_size=low.page_size,
+        model=low.model,
+        adapter=low.adapter,
+        attention_policy=g.attention,
+        position_policy=g.positions,
+        reweight=reweight,
+    )
+
+
+def lower_known_prefix(
+    g: A.G, tokenizer, *, model: str | None = None, page_size: int, adapter: str | None = None
+) -> SpanPlan | None:
+    """The spans of `g`'s plan that precede its first unevaluated inner g (see the module
+    doc), as a plan to prefill; None when nothing whole precedes it or no inner g is left
+    (the g is then ready and lowers whole)."""
+    low = _lowerer(g, tokenizer, model, page_size, adapter)
+    low.known_prefix = True
+    try:
+        low.run(g.input, _Ctx((), (), 0), "cross", "$.g.input", suffix=[])
+    except _Unevaluated:
+        return _plan(low, g) if low.spans else None
+    return None
+
+
+def lower(g: A.G, tokenizer, *, model: str | None = None, page_size: int, adapter: str | None = None) -> SpanPlan:
+    """Lower the prompt of `g` (inner g's already substituted) to a SpanPlan.
+
+    `model` names the weights in every cache key (default: `g.model`); `adapter`
+    defaults to `g.adapter`. The tokenizer needs `encode_message(role, content)`,
+    `generation_prefix_ids()` and `encode(text)`.
+    """
+    low = _lowerer(g, tokenizer, model, page_size, adapter)
     gen = list(tokenizer.generation_prefix_ids())
     if not gen:
         gen = []
@@ -287,14 +337,4 @@ def lower(g: A.G, tokenizer, *, model: str | None = None, page_size: int, adapte
             "a prompt whose final cross span is empty",
             "a tokenizer with a generation prefix or a trailing message",
         )
-    if not any(s.kind != "plus" and any(spans[d].kind == "plus" for d in s.sees) for s in spans):
-        reweight = None  # no span attends to a plus child from outside: nothing to re-weight
-    return SpanPlan(
-        spans=tuple(spans),
-        page_size=page_size,
-        model=model,
-        adapter=adapter,
-        attention_policy=g.attention,
-        position_policy=g.positions,
-        reweight=reweight,
-    )
+    return _plan(low, g)

@@ -164,7 +164,7 @@ class Job:
                 d = st.delta(r)
                 if d:
                     self.sink.delta(i, d)
-        if not all(r.finished for r in ev.requests()):
+        if not all(r.finished for r in ev.outstanding()):
             return False
         for r in ev.requests():
             on_finish(r)

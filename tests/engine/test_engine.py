@@ -378,16 +378,71 @@ def test_nested_inner_g_writes_its_final_token(tiny_model, monkeypatch):
         eng = Engine(tiny_model, EngineConfig(num_pages=256, page_size=PAGE, max_tokens_per_step=32))
         if not write_tail:
             submit = eng.submit
-            monkeypatch.setattr(eng, "submit", lambda p, s, **kw: submit(p, s))
+            monkeypatch.setattr(eng, "submit", lambda p, s, prefill=False, **kw: submit(p, s, prefill=prefill))
         res = run_query(eng, outer)
         assert eng.pool.num_available() == eng.pool.capacity  # no page still held
         return res
 
     with_tail, without = run(True), run(False)
     exchanges = sum(g.prompt_tokens + g.generated_tokens for g in with_tail.generations[:3])
-    assert with_tail.final.cached_tokens >= exchanges > without.final.cached_tokens
+    assert with_tail.final.cached_tokens >= exchanges and with_tail.final.cached_tokens > without.final.cached_tokens
     assert with_tail.final.token_ids == without.final.token_ids
     assert [g.token_ids for g in with_tail.generations] == [g.token_ids for g in without.generations]
+
+
+def test_waiting_outer_g_has_its_known_prompt_encoded_during_the_inner_wave(tiny_model, monkeypatch):
+    """While the inner g's generate, the outer g's system prompt is encoded by a prefill request,
+    so the outer wave computes only its question; its logits stay those of the dense mask and
+    its tokens those of a run without the prefill. A second run finds the prefill all cached."""
+    inner = [
+        A.G("m", A.Cross((A.system("Be brief."), A.user(q))), max_tokens=4)
+        for q in ("What color is the sky?", "Two plus two?")
+    ]
+    outer = A.G(
+        "m",
+        A.Cross((A.system("Summarize the answers above."), A.Plus(tuple(inner)), A.user("Summary:"))),
+        max_tokens=3,
+        positions="parallel",
+    )
+    from spanjax.engine import executor
+
+    def run(prefill: bool):
+        eng = Engine(tiny_model, EngineConfig(num_pages=128, page_size=PAGE, max_tokens_per_step=32))
+        submit, plans = eng.submit, []
+        monkeypatch.setattr(eng, "submit", lambda p, s, **kw: plans.append((p, kw)) or submit(p, s, **kw))
+        if not prefill:
+            monkeypatch.setattr(executor.QueryEvaluation, "_known_prefixes", lambda *a: [])
+        first, second = run_query(eng, outer), run_query(eng, outer)
+        monkeypatch.undo()
+        assert eng.pool.num_available() == eng.pool.capacity and not eng.has_work()
+        return first, second, plans
+
+    first, second, plans = run(True)
+    prefills = [p for p, kw in plans if kw.get("prefill")]
+    assert len(prefills) == 2  # one per run; the second found its pages cached at admission
+    outer_plan = plans[-1][0]
+    assert prefills[0].spans == outer_plan.spans[:1]  # the outer system prompt
+    assert first.final.cached_tokens == outer_plan.num_tokens - len(outer_plan.spans[-1])
+    baseline, _, _ = run(False)
+    assert first.final.cached_tokens > baseline.final.cached_tokens
+    assert [g.token_ids for g in first.generations] == [g.token_ids for g in baseline.generations]
+    assert second.final.token_ids == first.final.token_ids
+
+
+def test_prefill_request_publishes_its_pages_and_samples_nothing(tiny_model):
+    eng = Engine(tiny_model, EngineConfig(num_pages=64, page_size=PAGE, max_tokens_per_step=32))
+    plan = lower(A.G("m", A.user("a prompt of a few pages")), tiny_model.tokenizer, model=tiny_model.name, page_size=PAGE)
+    pre = eng.submit(plan, SamplingParams(max_tokens=1), prefill=True)
+    eng.run_until_done([pre])
+    assert pre.finish_reason == "prefill" and pre.generated == [] and pre.metrics.first_token_s is None
+    assert eng.pool.num_available() == eng.pool.capacity  # released; its pages stay cached
+    req = eng.submit(plan, SamplingParams(max_tokens=2), keep_logits=True)
+    eng.run_until_done([req])
+    last_page = (len(plan.spans[-1]) - 1) // PAGE * PAGE  # the final span recomputes its last prompt page
+    assert req.metrics.cached_tokens == last_page > 0
+    assert check_against_reference(tiny_model, plan, req) < 1e-4
+    with pytest.raises(ValueError, match="samples nothing"):
+        eng.submit(plan, SamplingParams(max_tokens=1), prefill=True, keep_logits=True)
 
 
 def test_abort_of_a_request_still_writing_its_last_token_keeps_its_reason(tiny_model):

@@ -16,7 +16,7 @@ from qstrategies import TinyTokenizer, gs, prompts
 from spanjax.query import ast as A
 from spanjax.query import passes as P
 from spanjax.query.errors import SpanQueryError
-from spanjax.query.lower import lower
+from spanjax.query.lower import lower, lower_known_prefix
 
 
 @pytest.fixture
@@ -227,6 +227,39 @@ def test_hoisted_exchange_hits_inner_generation_pages(inner, outer_shape, ps, ge
     for s in inner_plan.spans[:-1]:
         assert set(s.page_keys) <= outer_keys
     assert set(inner_plan.sequence_page_keys(gen)) <= outer_keys
+
+
+@settings(max_examples=60, deadline=None)
+@given(gs(prompts(max_leaves=6)), prompts(max_leaves=6), st.booleans(), page_sizes)
+def test_known_prefix_is_the_head_of_the_plan_after_substitution(inner, front, in_plus, ps):
+    """The spans a waiting g's prompt lowers to before its inner g are exactly the first spans
+    of its plan once the inner g is substituted (tokens, positions, visibility, keys)."""
+    inner = dataclasses.replace(inner, seed=1)
+    middle = A.Plus((inner,)) if in_plus else inner
+    outer = dataclasses.replace(inner, input=A.Cross((front, middle, A.user("pick"))), seed=None)
+    q = P.prepare(outer)
+    (waiting,) = P.evaluation_order(q)[1]
+    prefix = lower_known_prefix(waiting, TOK, page_size=ps)
+    (ig,) = P.ready(q)
+    assert lower_known_prefix(ig, TOK, page_size=ps) is None  # ready: nothing unevaluated in it
+    (root,) = P.ready(P.substitute(q, {ig: P.GenResult("text", (5, 6))}))
+    full = lower(root, TOK, page_size=ps)
+    if prefix is None:
+        return
+    assert prefix.spans == full.spans[: len(prefix.spans)]
+    assert prefix.reweight == full.reweight or prefix.reweight is None
+
+
+def test_known_prefix_of_a_nested_outer_g_is_its_system_prompt(tok):
+    inner = [A.G("m", A.Cross((A.system("brief"), A.user(q))), max_tokens=3) for q in ("ab", "cd")]
+    outer = A.G("m", A.Cross((A.system("judge them"), A.Plus(tuple(inner)), A.user("pick"))), positions="parallel")
+    q = P.prepare(outer)
+    (waiting,) = P.evaluation_order(q)[1]
+    prefix = lower_known_prefix(waiting, tok, page_size=4)
+    assert [s.token_ids for s in prefix.spans] == [tuple(tok.encode_message("system", "judge them"))]
+    # a prompt that starts with the inner g has nothing known before it
+    flat = P.prepare(A.G("m", A.Cross((inner[0], A.user("judge")))))
+    assert lower_known_prefix(P.evaluation_order(flat)[1][0], tok, page_size=4) is None
 
 
 def test_unevaluated_inner_g_is_an_error(tok):
