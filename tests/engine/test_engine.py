@@ -431,7 +431,9 @@ def test_waiting_outer_g_has_its_known_prompt_encoded_during_the_inner_wave(tiny
 
 def test_prefill_request_publishes_its_pages_and_samples_nothing(tiny_model):
     eng = Engine(tiny_model, EngineConfig(num_pages=64, page_size=PAGE, max_tokens_per_step=32))
-    plan = lower(A.G("m", A.user("a prompt of a few pages")), tiny_model.tokenizer, model=tiny_model.name, page_size=PAGE)
+    plan = lower(
+        A.G("m", A.user("a prompt of a few pages")), tiny_model.tokenizer, model=tiny_model.name, page_size=PAGE
+    )
     pre = eng.submit(plan, SamplingParams(max_tokens=1), prefill=True)
     eng.run_until_done([pre])
     assert pre.finish_reason == "prefill" and pre.generated == [] and pre.metrics.first_token_s is None
