@@ -100,6 +100,10 @@ class EngineConfig:
     # faster products at eight rows on AVX512 (docs/results/engine_bench.md), for a second copy
     # of those weights in memory. One-sequence steps read the blocks either way.
     quantized_lanes: bool = True
+    # Steady decoding one step ahead (engine/step.py PlainStep): the next decode step is dispatched
+    # before this one's tokens reach the host, so the host's ~0.6-1.8 ms a step (scheduling,
+    # padding, the call, appending tokens) overlaps the device's work. Same tokens either way.
+    pipeline_decode: bool = True
 
     def __post_init__(self):
         if self.max_tokens_per_step < 16:
@@ -227,7 +231,7 @@ class Engine:
             if self.compilation_cache is not None and self.mesh is None
             else None,
         )
-        return PlainStep(scheduler, runner, self.model.tokenizer, self.eos_token_ids)
+        return PlainStep(scheduler, runner, self.model.tokenizer, self.eos_token_ids, pipeline=config.pipeline_decode)
 
     def _attention(self):
         """The step's span attention; on a mesh with model > 1, per device on its own heads."""
@@ -334,10 +338,12 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[Request]:
-        """Run one batch; returns the requests that finished in it."""
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return []
+        """Run one batch (the one dispatched ahead, if any); returns the requests that finished in it."""
+        batch = None
+        if self.step_path.in_flight is None:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return []
         self.cache, finished = self.step_path.run(self.params, self.cache, batch, self._bank)
         self.steps += 1
         return finished

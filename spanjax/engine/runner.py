@@ -29,6 +29,7 @@ import collections
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -78,7 +79,7 @@ def sampling_rows(items: list[StepItem], pad_to: int) -> SamplingRows:
     it samples next, which its seeded draw folds in. Both step paths take them from here."""
     temperature, top_k, top_p, seeds = sampling_arrays([it.request.sampling for it in items], pad_to)
     steps = np.zeros(pad_to, np.int32)
-    steps[: len(items)] = [len(it.request.generated) for it in items]
+    steps[: len(items)] = [len(it.request.generated) + it.pending for it in items]
     return SamplingRows(temperature, top_k, top_p, seeds, steps)
 
 
@@ -133,11 +134,11 @@ class StepRunner:
         if shardings is None:
             self._step = jax.jit(self._step_impl, donate_argnums=(1,))
         else:
-            r = shardings.replicated  # tokens, positions, meta, logits_indices, sampling, adapter, ids
+            r = shardings.replicated  # tokens, positions, meta, logits_indices, sampling, prev, pending, adapter, ids
             self._step = jax.jit(
                 self._step_impl,
                 donate_argnums=(1,),
-                in_shardings=(shardings.params, shardings.cache, r, r, r, r, r, r, r),
+                in_shardings=(shardings.params, shardings.cache, r, r, r, r, r, r, r, r, r),
                 out_shardings=(r, shardings.logits, shardings.cache),
             )
 
@@ -167,10 +168,15 @@ class StepRunner:
         meta,
         logits_indices,
         sampling: SamplingRows,
+        prev_ids,
+        pending,
         adapter=None,
         adapter_ids=None,
     ):
         self.compile_count += 1  # runs once per trace, i.e. per compilation
+        # A pipelined decode step's tokens are the previous step's samples, still on the device:
+        # token row r takes prev_ids[pending[r]] where pending[r] >= 0 (StepBatch.pending_src).
+        tokens = jnp.where(pending >= 0, prev_ids[jnp.maximum(pending, 0)], tokens)
         hidden, cache = llama.forward_paged(
             params, self.cfg, tokens, positions, cache, meta, self._attention_impl, adapter, adapter_ids
         )
@@ -178,15 +184,24 @@ class StepRunner:
         next_ids = sampling.sample(logits)
         return next_ids, logits, cache
 
-    def run(self, params, cache, batch: StepBatch, adapter=None):
+    def run(self, params, cache, batch: StepBatch, adapter=None, prev_ids=None):
         """Pad `batch` to its bucket and run the step. Returns (next ids [S], logits [S, V], cache).
 
         `adapter` (an AdapterBank) applies per token by `batch.adapter_ids`; a
-        batch with no adapted token runs the plain step (a separate trace)."""
+        batch with no adapted token runs the plain step (a separate trace). `prev_ids`: the
+        previous step's next ids (device), which a pipelined batch's pending tokens take."""
         inputs, sampling, extra = self.padded_inputs(batch, adapter)
         if self.shardings is not None and not extra:
-            extra = (None, None)  # in_shardings name all nine arguments
-        args = (params, cache, *inputs, sampling, *extra)
+            extra = (None, None)  # in_shardings name all eleven arguments
+        T, S = len(inputs[0]), len(inputs[3])
+        pending = np.full(T, -1, np.int32)
+        if batch.pending_src is not None:
+            if prev_ids is None or prev_ids.shape != (S,):
+                raise ValueError("a pipelined batch needs the previous step's ids, of its own bucket")
+            pending[: len(batch.pending_src)] = batch.pending_src
+        else:
+            prev_ids = np.zeros(S, np.int32)
+        args = (params, cache, *inputs, sampling, prev_ids, pending, *extra)
         next_ids, logits, cache = self._step_for(args)(*args)
         if self._gather_logits is not None and any(it.request.keep_logits for it in batch.items):
             logits = self._gather_logits(logits)

@@ -241,6 +241,9 @@ class StepItem:
     # Pages this item's K/V goes to instead of the span's own, and which it attends to after the
     # span's written tokens; never committed (another candidate of a draft tree, speculative.py).
     scratch: tuple[int, ...] = ()
+    # Its one token is what the previous step samples for this request, not yet on the host
+    # (a pipelined decode step, `Scheduler.continue_decoding`).
+    pending: bool = False
 
     @property
     def samples(self) -> bool:
@@ -250,8 +253,8 @@ class StepItem:
             not r.finished
             and not r.prefill
             and self.span == r.final
-            and self.start + self.count - len(self.draft) == len(r.span_tokens(r.final))
-        )
+            and self.start + self.count - len(self.draft) == r.span_length(r.final)
+        )  # (a pending item: once its token is on the host, as when its step's results are read)
 
 
 @dataclasses.dataclass
@@ -270,6 +273,9 @@ class StepBatch:
     # in the batch re-weights (the plain step program)
     block_logit_scale: np.ndarray | None = None
     block_logit_bias: np.ndarray | None = None
+    # [S] for a pipelined decode step: the previous step's row whose sampled token each item's
+    # token is (`Scheduler.continue_decoding`); None when every token is on the host
+    pending_src: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -448,13 +454,49 @@ class Scheduler:
                 self._preempt(req)
                 return False
 
+    def continue_decoding(self, batch: StepBatch) -> StepBatch | None:
+        """The decode step after `batch`, built before `batch`'s tokens reach the host (the host
+        work of one step then overlaps the device work of the one before it): every request of
+        `batch` is assumed to go on, its token to be the one `batch` samples for it. Rows of
+        requests that `batch` finishes are dropped when the step's results are read
+        (`live_items`); a request that finished wanting its last token written
+        (`write_final_token`) gets exactly that write from its row.
+
+        None, and the caller schedules as usual, unless `batch` is the whole running set decoding
+        or sampling its first token, one item each, nothing waits for admission, and the pool
+        has the pages without preempting: anything else (admissions, prefill chunks, drafts,
+        preemption) goes through `schedule()`, which sees the tokens."""
+        if self.waiting or len(batch.items) != len(self.running) or len(batch.items) > self.max_tokens:
+            return None
+        ps, items, new_pages = self.pool.page_size, [], 0
+        for it in batch.items:
+            req = it.request
+            if not it.samples or it.draft or it.scratch or req.prefill or req not in self.running:
+                return None
+            start = req.span_length(req.final)  # `batch` is committed: everything before is written
+            new_pages += start // ps >= len(req.span_pages[req.final])
+            items.append(StepItem(req, req.final, start, 1, pending=True))
+        if len({id(it.request) for it in items}) != len(items) or new_pages > self.pool.num_available():
+            return None
+        for it in items:
+            self._ensure_pages(it.request, it.span, it.start + 1)
+        out = self._build(items)
+        out.pending_src = np.arange(len(items), dtype=np.int32)  # item k continues `batch`'s row k
+        return out
+
+    def live_items(self, batch: StepBatch) -> list[int]:
+        """Rows of `batch` whose request is still running (a pipelined step may hold rows of
+        requests that finished or were aborted after it was built)."""
+        running = {id(r) for r in self.running}
+        return [s for s, it in enumerate(batch.items) if id(it.request) in running]
+
     def _build(self, items: list[StepItem]) -> StepBatch:
         ps = self.pool.page_size
         tokens, positions, slots, cu, adapter_ids = [], [], [], [0], []
         tables = []
         for it in items:
             req = it.request
-            span_toks = req.span_tokens(it.span) + it.draft
+            span_toks = req.span_tokens(it.span) + it.draft + ((0,) if it.pending else ())  # on the device
             own = req.span_pages[it.span]
             # A scratch item writes its tokens to its scratch pages and sees its span's written tokens.
             pages, first, own_len = (it.scratch, it.start, it.start) if it.scratch else (own, 0, it.start + it.count)
@@ -512,10 +554,11 @@ class Scheduler:
 
     # -- after the device step ---------------------------------------------------------
 
-    def commit(self, batch: StepBatch) -> None:
-        """Mark the batch's tokens written and publish pages that became full."""
+    def commit(self, batch: StepBatch, rows: list[int] | None = None) -> None:
+        """Mark the batch's tokens written (of `rows` only, when given) and publish pages that
+        became full."""
         ps = self.pool.page_size
-        for it in batch.items:
+        for it in batch.items if rows is None else [batch.items[s] for s in rows]:
             if it.scratch:
                 continue
             req = it.request

@@ -26,6 +26,9 @@ from spanjax.models.llama import PagedKVCache
 class StepPath:
     """One engine step; subclasses implement `run`."""
 
+    # A step dispatched ahead whose results `run(batch=None)` reads next (PlainStep's pipelined decode).
+    in_flight = None
+
     def __init__(self, scheduler: Scheduler, runner: StepRunner, tokenizer, eos_token_ids: frozenset[int]):
         self.scheduler = scheduler
         self.runner = runner
@@ -64,14 +67,38 @@ def host_logits(batch: StepBatch, logits) -> np.ndarray | None:
 
 
 class PlainStep(StepPath):
+    """One forward per step. With `pipeline`, steady decoding runs one step ahead: the next
+    decode step is built and dispatched (its tokens taken on the device from this step's
+    samples, `Scheduler.continue_decoding`) before this step's tokens are read, so the host's
+    work for a step (scheduling, padding, the call, appending tokens) overlaps the device's
+    work on the one before it instead of adding to it."""
+
+    def __init__(self, *args, pipeline: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pipeline = pipeline
+
     def run(self, params, cache, batch, adapter=None):
-        next_ids, logits, cache = self.runner.run(params, cache, batch, adapter)
-        self.scheduler.commit(batch)
+        """`batch=None`: read the step dispatched ahead (`in_flight`)."""
+        if batch is None:
+            batch, next_ids, logits = self.in_flight
+            self.in_flight = None
+            rows = self.scheduler.live_items(batch)  # rows of requests that ended since are dropped
+            self.scheduler.commit(batch, rows)
+        else:
+            next_ids, logits, cache = self.runner.run(params, cache, batch, adapter)
+            self.scheduler.commit(batch)
+            rows = range(len(batch.items))
+        if self.pipeline:
+            ahead = self.scheduler.continue_decoding(batch)
+            if ahead is not None:
+                ahead_ids, ahead_logits, cache = self.runner.run(params, cache, ahead, adapter, prev_ids=next_ids)
+                self.in_flight = (ahead, ahead_ids, ahead_logits)
         next_ids = np.asarray(next_ids)  # blocks until the step is computed (dispatch is async)
         now = time.perf_counter()
         logits = host_logits(batch, logits)
         finished = []
-        for s, it in enumerate(batch.items):
+        for s in rows:
+            it = batch.items[s]
             req = it.request
             if req.prefill:  # retired by commit once written
                 continue

@@ -447,6 +447,56 @@ def test_prefill_request_publishes_its_pages_and_samples_nothing(tiny_model):
         eng.submit(plan, SamplingParams(max_tokens=1), prefill=True, keep_logits=True)
 
 
+def test_pipelined_decode_gives_the_tokens_and_logits_of_step_by_step(tiny_model, monkeypatch):
+    """Decoding one step ahead (the next step's tokens taken on the device) changes nothing a
+    request sees: tokens, logits and finish reasons equal those of step-by-step decoding, with
+    requests ending at different steps (length, a stop string), seeded sampling, a request
+    aborted while a step holding it is in flight, and a nested query (its inner g's last-token
+    write). Every page is released at the end."""
+    rng = np.random.default_rng(3)
+    plans = [
+        lower(A.G("m", random_prompt(rng)), tiny_model.tokenizer, model=tiny_model.name, page_size=PAGE)
+        for _ in range(4)
+    ]
+    samplings = [
+        SamplingParams(max_tokens=9, ignore_eos=True),
+        SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.9, seed=4),
+        SamplingParams(max_tokens=12, ignore_eos=True, stop=("Q",)),
+        SamplingParams(max_tokens=14, ignore_eos=True),
+    ]
+    nested = A.G(
+        "m",
+        A.Cross((A.system("Sum up."), A.Plus((A.G("m", A.user("Name a fruit."), max_tokens=6),)), A.user("So?"))),
+        max_tokens=4,
+    )
+
+    def run(pipeline: bool):
+        eng = Engine(
+            tiny_model, EngineConfig(num_pages=128, page_size=PAGE, max_tokens_per_step=64, pipeline_decode=pipeline)
+        )
+        ahead = []
+        build = eng.scheduler.continue_decoding
+        monkeypatch.setattr(eng.scheduler, "continue_decoding", lambda b: ahead.append(build(b)) or ahead[-1])
+        reqs = [eng.submit(p, s, keep_logits=True) for p, s in zip(plans, samplings)]
+        for _ in range(4):
+            eng.step()
+        assert (eng.step_path.in_flight is not None) == pipeline
+        eng.abort(reqs[3])  # its row in the step already dispatched is dropped
+        eng.run_until_done()
+        nested_ids = run_query(eng, nested).final.token_ids
+        assert eng.pool.num_available() == eng.pool.capacity
+        return reqs, nested_ids, sum(a is not None for a in ahead)
+
+    piped, piped_nested, dispatched_ahead = run(True)
+    plain, plain_nested, _ = run(False)
+    assert dispatched_ahead > 10
+    for a, b in zip(piped, plain):
+        assert (a.generated, a.text, a.finish_reason) == (b.generated, b.text, b.finish_reason)
+        assert len(a.logits) == len(b.logits) and all(np.allclose(x, y, atol=1e-5) for x, y in zip(a.logits, b.logits))
+    assert piped[2].finish_reason == "stop" and piped[3].finish_reason == "abort"
+    assert piped_nested == plain_nested
+
+
 def test_abort_of_a_request_still_writing_its_last_token_keeps_its_reason(tiny_model):
     """A finished request that is still writing its last token (write_final_token) is released by
     abort() without that step: abort() reports False and the request keeps its finish reason."""
