@@ -233,7 +233,8 @@ def _pool_collectives(engine):
     z = lambda *shape: np.zeros(shape, np.int32)
     meta = SpanBatchMeta(z(S, M), z(S, M), z(S, M), z(S + 1), z(T))
     sampling = SamplingRows(np.zeros(S, np.float32), z(S), np.ones(S, np.float32), np.zeros(S, np.uint32), z(S))
-    hlo = runner._step.lower(engine.params, cache, z(T), z(T), meta, z(S), sampling, None, None).compile().as_text()
+    args = (engine.params, cache, z(T), z(T), meta, z(S), sampling, z(S), z(T) - 1, None, None)
+    hlo = runner._step.lower(*args).compile().as_text()
     layer_share = int(np.prod(cache.k.sharding.shard_shape(cache.k.shape))) // cache.num_layers
     found = []
     for line in hlo.splitlines():
