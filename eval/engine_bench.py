@@ -10,7 +10,8 @@ and all), greedy with eos ignored. The peers read the same GGUF: llama.cpp throu
 `llama-cpp-python` (optional; `pip install llama-cpp-python`, see docs/engine.md for the
 build flags) at its raw `eval` speed (no sampling), and transformers on torch (dequantized
 to fp32). Every side uses `--threads` threads and runs each case once to warm up (compiles
-the shapes); the best of `--repeats` runs counts.
+the shapes); then `--repeats` rounds run every side once in turn, together with the cases a
+ratio compares (1 and 8 streams; the two pools), and the best round counts.
 
 Cases (tokens/s):
 - prefill of 512, 2048 and 4096 prompt tokens (prompt tokens / time to the first token,
@@ -189,16 +190,38 @@ def cases(new_tokens: int) -> list[dict]:
     return out
 
 
-def measure(side, case: dict, repeats: int) -> dict | None:
-    first = side.run(case["length"], case["streams"], case["new"], case["pages"])  # warm-up: compiles
-    if first is None:
-        return None
-    runs = [side.run(case["length"], case["streams"], case["new"], case["pages"]) for _ in range(repeats)]
-    if case["kind"] == "prefill":
-        rates = [n / s for n, s, _, _ in runs]
-    else:
-        rates = [d / s for _, _, d, s in runs]
-    return dict(tok_s=max(rates), runs_tok_s=rates)
+def comparison_group(case: dict) -> str:
+    """Cases whose rates are compared with each other: measured in the same rounds."""
+    if case["name"].startswith("decode after"):
+        return "decode after"  # 8 streams against llama.cpp's single stream
+    if "pool" in case["name"]:
+        return "pool"  # the 4096-page pool against the 128-page one
+    return case["name"]
+
+
+def _rate(case: dict, run) -> float:
+    n, prefill_s, decoded, decode_s = run
+    return n / prefill_s if case["kind"] == "prefill" else decoded / decode_s
+
+
+def measure_group(group: list[dict], sides: list, names: list[str], repeats: int) -> dict:
+    """{(case name, side name): {tok_s, runs_tok_s}}: a warm-up run of every (case, side), then
+    `repeats` rounds that run each once in turn, best of the rounds. Round-robin, so the rates a
+    ratio compares come from the same minutes: the 2-core host's speed drifts by 10-20% over
+    minutes, and one side measured after the other carried that drift into the ratio (a pool
+    ratio of the same computation read 0.85x in one run and 1.24x in the next)."""
+    active = []
+    for case in group:
+        for side, name in zip(sides, names):
+            print(f"{case['name']:<34} {name} ...", flush=True)
+            if side.run(case["length"], case["streams"], case["new"], case["pages"]) is not None:  # warm-up
+                active.append((case, side, name))
+    rates: dict[tuple[str, str], list[float]] = {(c["name"], n): [] for c, _, n in active}
+    for _ in range(repeats):
+        for case, side, name in active:
+            run = side.run(case["length"], case["streams"], case["new"], case["pages"])
+            rates[case["name"], name].append(_rate(case, run))
+    return {key: dict(tok_s=max(r), runs_tok_s=r) for key, r in rates.items()}
 
 
 def main(argv=None):
@@ -236,17 +259,18 @@ def main(argv=None):
 
     names = [name(s, d) for s, d in zip(sides, args.dtypes + [None] * 9)]
 
-    table = []
-    for case in cases(args.new_tokens):
-        if args.only and not any(o in case["name"] for o in args.only):
-            continue
-        row = dict(case=case["name"], kind=case["kind"], results={})
-        for side, name in zip(sides, names):
-            print(f"{case['name']:<34} {name} ...", flush=True)
-            r = measure(side, case, args.repeats)
-            if r is not None:
-                row["results"][name] = r
-        table.append(row)
+    chosen = [c for c in cases(args.new_tokens) if not args.only or any(o in c["name"] for o in args.only)]
+    measured = {}
+    for group in dict.fromkeys(comparison_group(c) for c in chosen):
+        measured.update(measure_group([c for c in chosen if comparison_group(c) == group], sides, names, args.repeats))
+    table = [
+        dict(
+            case=c["name"],
+            kind=c["kind"],
+            results={n: measured[c["name"], n] for n in names if (c["name"], n) in measured},
+        )
+        for c in chosen
+    ]
 
     # Ratios against llama.cpp's single stream for the same kind (decode: the 512-token single stream).
     ref_decode = next(
