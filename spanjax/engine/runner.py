@@ -142,6 +142,10 @@ class StepRunner:
                 out_shardings=(r, shardings.logits, shardings.cache),
             )
 
+    def seq_bucket(self, n: int) -> int:
+        """The sequence bucket a batch of `n` items is padded to."""
+        return _bucket(n, self.seq_buckets)
+
     @property
     def decode_page_buckets(self) -> list[int]:
         """Block-table widths of decode-only batches: `page_buckets` and their midpoints.
@@ -239,7 +243,7 @@ class StepRunner:
         """Bucketed step inputs: ((tokens, positions, meta, logits_indices), SamplingRows,
         () or (adapter, adapter_ids))."""
         s_real, m_real = batch.block_tables.shape
-        S = _bucket(s_real, self.seq_buckets)
+        S = self.seq_bucket(s_real)
         decode_only = np.diff(batch.cu_q_lens).max(initial=0) <= 1
         M = _bucket(m_real, self.decode_page_buckets if decode_only else self.page_buckets)
         # A decode-only batch has at most one token per sequence, so it is padded to S tokens,

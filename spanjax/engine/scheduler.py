@@ -473,15 +473,18 @@ class Scheduler:
             req = it.request
             if not it.samples or it.draft or it.scratch or req.prefill or req not in self.running:
                 return None
+            if len(req.generated) + 1 >= req.sampling.max_tokens:
+                continue  # `batch` samples its last token: a step for it would be wasted work
             start = req.span_length(req.final)  # `batch` is committed: everything before is written
             new_pages += start // ps >= len(req.span_pages[req.final])
             items.append(StepItem(req, req.final, start, 1, pending=True))
-        if len({id(it.request) for it in items}) != len(items) or new_pages > self.pool.num_available():
+        if not items or len({id(it.request) for it in items}) != len(items) or new_pages > self.pool.num_available():
             return None
         for it in items:
             self._ensure_pages(it.request, it.span, it.start + 1)
         out = self._build(items)
-        out.pending_src = np.arange(len(items), dtype=np.int32)  # item k continues `batch`'s row k
+        rows = {id(it.request): s for s, it in enumerate(batch.items)}
+        out.pending_src = np.asarray([rows[id(it.request)] for it in items], np.int32)  # `batch`'s row of each
         return out
 
     def live_items(self, batch: StepBatch) -> list[int]:

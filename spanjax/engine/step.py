@@ -90,7 +90,9 @@ class PlainStep(StepPath):
             rows = range(len(batch.items))
         if self.pipeline:
             ahead = self.scheduler.continue_decoding(batch)
-            if ahead is not None:
+            # Its rows index this step's ids, so it runs in the same sequence bucket (a program per
+            # pair of buckets would multiply the compilations); a smaller batch waits for schedule().
+            if ahead is not None and self.runner.seq_bucket(len(ahead.items)) == next_ids.shape[0]:
                 ahead_ids, ahead_logits, cache = self.runner.run(params, cache, ahead, adapter, prev_ids=next_ids)
                 self.in_flight = (ahead, ahead_ids, ahead_logits)
         next_ids = np.asarray(next_ids)  # blocks until the step is computed (dispatch is async)
