@@ -5,7 +5,6 @@ head dimension pairs with the second half). GGUF checkpoints are permuted back
 to this layout on load, so every model in spanjax uses it.
 """
 
-import jax
 import jax.numpy as jnp
 
 
@@ -13,16 +12,6 @@ def rope_tables(positions, inv_freq):
     """(cos, sin) [..., T, 1, D // 2] of `positions` [..., T]: `rotate` applies them."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
     return jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
-
-
-def rope_tables_once(positions, inv_freq):
-    """`rope_tables`, materialized once for every consumer. Inlined, XLA CPU fuses the sines and
-    cosines into each consumer (every layer's rotation) and evaluates them there; an
-    optimization barrier does not survive its pipeline, a conditional's result does. Both
-    branches compute the tables, so the predicate cannot change them."""
-    if positions.size == 0:
-        return rope_tables(positions, inv_freq)
-    return jax.lax.cond(positions.reshape(-1)[0] >= 0, rope_tables, rope_tables, positions, inv_freq)
 
 
 def rotate(x, cos, sin):

@@ -17,7 +17,7 @@ decode-only batches take `decode_attention`.
 import jax
 import jax.numpy as jnp
 
-from spanjax.kernels.rope import apply_rope, rope_tables, rope_tables_once, rotate
+from spanjax.kernels.rope import apply_rope, rope_tables, rotate
 from spanjax.kernels.span_attention import cpu, tiling
 from spanjax.kernels.span_attention.meta import SpanBatchMeta, check_inputs, gather_pages
 from spanjax.kernels.span_attention.reference import online_softmax_finish, online_softmax_init, online_softmax_step
@@ -99,12 +99,22 @@ def decode_attention(q, k_pages, v_pages, meta: SpanBatchMeta, q_pos, *, rope_in
 
 
 def with_key_rope(meta: SpanBatchMeta, page_size: int, rope_inv_freq) -> SpanBatchMeta:
-    """`meta` with its `key_rope` tables filled: what a step does once, before its layers
-    (`rope_tables_once`: inlined, XLA CPU fused sin and cos into every layer's rotation and
-    evaluated them per head and dimension, about 3 ms per layer at 8 sequences x 1024 keys,
-    more than the rest of the attention)."""
+    """`meta` with its `key_rope` tables filled: what a step does once, before its layers.
+
+    The tables are computed inside a branch, so they are materialized once: inlined, XLA CPU
+    fuses sin and cos into every layer's rotation and evaluates them per head and dimension
+    (about 3 ms per layer at 8 sequences x 1024 keys, more than the rest of the attention).
+    An optimization barrier does not survive its pipeline; a conditional's result does.
+    `cu_q_lens[0] >= 0` always holds."""
+    S, M = meta.block_tables.shape
     kpos, _ = key_slots(meta.block_pos, meta.block_lens, page_size)
-    return meta.replace(key_rope=rope_tables_once(kpos, rope_inv_freq))
+    half = rope_inv_freq.shape[-1]
+    tables = jax.lax.cond(
+        meta.cu_q_lens[0] >= 0,
+        lambda: rope_tables(kpos, rope_inv_freq),
+        lambda: (jnp.zeros((S, M * page_size, 1, half), jnp.float32),) * 2,
+    )
+    return meta.replace(key_rope=tables)
 
 
 def prepare_meta(meta: SpanBatchMeta, page_size: int, rope_inv_freq) -> SpanBatchMeta:
