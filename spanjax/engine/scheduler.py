@@ -148,6 +148,10 @@ class Request:
     def span_complete(self, j: int) -> bool:
         return self.span_remaining(j) == 0
 
+    def all_spans_written(self) -> bool:
+        """Every span of the plan is written (what a prefill request waits for)."""
+        return all(self.span_complete(s.index) for s in self.plan.spans)
+
     def runnable_spans(self, completing: set[int] | frozenset[int] = frozenset()) -> Iterator[int]:
         """Spans that can be computed now: not complete, and every span they see complete or in
         `completing` (finished by the step being built: every layer writes the step's K/V before
@@ -319,7 +323,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._resolve_hits(req)
-            if req.prefill and all(req.span_complete(s.index) for s in req.plan.spans):
+            if req.prefill and req.all_spans_written():
                 self._retire_prefill(req)  # all of it was cached already
                 continue
             req.admitted = True
@@ -478,7 +482,7 @@ class Scheduler:
             start = req.span_length(req.final)  # `batch` is committed: everything before is written
             new_pages += start // ps >= len(req.span_pages[req.final])
             items.append(StepItem(req, req.final, start, 1, pending=True))
-        if not items or len({id(it.request) for it in items}) != len(items) or new_pages > self.pool.num_available():
+        if not items or new_pages > self.pool.num_available():
             return None
         for it in items:
             self._ensure_pages(it.request, it.span, it.start + 1)
@@ -574,7 +578,7 @@ class Scheduler:
             if it.span != req.final and written == len(span) and written % ps:
                 self._register_page(req, it.span, written // ps, written % ps)
         for req in {id(it.request): it.request for it in batch.items if it.request.prefill}.values():
-            if not req.finished and all(req.span_complete(s.index) for s in req.plan.spans):
+            if not req.finished and req.all_spans_written():
                 self._retire_prefill(req)
 
     def _register_page(self, req: Request, j: int, k: int, n: int) -> None:
