@@ -22,8 +22,9 @@
 // One layer, SmolLM2-135M shapes, 2 cores (AMD EPYC Zen 5), RoPE tables prepared as in a step,
 // kernel vs the jnp loop: 512 tokens from scratch 1.9-2.3 vs 4.6-4.8 ms; 512 after 1,536
 // 12.8 vs 16.6; 512 after 3,584 27 vs 33-38; a 25-token question after 4,200 2.9-3.3 vs 4.4-5.2.
-// With AVX512 the products and softmax weights run 16 wide: 512 after 3,584 25.3 -> 18.6 ms
-// (docs/kernels.md).
+// With AVX512 (head dim a multiple of 64) a tile's rows go in the vector lanes and an item
+// covers every KV head (`AttendTileLanes`): 30 layers of a 22-token question after 4,126 keys,
+// 46-53 -> 37-39 ms; of a 25-token one after 1,783, 23-28 -> 17-23 ms (docs/kernels.md).
 //
 // Work items are shared with the helper threads (`cpu_threads.h`).
 
@@ -375,7 +376,6 @@ constexpr int64_t kTileRows = 96;  // query rows (tokens x G heads) of one work 
 constexpr int64_t kMinSplitEntries = 8;  // listed entries per chunk when a tile's keys are split
 constexpr int64_t kKeyBlock = 32;  // keys scored together: four 8-wide vectors per row
 constexpr int kRowGroup = 3;       // rows whose accumulators share each loaded key or value
-constexpr int kWideRowGroup = 6;   // the same for the 16-wide QK product (two vectors a row)
 
 struct TileScratch {
   std::vector<float> q, acc;  // [rows, D]: scaled queries; unnormalized outputs
@@ -413,30 +413,6 @@ inline void AccumulateValues(TileScratch& w, int64_t r, int64_t D, int64_t d0, i
   }
   for (int i = 0; i < kRowGroup; ++i)
     for (int v = 0; v < kVectors; ++v) _mm256_storeu_ps(o[i] + 8 * v, a[i][v]);
-}
-
-// 16-wide: the same for 64 dimensions, the three rows' accumulators in 12 registers.
-SPANJAX_AVX512 void AccumulateValues16(TileScratch& w, int64_t r, int64_t D, int64_t d0, int64_t nk) {
-  const float* p[kRowGroup];
-  float* o[kRowGroup];
-  __m512 a[kRowGroup][4];
-  for (int i = 0; i < kRowGroup; ++i) {
-    p[i] = w.scores.data() + (r + i) * kKeyBlock;
-    o[i] = w.acc.data() + (r + i) * D + d0;
-    const __m512 c = _mm512_set1_ps(w.corr[r + i]);
-    for (int v = 0; v < 4; ++v) a[i][v] = _mm512_mul_ps(_mm512_loadu_ps(o[i] + 16 * v), c);
-  }
-  const float* value = w.values.data() + d0;
-  for (int64_t k = 0; k < nk; ++k, value += D) {
-    __m512 x[4];
-    for (int v = 0; v < 4; ++v) x[v] = _mm512_loadu_ps(value + 16 * v);
-    for (int i = 0; i < kRowGroup; ++i) {
-      const __m512 wk = _mm512_set1_ps(p[i][k]);
-      for (int v = 0; v < 4; ++v) a[i][v] = _mm512_fmadd_ps(wk, x[v], a[i][v]);
-    }
-  }
-  for (int i = 0; i < kRowGroup; ++i)
-    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(o[i] + 16 * v, a[i][v]);
 }
 
 // The block's logits against every row (scaled and biased when weighted), masked to -inf
@@ -510,71 +486,13 @@ inline void SoftmaxWeights8(TileScratch& w, int64_t rows) {
   }
 }
 
-// 16-wide: the same, two vectors a row; the 16 lanes' sums are folded into the eight.
-SPANJAX_AVX512 void SoftmaxWeights16(TileScratch& w, int64_t rows) {
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t row = 0; row < rows; ++row) {
-    float* s = w.scores.data() + row * kKeyBlock;
-    const __m512 vm = _mm512_set1_ps(w.m[row]);
-    __m512 sum = _mm512_setzero_ps();
-    for (int v = 0; v < 2; ++v) {
-      const __m512 x = _mm512_loadu_ps(s + 16 * v);
-      const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, neg_inf, _CMP_NEQ_OQ), Exp16(_mm512_sub_ps(x, vm)));
-      _mm512_storeu_ps(s + 16 * v, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    const __m256 old = _mm256_mul_ps(_mm256_loadu_ps(w.l8.data() + 8 * row), _mm256_set1_ps(w.corr[row]));
-    const __m256 halves = _mm256_add_ps(_mm512_castps512_ps256(sum), _mm512_extractf32x8_ps(sum, 1));
-    _mm256_storeu_ps(w.l8.data() + 8 * row, _mm256_add_ps(old, halves));
-  }
-}
-
-// 16-wide: the block's 32 keys are two vectors, so rows go in groups of six (twelve
-// accumulators again; the caller pads rows to kWideRowGroup).
-SPANJAX_AVX512 void ScoreBlock16(TileScratch& w, int64_t rows, int64_t D, bool weighted) {
-  const float* kt = w.keys_t.data();
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t r = 0; r < rows; r += kWideRowGroup) {
-    __m512 a[kWideRowGroup][2];
-    for (auto& row : a)
-      for (auto& x : row) x = _mm512_setzero_ps();
-    const float* q = w.q.data() + r * D;
-    for (int64_t d = 0; d < D; ++d) {
-      const __m512 k0 = _mm512_loadu_ps(kt + d * kKeyBlock), k1 = _mm512_loadu_ps(kt + d * kKeyBlock + 16);
-      for (int i = 0; i < kWideRowGroup; ++i) {
-        const __m512 b = _mm512_set1_ps(q[i * D + d]);
-        a[i][0] = _mm512_fmadd_ps(b, k0, a[i][0]);
-        a[i][1] = _mm512_fmadd_ps(b, k1, a[i][1]);
-      }
-    }
-    for (int i = 0; i < kWideRowGroup; ++i) {
-      const int64_t row = r + i;
-      float* s = w.scores.data() + row * kKeyBlock;
-      const __m512i qp = _mm512_set1_epi32(w.row_pos[row]);
-      __m512 mx = neg_inf;
-      for (int v = 0; v < 2; ++v) {
-        __m512 x = a[i][v];
-        if (weighted) x = _mm512_fmadd_ps(x, _mm512_load_ps(w.key_scale + 16 * v), _mm512_load_ps(w.key_bias + 16 * v));
-        const __m512i kp = _mm512_load_si512(w.key_pos + 16 * v);
-        x = _mm512_mask_blend_ps(_mm512_cmpgt_epi32_mask(kp, qp), x, neg_inf);  // key after query
-        _mm512_storeu_ps(s + 16 * v, x);
-        mx = _mm512_max_ps(mx, x);
-      }
-      w.block_max[row] = _mm512_reduce_max_ps(mx);
-    }
-  }
-}
-
 // Scores one block of `nk` keys (columns past nk: zero keys at position INT32_MAX) against
 // every row, and folds it into the rows' online softmax. The softmax's per-row bookkeeping
 // runs eight rows at a time and keeps the sums as vectors: done per row with a scalar exp and
-// a horizontal sum, it cost more than the QK product. `wide`: the products 16 wide (D % 64 == 0).
-inline void FoldKeyBlock(TileScratch& w, int64_t rows, int64_t D, int64_t nk, bool weighted, bool wide) {
+// a horizontal sum, it cost more than the QK product.
+inline void FoldKeyBlock(TileScratch& w, int64_t rows, int64_t D, int64_t nk, bool weighted) {
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  if (wide)
-    ScoreBlock16(w, rows, D, weighted);
-  else
-    ScoreBlock8(w, rows, D, weighted);
+  ScoreBlock8(w, rows, D, weighted);
   // New running maxima and the rescale of what the rows summed so far, eight rows at a time;
   // a row that has seen nothing yet keeps max -inf and rescales its (zero) sums by 0.
   for (int64_t r = 0; r < rows; r += 8) {
@@ -585,21 +503,14 @@ inline void FoldKeyBlock(TileScratch& w, int64_t rows, int64_t D, int64_t nk, bo
     _mm256_storeu_ps(w.m.data() + r, m_new);
   }
   // Softmax weights (exactly 0 where masked: Exp8 floors at e^-87) and the sums.
-  if (wide)
-    SoftmaxWeights16(w, rows);
-  else
-    SoftmaxWeights8(w, rows);
+  SoftmaxWeights8(w, rows);
   // acc = acc * corr + weights @ values, a row group at a time.
   for (int64_t r = 0; r < rows; r += kRowGroup) {
-    if (wide) {
-      for (int64_t d0 = 0; d0 < D; d0 += 64) AccumulateValues16(w, r, D, d0, nk);
-    } else {
-      for (int64_t d0 = 0; d0 < D; d0 += 32) {
-        if (D - d0 >= 32)  // D % 16 == 0: 32 or 16 dimensions left
-          AccumulateValues<4>(w, r, D, d0, nk);
-        else
-          AccumulateValues<2>(w, r, D, d0, nk);
-      }
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      if (D - d0 >= 32)  // D % 16 == 0: 32 or 16 dimensions left
+        AccumulateValues<4>(w, r, D, d0, nk);
+      else
+        AccumulateValues<2>(w, r, D, d0, nk);
     }
   }
 }
@@ -613,7 +524,7 @@ template <typename KV>
 void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t t1, int64_t i0, int64_t i1,
                 float* partial, TileScratch& w) {
   const int64_t G = p.Hq / p.Hkv, D = p.D;
-  const int64_t rows = (t1 - t0) * G, padded = (rows + kWideRowGroup - 1) / kWideRowGroup * kWideRowGroup;
+  const int64_t rows = (t1 - t0) * G, padded = (rows + kRowGroup - 1) / kRowGroup * kRowGroup;
   w.q.assign(padded * D, 0.0f);
   w.acc.assign(padded * D, 0.0f);
   const int64_t padded8 = (padded + 7) / 8 * 8;
@@ -636,7 +547,7 @@ void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t 
       for (int64_t d = 0; d < D; ++d) w.q[r * D + d] = src[d] * p.sm_scale;
     }
   }
-  const bool weighted = p.scale != nullptr, wide = spanjax::UseAvx512() && D % 64 == 0;
+  const bool weighted = p.scale != nullptr;
   int64_t nk = 0;
   auto fold = [&] {
     for (int64_t k = nk; k < kKeyBlock; ++k) {  // the block's unused columns: never seen
@@ -644,7 +555,7 @@ void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t 
       w.key_scale[k] = 1.0f, w.key_bias[k] = 0.0f;
       for (int64_t d = 0; d < D; ++d) w.keys_t[d * kKeyBlock + k] = 0.0f;
     }
-    FoldKeyBlock(w, padded, D, nk, weighted, wide);
+    FoldKeyBlock(w, padded, D, nk, weighted);
     nk = 0;
   };
   alignas(32) float key[kMaxHeadDim];
@@ -677,6 +588,218 @@ void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t 
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // saw nothing: zeros
     float* o = p.out + (t * p.Hq + h * G + g) * D;
     for (int64_t d = 0; d < D; ++d) o[d] = w.acc[r * D + d] * inv;
+  }
+}
+
+// ---- prefill, 16 wide (AVX512, D % 64 == 0): a tile's rows in the vector lanes ----
+//
+// The work items and results of AttendTile, laid out the other way round: the tile's queries
+// are transposed once (QT [D, R], R its rows padded to 16) and each key's elements are
+// broadcast against row vectors. Keys are then used as they are stored, rotated 16 wide and
+// never transposed (AttendTile transposes every key element by element, about a third of its
+// time), and the online softmax runs down the lanes: a row's max, rescale and sum are vector
+// operations on 16 rows, with no horizontal reductions.
+
+constexpr int kLaneRowGroup = 4;  // rows whose value accumulators share each loaded value: 16 registers
+
+struct LaneHead {                   // one KV head's rows
+  std::vector<float> qt;            // [D, R]: scaled queries, transposed
+  std::vector<float> acc;           // [R, D]: unnormalized outputs
+  std::vector<float> m, l, corr;    // [R]: running max and sum; this block's rescale of the sums
+  std::vector<float> keys, values;  // [kKeyBlock, D]: the block's rotated keys; its values as fp32
+  std::vector<float> probs;         // [kKeyBlock, R]: logits, then softmax weights
+};
+
+struct LaneScratch {
+  std::vector<LaneHead> heads;
+  std::vector<int32_t> row_pos;  // [R]: each row's token position (INT32_MIN: padding)
+  alignas(64) int32_t key_pos[kKeyBlock];
+  alignas(64) float key_scale[kKeyBlock], key_bias[kKeyBlock];
+};
+
+// The logits of the block's keys [0, nk) against every row, KB keys at a time: each key element
+// is broadcast against the NV row vectors of QT (KB * NV accumulators), the sums scaled and
+// biased when weighted, and -inf where the key comes after the row's token. Keys past nk in
+// the last group are scored too (stale rows of the buffer) and not stored.
+template <int NV, int KB>
+SPANJAX_AVX512 void ScoreLanes(const LaneScratch& w, LaneHead& head, int64_t R, int64_t D, int64_t nk, bool weighted) {
+  static_assert(kKeyBlock % KB == 0, "key groups must tile the block");
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512i row_pos[NV];
+  for (int v = 0; v < NV; ++v) row_pos[v] = _mm512_loadu_si512(w.row_pos.data() + 16 * v);
+  for (int64_t k = 0; k < nk; k += KB) {
+    __m512 a[KB][NV];
+    for (auto& key : a)
+      for (auto& x : key) x = _mm512_setzero_ps();
+    const float* key = head.keys.data() + k * D;
+    const float* qt = head.qt.data();
+    for (int64_t d = 0; d < D; ++d, qt += R) {
+      __m512 q[NV];
+      for (int v = 0; v < NV; ++v) q[v] = _mm512_loadu_ps(qt + 16 * v);
+      for (int j = 0; j < KB; ++j) {
+        const __m512 b = _mm512_set1_ps(key[j * D + d]);
+        for (int v = 0; v < NV; ++v) a[j][v] = _mm512_fmadd_ps(b, q[v], a[j][v]);
+      }
+    }
+    for (int j = 0; j < KB && k + j < nk; ++j) {
+      const __m512 scale = _mm512_set1_ps(w.key_scale[k + j]), bias = _mm512_set1_ps(w.key_bias[k + j]);
+      const __m512i key_pos = _mm512_set1_epi32(w.key_pos[k + j]);
+      float* out = head.probs.data() + (k + j) * R;
+      for (int v = 0; v < NV; ++v) {
+        const __m512 x = weighted ? _mm512_fmadd_ps(a[j][v], scale, bias) : a[j][v];
+        const __mmask16 after = _mm512_cmpgt_epi32_mask(key_pos, row_pos[v]);
+        _mm512_storeu_ps(out + 16 * v, _mm512_mask_blend_ps(after, x, neg_inf));
+      }
+    }
+  }
+}
+
+// The block's logits for R / 16 row vectors, with enough keys at a time for eight or more
+// independent accumulators (fewer leave the FMA units waiting on each other).
+SPANJAX_AVX512 void ScoreLanesFor(const LaneScratch& w, LaneHead& head, int64_t R, int64_t D, int64_t nk,
+                                  bool weighted) {
+  switch (R / 16) {
+    case 1: ScoreLanes<1, 8>(w, head, R, D, nk, weighted); break;
+    case 2: ScoreLanes<2, 4>(w, head, R, D, nk, weighted); break;
+    case 3: ScoreLanes<3, 4>(w, head, R, D, nk, weighted); break;
+    case 4: ScoreLanes<4, 2>(w, head, R, D, nk, weighted); break;
+    case 5: ScoreLanes<5, 2>(w, head, R, D, nk, weighted); break;
+    default: ScoreLanes<6, 2>(w, head, R, D, nk, weighted); break;  // kTileRows = 96: at most six
+  }
+}
+
+// Folds the block's logits into the rows' online softmax, 16 rows a vector: new maxima, the
+// rescale of what the rows summed so far (0 for a row that had seen nothing), and the softmax
+// weights in place of the logits (exactly 0 where masked).
+SPANJAX_AVX512 void SoftmaxLanes(LaneHead& head, int64_t R, int64_t nk) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t r = 0; r < R; r += 16) {
+    float* column = head.probs.data() + r;
+    __m512 block_max = neg_inf;
+    for (int64_t k = 0; k < nk; ++k) block_max = _mm512_max_ps(block_max, _mm512_loadu_ps(column + k * R));
+    const __m512 m_old = _mm512_loadu_ps(head.m.data() + r), m_new = _mm512_max_ps(m_old, block_max);
+    const __mmask16 seen = _mm512_cmp_ps_mask(m_old, neg_inf, _CMP_NEQ_OQ);
+    const __m512 corr = _mm512_maskz_mov_ps(seen, Exp16(_mm512_sub_ps(m_old, m_new)));
+    __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(head.l.data() + r), corr);
+    for (int64_t k = 0; k < nk; ++k) {
+      const __m512 x = _mm512_loadu_ps(column + k * R);
+      const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, neg_inf, _CMP_NEQ_OQ), Exp16(_mm512_sub_ps(x, m_new)));
+      _mm512_storeu_ps(column + k * R, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    _mm512_storeu_ps(head.corr.data() + r, corr);
+    _mm512_storeu_ps(head.m.data() + r, m_new);
+    _mm512_storeu_ps(head.l.data() + r, sum);
+  }
+}
+
+// acc = acc * corr + weights @ values for rows [r, r + kLaneRowGroup) and 64 dimensions from d0.
+SPANJAX_AVX512 void AccumulateLanes(LaneHead& head, int64_t r, int64_t R, int64_t D, int64_t d0, int64_t nk) {
+  __m512 a[kLaneRowGroup][4];
+  for (int i = 0; i < kLaneRowGroup; ++i) {
+    const float* o = head.acc.data() + (r + i) * D + d0;
+    const __m512 c = _mm512_set1_ps(head.corr[r + i]);
+    for (int v = 0; v < 4; ++v) a[i][v] = _mm512_mul_ps(_mm512_loadu_ps(o + 16 * v), c);
+  }
+  const float* value = head.values.data() + d0;
+  const float* weight = head.probs.data() + r;
+  for (int64_t k = 0; k < nk; ++k, value += D, weight += R) {
+    __m512 x[4];
+    for (int v = 0; v < 4; ++v) x[v] = _mm512_loadu_ps(value + 16 * v);
+    for (int i = 0; i < kLaneRowGroup; ++i) {
+      const __m512 wk = _mm512_set1_ps(weight[i]);
+      for (int v = 0; v < 4; ++v) a[i][v] = _mm512_fmadd_ps(wk, x[v], a[i][v]);
+    }
+  }
+  for (int i = 0; i < kLaneRowGroup; ++i)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(head.acc.data() + (r + i) * D + d0 + 16 * v, a[i][v]);
+}
+
+// AttendTile's work, for every KV head at once (tokens [t0, t1) of sequence s, listed entries
+// [i0, i1)), with each head's rows in the lanes: a token's keys and values for all heads lie
+// side by side in the pool, so the item reads each page once, front to back (an item per head
+// read a third of each token's bytes, and the three items streamed ~14 GB/s). The outputs,
+// or with `partial` each head's rows' partials (kTileRows rows a head).
+template <typename KV>
+SPANJAX_AVX512 void AttendTileLanes(const Problem<KV>& p, int64_t s, int64_t t0, int64_t t1, int64_t i0, int64_t i1,
+                                    float* partial, LaneScratch& w) {
+  static_assert(kTileRows <= 96, "ScoreLanesFor handles up to six row vectors");
+  const int64_t G = p.Hq / p.Hkv, D = p.D, half = D / 2;
+  const int64_t rows = (t1 - t0) * G, R = (rows + 15) / 16 * 16;
+  const int64_t grouped = (rows + kLaneRowGroup - 1) / kLaneRowGroup * kLaneRowGroup;
+  w.heads.resize(p.Hkv);
+  w.row_pos.assign(R, std::numeric_limits<int32_t>::min());
+  int64_t q_max = std::numeric_limits<int64_t>::min();
+  for (int64_t t = t0; t < t1; ++t) {
+    q_max = std::max<int64_t>(q_max, p.q_pos[t]);
+    for (int64_t g = 0; g < G; ++g) w.row_pos[(t - t0) * G + g] = p.q_pos[t];
+  }
+  for (int64_t h = 0; h < p.Hkv; ++h) {
+    LaneHead& head = w.heads[h];
+    head.qt.assign(D * R, 0.0f);
+    head.acc.assign(R * D, 0.0f);
+    head.m.assign(R, -std::numeric_limits<float>::infinity());
+    head.l.assign(R, 0.0f);
+    head.corr.assign(R, 0.0f);
+    head.keys.resize(kKeyBlock * D);
+    head.values.resize(kKeyBlock * D);
+    head.probs.resize(kKeyBlock * R);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* src = p.q + ((t0 + r / G) * p.Hq + h * G + r % G) * D;
+      for (int64_t d = 0; d < D; ++d) head.qt[d * R + r] = src[d] * p.sm_scale;
+    }
+  }
+  const bool weighted = p.scale != nullptr;
+  int64_t nk = 0;
+  auto fold = [&] {
+    for (LaneHead& head : w.heads) {
+      ScoreLanesFor(w, head, R, D, nk, weighted);
+      SoftmaxLanes(head, R, nk);
+      for (int64_t r = 0; r < grouped; r += kLaneRowGroup)
+        for (int64_t d0 = 0; d0 < D; d0 += 64) AccumulateLanes(head, r, R, D, d0, nk);
+    }
+    nk = 0;
+  };
+  alignas(64) float buffer[kMaxHeadDim];
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t entry = s * p.M + i;
+    const int64_t page = p.tables[entry];
+    if (page < 0 || page >= p.pages) continue;  // unused entries (block_lens 0) carry any id
+    const int64_t visible = std::min<int64_t>({p.lens[entry], p.P, q_max - p.pos[entry] + 1});
+    for (int64_t j = 0; j < visible; ++j) {
+      const auto [c, sn] = RopeRows(p, p.pos[entry] + j, buffer);
+      for (int64_t h = 0; h < p.Hkv; ++h) {
+        const int64_t row = ((page * p.P + j) * p.Hkv + h) * D;
+        float* key = w.heads[h].keys.data() + nk * D;
+        for (int64_t d = 0; d < half; d += 16) {  // rotate-half RoPE, as RotateKey
+          const __m512 k1 = Load16(p.k + row + d), k2 = Load16(p.k + row + half + d);
+          const __m512 vc = _mm512_loadu_ps(c + d), vs = _mm512_loadu_ps(sn + d);
+          _mm512_storeu_ps(key + d, _mm512_fmsub_ps(k1, vc, _mm512_mul_ps(k2, vs)));
+          _mm512_storeu_ps(key + half + d, _mm512_fmadd_ps(k2, vc, _mm512_mul_ps(k1, vs)));
+        }
+        float* value = w.heads[h].values.data() + nk * D;
+        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(value + d, Load16(p.v + row + d));
+      }
+      w.key_pos[nk] = static_cast<int32_t>(p.pos[entry] + j);
+      if (weighted) w.key_scale[nk] = p.scale[entry], w.key_bias[nk] = p.bias[entry];
+      if (++nk == kKeyBlock) fold();
+    }
+  }
+  if (nk > 0) fold();
+  for (int64_t h = 0; h < p.Hkv; ++h) {
+    const LaneHead& head = w.heads[h];
+    for (int64_t r = 0; r < rows; ++r) {
+      const float l = head.l[r];
+      if (partial != nullptr) {
+        float* part = partial + (h * kTileRows + r) * PartialSize(D);
+        part[0] = l > 0.0f ? head.m[r] : 0.0f, part[1] = l;
+        std::copy(head.acc.begin() + r * D, head.acc.begin() + (r + 1) * D, part + 2);
+        continue;
+      }
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // saw nothing: zeros
+      float* o = p.out + ((t0 + r / G) * p.Hq + h * G + r % G) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = head.acc[r * D + d] * inv;
+    }
   }
 }
 
@@ -762,33 +885,43 @@ void PrefillAll(const Problem<KV>& p) {
           break;
         }
   }
-  const int64_t base_items = static_cast<int64_t>(tiles.size()) * p.Hkv;
+  // 16 wide, an item covers every KV head of its tile (AttendTileLanes); else one head.
+  const bool lanes = spanjax::UseAvx512() && p.D % 64 == 0;
+  const int64_t heads = lanes ? p.Hkv : 1;  // KV heads per item
+  const int64_t base_items = static_cast<int64_t>(tiles.size()) * (p.Hkv / heads);
   const int64_t want = 8 * spanjax::Helpers::Get().threads();  // items for an even share
   const int64_t split = base_items == 0 || base_items >= want
                             ? 1
                             : std::max<int64_t>(1, std::min((want + base_items - 1) / base_items, used / kMinSplitEntries));
   const int64_t per_chunk = split == 1 ? p.M : (used + split - 1) / split;
-  const int64_t items = base_items * split, part_rows = kTileRows * PartialSize(p.D);
+  const int64_t items = base_items * split, part_rows = heads * kTileRows * PartialSize(p.D);
   std::vector<float>& partials = PartialsBuffer(split > 1 ? items * part_rows : 0);
   // Last tiles first: a sequence's later tokens see more keys, and the longest items should
   // not be the ones left for the end.
   spanjax::ParallelFor(items, [&](int64_t item) {
-    thread_local TileScratch scratch;
     const int64_t i = items - 1 - item, c = i % split, th = i / split;
-    const Tile& tile = tiles[th / p.Hkv];
+    const Tile& tile = tiles[th * heads / p.Hkv];
     const int64_t i0 = c * per_chunk, i1 = split == 1 ? p.M : std::min(used, i0 + per_chunk);
-    AttendTile(p, tile.s, th % p.Hkv, tile.t0, tile.t1, i0, i1, split > 1 ? partials.data() + i * part_rows : nullptr,
-               scratch);
+    float* partial = split > 1 ? partials.data() + i * part_rows : nullptr;
+    if (lanes) {
+      thread_local LaneScratch scratch;
+      AttendTileLanes(p, tile.s, tile.t0, tile.t1, i0, i1, partial, scratch);
+    } else {
+      thread_local TileScratch scratch;
+      AttendTile(p, tile.s, th % p.Hkv, tile.t0, tile.t1, i0, i1, partial, scratch);
+    }
   });
   if (split == 1) return;
   const int64_t G = p.Hq / p.Hkv;
   for (int64_t th = 0; th < base_items; ++th) {
-    const Tile& tile = tiles[th / p.Hkv];
-    const int64_t h = th % p.Hkv;
-    for (int64_t r = 0; r < (tile.t1 - tile.t0) * G; ++r) {
-      const int64_t t = tile.t0 + r / G, g = r % G;
-      MergeRow(partials.data() + th * split * part_rows + r * PartialSize(p.D), part_rows, split, p.D,
-               p.out + (t * p.Hq + h * G + g) * p.D);
+    const Tile& tile = tiles[th * heads / p.Hkv];
+    for (int64_t hh = 0; hh < heads; ++hh) {
+      const int64_t h = th * heads % p.Hkv + hh;
+      for (int64_t r = 0; r < (tile.t1 - tile.t0) * G; ++r) {
+        const int64_t t = tile.t0 + r / G, g = r % G;
+        MergeRow(partials.data() + th * split * part_rows + (hh * kTileRows + r) * PartialSize(p.D), part_rows, split,
+                 p.D, p.out + (t * p.Hq + h * G + g) * p.D);
+      }
     }
   }
 }

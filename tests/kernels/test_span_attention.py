@@ -210,17 +210,22 @@ def test_cpu_prefill_kernel_splits_few_tiles_over_long_contexts(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cpu_prefill_kernel_vector_widths(dtype):
-    """Head dim 64 (SmolLM2's): the prefill kernel's 16-wide products where AVX512 runs and its
-    8-wide ones give the reference's result, over long tiles, split chunks (a few query tokens
-    after a long context) and re-weighted logits."""
+@pytest.mark.parametrize("G", [3, 8])
+def test_cpu_prefill_kernel_vector_widths(dtype, G):
+    """Head dim 64 (SmolLM2's): the prefill kernel's 16-wide path where AVX512 runs (a tile's
+    rows in the vector lanes, every KV head in one work item) and its 8-wide one give the
+    reference's result, over long tiles, tiles of one to six row vectors, split chunks (a few
+    query tokens after a long context) and re-weighted logits."""
     _needs_cpu_kernels()
     seqs = [
         dict(prefix=150, q_len=70),
         dict(prefix=300, children=[120, 90], parallel=True, q_len=5),
         dict(prefix=20, q_len=3),
+        dict(prefix=40, children=[30, 20], parallel=True, q_len=22),
+        dict(prefix=9, q_len=20),
+        dict(prefix=60, q_len=12),
     ]
-    batch = _batch(5, seqs, 3, 16, dtype=getattr(jnp, dtype), head_dim=64)
+    batch = _batch(5 + G, seqs, G, 16, dtype=getattr(jnp, dtype), head_dim=64)
     args, kw = args_kwargs(batch)
     rng = np.random.default_rng(1)
     weights = {f: rng.uniform(lo, hi, args[3].block_tables.shape).astype(np.float32) for f, lo, hi in WEIGHTS}
