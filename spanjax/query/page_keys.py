@@ -30,6 +30,7 @@ differ), sampling settings.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -51,8 +52,14 @@ def chain_page_key(prev: str, page_tokens) -> str:
 
 def chain_page_keys(root: str, tokens, page_size: int) -> tuple[str, ...]:
     """Chained page keys of `tokens` (one per page; the last may be partial)."""
+    return _chain_page_keys(root, tuple(int(t) for t in tokens), page_size)
+
+
+# Lowering keys every span of every query, and queries repeat their spans (a RAG query's
+# documents: ~2 ms of digests a query at k = 16); a hit costs hashing the token tuple.
+@functools.lru_cache(maxsize=8192)
+def _chain_page_keys(root: str, toks: tuple[int, ...], page_size: int) -> tuple[str, ...]:
     keys, k = [], root
-    toks = [int(t) for t in tokens]
     for j in range(0, len(toks), page_size):
         k = chain_page_key(k, toks[j : j + page_size])
         keys.append(k)

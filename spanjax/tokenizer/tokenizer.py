@@ -314,7 +314,14 @@ class Tokenizer:
         return tuple(self.encode(self._generation_prefix))
 
     def encode_message(self, role: str, content: str) -> list[int]:
-        return self.encode(self.render_message(role, content))
+        return list(self._message_ids(role, content))
+
+    # Queries repeat their messages (the same RAG documents in every query, reordered); encoding
+    # 16 documents of 256 tokens is ~4 ms of lowering, about 4% of a RAG query's span TTFT.
+    # Per tokenizer (it is in the key through `self`), thread-safe, bounded.
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (tokenizers live as long as their models)
+    def _message_ids(self, role: str, content: str) -> tuple[int, ...]:
+        return tuple(self.encode(self.render_message(role, content)))
 
     def generation_prefix(self) -> str:
         """What `add_generation_prompt=True` appends (the assistant header)."""
