@@ -20,12 +20,14 @@ read back is re-exported and replaced; writes go through a temporary file and a 
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import logging
 import os
 import pickle
 import tempfile
+import weakref
 from pathlib import Path
 
 import jax
@@ -73,9 +75,30 @@ def signature(args) -> tuple:
 # was seen) exhausted the process's map limit (vm.max_map_count, 65530) and LLVM aborted it.
 # The others compile on first use, from the persistent cache.
 PRELOAD_MAX = 24
-# A process keeps at most this many loaded programs (StepRunner drops the least recently used):
-# dropping one frees its maps, and a long process that meets many buckets stays under the limit.
+# A process keeps at most this many loaded programs, across all its engines (`keep_loaded`
+# drops the least recently used): dropping one frees its maps, and a long process that meets
+# many buckets stays under the limit. A bound per engine was not enough: a benchmark holding
+# nine engines (three weight formats x three pools) reached the limit and LLVM aborted it.
 LOADED_MAX = 32
+# (id of a runner's dict of loaded programs, bucket key) -> a weak reference to that dict,
+# least recently used first.
+_loaded: collections.OrderedDict = collections.OrderedDict()
+
+
+def keep_loaded(stored: dict, key) -> None:
+    """Mark `stored[key]` (one runner's loaded program) the most recently used in this process;
+    beyond LOADED_MAX loaded programs, drop the least recently used from its runner's dict (it
+    loads again from disk if needed). Entries of runners that are gone are dropped first."""
+    for ident in [i for i, ref in _loaded.items() if ref() is None]:
+        del _loaded[ident]
+    ident = (id(stored), key)
+    _loaded.pop(ident, None)
+    _loaded[ident] = weakref.ref(stored)
+    while len(_loaded) > LOADED_MAX:
+        (_, old_key), ref = _loaded.popitem(last=False)
+        holder = ref()
+        if holder is not None:
+            holder.pop(old_key, None)
 
 
 class StepPrograms:

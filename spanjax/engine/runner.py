@@ -223,11 +223,11 @@ class StepRunner:
         return step
 
     def _keep(self, key, step) -> None:
-        """Remember a loaded program as the most recently used; beyond `aot.LOADED_MAX` the least
-        recently used is dropped (its memory maps freed; it loads again from disk if needed)."""
+        """Remember a loaded program as the most recently used; beyond `aot.LOADED_MAX` in the
+        process the least recently used is dropped (its memory maps freed; it loads again from
+        disk if needed)."""
         self._stored[key] = step
-        while len(self._stored) > aot.LOADED_MAX:
-            self._stored.popitem(last=False)
+        aot.keep_loaded(self._stored, key)
 
     def preload(self, params, cache) -> int:
         """Compile every step program stored for this engine's weights and pool (aot.py), so the

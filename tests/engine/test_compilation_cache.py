@@ -124,7 +124,11 @@ def test_preload_compiles_only_the_most_recently_loaded_programs(tmp_path):
 def test_runner_keeps_only_the_most_recently_used_loaded_programs(monkeypatch):
     """A long process meeting many buckets drops the least recently used loaded program beyond
     `aot.LOADED_MAX` (each holds memory maps; dropped, they are freed) and loads it again
-    from disk when it comes back."""
+    from disk when it comes back. The bound is the process's, across engines: a second runner's
+    programs push out the first's, and a runner that is gone holds none of it."""
+    import collections
+    import gc
+
     import numpy as np
     from tiny_byte import tiny_config
 
@@ -140,11 +144,20 @@ def test_runner_keeps_only_the_most_recently_used_loaded_programs(monkeypatch):
             return lambda *a: args[2].shape[0]
 
     monkeypatch.setattr(aot, "LOADED_MAX", 2)
+    monkeypatch.setattr(aot, "_loaded", collections.OrderedDict())  # other tests' runners out of it
     programs = Programs()
     runner = StepRunner(tiny_config(), max_tokens=16, max_seqs=2, max_pages_per_seq=4, programs=programs)
     for n in (1, 2, 1, 3, 1, 2):  # 2 is dropped when 3 comes (1 was used after it)
         assert runner._step_for((None, None, np.zeros(n)))() == n
     assert programs.loads == [1, 2, 3, 2] and len(runner._stored) == 2
+    other = StepRunner(tiny_config(), max_tokens=16, max_seqs=2, max_pages_per_seq=4, programs=programs)
+    assert other._step_for((None, None, np.zeros(4)))() == 4  # pushes out the first runner's 1
+    assert len(runner._stored) == 1 and len(other._stored) == 1
+    assert runner._step_for((None, None, np.zeros(1)))() == 1 and programs.loads[-1] == 1  # loaded again
+    del other
+    gc.collect()
+    assert runner._step_for((None, None, np.zeros(3)))() == 3
+    assert len(runner._stored) == 2  # the gone runner's slot is free: 1 (recent) and 3 kept
 
 
 def test_on_means_the_default_location_not_a_directory_named_on(monkeypatch, tmp_path):
