@@ -515,6 +515,33 @@ inline void FoldKeyBlock(TileScratch& w, int64_t rows, int64_t D, int64_t nk, bo
   }
 }
 
+// Calls key(offset, position) for each slot a token at position q_max or before may see in the
+// listed entries [i0, i1) of sequence s, in listing order: `offset` is the slot's element
+// offset in the pool for KV head 0 (head h's row is at offset + h * D).
+template <typename KV, typename Key>
+inline void ForSeenSlots(const Problem<KV>& p, int64_t s, int64_t i0, int64_t i1, int64_t q_max, Key key) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t entry = s * p.M + i;
+    const int64_t page = p.tables[entry];
+    if (page < 0 || page >= p.pages) continue;  // unused entries (block_lens 0) carry any id
+    const int64_t visible = std::min<int64_t>({p.lens[entry], p.P, q_max - p.pos[entry] + 1});
+    for (int64_t j = 0; j < visible; ++j) key(entry, (page * p.P + j) * p.Hkv * p.D, p.pos[entry] + j);
+  }
+}
+
+// One row's result from its running max m, sum l and unnormalized output acc (D floats): with
+// `part`, its partial softmax for MergeRow (PartialSize(D) floats); else acc / l into `out`
+// (zeros for a row that saw nothing).
+inline void FinishRow(float m, float l, const float* acc, int64_t D, float* part, float* out) {
+  if (part != nullptr) {
+    part[0] = l > 0.0f ? m : 0.0f, part[1] = l;
+    std::copy(acc, acc + D, part + 2);
+    return;
+  }
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  for (int64_t d = 0; d < D; ++d) out[d] = acc[d] * inv;
+}
+
 // One (sequence, KV head, tokens [t0, t1), listed entries [i0, i1)): the tile's rows are its
 // tokens x the KV head's G query heads. Keys are collected in listing order, kKeyBlock at a
 // time, from the entries whose slots some token of the tile may see; each key is rotated once
@@ -559,35 +586,21 @@ void AttendTile(const Problem<KV>& p, int64_t s, int64_t h, int64_t t0, int64_t 
     nk = 0;
   };
   alignas(32) float key[kMaxHeadDim];
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t entry = s * p.M + i;
-    const int64_t page = p.tables[entry];
-    if (page < 0 || page >= p.pages) continue;  // unused entries (block_lens 0) carry any id
-    const int64_t visible = std::min<int64_t>({p.lens[entry], p.P, q_max - p.pos[entry] + 1});
-    for (int64_t j = 0; j < visible; ++j) {
-      const int64_t row = ((page * p.P + j) * p.Hkv + h) * D;
-      RotateKey(p, row, p.pos[entry] + j, key);
-      for (int64_t d = 0; d < D; ++d) w.keys_t[d * kKeyBlock + nk] = key[d];
-      float* value = w.values.data() + nk * D;
-      for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(value + d, Load8(p.v + row + d));
-      w.key_pos[nk] = static_cast<int32_t>(p.pos[entry] + j);
-      if (weighted) w.key_scale[nk] = p.scale[entry], w.key_bias[nk] = p.bias[entry];
-      if (++nk == kKeyBlock) fold();
-    }
-  }
+  ForSeenSlots(p, s, i0, i1, q_max, [&](int64_t entry, int64_t offset, int64_t position) {
+    const int64_t row = offset + h * D;
+    RotateKey(p, row, position, key);
+    for (int64_t d = 0; d < D; ++d) w.keys_t[d * kKeyBlock + nk] = key[d];
+    float* value = w.values.data() + nk * D;
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(value + d, Load8(p.v + row + d));
+    w.key_pos[nk] = static_cast<int32_t>(position);
+    if (weighted) w.key_scale[nk] = p.scale[entry], w.key_bias[nk] = p.bias[entry];
+    if (++nk == kKeyBlock) fold();
+  });
   if (nk > 0) fold();
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = t0 + r / G, g = r % G;
     const float l = HorizontalSum(_mm256_loadu_ps(w.l8.data() + 8 * r));
-    if (partial != nullptr) {
-      float* part = partial + r * PartialSize(D);
-      part[0] = l > 0.0f ? w.m[r] : 0.0f, part[1] = l;
-      std::copy(w.acc.begin() + r * D, w.acc.begin() + (r + 1) * D, part + 2);
-      continue;
-    }
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // saw nothing: zeros
-    float* o = p.out + (t * p.Hq + h * G + g) * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = w.acc[r * D + d] * inv;
+    FinishRow(w.m[r], l, w.acc.data() + r * D, D, partial == nullptr ? nullptr : partial + r * PartialSize(D),
+              p.out + ((t0 + r / G) * p.Hq + h * G + r % G) * D);
   }
 }
 
@@ -761,45 +774,32 @@ SPANJAX_AVX512 void AttendTileLanes(const Problem<KV>& p, int64_t s, int64_t t0,
     nk = 0;
   };
   alignas(64) float buffer[kMaxHeadDim];
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t entry = s * p.M + i;
-    const int64_t page = p.tables[entry];
-    if (page < 0 || page >= p.pages) continue;  // unused entries (block_lens 0) carry any id
-    const int64_t visible = std::min<int64_t>({p.lens[entry], p.P, q_max - p.pos[entry] + 1});
-    for (int64_t j = 0; j < visible; ++j) {
-      const auto [c, sn] = RopeRows(p, p.pos[entry] + j, buffer);
-      for (int64_t h = 0; h < p.Hkv; ++h) {
-        const int64_t row = ((page * p.P + j) * p.Hkv + h) * D;
-        float* key = w.heads[h].keys.data() + nk * D;
-        for (int64_t d = 0; d < half; d += 16) {  // rotate-half RoPE, as RotateKey
-          const __m512 k1 = Load16(p.k + row + d), k2 = Load16(p.k + row + half + d);
-          const __m512 vc = _mm512_loadu_ps(c + d), vs = _mm512_loadu_ps(sn + d);
-          _mm512_storeu_ps(key + d, _mm512_fmsub_ps(k1, vc, _mm512_mul_ps(k2, vs)));
-          _mm512_storeu_ps(key + half + d, _mm512_fmadd_ps(k2, vc, _mm512_mul_ps(k1, vs)));
-        }
-        float* value = w.heads[h].values.data() + nk * D;
-        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(value + d, Load16(p.v + row + d));
+  // The slot's keys and values for every KV head, side by side in the pool, into each head's block.
+  ForSeenSlots(p, s, i0, i1, q_max, [&](int64_t entry, int64_t offset, int64_t position) SPANJAX_AVX512 {
+    const auto [c, sn] = RopeRows(p, position, buffer);
+    for (int64_t h = 0; h < p.Hkv; ++h) {
+      const int64_t row = offset + h * D;
+      float* key = w.heads[h].keys.data() + nk * D;
+      for (int64_t d = 0; d < half; d += 16) {  // rotate-half RoPE, as RotateKey
+        const __m512 k1 = Load16(p.k + row + d), k2 = Load16(p.k + row + half + d);
+        const __m512 vc = _mm512_loadu_ps(c + d), vs = _mm512_loadu_ps(sn + d);
+        _mm512_storeu_ps(key + d, _mm512_fmsub_ps(k1, vc, _mm512_mul_ps(k2, vs)));
+        _mm512_storeu_ps(key + half + d, _mm512_fmadd_ps(k2, vc, _mm512_mul_ps(k1, vs)));
       }
-      w.key_pos[nk] = static_cast<int32_t>(p.pos[entry] + j);
-      if (weighted) w.key_scale[nk] = p.scale[entry], w.key_bias[nk] = p.bias[entry];
-      if (++nk == kKeyBlock) fold();
+      float* value = w.heads[h].values.data() + nk * D;
+      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(value + d, Load16(p.v + row + d));
     }
-  }
+    w.key_pos[nk] = static_cast<int32_t>(position);
+    if (weighted) w.key_scale[nk] = p.scale[entry], w.key_bias[nk] = p.bias[entry];
+    if (++nk == kKeyBlock) fold();
+  });
   if (nk > 0) fold();
   for (int64_t h = 0; h < p.Hkv; ++h) {
     const LaneHead& head = w.heads[h];
-    for (int64_t r = 0; r < rows; ++r) {
-      const float l = head.l[r];
-      if (partial != nullptr) {
-        float* part = partial + (h * kTileRows + r) * PartialSize(D);
-        part[0] = l > 0.0f ? head.m[r] : 0.0f, part[1] = l;
-        std::copy(head.acc.begin() + r * D, head.acc.begin() + (r + 1) * D, part + 2);
-        continue;
-      }
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // saw nothing: zeros
-      float* o = p.out + ((t0 + r / G) * p.Hq + h * G + r % G) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = head.acc[r * D + d] * inv;
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      FinishRow(head.m[r], head.l[r], head.acc.data() + r * D, D,
+                partial == nullptr ? nullptr : partial + (h * kTileRows + r) * PartialSize(D),
+                p.out + ((t0 + r / G) * p.Hq + h * G + r % G) * D);
   }
 }
 
