@@ -16,7 +16,8 @@ ratio compares (1 and 8 streams; the two pools), and the best round counts.
 Cases (tokens/s):
 - prefill of 512, 2048 and 4096 prompt tokens (prompt tokens / time to the first token,
   span cache cleared between runs; engine token budget `--token-budget`);
-- decode after a 512-token prompt, 1 stream and 8 streams (aggregate);
+- decode after a 512-token prompt, 1 stream and 8 streams (aggregate, timed while all 8
+  decode; the rate to the last token beside it);
 - decode after a 64-token prompt with a 128-page and a 4096-page KV pool (1 stream).
 
 Writes the table and ratios to runs/engine_bench-<stamp>/results.json and, with
@@ -92,7 +93,12 @@ class SpanjaxSide:
         return plans
 
     def run(self, length: int, streams: int, new_tokens: int, num_pages: int):
-        """(prompt tokens, seconds to every first token, decode tokens, decode seconds)."""
+        """(prompt tokens, seconds to every first token, decode tokens, decode seconds, {the
+        decode rate to the last token}). Decode is timed while every stream decodes: the streams
+        get their first tokens at different prefill chunks, so they also finish at different
+        steps, and the steps after the first one finishes run fewer streams than the case names
+        (8 streams after 512 tokens: its last ~7 steps run 7 down to 1). The rate to the last
+        token, that ragged end included, is reported beside it."""
         engine = self._engine(num_pages)
         engine.clear_cache()
         plans = self._plans(engine, length, streams)
@@ -103,10 +109,14 @@ class SpanjaxSide:
             engine.step()
         t1 = time.perf_counter()
         done = sum(len(r.generated) for r in reqs)
-        engine.run_until_done(reqs)
+        while not any(r.finished for r in reqs):
+            engine.step()
         t2 = time.perf_counter()
         decoded = sum(len(r.generated) for r in reqs) - done
-        return sum(p.num_tokens for p in plans), t1 - t0, decoded, t2 - t1
+        engine.run_until_done(reqs)
+        t3 = time.perf_counter()
+        to_last = (sum(len(r.generated) for r in reqs) - done) / (t3 - t1)
+        return sum(p.num_tokens for p in plans), t1 - t0, decoded, t2 - t1, {"to_last_token_tok_s": to_last}
 
 
 class LlamaCppSide:
@@ -200,7 +210,7 @@ def comparison_group(case: dict) -> str:
 
 
 def _rate(case: dict, run) -> float:
-    n, prefill_s, decoded, decode_s = run
+    n, prefill_s, decoded, decode_s = run[:4]
     return n / prefill_s if case["kind"] == "prefill" else decoded / decode_s
 
 
@@ -217,11 +227,14 @@ def measure_group(group: list[dict], sides: list, names: list[str], repeats: int
             if side.run(case["length"], case["streams"], case["new"], case["pages"]) is not None:  # warm-up
                 active.append((case, side, name))
     rates: dict[tuple[str, str], list[float]] = {(c["name"], n): [] for c, _, n in active}
+    extras: dict[tuple[str, str], dict[str, list]] = {key: {} for key in rates}  # a side's other rates, per round
     for _ in range(repeats):
         for case, side, name in active:
             run = side.run(case["length"], case["streams"], case["new"], case["pages"])
             rates[case["name"], name].append(_rate(case, run))
-    return {key: dict(tok_s=max(r), runs_tok_s=r) for key, r in rates.items()}
+            for k, v in (run[4] if len(run) > 4 and case["kind"] == "decode" else {}).items():
+                extras[case["name"], name].setdefault(f"runs_{k}", []).append(v)
+    return {key: dict(tok_s=max(r), runs_tok_s=r, **extras[key]) for key, r in rates.items()}
 
 
 def main(argv=None):
@@ -305,6 +318,11 @@ def main(argv=None):
         )
         ratios = ", ".join(f"{n.removeprefix('spanjax ')} {v:.2f}x" for n, v in row["ratio_vs_llama_cpp"].items())
         print(f"{row['case']:<34}{cells}   {ratios}")
+    for row in table:  # the decode rates with the ragged end (see SpanjaxSide.run)
+        key = "runs_to_last_token_tok_s"
+        tails = {n: max(r[key]) for n, r in row["results"].items() if key in r}
+        if tails and "8 stream" in row["case"]:
+            print(f"{row['case']}, to the last token: " + ", ".join(f"{n} {v:.1f}" for n, v in tails.items()))
     if pool_ratio:
         print(
             "decode with a 4096-page pool / a 128-page pool: "
