@@ -1,7 +1,8 @@
 """The C++ CPU kernels, one shared library: built on first use, registered as XLA FFI targets.
 
 Sources: `quantized_matmul/cpu_kernel.cc` (block-quantized products),
-`quantized_matmul/cpu_int8.cc` (the same with int8 activations, AVX512-VNNI) and
+`quantized_matmul/cpu_int8.cc` (the same with int8 activations, AVX512-VNNI),
+`packed_matmul/cpu_kernel.cc` (fp32 weights in column panels) and
 `span_attention/cpu_attention.cc` (decode and prefill attention), with the helper threads they share
 (`cpu_threads.h`: one pool per process, which is why they are one library). It is compiled
 with the system's C++ compiler into a per-user cache directory, named by a hash of the
@@ -35,6 +36,7 @@ SOURCES = tuple(
         "cpu_library.cc",
         "quantized_matmul/cpu_kernel.cc",
         "quantized_matmul/cpu_int8.cc",
+        "packed_matmul/cpu_kernel.cc",
         "span_attention/cpu_attention.cc",
     )
 )
@@ -45,6 +47,7 @@ TARGETS = {
     "spanjax_quantized_matmuls": "SpanjaxQuantizedMatmuls",
     "spanjax_quantized_matmuls_int8": "SpanjaxQuantizedMatmulsInt8",
     "spanjax_quantized_matmuls_lanes": "SpanjaxQuantizedMatmulsLanes",
+    "spanjax_packed_matmuls": "SpanjaxPackedMatmuls",
     "spanjax_decode_attention_f32": "SpanjaxDecodeAttentionF32",
     "spanjax_decode_attention_bf16": "SpanjaxDecodeAttentionBf16",
     "spanjax_prefill_attention_f32": "SpanjaxPrefillAttentionF32",

@@ -41,6 +41,7 @@ from spanjax.engine.sampling import SamplingParams
 from spanjax.engine.scheduler import Request, Scheduler
 from spanjax.engine.speculative import SpeculativeRunner, SpeculativeScheduler, SpeculativeStep
 from spanjax.engine.step import PlainStep, StepPath
+from spanjax.kernels import cpu_library
 from spanjax.kernels.quantized_matmul import with_lanes
 from spanjax.kernels.span_attention import get_attention_impl
 from spanjax.kernels.span_attention.sharded import shard_heads
@@ -100,6 +101,12 @@ class EngineConfig:
     # faster products at eight rows on AVX512 (docs/results/engine_bench.md), for a second copy
     # of those weights in memory. One-sequence steps read the blocks either way.
     quantized_lanes: bool = True
+    # fp32 weight matrices packed in column panels for the CPU products kernel
+    # (kernels/packed_matmul), on one CPU device where the kernel library is built: 1.2-2x XLA's
+    # GEMM from 1 to 512 rows on 2 cores (docs/results/engine_bench.md), and the step skips the
+    # padding rows of its token bucket. Takes the place of the unstacked copy (the same memory);
+    # the values are the same, summed in another order.
+    pack_weights: bool = True
     # Steady decoding one step ahead (engine/step.py PlainStep): the next decode step is dispatched
     # before this one's tokens reach the host, so the host's ~0.6-1.8 ms a step (scheduling,
     # padding, the call, appending tokens) overlaps the device's work. Same tokens either way.
@@ -181,7 +188,9 @@ class Engine:
         # copied but unrolled over in place (`llama.UnrolledLayers`: the kernels read a layer of
         # the stack at an offset). `layer_loop="scan"` keeps them stacked: slower steps, much
         # faster compilation.
-        self.params = llama.unstack_layers(model.params) if config.layer_loop == "unrolled" else model.params
+        pack = config.pack_weights and self.mesh is None and jax.default_backend() == "cpu" and cpu_library.available()
+        unrolled = config.layer_loop == "unrolled"
+        self.params = llama.unstack_layers(model.params, pack_matrices=pack) if unrolled else model.params
         quantized = llama.has_quantized_weights(model.params)
         if config.int8_activations and not quantized:
             raise ValueError("int8_activations needs block-quantized weights (a GGUF model loaded quantized)")

@@ -181,8 +181,18 @@ class StepRunner:
         # A pipelined decode step's tokens are the previous step's samples, still on the device:
         # token row r takes prev_ids[pending[r]] where pending[r] >= 0 (StepBatch.pending_src).
         tokens = jnp.where(pending >= 0, prev_ids[jnp.maximum(pending, 0)], tokens)
+        # Padding tokens follow the real ones (`padded_inputs`): the packed products skip them.
         hidden, cache = llama.forward_paged(
-            params, self.cfg, tokens, positions, cache, meta, self._attention_impl, adapter, adapter_ids
+            params,
+            self.cfg,
+            tokens,
+            positions,
+            cache,
+            meta,
+            self._attention_impl,
+            adapter,
+            adapter_ids,
+            rows=meta.cu_q_lens[-1],
         )
         logits = llama.compute_logits(params, self.cfg, hidden[logits_indices])
         next_ids = sampling.sample(logits)

@@ -9,8 +9,9 @@ and is updated in place. Attention is pluggable: `forward_dense` keeps a classic
 attention over a `SpanBatchMeta` (the engine's path; see kernels/span_attention).
 
 Weights are stored [in, out] so projections are `x @ w` (`linear`: fp32 accumulation), or
-block-quantized [out, in] as GGUF stores them (`BlockQuantized`, see kernels/quantized_matmul:
-`linear` dispatches on the type, so any matrix field may be either).
+block-quantized [out, in] as GGUF stores them (`BlockQuantized`, see kernels/quantized_matmul),
+or fp32 packed in column panels for the CPU kernel (`PackedMatrix`, kernels/packed_matmul):
+`linear` dispatches on the type, so any matrix field may be any of them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from spanjax.kernels.packed_matmul import PackedMatrix, is_packed, pack, packed_matmuls
 from spanjax.kernels.quantized_matmul import (
     BlockQuantized,
     is_block_quantized,
@@ -57,9 +60,9 @@ LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 @flax.struct.dataclass
 class UnrolledLayers:
-    """Stacked layers that the decoder unrolls over (`unstack_layers`, block-quantized weights):
-    layer i views each block-quantized matrix of the stack in place (`BlockQuantized.at_layer`,
-    read at an offset by the CPU kernels) and slices the small dense fields (the norms)."""
+    """Stacked layers that the decoder unrolls over (`unstack_layers`, block-quantized or packed
+    weights): layer i views each such matrix of the stack in place (`at_layer`, read at an
+    offset by the CPU kernels) and slices the small dense fields (the norms)."""
 
     stack: LayerParams
 
@@ -68,8 +71,13 @@ class UnrolledLayers:
         return self.stack.attn_norm.shape[0]
 
     def layer(self, i: int) -> LayerParams:
-        view = lambda a: a.at_layer(i) if is_block_quantized(a) else a[i]  # noqa: E731
-        return jax.tree.map(view, self.stack, is_leaf=is_block_quantized)
+        view = lambda a: a.at_layer(i) if _in_place(a) else a[i]  # noqa: E731
+        return jax.tree.map(view, self.stack, is_leaf=_in_place)
+
+
+def _in_place(x) -> bool:
+    """Whether x is a matrix the CPU kernels read a layer of in place (block-quantized, packed)."""
+    return is_block_quantized(x) or is_packed(x)
 
 
 @flax.struct.dataclass
@@ -109,7 +117,7 @@ def init_params(cfg: ModelConfig, key, dtype=jnp.float32, scale=0.02) -> Params:
     )
 
 
-def unstack_layers(params: Params) -> Params:
+def unstack_layers(params: Params, pack_matrices: bool = False) -> Params:
     """The same weights with `layers` as a tuple of per-layer LayerParams (one buffer per weight).
 
     The decoder unrolls its layer loop over unstacked layers, which inference on CPU wants: a
@@ -120,11 +128,18 @@ def unstack_layers(params: Params) -> Params:
     Where every matrix of the layers is block-quantized, nothing is copied: the layers stay
     stacked (`UnrolledLayers`) and the kernels read each layer of a stack in place. A step then
     takes a few dozen arrays instead of one per layer and matrix (SmolLM2 with lane copies:
-    ~50 instead of ~1,300), and each array a step takes costs its dispatch ~1 us on CPU."""
+    ~50 instead of ~1,300), and each array a step takes costs its dispatch ~1 us on CPU.
+
+    pack_matrices: fp32 matrices are packed in column panels (`PackedMatrix`) and, like
+    block-quantized ones, stay stacked: the CPU kernel reads a layer in place (the engine on
+    CPU; kernels/packed_matmul says why)."""
     if isinstance(params.layers, (tuple, UnrolledLayers)):
         return params
     layers = params.layers
-    if all(is_block_quantized(getattr(layers, f)) for f in LAYER_MATRICES):
+    if pack_matrices:
+        fp32 = lambda a: isinstance(a, jax.Array | np.ndarray) and a.dtype == jnp.float32  # noqa: E731
+        layers = layers.replace(**{f: pack(getattr(layers, f)) for f in LAYER_MATRICES if fp32(getattr(layers, f))})
+    if all(_in_place(getattr(layers, f)) for f in LAYER_MATRICES):
         return params.replace(layers=UnrolledLayers(layers))
     n = layers.attn_norm.shape[0]
     return params.replace(layers=tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)))
@@ -151,20 +166,27 @@ def _dot_f32(x, w, w_in_axis: int):
     return y[:rows].reshape(*lead, y.shape[-1])
 
 
-def linear(x, w):
+def linear(x, w, rows=None):
     """x [..., in] @ w [in, out], accumulated in fp32 and rounded to x's dtype: what transformers'
-    bf16 does too. A block-quantized w ([out, in]) goes through `quantized_matmul`."""
+    bf16 does too. A block-quantized w ([out, in]) goes through `quantized_matmul`, a packed one
+    through `packed_matmuls`. rows: how many leading rows of x hold tokens (the rest padding);
+    the packed kernel skips the others and leaves them zero, other paths compute every row."""
     if isinstance(w, BlockQuantized):
         return quantized_matmul(x, w).astype(x.dtype)
+    if isinstance(w, PackedMatrix):
+        return packed_matmuls(x, (w,), rows)[0].astype(x.dtype)
     return _dot_f32(x, w, 0).astype(x.dtype)
 
 
-def linears(x, ws):
-    """`linear(x, w)` for each w of `ws`; block-quantized ones in one product call (on CPU one
-    kernel call: a decode step's small k and v products would each pay a call's fixed cost)."""
+def linears(x, ws, rows=None):
+    """`linear(x, w, rows)` for each w of `ws`; block-quantized or packed ones in one product call
+    (on CPU one kernel call: a decode step's small k and v products would each pay a call's
+    fixed cost)."""
     if all(isinstance(w, BlockQuantized) for w in ws):
         return tuple(y.astype(x.dtype) for y in quantized_matmuls(x, tuple(ws)))
-    return tuple(linear(x, w) for w in ws)
+    if all(isinstance(w, PackedMatrix) for w in ws):
+        return tuple(y.astype(x.dtype) for y in packed_matmuls(x, tuple(ws), rows))
+    return tuple(linear(x, w, rows) for w in ws)
 
 
 def has_quantized_weights(tree) -> bool:
@@ -179,9 +201,9 @@ def embed_tokens(params: Params, tokens):
     return params.embed[tokens]
 
 
-def mlp(layer: LayerParams, x):
-    gate, up = linears(x, (layer.w_gate, layer.w_up))
-    return linear(jax.nn.silu(gate) * up, layer.w_down)
+def mlp(layer: LayerParams, x, rows=None):
+    gate, up = linears(x, (layer.w_gate, layer.w_up), rows)
+    return linear(jax.nn.silu(gate) * up, layer.w_down, rows)
 
 
 # attention_fn(layer_index, cache, q_roped, k_raw, v, positions) -> (out, cache)
@@ -197,6 +219,7 @@ def decoder(
     attention_fn: AttentionFn,
     adapter=None,
     adapter_mask=None,
+    rows=None,
 ):
     """Embedding -> L layers -> final norm. Token axes are [..., T]; returns (hidden, cache).
 
@@ -208,6 +231,9 @@ def decoder(
     `adapter` (a spanjax.adapters.AdapterBank) adds LoRA deltas per token:
     `adapter_mask` [..., T] is a bool mask (adapter 0) or an int adapter index
     (-1 = base weights); None applies adapter 0 everywhere.
+
+    `rows` (flat ragged batches): how many leading tokens are real, the rest padding whose
+    products the packed CPU kernel may skip (`linear`); None = all.
     """
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
     x = embed_tokens(params, tokens) * jnp.asarray(cfg.embedding_multiplier, params.embed.dtype)
@@ -216,12 +242,12 @@ def decoder(
 
     def layer_step(x, cache, layer, idx, lora):
         def proj(module, h, w):  # x W, plus the adapter's per-token delta when one is given
-            y = linear(h, w)
+            y = linear(h, w, rows)
             return y if adapter is None else adapter.apply(module, lora, idx, h, y, ids)
 
         h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
         if adapter is None:
-            q, k, v = linears(h, (layer.wq, layer.wk, layer.wv))
+            q, k, v = linears(h, (layer.wq, layer.wk, layer.wv), rows)
         else:
             q, k, v = (proj(m, h, w) for m, w in (("q_proj", layer.wq), ("k_proj", layer.wk), ("v_proj", layer.wv)))
         q = q.reshape(*lead, cfg.num_heads, cfg.head_dim)
@@ -233,7 +259,7 @@ def decoder(
         x = x + cfg.residual_multiplier * proj("o_proj", attn, layer.wo)
         h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
         if adapter is None:
-            m = mlp(layer, h)
+            m = mlp(layer, h, rows)
         else:
             m = proj(
                 "down_proj",
@@ -438,6 +464,7 @@ def forward_paged(
     attention_impl=None,
     adapter=None,
     adapter_mask=None,
+    rows=None,
 ):
     """tokens, positions [T] (flat ragged batch) -> (final hidden [T, H], cache).
 
@@ -447,7 +474,8 @@ def forward_paged(
     to the attention unchanged, like the rest of `meta`). `attention_impl` (the span-attention
     contract, kernels/span_attention/meta.py) defaults to the per-token jnp
     reference; the engine passes `get_attention_impl()`'s choice (the tiled XLA
-    path on CPU, the Pallas kernel on GPU/TPU).
+    path on CPU, the Pallas kernel on GPU/TPU). `rows`: the real tokens (`decoder`), e.g.
+    `meta.cu_q_lens[-1]` when the padding follows them.
     """
     attention_impl = span_attention_reference if attention_impl is None else attention_impl
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
@@ -460,5 +488,5 @@ def forward_paged(
     if cache.num_layers != cfg.num_layers:
         raise ValueError(f"forward_paged: the pool holds {cache.num_layers} layers, the model has {cfg.num_layers}")
     attention = functools.partial(_paged_attention, cfg, inv_freq, attention_impl, meta, cache.num_pages)
-    hidden, (k, v) = decoder(params, cfg, tokens, positions, (cache.k, cache.v), attention, adapter, adapter_mask)
+    hidden, (k, v) = decoder(params, cfg, tokens, positions, (cache.k, cache.v), attention, adapter, adapter_mask, rows)
     return hidden, cache.replace(k=k, v=v)
