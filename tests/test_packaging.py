@@ -26,6 +26,26 @@ def test_every_package_folder_is_installed_under_spanjax():
     assert listed == found, f"pyproject packages {sorted(listed - found)} extra, {sorted(found - listed)} missing"
 
 
+def test_the_kernel_sources_are_installed_with_their_packages():
+    """A non-editable install builds the C++ kernels from the installed files: every source and
+    header `cpu_library` compiles must be package data of the package that holds it."""
+    from spanjax.kernels import cpu_library
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    data = {
+        ROOT
+        / tool["package-dir"]["spanjax.kernels"]
+        / pkg.removeprefix("spanjax.kernels").lstrip(".").replace(".", "/")
+        / f
+        for pkg, files in tool["package-data"].items()
+        if pkg.startswith("spanjax.kernels")
+        for f in files
+    }
+    needed = {Path(p).resolve() for p in (*cpu_library.SOURCES, *cpu_library.HEADERS)}
+    assert needed <= {p.resolve() for p in data}, sorted(str(p) for p in needed - {p.resolve() for p in data})
+    assert all(p.exists() for p in data), sorted(str(p) for p in data if not p.exists())
+
+
 def test_a_source_checkout_runs_without_installing(tmp_path):
     """PYTHONPATH=<checkout> (no install, no site-packages) still maps the top-level folders."""
     code = "import spanjax.training, spanjax.eval; print(spanjax.training.__file__); print(spanjax.eval.__file__)"
