@@ -61,10 +61,12 @@ class SpanjaxSide:
     def __init__(self, dtype: str, token_budget: int, cache_dtype: str = "auto"):
         # "quantized": fp32 compute on the GGUF's own Q4_1 / Q8_0 blocks (kernels/quantized_matmul);
         # "quantized-int8": the same weights, decode products with int8 activations as llama.cpp
-        # computes them (EngineConfig.int8_activations)
+        # computes them (EngineConfig.int8_activations); "float32-xla": fp32 weights through XLA's
+        # GEMM instead of the packed-panel kernel (EngineConfig.pack_weights=False), for comparison
         quantized = dtype.startswith("quantized")
         self.int8_activations = dtype == "quantized-int8"
-        weights_dtype = jnp.float32 if quantized else getattr(jnp, dtype)
+        self.pack_weights = dtype != "float32-xla"
+        weights_dtype = jnp.float32 if quantized or dtype == "float32-xla" else getattr(jnp, dtype)
         self.model = load_model("smollm2-135m", dtype=weights_dtype, quantized=quantized)
         self.token_budget = token_budget
         self.cache_dtype = resolve_cache_dtype(cache_dtype, self.model.params)  # "auto": the engine's choice
@@ -78,6 +80,7 @@ class SpanjaxSide:
                 max_running=8,
                 cache_dtype=self.cache_dtype,
                 int8_activations=self.int8_activations,
+                pack_weights=self.pack_weights,
             )
             self.engines[num_pages] = Engine(self.model, config)
         return self.engines[num_pages]
@@ -239,7 +242,7 @@ def measure_group(group: list[dict], sides: list, names: list[str], repeats: int
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    dtypes = ["float32", "bfloat16", "quantized", "quantized-int8"]
+    dtypes = ["float32", "float32-xla", "bfloat16", "quantized", "quantized-int8"]
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=dtypes)
     ap.add_argument(
         "--cache-dtype",

@@ -49,22 +49,28 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 def cpu_model() -> str:
-    """The CPU's model name and the CPU_FEATURES it lists, e.g. "AMD EPYC [avx2]". The machines
-    one benchmark runs on across sittings differ (an AVX512-BF16 Xeon, an AVX2-only EPYC), and
-    which dtype is faster depends on it; platform.processor() is empty on Linux."""
-    name, flags = platform.processor() or platform.machine(), set()
+    """The CPU's model name, family and model, and the CPU_FEATURES it lists, e.g. "AMD EPYC
+    (family 25 model 17) [avx2 ...]". The machines one benchmark runs on across sittings differ
+    (an AVX512-BF16 Xeon, an AVX2-only EPYC, Zen 4 and Zen 5 EPYCs that both print "AMD EPYC"
+    and differ 2x in AVX512 throughput), and which path is faster depends on it;
+    platform.processor() is empty on Linux."""
+    name, flags, ids = platform.processor() or platform.machine(), set(), {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name":
+                key = key.strip()
+                if key == "model name":
                     name = value.strip()
-                elif key.strip() == "flags":
+                elif key in ("cpu family", "model"):
+                    ids.setdefault(key, value.strip())
+                elif key == "flags":
                     flags = set(value.split())
                     break
     except OSError:
         pass
-    return f"{name} [{' '.join(x for x in CPU_FEATURES if x in flags)}]"
+    family = f" (family {ids['cpu family']} model {ids['model']})" if len(ids) == 2 else ""
+    return f"{name}{family} [{' '.join(x for x in CPU_FEATURES if x in flags)}]"
 
 
 def machine_record() -> dict:

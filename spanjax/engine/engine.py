@@ -102,8 +102,8 @@ class EngineConfig:
     # of those weights in memory. One-sequence steps read the blocks either way.
     quantized_lanes: bool = True
     # fp32 weight matrices packed in column panels for the CPU products kernel
-    # (kernels/packed_matmul), on one CPU device where the kernel library is built: 1.2-2x XLA's
-    # GEMM from 1 to 512 rows on 2 cores (docs/results/engine_bench.md), and the step skips the
+    # (kernels/packed_matmul), on one CPU device where the kernel library is built: 1.1-2x XLA's
+    # GEMM from 1 to 512 rows on 2 cores (docs/results/products_bench.json), and the step skips the
     # padding rows of its token bucket. Takes the place of the unstacked copy (the same memory);
     # the values are the same, summed in another order.
     pack_weights: bool = True
