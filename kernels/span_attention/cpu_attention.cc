@@ -667,17 +667,18 @@ SPANJAX_AVX512 void ScoreLanes(const LaneScratch& w, LaneHead& head, int64_t R, 
   }
 }
 
-// The block's logits for R / 16 row vectors, with enough keys at a time for eight or more
-// independent accumulators (fewer leave the FMA units waiting on each other).
+// The block's logits for R / 16 row vectors, with as many keys at a time as the 32 registers
+// hold accumulators for (16-24): each pass reads the transposed queries once, so more keys a
+// pass mean fewer query loads per FMA.
 SPANJAX_AVX512 void ScoreLanesFor(const LaneScratch& w, LaneHead& head, int64_t R, int64_t D, int64_t nk,
                                   bool weighted) {
   switch (R / 16) {
-    case 1: ScoreLanes<1, 8>(w, head, R, D, nk, weighted); break;
-    case 2: ScoreLanes<2, 4>(w, head, R, D, nk, weighted); break;
-    case 3: ScoreLanes<3, 4>(w, head, R, D, nk, weighted); break;
-    case 4: ScoreLanes<4, 2>(w, head, R, D, nk, weighted); break;
-    case 5: ScoreLanes<5, 2>(w, head, R, D, nk, weighted); break;
-    default: ScoreLanes<6, 2>(w, head, R, D, nk, weighted); break;  // kTileRows = 96: at most six
+    case 1: ScoreLanes<1, 16>(w, head, R, D, nk, weighted); break;
+    case 2: ScoreLanes<2, 8>(w, head, R, D, nk, weighted); break;
+    case 3: ScoreLanes<3, 8>(w, head, R, D, nk, weighted); break;
+    case 4: ScoreLanes<4, 4>(w, head, R, D, nk, weighted); break;
+    case 5: ScoreLanes<5, 4>(w, head, R, D, nk, weighted); break;
+    default: ScoreLanes<6, 4>(w, head, R, D, nk, weighted); break;  // kTileRows = 96: at most six
   }
 }
 
