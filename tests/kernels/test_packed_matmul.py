@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from spanjax.kernels import cpu_library
-from spanjax.kernels.packed_matmul import PANEL, pack, packed_matmuls, unpack
+from spanjax.kernels.packed_matmul import PANEL, PackedMatrix, pack, packed_matmuls, unpack
 
 needs_kernel = pytest.mark.skipif(not cpu_library.available(), reason="CPU kernel library unavailable")
 
@@ -49,3 +51,32 @@ def test_cpu_kernel_rejects_mismatched_panels():
     bad = pack(np.ones((64, 96), np.float32)).replace(out_features=200)  # 2 panels, not 5
     with pytest.raises(Exception, match="panel shapes"):
         jax.block_until_ready(packed_matmuls(x, (bad,), impl="cpu"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("tied", [True, False])
+def test_packed_model_gives_the_dense_logits(tied):
+    # The engine's layout (`unstack_layers(pack_matrices=True)`): every layer matrix packed and
+    # read in place, the LM head packed too (a tied one as its own copy of embed.T), padding
+    # rows past `rows` skipped; the real rows' logits match the stacked dense model's.
+    from spanjax.models import llama
+    from spanjax.models.config import ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        eos_token_ids=(2,), tie_word_embeddings=tied,
+    )  # fmt: skip
+    params = llama.init_params(cfg, jax.random.PRNGKey(0), scale=0.1)
+    packed = llama.unstack_layers(params, pack_matrices=True)
+    assert isinstance(packed.layers, llama.UnrolledLayers)
+    assert isinstance(packed.layers.stack.wq, PackedMatrix) and isinstance(packed.lm_head, PackedMatrix)
+    tokens = jnp.array([[3, 14, 15, 9, 26, 5, 0, 0]])
+    positions = jnp.arange(8)[None]
+
+    def logits(p, rows):
+        cache = llama.init_dense_cache(cfg, 1, 8)
+        attention = functools.partial(llama._dense_attention, cfg, jnp.asarray(cfg.rope_inv_freq()))
+        hidden, _ = llama.decoder(p, cfg, tokens, positions, (cache.k, cache.v), attention, rows=rows)
+        return np.asarray(llama.compute_logits(p, cfg, hidden))[0, :6]
+
+    np.testing.assert_allclose(logits(packed, 6), logits(params, None), rtol=1e-4, atol=1e-4)
