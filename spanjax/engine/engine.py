@@ -184,10 +184,10 @@ class Engine:
         # cannot hand a dot a slice of a buffer): measured on SmolLM2-135M, 2-core CPU, the
         # copies were ~7 ms of a one-stream fp32 decode step, and bf16 slices were converted to
         # fp32 as well (155 ms per step scanned vs 47 ms unrolled). Unstacking copies the
-        # weights once (the LoadedModel keeps its stacked ones); block-quantized layers are not
-        # copied but unrolled over in place (`llama.UnrolledLayers`: the kernels read a layer of
-        # the stack at an offset). `layer_loop="scan"` keeps them stacked: slower steps, much
-        # faster compilation.
+        # weights once (the LoadedModel keeps its stacked ones); block-quantized layers, and fp32
+        # ones packed in panels for the C++ products kernel (`pack_weights`, one CPU device), are
+        # unrolled over in place (`llama.UnrolledLayers`: the kernels read a layer of the stack at
+        # an offset). `layer_loop="scan"` keeps them stacked: slower steps, much faster compilation.
         pack = config.pack_weights and self.mesh is None and jax.default_backend() == "cpu" and cpu_library.available()
         unrolled = config.layer_loop == "unrolled"
         self.params = llama.unstack_layers(model.params, pack_matrices=pack) if unrolled else model.params
