@@ -213,6 +213,13 @@ struct DecodeOps8 {
       for (int a = 0; a < width / 8; ++a) _mm256_storeu_ps(out + d0 + 8 * a, acc[a]);
     }
   }
+
+  // WeightedValues for the `n` query heads of one KV head (weights w[g], outputs out[g]).
+  template <typename KV>
+  static void WeightedValuesGroup(const Problem<KV>& p, const int64_t* rows, int64_t seen, const float* const* w,
+                                  int64_t n, int64_t head_offset, float* const* out) {
+    for (int64_t g = 0; g < n; ++g) WeightedValues(p, rows, seen, w[g], head_offset, out[g]);
+  }
 };
 
 SPANJAX_AVX512 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -270,6 +277,47 @@ struct DecodeOps16 {
       for (int a = 0; a < width / 16; ++a) _mm512_storeu_ps(out + d0 + 16 * a, acc[a]);
     }
   }
+
+  // NG query heads of one KV head at once: each value is loaded and converted once for all of
+  // them (NG x 4 accumulators), where WeightedValues per head converted it NG times.
+  template <int NG, typename KV>
+  SPANJAX_AVX512 static void ValuesOfHeads(const Problem<KV>& p, const int64_t* rows, int64_t seen,
+                                           const float* const* w, int64_t head_offset, float* const* out) {
+    for (int64_t d0 = 0; d0 < p.D; d0 += 64) {
+      const int64_t width = std::min<int64_t>(64, p.D - d0);  // D % 32 == 0: 32 or 64
+      __m512 acc[NG][4];
+      for (auto& head : acc)
+        for (auto& a : head) a = _mm512_setzero_ps();
+      for (int64_t k = 0; k < seen; ++k) {
+        const KV* value = p.v + rows[k] + head_offset + d0;
+        const __m512 v0 = Load16(value), v1 = Load16(value + 16);
+        const __m512 v2 = width == 64 ? Load16(value + 32) : v0, v3 = width == 64 ? Load16(value + 48) : v1;
+        for (int g = 0; g < NG; ++g) {
+          const __m512 wk = _mm512_set1_ps(w[g][k]);
+          acc[g][0] = _mm512_fmadd_ps(wk, v0, acc[g][0]);
+          acc[g][1] = _mm512_fmadd_ps(wk, v1, acc[g][1]);
+          acc[g][2] = _mm512_fmadd_ps(wk, v2, acc[g][2]);
+          acc[g][3] = _mm512_fmadd_ps(wk, v3, acc[g][3]);
+        }
+      }
+      for (int g = 0; g < NG; ++g)
+        for (int a = 0; a < width / 16; ++a) _mm512_storeu_ps(out[g] + d0 + 16 * a, acc[g][a]);
+    }
+  }
+
+  template <typename KV>
+  SPANJAX_AVX512 static void WeightedValuesGroup(const Problem<KV>& p, const int64_t* rows, int64_t seen,
+                                                 const float* const* w, int64_t n, int64_t head_offset,
+                                                 float* const* out) {
+    for (int64_t g = 0; g < n; g += 4) {  // at most 4 heads (16 accumulators) a pass
+      switch (std::min<int64_t>(4, n - g)) {
+        case 1: ValuesOfHeads<1>(p, rows, seen, w + g, head_offset, out + g); break;
+        case 2: ValuesOfHeads<2>(p, rows, seen, w + g, head_offset, out + g); break;
+        case 3: ValuesOfHeads<3>(p, rows, seen, w + g, head_offset, out + g); break;
+        default: ValuesOfHeads<4>(p, rows, seen, w + g, head_offset, out + g); break;
+      }
+    }
+  }
 };
 
 // One chunk of sequence s (listed entries [i0, i1)): every seen token's key is rotated per KV
@@ -315,7 +363,6 @@ void AttendChunk(const Problem<KV>& p, int64_t s, int64_t i0, int64_t i1, float*
   const int64_t full = seen / 8 * 8;
   for (int64_t hq = 0; hq < Hq; ++hq) {
     float* out = partial + hq * PartialSize(D);
-    float* acc_out = out + 2;
     if (seen == 0) {  // nothing here: a partial that the merge skips
       out[0] = 0.0f, out[1] = 0.0f;
       continue;
@@ -338,7 +385,16 @@ void AttendChunk(const Problem<KV>& p, int64_t s, int64_t i0, int64_t i1, float*
       total += w[e];
     }
     out[0] = m, out[1] = total;
-    Ops::WeightedValues(p, scratch.offsets.data(), seen, w, (hq / G) * D, acc_out);
+  }
+  if (seen == 0) return;
+  const float* weights[kMaxGroup];
+  float* outs[kMaxGroup];
+  for (int64_t h = 0; h < p.Hkv; ++h) {
+    for (int64_t g = 0; g < G; ++g) {
+      weights[g] = scores + (h * G + g) * stride;
+      outs[g] = partial + (h * G + g) * PartialSize(D) + 2;
+    }
+    Ops::WeightedValuesGroup(p, scratch.offsets.data(), seen, weights, G, h * D, outs);
   }
 }
 
