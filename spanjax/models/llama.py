@@ -142,8 +142,11 @@ def unstack_layers(params: Params, pack_matrices: bool = False) -> Params:
         # The LM head too; a tied one gets its own packed copy of embed.T (embed stays for the
         # token lookup): 113 MB more for SmolLM2, where XLA's one-row dot over the tied [V, H]
         # table took 4-7 ms of each step, the kernel ~4.
-        head = params.embed.T if params.lm_head is None else params.lm_head
-        if fp32(head):
+        if params.lm_head is None:
+            head = params.embed.T if fp32(params.embed) else None  # a block-quantized table stays tied
+        else:
+            head = params.lm_head
+        if head is not None and fp32(head):
             params = params.replace(lm_head=pack(head))
     if all(_in_place(getattr(layers, f)) for f in LAYER_MATRICES):
         return params.replace(layers=UnrolledLayers(layers))

@@ -150,3 +150,16 @@ def test_int8_activations_stay_close_to_the_dense_generator(smollm2_gguf_path):
     assert sum(agree) >= 20, (agree, got, want)  # measured: 31 of 40 (8, 10, 3, 10)
     with pytest.raises(ValueError, match="block-quantized"):
         Engine(load_model(smollm2_gguf_path), config)
+
+
+def test_engine_unrolls_kept_quantized_weights_in_place(smollm2_gguf_path):
+    # The engine's default layer loop on a quantized GGUF (what `--quantized` runs): the layers
+    # and the block-quantized, tied embedding stay as stored (nothing to pack), read in place.
+    from spanjax.kernels.quantized_matmul import BlockQuantized
+    from spanjax.models import llama
+    from spanjax.models.loading import load_model
+
+    model = load_model(smollm2_gguf_path, quantized=True)
+    engine = Engine(model, EngineConfig(num_pages=16, max_tokens_per_step=16, max_running=1))
+    assert isinstance(engine.params.layers, llama.UnrolledLayers)
+    assert isinstance(engine.params.layers.stack.w_up, BlockQuantized) and engine.params.lm_head is None

@@ -80,3 +80,23 @@ def test_packed_model_gives_the_dense_logits(tied):
         return np.asarray(llama.compute_logits(p, cfg, hidden))[0, :6]
 
     np.testing.assert_allclose(logits(packed, 6), logits(params, None), rtol=1e-4, atol=1e-4)
+
+
+def test_packing_leaves_a_block_quantized_tied_table_alone():
+    # A GGUF model loaded quantized has a block-quantized embedding table: packing its fp32
+    # layer matrices must keep the head tied to it (no packed copy of a table it cannot read).
+    from spanjax.kernels.quantized_matmul import BlockQuantized
+    from spanjax.models import llama
+    from spanjax.models.config import ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        eos_token_ids=(2,), tie_word_embeddings=True,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    codes = jnp.asarray(rng.integers(-128, 128, (96, 2, 32), dtype=np.int8))
+    embed = BlockQuantized(codes, jnp.full((96, 2), 0.01, jnp.float16), None, "q8")
+    params = llama.init_params(cfg, jax.random.PRNGKey(0)).replace(embed=embed)
+    packed = llama.unstack_layers(params, pack_matrices=True)
+    assert packed.lm_head is None and packed.embed is embed
+    assert isinstance(packed.layers.stack.w_up, PackedMatrix)
