@@ -40,7 +40,9 @@ SOURCES = tuple(
         "span_attention/cpu_attention.cc",
     )
 )
-HEADERS = tuple(os.path.join(_HERE, f) for f in ("cpu_threads.h", "cpu_isa.h", "quantized_matmul/products.h"))
+HEADERS = tuple(
+    os.path.join(_HERE, f) for f in ("cpu_threads.h", "cpu_isa.h", "cpu_row_tiles.h", "quantized_matmul/products.h")
+)
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c")
 # FFI target name -> exported handler symbol
 TARGETS = {

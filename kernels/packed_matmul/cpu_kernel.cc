@@ -16,10 +16,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "cpu_isa.h"
+#include "cpu_row_tiles.h"
 #include "cpu_threads.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -95,30 +95,11 @@ void Tile256(const Product& p, int64_t pc, int64_t r0) {
   }
 }
 
-// Calls tile(std::integral_constant<int, RB>{}, r0) over rows [0, rows) in tiles of `kMax`
-// rows and one of the rest (RB a compile-time constant: each size its own registers).
-template <int kMax, typename F>
-void ForRowTiles(int64_t rows, F tile) {
-  int64_t r = 0;
-  for (; r + kMax <= rows; r += kMax) tile(std::integral_constant<int, kMax>{}, r);
-  static_assert(kMax <= 8, "the rest is at most seven rows");
-  switch (rows - r) {
-    case 1: tile(std::integral_constant<int, 1>{}, r); break;
-    case 2: tile(std::integral_constant<int, 2>{}, r); break;
-    case 3: tile(std::integral_constant<int, 3>{}, r); break;
-    case 4: if constexpr (kMax > 4) tile(std::integral_constant<int, 4>{}, r); break;
-    case 5: if constexpr (kMax > 5) tile(std::integral_constant<int, 5>{}, r); break;
-    case 6: if constexpr (kMax > 6) tile(std::integral_constant<int, 6>{}, r); break;
-    case 7: if constexpr (kMax > 7) tile(std::integral_constant<int, 7>{}, r); break;
-    default: break;
-  }
-}
-
 void Panel(const Product& p, int64_t pc, bool wide) {
   if (wide) {
-    ForRowTiles<kRowTile>(p.rows, [&](auto rb, int64_t r0) { Tile512<decltype(rb)::value>(p, pc, r0); });
+    spanjax::ForRowTiles<kRowTile>(p.rows, [&](auto rb, int64_t r0) { Tile512<decltype(rb)::value>(p, pc, r0); });
   } else {
-    ForRowTiles<4>(p.rows, [&](auto rb, int64_t r0) { Tile256<decltype(rb)::value>(p, pc, r0); });
+    spanjax::ForRowTiles<4>(p.rows, [&](auto rb, int64_t r0) { Tile256<decltype(rb)::value>(p, pc, r0); });
   }
 }
 

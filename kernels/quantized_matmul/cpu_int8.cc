@@ -121,7 +121,7 @@ void Groups(const Problem& p, const Activations& a, int64_t rows, int64_t depth,
   auto tile = [&](auto rows_tag, int64_t r) {
     LaneTile<kFourBit, decltype(rows_tag)::value>(p, a, depth, r, g0, g1);
   };
-  spanjax::quantized::ForRowTiles(rows, tile);
+  spanjax::ForRowTiles<spanjax::quantized::kRowTile>(rows, tile);
 }
 
 // x [R, K] (fp32) and, per product, lane-layout codes (uint8 for q4, int8 for q8), fp16

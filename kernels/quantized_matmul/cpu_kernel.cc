@@ -322,7 +322,7 @@ void TilesOf(const Problem& p, int64_t c0, int64_t c1) {
       RowTile<kFourBit, kRows>(p, r, c0, c1);
     }
   };
-  spanjax::quantized::ForRowTiles(p.rows, tile);
+  spanjax::ForRowTiles<spanjax::quantized::kRowTile>(p.rows, tile);
 }
 
 template <bool kLaneLayout>

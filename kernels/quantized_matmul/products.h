@@ -5,9 +5,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
+#include "cpu_row_tiles.h"
 #include "cpu_threads.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -75,26 +75,7 @@ inline ffi::Error ParseProblems(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weig
   return ffi::Error::Success();
 }
 
-constexpr int kRowTile = 8;  // rows of x against one pass over the weights
-
-// Calls `tile(std::integral_constant<int, RB>{}, r0)` for rows [r0, r0 + RB) of `rows`: tiles of
-// kRowTile rows, then one of the 1..7 left (RB a compile-time constant, so each size gets its
-// own register allocation).
-template <typename Tile>
-void ForRowTiles(int64_t rows, Tile tile) {
-  int64_t r = 0;
-  for (; r + kRowTile <= rows; r += kRowTile) tile(std::integral_constant<int, kRowTile>{}, r);
-  switch (rows - r) {
-    case 1: tile(std::integral_constant<int, 1>{}, r); break;
-    case 2: tile(std::integral_constant<int, 2>{}, r); break;
-    case 3: tile(std::integral_constant<int, 3>{}, r); break;
-    case 4: tile(std::integral_constant<int, 4>{}, r); break;
-    case 5: tile(std::integral_constant<int, 5>{}, r); break;
-    case 6: tile(std::integral_constant<int, 6>{}, r); break;
-    case 7: tile(std::integral_constant<int, 7>{}, r); break;
-    default: break;
-  }
-}
+constexpr int kRowTile = 8;  // rows of x against one pass over the weights (`ForRowTiles`)
 
 // Runs `columns(p, n0, n1)` over every product's columns as one parallel loop: about four
 // chunks per thread for each product, none narrower than 16 columns, each a multiple of

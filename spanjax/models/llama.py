@@ -146,7 +146,7 @@ def unstack_layers(params: Params, pack_matrices: bool = False) -> Params:
             head = params.embed.T if fp32(params.embed) else None  # a block-quantized table stays tied
         else:
             head = params.lm_head
-        if head is not None and fp32(head):
+        if fp32(head):
             params = params.replace(lm_head=pack(head))
     if all(_in_place(getattr(layers, f)) for f in LAYER_MATRICES):
         return params.replace(layers=UnrolledLayers(layers))
