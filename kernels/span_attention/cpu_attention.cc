@@ -63,6 +63,13 @@ inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+inline float HorizontalMax(__m256 v) {
+  __m128 lo = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_max_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_max_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
 template <typename KV>
 struct Problem {
   const float* q;  // [T, Hq, D], RoPE applied
@@ -146,10 +153,17 @@ inline void RotateKey(const Problem<KV>& p, int64_t row, int64_t position, float
 // sequences is bound by reading the pool (8 sequences x 520 tokens, SmolLM2: 6.4 MB a layer).
 constexpr int64_t kChunkEntries = 4;
 
+// The seen tokens of one listed entry: consecutive in the pool and in position.
+struct KeyRun {
+  int64_t first, n, position;  // index of the first in `offsets`, count, its key position
+  float scale, bias;
+};
+
 struct Scratch {
-  std::vector<float> q;          // [Hq, D] scaled queries
   std::vector<float> scores;     // [Hq, stride]: logits, then softmax weights
   std::vector<int64_t> offsets;  // [keys] element offset of each seen token's row (all heads)
+  std::vector<KeyRun> runs;
+  std::vector<float> sums;  // [Hq, 16, 16]: DecodeOps16's per-key partial dot products
 };
 
 // Tokens ahead whose keys and values are requested while a token is scored: the hardware
@@ -194,6 +208,18 @@ struct DecodeOps8 {
     }
   }
 
+  // `n` consecutive tokens (rows[j] at position + j), each scored as above; the tokens at
+  // `ahead` are prefetched meanwhile.
+  template <typename KV>
+  static void ScoreKeys(const Problem<KV>& p, const int64_t* rows, int64_t n, int64_t position, const int64_t* ahead,
+                        int64_t n_ahead, const float* q, float scale, float bias, float* scores, int64_t stride,
+                        Scratch&) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (j < n_ahead) PrefetchToken(p, ahead[j]);
+      Score(p, rows[j], position + j, q, scale, bias, scores + j, stride);
+    }
+  }
+
   template <typename KV>
   static void WeightedValues(const Problem<KV>& p, const int64_t* rows, int64_t seen, const float* w,
                              int64_t head_offset, float* out) {
@@ -228,33 +254,92 @@ SPANJAX_AVX512 inline __m512 Load16(const uint16_t* p) {  // bf16 bit patterns -
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// Lane j of the result: the sum of the 16 floats of row j of `rows` ([16, 16]). Each level adds pairs of half-width pieces of two rows, halving the rows: 8 + 4 + 2
+// + 1 combinations of two shuffles and an add. The levels leave row r in lane kLane[r] (a
+// swap of pairs, its own inverse), so rows are read in that order to come out in place.
+SPANJAX_AVX512 inline __m512 SumsOf16(const float* rows) {
+  static constexpr int kLane[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+  __m512 b[8], c[4], d[2];
+  for (int j = 0; j < 8; ++j) {  // b[j]: 128-bit lanes 0-1 hold row j's pieces, 2-3 row j + 8's
+    const __m512 x = _mm512_loadu_ps(rows + 16 * kLane[j]), y = _mm512_loadu_ps(rows + 16 * kLane[j + 8]);
+    b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+  }
+  for (int j = 0; j < 4; ++j)  // c[j]: lanes hold rows j, j + 8, j + 4, j + 12
+    c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(b[j], b[j + 4], 0x88), _mm512_shuffle_f32x4(b[j], b[j + 4], 0xDD));
+  for (int j = 0; j < 2; ++j) {  // d[j]: in each lane, two floats of c[j]'s row, two of c[j + 2]'s
+    const __m512d x = _mm512_castps_pd(c[j]), y = _mm512_castps_pd(c[j + 2]);
+    d[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  return _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 // Half the instructions of DecodeOps8 for the same work; needs D % 32 == 0 (whole 16-wide
 // halves for the rotation).
 struct DecodeOps16 {
-  template <typename KV>
-  SPANJAX_AVX512 static void Score(const Problem<KV>& p, int64_t base, int64_t position, const float* q, float scale,
-                                   float bias, float* scores, int64_t stride) {
+  // Up to 16 consecutive tokens (rows[j] at position + j): each key is rotated per KV head and
+  // dotted with the head's G query heads into one 16-float vector of partial sums per (query
+  // head, token); the 16 tokens' vectors of a query head are then summed together by
+  // `SumsOf16` (a transpose-and-add tree: ~3 shuffles and adds per logit, where a horizontal
+  // sum per logit took ~8). The tokens at `ahead` are prefetched meanwhile.
+  template <int kVecs, typename KV>  // kVecs = D / 16: a rotated key in registers
+  SPANJAX_AVX512 static void ScoreKeysOf(const Problem<KV>& p, const int64_t* rows, int64_t n, int64_t position,
+                                         const int64_t* ahead, int64_t n_ahead, const float* q, float scale,
+                                         float bias, float* scores, int64_t stride, float* sums) {
+    constexpr int kHalf = kVecs / 2;
     const int64_t G = p.Hq / p.Hkv, D = p.D, half = D / 2;
     alignas(64) float buffer[kMaxHeadDim];
-    const auto [c, sn] = RopeRows(p, position, buffer);
-    alignas(64) float key[kMaxHeadDim];
-    for (int64_t h = 0; h < p.Hkv; ++h) {
-      const KV* k = p.k + base + h * D;
-      for (int64_t d = 0; d < half; d += 16) {  // rotate-half RoPE, as RotateKey
-        const __m512 k1 = Load16(k + d), k2 = Load16(k + half + d);
-        const __m512 vc = _mm512_loadu_ps(c + d), vs = _mm512_loadu_ps(sn + d);
-        _mm512_store_ps(key + d, _mm512_fmsub_ps(k1, vc, _mm512_mul_ps(k2, vs)));
-        _mm512_store_ps(key + half + d, _mm512_fmadd_ps(k2, vc, _mm512_mul_ps(k1, vs)));
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qh = q + (h * G + g) * D;
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 32) {
-          acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_load_ps(key + d), acc0);
-          acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 16), _mm512_load_ps(key + d + 16), acc1);
+    for (int64_t j = 0; j < n; ++j) {
+      if (j < n_ahead) PrefetchToken(p, ahead[j]);
+      const auto [c, sn] = RopeRows(p, position + j, buffer);
+      __m512 vc[kHalf], vs[kHalf];
+      for (int i = 0; i < kHalf; ++i) vc[i] = _mm512_loadu_ps(c + 16 * i), vs[i] = _mm512_loadu_ps(sn + 16 * i);
+      for (int64_t h = 0; h < p.Hkv; ++h) {
+        const KV* k = p.k + rows[j] + h * D;
+        __m512 key[kVecs];
+        for (int i = 0; i < kHalf; ++i) {  // rotate-half RoPE, as RotateKey
+          const __m512 k1 = Load16(k + 16 * i), k2 = Load16(k + half + 16 * i);
+          key[i] = _mm512_fmsub_ps(k1, vc[i], _mm512_mul_ps(k2, vs[i]));
+          key[kHalf + i] = _mm512_fmadd_ps(k2, vc[i], _mm512_mul_ps(k1, vs[i]));
         }
-        scores[(h * G + g) * stride] = scale * _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + bias;
+        const float* qh = q + h * G * D;
+        float* out = sums + (h * G * 16 + j) * 16;
+        for (int64_t g = 0; g < G; ++g, qh += D, out += 256) {
+          __m512 even = _mm512_mul_ps(_mm512_loadu_ps(qh), key[0]), odd = _mm512_mul_ps(_mm512_loadu_ps(qh + 16), key[1]);
+          for (int i = 2; i < kVecs; i += 2) {
+            even = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), key[i], even);
+            odd = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i + 16), key[i + 1], odd);
+          }
+          _mm512_storeu_ps(out, _mm512_add_ps(even, odd));
+        }
       }
+    }
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+    const __m512 vscale = _mm512_set1_ps(scale), vbias = _mm512_set1_ps(bias);
+    for (int64_t hq = 0; hq < p.Hq; ++hq)  // rows past n hold an earlier block's sums: masked off
+      _mm512_mask_storeu_ps(scores + hq * stride, valid, _mm512_fmadd_ps(SumsOf16(sums + hq * 256), vscale, vbias));
+  }
+
+  // Up to 16 consecutive tokens (rows[j] at position + j): each key is rotated per KV head and
+  // dotted with the head's G query heads into one 16-float vector of partial sums per (query
+  // head, token); the 16 tokens' vectors of a query head are then summed together by
+  // `SumsOf16` (a transpose-and-add tree: ~3 shuffles and adds per logit, where a horizontal
+  // sum per logit took ~8). The tokens at `ahead` are prefetched meanwhile.
+  template <typename KV>
+  SPANJAX_AVX512 static void ScoreKeys(const Problem<KV>& p, const int64_t* rows, int64_t n, int64_t position,
+                                       const int64_t* ahead, int64_t n_ahead, const float* q, float scale, float bias,
+                                       float* scores, int64_t stride, Scratch& scratch) {
+    if (static_cast<int64_t>(scratch.sums.size()) < p.Hq * 256) scratch.sums.resize(p.Hq * 256, 0.0f);
+    float* sums = scratch.sums.data();
+    switch (p.D / 16) {  // D % 32 == 0, D <= kMaxHeadDim
+      case 2: ScoreKeysOf<2>(p, rows, n, position, ahead, n_ahead, q, scale, bias, scores, stride, sums); break;
+      case 4: ScoreKeysOf<4>(p, rows, n, position, ahead, n_ahead, q, scale, bias, scores, stride, sums); break;
+      case 6: ScoreKeysOf<6>(p, rows, n, position, ahead, n_ahead, q, scale, bias, scores, stride, sums); break;
+      case 8: ScoreKeysOf<8>(p, rows, n, position, ahead, n_ahead, q, scale, bias, scores, stride, sums); break;
+      case 10: ScoreKeysOf<10>(p, rows, n, position, ahead, n_ahead, q, scale, bias, scores, stride, sums); break;
+      case 12: ScoreKeysOf<12>(p, rows, n, position, ahead, n_ahead, q, scale, bias, scores, stride, sums); break;
+      case 14: ScoreKeysOf<14>(p, rows, n, position, ahead, n_ahead, q, scale, bias, scores, stride, sums); break;
+      default: ScoreKeysOf<16>(p, rows, n, position, ahead, n_ahead, q, scale, bias, scores, stride, sums); break;
     }
   }
 
@@ -329,37 +414,32 @@ void AttendChunk(const Problem<KV>& p, int64_t s, int64_t i0, int64_t i1, float*
   const int64_t t = p.cu[s];
   const int64_t G = p.Hq / p.Hkv, D = p.D, Hq = p.Hq;
   const int64_t qp = p.q_pos[t];
-  scratch.q.resize(Hq * D);
-  float* q = scratch.q.data();
-  for (int64_t e = 0; e < Hq * D; ++e) q[e] = p.q[t * Hq * D + e] * p.sm_scale;
+  const float* q = p.q + t * Hq * D;  // sm_scale goes into each entry's scale
   const int64_t cap = (i1 - i0) * p.P;
   const int64_t stride = (cap + 7) / 8 * 8;  // per head, a multiple of 8
   scratch.scores.resize(Hq * stride);
   scratch.offsets.resize(cap);
   float* scores = scratch.scores.data();
   int64_t seen = 0;
+  scratch.runs.clear();
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t entry = s * p.M + i;
     const int64_t page = p.tables[entry];
     if (page < 0 || page >= p.pages) continue;  // unused entries (block_lens 0) carry any id
     const int64_t visible = std::min<int64_t>({p.lens[entry], p.P, qp - p.pos[entry] + 1});
-    const float scale = p.scale ? p.scale[entry] : 1.0f;
-    const float bias = p.bias ? p.bias[entry] : 0.0f;
-    // The page after this one, for prefetching across the page boundary.
-    int64_t next_page = -1;
-    for (int64_t n = i + 1; n < i1 && next_page < 0; ++n)
-      if (p.tables[s * p.M + n] >= 0 && p.tables[s * p.M + n] < p.pages && p.lens[s * p.M + n] > 0)
-        next_page = p.tables[s * p.M + n];
-    for (int64_t j = 0; j < visible; ++j) {
-      const int64_t base = (page * p.P + j) * p.Hkv * D;
-      if (j + kPrefetchAhead < visible)
-        PrefetchToken(p, base + kPrefetchAhead * p.Hkv * D);
-      else if (next_page >= 0)
-        PrefetchToken(p, (next_page * p.P + j + kPrefetchAhead - visible) * p.Hkv * D);
-      Ops::Score(p, base, p.pos[entry] + j, q, scale, bias, scores + seen, stride);
-      scratch.offsets[seen++] = base;
-    }
+    if (visible <= 0) continue;
+    scratch.runs.push_back({seen, visible, p.pos[entry], (p.scale ? p.scale[entry] : 1.0f) * p.sm_scale,
+                            p.bias ? p.bias[entry] : 0.0f});
+    for (int64_t j = 0; j < visible; ++j) scratch.offsets[seen++] = (page * p.P + j) * p.Hkv * D;
   }
+  const int64_t* offsets = scratch.offsets.data();
+  for (const KeyRun& run : scratch.runs)
+    for (int64_t j0 = 0; j0 < run.n; j0 += 16) {  // blocks of 16 tokens (a page, at the usual size)
+      const int64_t first = run.first + j0, n = std::min<int64_t>(16, run.n - j0);
+      const int64_t n_ahead = std::clamp<int64_t>(seen - first - kPrefetchAhead, 0, n);
+      Ops::ScoreKeys(p, offsets + first, n, run.position + j0, offsets + first + kPrefetchAhead, n_ahead, q,
+                     run.scale, run.bias, scores + first, stride, scratch);
+    }
   const int64_t full = seen / 8 * 8;
   for (int64_t hq = 0; hq < Hq; ++hq) {
     float* out = partial + hq * PartialSize(D);
@@ -368,8 +448,10 @@ void AttendChunk(const Problem<KV>& p, int64_t s, int64_t i0, int64_t i1, float*
       continue;
     }
     float* w = scores + hq * stride;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t e = 0; e < seen; ++e) m = std::max(m, w[e]);
+    __m256 max8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t e = 0; e < full; e += 8) max8 = _mm256_max_ps(max8, _mm256_loadu_ps(w + e));
+    float m = HorizontalMax(max8);
+    for (int64_t e = full; e < seen; ++e) m = std::max(m, w[e]);
     if (!std::isfinite(m)) m = 0.0f;
     const __m256 vm = _mm256_set1_ps(m);
     __m256 sum8 = _mm256_setzero_ps();

@@ -341,6 +341,23 @@ def test_xla_decode_path(G, dtype, path, monkeypatch):
     assert _diff(jax.jit(lambda *a: span_attention_xla(*a, **kw))(*args), out) == 0.0
 
 
+@pytest.mark.parametrize("P, head_dim", [(32, 64), (16, 128)])
+def test_cpu_decode_kernel_pages_past_one_block_and_wider_heads(P, head_dim):
+    """The decode kernel scores keys in blocks of 16 tokens with a rotated key in registers
+    (one instantiation per head dim): pages of 32 tokens (two blocks, the second partly
+    visible) and heads of 64 and 128 dimensions equal the reference."""
+    _needs_cpu_kernels()
+    batch = _batch(11, DECODE, 3, P, head_dim=head_dim)
+    args, kw = args_kwargs(batch)
+    ref = span_attention_reference(*args, **kw)
+    args[3] = args[3].replace(max_q_len=1)
+    call = jax.jit(lambda *a: span_attention_xla(*a, **kw))
+    assert "spanjax_decode_attention" in call.lower(*args).as_text()
+    for wide in cpu_library.vector_widths():
+        with cpu_library.avx512(wide):
+            assert _diff(call(*args), ref) <= TOL["float32"], f"avx512={wide}"
+
+
 @pytest.mark.parametrize("decode", [True, False])
 def test_cpu_kernels_rotate_keys_past_their_position_tables(decode):
     """The kernels index RoPE tables of positions 0 .. M * P - 1; every position shifted past
