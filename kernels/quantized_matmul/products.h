@@ -26,6 +26,7 @@ struct Problem {
   const uint16_t* d;     // fp16 scales, one per block
   const uint16_t* m;     // fp16 offsets (q4), else null
   float* y;              // [R, N]
+  const float* xsum;     // [R, K / 32] row sums of x per block, where a kernel wants them
   int64_t rows, cols, depth;  // R, N, K
   bool four_bit;
 };
