@@ -489,7 +489,7 @@ def forward_paged(
     `meta.cu_q_lens[-1]` when the padding follows them.
     """
     attention_impl = span_attention_reference if attention_impl is None else attention_impl
-    inv_freq = jnp.asarray(cfg.rope_inv_freq())
+    inv_freq = cfg.rope_inv_freq()  # numpy: tables of it alone become constants of the program
     prepare = getattr(attention_impl, "prepare_meta", None)  # per-step work, once for all layers
     if prepare is not None:
         meta = prepare(meta, cache.page_size, inv_freq)
