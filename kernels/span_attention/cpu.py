@@ -5,6 +5,8 @@ rounding."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,13 +35,23 @@ def position_rope(width: int, rope_inv_freq):
     (M * P) unless a sequence's positions run past its listed keys; the kernels compute such a
     position's rows themselves. The same values as the per-slot tables of `rope_tables`, at a
     fraction of their cost: S * M * P slots share M * P positions (~1 ms of an 8-stream SmolLM2
-    decode step on 2 cores was the per-slot sin and cos), and every layer's call makes the same
-    table from constants. Computed while tracing when `rope_inv_freq` is concrete (the models
-    pass their config's), so a step reads them as constants of its program; XLA had computed
-    them in every step (~1% of an 8-stream decode step on 2 cores, in scalar sin and cos)."""
-    with jax.ensure_compile_time_eval():
+    decode step on 2 cores was the per-slot sin and cos). With concrete frequencies (the
+    models pass their config's) the tables are computed while tracing, once per width, and
+    every layer's call reads the same constant; XLA had computed them in every step (~1% of
+    an 8-stream decode step, in scalar sin and cos)."""
+    if isinstance(rope_inv_freq, jax.core.Tracer):
         cos, sin = rope_tables(jnp.arange(width, dtype=jnp.int32), rope_inv_freq)
-    return cos.reshape(width, -1), sin.reshape(width, -1)
+        return cos.reshape(width, -1), sin.reshape(width, -1)
+    return _constant_position_rope(width, np.asarray(rope_inv_freq, np.float32).tobytes())
+
+
+@functools.lru_cache(maxsize=16)
+def _constant_position_rope(width: int, inv_freq: bytes):
+    """One array per (width, frequencies): a program that uses it in every layer holds it
+    once (JAX shares a constant used by several ops only when it is the same array)."""
+    with jax.ensure_compile_time_eval():
+        cos, sin = rope_tables(jnp.arange(width, dtype=jnp.int32), np.frombuffer(inv_freq, np.float32))
+        return cos.reshape(width, -1), sin.reshape(width, -1)
 
 
 def attention_cpu(q, k_pages, v_pages, meta: SpanBatchMeta, q_pos, n: SpanShapes, *, rope_inv_freq, sm_scale):
