@@ -305,12 +305,9 @@ struct DecodeOps16 {
         const float* qh = q + h * G * D;
         float* out = sums + (h * G * 16 + j) * 16;
         for (int64_t g = 0; g < G; ++g, qh += D, out += 256) {
-          __m512 even = _mm512_mul_ps(_mm512_loadu_ps(qh), key[0]), odd = _mm512_mul_ps(_mm512_loadu_ps(qh + 16), key[1]);
-          for (int i = 2; i < kVecs; i += 2) {
-            even = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), key[i], even);
-            odd = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i + 16), key[i + 1], odd);
-          }
-          _mm512_storeu_ps(out, _mm512_add_ps(even, odd));
+          __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), key[0]);
+          for (int i = 1; i < kVecs; ++i) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), key[i], acc);
+          _mm512_storeu_ps(out, acc);
         }
       }
     }
@@ -363,20 +360,46 @@ struct DecodeOps16 {
     }
   }
 
+  // 32 values from `p`: fp32 as two vectors in order; bf16 as one load whose 32-bit lanes
+  // hold pairs, split into the even elements (shifted up) and the odd ones (masked), two
+  // integer ops where converting in order took two widening shuffles and two shifts.
+  SPANJAX_AVX512 static void Load32(const float* p, __m512& a, __m512& b) { a = Load16(p), b = Load16(p + 16); }
+  SPANJAX_AVX512 static void Load32(const uint16_t* p, __m512& even, __m512& odd) {
+    const __m512i v = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+
+  // Stores the sums of Load32's two vectors in element order.
+  SPANJAX_AVX512 static void Store32(float* out, __m512 a, __m512 b, const float*) {
+    _mm512_storeu_ps(out, a), _mm512_storeu_ps(out + 16, b);
+  }
+  SPANJAX_AVX512 static void Store32(float* out, __m512 even, __m512 odd, const uint16_t*) {
+    const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
+    _mm512_storeu_ps(out, _mm512_permutex2var_ps(even, low, odd));
+    _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(even, high, odd));
+  }
+
   // NG query heads of one KV head at once: each value is loaded and converted once for all of
   // them (NG x 4 accumulators), where WeightedValues per head converted it NG times.
   template <int NG, typename KV>
   SPANJAX_AVX512 static void ValuesOfHeads(const Problem<KV>& p, const int64_t* rows, int64_t seen,
                                            const float* const* w, int64_t head_offset, float* const* out) {
     for (int64_t d0 = 0; d0 < p.D; d0 += 64) {
-      const int64_t width = std::min<int64_t>(64, p.D - d0);  // D % 32 == 0: 32 or 64
+      const bool full = p.D - d0 >= 64;  // D % 32 == 0: 64 or 32 dimensions
       __m512 acc[NG][4];
       for (auto& head : acc)
         for (auto& a : head) a = _mm512_setzero_ps();
       for (int64_t k = 0; k < seen; ++k) {
         const KV* value = p.v + rows[k] + head_offset + d0;
-        const __m512 v0 = Load16(value), v1 = Load16(value + 16);
-        const __m512 v2 = width == 64 ? Load16(value + 32) : v0, v3 = width == 64 ? Load16(value + 48) : v1;
+        __m512 v0, v1, v2, v3;
+        Load32(value, v0, v1);
+        if (full) {
+          Load32(value + 32, v2, v3);
+        } else {
+          v2 = v0, v3 = v1;
+        }
         for (int g = 0; g < NG; ++g) {
           const __m512 wk = _mm512_set1_ps(w[g][k]);
           acc[g][0] = _mm512_fmadd_ps(wk, v0, acc[g][0]);
@@ -385,8 +408,10 @@ struct DecodeOps16 {
           acc[g][3] = _mm512_fmadd_ps(wk, v3, acc[g][3]);
         }
       }
-      for (int g = 0; g < NG; ++g)
-        for (int a = 0; a < width / 16; ++a) _mm512_storeu_ps(out[g] + d0 + 16 * a, acc[g][a]);
+      for (int g = 0; g < NG; ++g) {
+        Store32(out[g] + d0, acc[g][0], acc[g][1], p.v);
+        if (full) Store32(out[g] + d0 + 32, acc[g][2], acc[g][3], p.v);
+      }
     }
   }
 
