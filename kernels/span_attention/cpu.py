@@ -47,11 +47,12 @@ def position_rope(width: int, rope_inv_freq):
 
 @functools.lru_cache(maxsize=16)
 def _constant_position_rope(width: int, inv_freq: bytes):
-    """One array per (width, frequencies): a program that uses it in every layer holds it
-    once (JAX shares a constant used by several ops only when it is the same array)."""
-    with jax.ensure_compile_time_eval():
-        cos, sin = rope_tables(jnp.arange(width, dtype=jnp.int32), np.frombuffer(inv_freq, np.float32))
-        return cos.reshape(width, -1), sin.reshape(width, -1)
+    """One pair of arrays per (width, frequencies), in numpy (fp32 angles as `rope_tables`
+    forms them; eager JAX ops would each compile a program in a fresh process, ~0.3 s): a
+    program that uses them in every layer holds them once, since JAX shares a constant used
+    by several ops only when it is the same array."""
+    angles = np.arange(width, dtype=np.float32)[:, None] * np.frombuffer(inv_freq, np.float32)[None, :]
+    return np.cos(angles), np.sin(angles)
 
 
 def attention_cpu(q, k_pages, v_pages, meta: SpanBatchMeta, q_pos, n: SpanShapes, *, rope_inv_freq, sm_scale):
