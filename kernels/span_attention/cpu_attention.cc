@@ -254,8 +254,9 @@ SPANJAX_AVX512 inline __m512 Load16(const uint16_t* p) {  // bf16 bit patterns -
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// Lane j of the result: the sum of the 16 floats of row j of `rows` ([16, 16]). Each level adds pairs of half-width pieces of two rows, halving the rows: 8 + 4 + 2
-// + 1 combinations of two shuffles and an add. The levels leave row r in lane kLane[r] (a
+// Lane j of the result: the sum of the 16 floats of row j of `rows` ([16, 16]). Each level
+// adds pairs of half-width pieces of two rows, halving the rows: 8 + 4 + 2 + 1 combinations
+// of two shuffles and an add. The levels leave row r in lane kLane[r] (a
 // swap of pairs, its own inverse), so rows are read in that order to come out in place.
 SPANJAX_AVX512 inline __m512 SumsOf16(const float* rows) {
   static constexpr int kLane[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
@@ -277,12 +278,9 @@ SPANJAX_AVX512 inline __m512 SumsOf16(const float* rows) {
 // Half the instructions of DecodeOps8 for the same work; needs D % 32 == 0 (whole 16-wide
 // halves for the rotation).
 struct DecodeOps16 {
-  // Up to 16 consecutive tokens (rows[j] at position + j): each key is rotated per KV head and
-  // dotted with the head's G query heads into one 16-float vector of partial sums per (query
-  // head, token); the 16 tokens' vectors of a query head are then summed together by
-  // `SumsOf16` (a transpose-and-add tree: ~3 shuffles and adds per logit, where a horizontal
-  // sum per logit took ~8). The tokens at `ahead` are prefetched meanwhile.
-  template <int kVecs, typename KV>  // kVecs = D / 16: a rotated key in registers
+  // `ScoreKeys` for heads of 16 * kVecs dimensions: a rotated key in registers, the cos and
+  // sin of its position loaded once for every KV head.
+  template <int kVecs, typename KV>
   SPANJAX_AVX512 static void ScoreKeysOf(const Problem<KV>& p, const int64_t* rows, int64_t n, int64_t position,
                                          const int64_t* ahead, int64_t n_ahead, const float* q, float scale,
                                          float bias, float* scores, int64_t stride, float* sums) {
