@@ -25,11 +25,11 @@
 // rows, one thread, 1536 x 576 q4, 130 -> 69 us with the weights in cache, 133 -> 87 us
 // streamed from memory (the block layout's 16-wide loads of x were the bound). One row
 // keeps the block layout: there the expansion, paid once per input instead of once per
-// block, dominates (37 vs 49 us). With AVX512 the lane kernel applies each block's scale and offset to
-// its sums instead of to each weight (`LaneTile512`): SmolLM2's 30 layers of q4 products at
-// eight rows on a Zen 4, 11.9 -> 9.8 ms. Its results then differ from the dequantized
-// model's by fp32 rounding of that other form too (measured: within 2x of the block
-// kernel's error against a float64 product).
+// block, dominates (37 vs 49 us). With AVX512 the lane kernel applies each block's scale
+// and offset to its sums instead of to each weight (`LaneTile512`): SmolLM2's 30 layers of
+// q4 products at eight rows on a Zen 4, 11.9 -> 9.8 ms. Its results then differ from the
+// dequantized model's by fp32 rounding of that other form too (measured: within 2x of the
+// block kernel's error against a float64 product).
 
 #include <immintrin.h>
 
@@ -395,7 +395,7 @@ ffi::Error QuantizedMatmulsLanes(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs wei
   if (ffi::Error e = spanjax::quantized::ParseProblems(x, weights, outs, kLanes, layer, problems); e.failure()) return e;
   const bool wide = spanjax::UseAvx512();
   std::vector<float> xsum;  // for LaneTile512
-  if (wide) {
+  if (wide && !problems.empty()) {  // one x for every product of the call
     xsum = RowBlockSums(problems.front());
     for (Problem& p : problems) p.xsum = xsum.data();
   }

@@ -184,10 +184,10 @@ inline void PrefetchToken(const Problem<KV>& p, int64_t row) {
 // The partial softmax of one chunk, per query head: [max, sum, D unnormalized outputs].
 inline int64_t PartialSize(int64_t D) { return D + 2; }
 
-// The vector work of a decode chunk, 8-wide (AVX2) and 16-wide (AVX512): `Score` rotates one
-// token's key for each KV head and writes its logits against the head's G query heads to
-// `scores[hq * stride]`; `WeightedValues` sums the seen tokens' values of one query head,
-// weighted, into `out` (D floats, unnormalized).
+// The vector work of a decode chunk, 8-wide (AVX2) and 16-wide (AVX512): `ScoreKeys` rotates
+// consecutive tokens' keys for each KV head and writes their logits against the head's G
+// query heads to `scores[hq * stride + j]`; `WeightedValuesGroup` sums the seen tokens' values
+// of a KV head's query heads, weighted, into `out[g]` (D floats each, unnormalized).
 struct DecodeOps8 {
   template <typename KV>
   static void Score(const Problem<KV>& p, int64_t base, int64_t position, const float* q, float scale, float bias,
@@ -338,26 +338,6 @@ struct DecodeOps16 {
     }
   }
 
-  template <typename KV>
-  SPANJAX_AVX512 static void WeightedValues(const Problem<KV>& p, const int64_t* rows, int64_t seen, const float* w,
-                                            int64_t head_offset, float* out) {
-    for (int64_t d0 = 0; d0 < p.D; d0 += 64) {  // 4 accumulators = 64 dimensions in registers
-      const int64_t width = std::min<int64_t>(64, p.D - d0);  // D % 32 == 0: 32 or 64
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int64_t k = 0; k < seen; ++k) {
-        const KV* value = p.v + rows[k] + head_offset + d0;
-        const __m512 wk = _mm512_set1_ps(w[k]);
-        acc[0] = _mm512_fmadd_ps(wk, Load16(value), acc[0]);
-        acc[1] = _mm512_fmadd_ps(wk, Load16(value + 16), acc[1]);
-        if (width == 64) {
-          acc[2] = _mm512_fmadd_ps(wk, Load16(value + 32), acc[2]);
-          acc[3] = _mm512_fmadd_ps(wk, Load16(value + 48), acc[3]);
-        }
-      }
-      for (int a = 0; a < width / 16; ++a) _mm512_storeu_ps(out + d0 + 16 * a, acc[a]);
-    }
-  }
-
   // 32 values from `p`: fp32 as two vectors in order; bf16 as one load whose 32-bit lanes
   // hold pairs, split into the even elements (shifted up) and the odd ones (masked), two
   // integer ops where converting in order took two widening shuffles and two shifts.
@@ -380,7 +360,7 @@ struct DecodeOps16 {
   }
 
   // NG query heads of one KV head at once: each value is loaded and converted once for all of
-  // them (NG x 4 accumulators), where WeightedValues per head converted it NG times.
+  // them (NG x 4 accumulators), where a pass per head converted it NG times.
   template <int NG, typename KV>
   SPANJAX_AVX512 static void ValuesOfHeads(const Problem<KV>& p, const int64_t* rows, int64_t seen,
                                            const float* const* w, int64_t head_offset, float* const* out) {

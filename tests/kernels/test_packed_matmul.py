@@ -53,6 +53,15 @@ def test_cpu_kernel_rejects_mismatched_panels():
         jax.block_until_ready(packed_matmuls(x, (bad,), impl="cpu"))
 
 
+def _two_layer_config(vocab_size, tied):
+    from spanjax.models.config import ModelConfig
+
+    return ModelConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, eos_token_ids=(2,), tie_word_embeddings=tied,
+    )  # fmt: skip
+
+
 @needs_kernel
 @pytest.mark.parametrize("tied", [True, False])
 def test_packed_model_gives_the_dense_logits(tied):
@@ -60,12 +69,8 @@ def test_packed_model_gives_the_dense_logits(tied):
     # read in place, the LM head packed too (a tied one as its own copy of embed.T), padding
     # rows past `rows` skipped; the real rows' logits match the stacked dense model's.
     from spanjax.models import llama
-    from spanjax.models.config import ModelConfig
 
-    cfg = ModelConfig(
-        vocab_size=100, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-        eos_token_ids=(2,), tie_word_embeddings=tied,
-    )  # fmt: skip
+    cfg = _two_layer_config(vocab_size=100, tied=tied)
     params = llama.init_params(cfg, jax.random.PRNGKey(0), scale=0.1)
     packed = llama.unstack_layers(params, pack_matrices=True)
     assert isinstance(packed.layers, llama.UnrolledLayers)
@@ -87,12 +92,8 @@ def test_packing_leaves_a_block_quantized_tied_table_alone():
     # layer matrices must keep the head tied to it (no packed copy of a table it cannot read).
     from spanjax.kernels.quantized_matmul import BlockQuantized
     from spanjax.models import llama
-    from spanjax.models.config import ModelConfig
 
-    cfg = ModelConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-        eos_token_ids=(2,), tie_word_embeddings=True,
-    )  # fmt: skip
+    cfg = _two_layer_config(vocab_size=96, tied=True)
     rng = np.random.default_rng(0)
     codes = jnp.asarray(rng.integers(-128, 128, (96, 2, 32), dtype=np.int8))
     embed = BlockQuantized(codes, jnp.full((96, 2), 0.01, jnp.float16), None, "q8")
